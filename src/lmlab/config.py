@@ -1,0 +1,280 @@
+"""One config for every model family, and the named presets.
+
+A family is a handful of settings, not a class: BERT is `family="encoder"` with post-norm,
+learned positions and segment embeddings; GPT-2 is `family="decoder"` with pre-norm; T5 is
+`family="encoder-decoder"` with RMSNorm and relative position bias; and so on. Every field is
+read somewhere in `lmlab.model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmlab.errors import ConfigError
+
+FAMILIES = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
+POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+PLACEMENTS = ("pre", "post")
+# name -> (element-wise function, gated?). Gated FFNs compute act(x W_gate) * (x W_up).
+ACTIVATIONS = {
+    "relu": ("relu", False),
+    "gelu": ("gelu", False),
+    "gelu_tanh": ("gelu_tanh", False),
+    "silu": ("silu", False),
+    "swiglu": ("silu", True),
+    "geglu": ("gelu", True),
+    "geglu_tanh": ("gelu_tanh", True),
+    "reglu": ("relu", True),
+}
+HEADS = ("mlm", "nsp", "lm", "classify", "tag", "span")
+POOLINGS = ("cls", "last", "mean")
+# Heads whose output is a token-level vocabulary distribution, and the families they need.
+_HEAD_FAMILIES = {
+    "mlm": ("encoder",),
+    "nsp": ("encoder",),
+    "lm": ("decoder", "prefix-lm", "encoder-decoder"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an lmlab model. Sizes follow the names used in papers (d_model, d_ff)."""
+
+    family: str = "decoder"
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12  # encoder depth for encoder-decoder, else the one stack's depth
+    n_decoder_layers: int | None = None  # encoder-decoder only; defaults to n_layers
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    head_dim: int | None = None  # None = d_model // n_heads (T5 sets it separately)
+    d_ff: int = 3072
+    max_seq_len: int = 1024
+
+    # positions
+    position: str = "learned"
+    position_offset: int = 0  # learned table rows skipped before position 0 (BART, RoBERTa: 2)
+    position_from_padding: bool = False  # RoBERTa: count positions over non-pad tokens only
+    rope_theta: float = 10000.0
+    rel_buckets: int = 32  # T5 relative attention bias
+    rel_max_distance: int = 128
+
+    # normalisation and residual layout
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)) (BERT, BART)
+    embed_norm: bool = False  # norm right after the embeddings (BERT, BART)
+    final_norm: bool = True  # norm after the last block (GPT-2, T5)
+
+    activation: str = "gelu"
+    bias: bool = True  # biases in linear layers and LayerNorms
+    attn_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1.0
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (BART option)
+    type_vocab_size: int = 0  # segment (token type) embeddings; 0 = none
+    tie_embeddings: bool = True
+    head_input_scale: float = 1.0  # T5 scales the decoder output by d_model**-0.5 before the tied head
+    lm_head_bias: bool = False  # BART's final_logits_bias
+
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    init_std: float = 0.02
+
+    heads: tuple[str, ...] = ("lm",)
+    pooler: bool = False  # BERT pooler: tanh(W h_[CLS]) feeds nsp / classify
+    num_labels: int = 2
+    classifier_pooling: str | None = None  # cls / last / mean; None = cls for encoders, else last
+    ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    unk_token_id: int | None = None
+    mask_token_id: int | None = None
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+
+    name: str | None = None  # the preset it came from, for display
+    labels: list[str] | None = field(default=None)  # class / tag names for classify and tag
+
+    def __post_init__(self) -> None:
+        self.heads = tuple(self.heads)
+        self.validate()
+
+    # ---- derived sizes ---------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def pooling(self) -> str:
+        if self.classifier_pooling:
+            return self.classifier_pooling
+        return "cls" if self.family == "encoder" else "last"
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.family in ("encoder", "encoder-decoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.family in ("decoder", "prefix-lm", "encoder-decoder")
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(field_name: str, msg: str) -> ConfigError:
+            return ConfigError(f"ModelConfig.{field_name}: {msg}")
+
+        for name, allowed in (
+            ("family", FAMILIES),
+            ("position", POSITIONS),
+            ("norm", NORMS),
+            ("norm_placement", PLACEMENTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"got {getattr(self, name)!r}, expected one of {', '.join(allowed)}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"got {self.activation!r}, expected one of {', '.join(ACTIVATIONS)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise bad("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        if self.n_heads % self.kv_heads:
+            raise bad("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if self.position == "rope" and self.dim_head % 2:
+            raise bad("head_dim", f"RoPE needs an even head dimension, got {self.dim_head}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+        for head in self.heads:
+            if head not in HEADS:
+                raise bad("heads", f"unknown head {head!r}, expected some of {', '.join(HEADS)}")
+            if head in _HEAD_FAMILIES and self.family not in _HEAD_FAMILIES[head]:
+                raise bad("heads", f"head {head!r} needs family {' or '.join(_HEAD_FAMILIES[head])}, "
+                                   f"not {self.family!r}")
+        if len(set(self.heads)) != len(self.heads):
+            raise bad("heads", f"a head is listed twice: {self.heads}")
+        if "nsp" in self.heads and not self.pooler:
+            raise bad("pooler", "the nsp head reads the pooled [CLS] state: set pooler=True")
+        if self.classifier_pooling is not None and self.classifier_pooling not in POOLINGS:
+            raise bad("classifier_pooling", f"got {self.classifier_pooling!r}, expected one of {', '.join(POOLINGS)}")
+        if self.position_from_padding and self.pad_token_id is None:
+            raise bad("position_from_padding", "needs pad_token_id")
+        if self.family == "encoder-decoder" and self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
+            raise bad("n_decoder_layers", f"must be positive, got {self.n_decoder_layers}")
+        from lmlab.model.ffn import FFN_KINDS  # the registry lives beside the FFNs
+
+        if self.ffn not in FFN_KINDS:
+            raise bad("ffn", f"unknown FFN kind {self.ffn!r}, registered: {', '.join(FFN_KINDS)}")
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["heads"] = list(self.heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown ModelConfig field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- presets --------------------------------------------------------------------------------
+def _bert(**kw: Any) -> ModelConfig:
+    base = dict(
+        family="encoder", vocab_size=30522, max_seq_len=512, norm_placement="post", embed_norm=True,
+        final_norm=False, norm_eps=1e-12, activation="gelu", type_vocab_size=2, heads=("mlm", "nsp"),
+        pooler=True, pad_token_id=0, unk_token_id=100, cls_token_id=101, sep_token_id=102, mask_token_id=103,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def _roberta(**kw: Any) -> ModelConfig:
+    base = dict(
+        family="encoder", vocab_size=50265, max_seq_len=512, position_offset=2, position_from_padding=True,
+        norm_placement="post", embed_norm=True, final_norm=False, activation="gelu", type_vocab_size=1,
+        heads=("mlm",), pad_token_id=1, bos_token_id=0, eos_token_id=2, unk_token_id=3, cls_token_id=0,
+        sep_token_id=2, mask_token_id=50264,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def _gpt2(**kw: Any) -> ModelConfig:
+    base = dict(
+        family="decoder", vocab_size=50257, max_seq_len=1024, activation="gelu_tanh", heads=("lm",),
+        bos_token_id=50256, eos_token_id=50256,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def _t5(**kw: Any) -> ModelConfig:
+    d_model = kw.get("d_model", 512)
+    base = dict(
+        family="encoder-decoder", vocab_size=32128, max_seq_len=512, position="relative", norm="rmsnorm",
+        norm_eps=1e-6, activation="relu", bias=False, attn_scale=1.0, head_dim=64, heads=("lm",),
+        head_input_scale=d_model**-0.5, pad_token_id=0, eos_token_id=1, unk_token_id=2,
+        decoder_start_token_id=0,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def _bart(**kw: Any) -> ModelConfig:
+    base = dict(
+        family="encoder-decoder", vocab_size=50265, max_seq_len=1024, position_offset=2,
+        norm_placement="post", embed_norm=True, final_norm=False, activation="gelu", lm_head_bias=True,
+        heads=("lm",), pad_token_id=1, bos_token_id=0, eos_token_id=2, unk_token_id=3, mask_token_id=50264,
+        decoder_start_token_id=2,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+_TINY = dict(vocab_size=8192, d_model=256, n_heads=4, d_ff=1024, max_seq_len=512)
+
+PRESETS: dict[str, Any] = {
+    "bert-base": lambda: _bert(),
+    "bert-large": lambda: _bert(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
+    "roberta-base": lambda: _roberta(),
+    "gpt2": lambda: _gpt2(),
+    "gpt2-medium": lambda: _gpt2(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
+    "t5-small": lambda: _t5(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
+    "t5-base": lambda: _t5(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+    "bart-base": lambda: _bart(d_model=768, n_layers=6, n_heads=12, d_ff=3072),
+    # tiny variants for CPU experiments (pre-training resizes the vocabulary to its tokenizer)
+    "bert-tiny": lambda: _bert(**_TINY, n_layers=4, pad_token_id=0, unk_token_id=1, cls_token_id=2,
+                               sep_token_id=3, mask_token_id=4),
+    "gpt2-tiny": lambda: _gpt2(**_TINY, n_layers=4, bos_token_id=0, eos_token_id=0),
+    "t5-tiny": lambda: _t5(**{**_TINY, "d_model": 256}, n_layers=4, head_dim=64),
+    "bart-tiny": lambda: _bart(**_TINY, n_layers=3, mask_token_id=4),
+    "prefix-lm-tiny": lambda: ModelConfig(
+        family="prefix-lm", **{**_TINY, "d_ff": 704}, n_layers=4, position="rope", norm="rmsnorm",
+        activation="swiglu", bias=False, heads=("lm",), bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset's config, with any fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.name = name
+    return cfg.replace(**overrides) if overrides else cfg
+

@@ -1,0 +1,189 @@
+"""Loading and saving model folders: lmlab's own format and Hugging Face's.
+
+A folder is config.json plus weights. lmlab's config.json carries `"lmlab_format"`; anything
+else is read as a transformers folder. Weights are read from safetensors, or from a
+pytorch_model.bin only with `torch.load(weights_only=True)`: lmlab never unpickles objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmlab import hf
+from lmlab.config import ModelConfig
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.model import Model
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+
+
+def resolve(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local folder, or a Hugging Face Hub id fetched into the local cache when the hub is reachable."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a model folder (config.json + weights), found a file")
+        return path
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"{name}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name}: no such folder, and huggingface_hub is not installed to fetch it as a "
+                              "Hub id (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]))
+    except Exception as e:  # network errors, unknown repo, offline mode: all end the same way for the user
+        raise CheckpointError(
+            f"{name}: no such folder, and fetching it from the Hugging Face Hub failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, download the model "
+            "elsewhere and pass its folder") from None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    file = folder / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG}; a model folder needs config.json plus model.safetensors "
+                              f"(found: {', '.join(sorted(p.name for p in folder.iterdir())) or 'nothing'})")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The folder's tensors and the name of the file(s) they came from."""
+    single, index, binary = folder / "model.safetensors", folder / "model.safetensors.index.json", folder / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single), str(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(_load_safetensors(folder / shard))
+        return state, str(index)
+    if binary.is_file():
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{binary}: not a weights-only checkpoint: it pickles objects other than tensors, which lmlab "
+                f"refuses to unpickle because unpickling can run code ({str(e).splitlines()[0]}). Re-save it as "
+                "safetensors from a trusted environment") from None
+        except Exception as e:
+            raise CheckpointError(f"{binary}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{binary}: expected a dict of tensors (a state dict), found {type(state).__name__}")
+        return state, str(binary)
+    raise CheckpointError(f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+
+def _build(cfg: ModelConfig) -> Model:
+    with torch.device("meta"):  # allocate nothing before the real weights arrive
+        model = Model(cfg)
+    return model
+
+
+def _adopt(model: Model, state: dict[str, torch.Tensor], source: str) -> Model:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    for k, v in state.items():
+        if k not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {k!r}; the folder's config.json does not describe it")
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, but config.json implies "
+                                  f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, assign=True)
+    model.init_buffers()  # buffers that are not saved (RoPE frequencies, sinusoidal tables) were built on meta
+    return model
+
+
+def load(path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+         device: str | torch.device | None = None) -> Model:
+    """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES) or a Hub id."""
+    folder = resolve(path_or_id)
+    raw = read_config(folder)
+    cfg_source = str(folder / CONFIG)
+    if "lmlab_format" in raw:
+        try:
+            cfg = ModelConfig.from_dict(raw.get("model", {}), source=cfg_source)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{cfg_source}: {e}") from None
+        state, source = read_weights(folder)
+        model = _adopt(_build(cfg), state, source)
+    else:
+        cfg = hf.config_from_hf(raw, cfg_source)
+        state, source = read_weights(folder)
+        model = _build(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        converted, unexpected = hf.hf_to_lmlab(state, cfg, raw["model_type"], expected, source)
+        if unexpected:
+            log.warning("%s: %d tensor(s) not used by %s, e.g. %s", source, len(unexpected),
+                        (raw.get("architectures") or ["?"])[0], unexpected[:3])
+        model = _adopt(model, converted, source)
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary name, fsync, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def save(model: Model, path: str | os.PathLike[str], format: str = "lmlab") -> Path:
+    """Write `model` to a folder: format="lmlab" (any model) or "hf" (transformers' Auto classes read it)."""
+    folder = Path(path)
+    cfg = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if format == "lmlab":
+        config = {"lmlab_format": FORMAT_VERSION, "model": cfg.to_dict()}
+    elif format == "hf":
+        model_type = hf.hf_model_type(cfg)  # raises ConfigError with the reason when there is none
+        config = hf.to_hf_config(cfg, model_type, hf.architecture(cfg, model_type))
+        config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        state = hf.lmlab_to_hf(state, cfg, model_type)
+    else:
+        raise ConfigError(f"save format {format!r} is unknown; expected 'lmlab' or 'hf'")
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _write_json(folder / CONFIG, config)
+    return folder

@@ -1,0 +1,395 @@
+"""The lmlab Model: shared token embeddings, one or two Stacks of Blocks, and the heads.
+
+family            stacks                                      self-attention mask
+encoder           encoder                                     bidirectional
+decoder           decoder                                     causal
+prefix-lm         decoder                                     bidirectional over the prefix, causal after
+encoder-decoder   encoder + decoder (with cross-attention)    bidirectional / causal
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.model.attention import KVCache, build_mask
+from lmlab.model.block import Block, make_norm
+from lmlab.model.ffn import activation_fn
+from lmlab.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_table
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns; field names follow transformers' outputs."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None  # BertForPreTraining calls these seq_relationship_logits
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+    @property
+    def prediction_logits(self) -> torch.Tensor | None:  # transformers' BertForPreTraining name
+        return self.logits
+
+    @property
+    def seq_relationship_logits(self) -> torch.Tensor | None:
+        return self.nsp_logits
+
+
+class Stack(nn.Module):
+    """Embedded tokens -> hidden states: positions, segments, embedding norm, N Blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, policy: str, cross: bool, segments: bool) -> None:
+        super().__init__()
+        self.cfg, self.policy = cfg, policy
+        d = cfg.d_model
+        self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, d) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
+        self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rel_bias = (
+            RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_heads, bidirectional=policy != "causal")
+            if cfg.position == "relative" else None
+        )
+        self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if segments and cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i, cross=cross) for i in range(n_layers))
+        self.final_norm = make_norm(cfg) if cfg.final_norm else None
+
+    def init_buffers(self) -> None:
+        if self.cfg.position == "sinusoidal":
+            self.pos_table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C) token embeddings
+        position_ids: torch.Tensor,  # (B, T), 0-based
+        token_type_ids: torch.Tensor | None = None,
+        key_padding: torch.Tensor | None = None,  # (B, past + T), True/1 for real tokens
+        prefix_lengths: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+        memory_padding: torch.Tensor | None = None,  # (B, S)
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        B, T, _ = x.shape
+        past = cache.seen if cache is not None else 0
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids + self.cfg.position_offset)
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[position_ids]
+        if self.type_embed is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(position_ids)
+            x = x + self.type_embed(token_type_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+
+        rope = self.rope(position_ids) if self.rope is not None else None
+        bias = self.rel_bias(T, past + T, offset=past) if self.rel_bias is not None else None
+        mask, is_causal = build_mask(self.policy, T, past + T, past, key_padding, prefix_lengths, bias, x.dtype)
+        memory_mask = None  # cross-attention has no position bias; only the encoder's padding is masked
+        if memory is not None and memory_padding is not None:
+            memory_mask, _ = build_mask("bidirectional", T, memory.shape[1], 0, memory_padding)
+        token_mask = key_padding[:, past:].bool() if key_padding is not None else None
+
+        hidden = [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x, mask, is_causal, rope,
+                cache=cache.layers[i] if cache is not None else None,
+                memory=memory, memory_mask=memory_mask,
+                cross_cache=cache.cross[i] if cache is not None and cache.cross else None,
+                token_mask=token_mask,
+            )
+            if hidden is not None:
+                hidden.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            if hidden is not None:
+                hidden[-1] = x
+        return x, hidden
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W h_[CLS] + b), the input of the NSP and classification heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class MLMHead(nn.Module):
+    """BERT / RoBERTa masked-LM head: dense -> activation -> LayerNorm -> vocabulary (tied) + bias."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = activation_fn(cfg.activation if cfg.activation in ("relu", "gelu", "gelu_tanh") else "gelu")
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.act(self.dense(h)))
+        return F.linear(h, embedding if self.weight is None else self.weight, self.bias)
+
+
+class LMHead(nn.Module):
+    """Next-token head: hidden -> vocabulary, tied to the token embedding unless configured not to."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.scale = cfg.head_input_scale
+        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            h = h * self.scale
+        return F.linear(h, embedding if self.weight is None else self.weight, self.bias)
+
+
+class Model(nn.Module):
+    """A Transformer of any family; see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        d = cfg.d_model
+        self.tok_embed = nn.Embedding(cfg.vocab_size, d)
+        self.encoder = Stack(cfg, cfg.n_layers, "bidirectional", cross=False, segments=True) if cfg.has_encoder else None
+        self.decoder = None
+        if cfg.family == "encoder-decoder":
+            self.decoder = Stack(cfg, cfg.decoder_layers, "causal", cross=True, segments=False)
+        elif cfg.family in ("decoder", "prefix-lm"):
+            policy = "causal" if cfg.family == "decoder" else "prefix"
+            self.decoder = Stack(cfg, cfg.n_layers, policy, cross=False, segments=True)
+
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.lm_head = LMHead(cfg) if "lm" in cfg.heads else None
+        self.mlm_head = MLMHead(cfg) if "mlm" in cfg.heads else None
+        self.nsp_head = nn.Linear(d, 2) if "nsp" in cfg.heads else None
+        self.classifier = nn.Linear(d, cfg.num_labels) if "classify" in cfg.heads else None
+        self.tagger = nn.Linear(d, cfg.num_labels) if "tag" in cfg.heads else None
+        self.span_head = nn.Linear(d, 2) if "span" in cfg.heads else None
+        self.head_drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that write into the residual stream by
+        # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
+        n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.family == "encoder-decoder" else 0))
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(n_residual))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RelativePositionBias):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (MLMHead, LMHead)) and module.weight is not None:
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def init_buffers(self) -> None:
+        """(Re)compute the buffers that are derived, not saved, e.g. after building on the meta device."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_buffers"):
+                module.init_buffers()
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embed(input_ids)
+        return x * math.sqrt(self.config.d_model) if self.config.scale_embeddings else x
+
+    def default_positions(self, input_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """0-based positions; RoBERTa counts only non-pad tokens (pad positions become -1)."""
+        cfg = self.config
+        B, T = input_ids.shape
+        if cfg.position_from_padding:
+            real = (input_ids != cfg.pad_token_id).long()
+            return (torch.cumsum(real, dim=1) + past) * real - 1
+        if cfg.position in ("learned", "sinusoidal") and past + T > cfg.max_seq_len:
+            raise LmlabError(
+                f"sequence of {past + T} tokens is longer than the model's max_seq_len={cfg.max_seq_len} "
+                f"({cfg.position} positions have no row for it); truncate the input"
+            )
+        return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs from labels: start token, then labels[:-1] (-100 becomes pad)."""
+        cfg = self.config
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+        if start is None:
+            raise LmlabError("shift_right needs decoder_start_token_id or pad_token_id in the config")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+
+    def _pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        how = self.config.pooling
+        if self.pooler is not None and how == "cls":
+            return self.pooler(h)
+        if how == "cls":
+            return h[:, 0]
+        if attention_mask is None:
+            return h[:, -1] if how == "last" else h.mean(dim=1)
+        m = attention_mask.to(h.dtype)
+        if how == "mean":
+            return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        # last real token; works for left and right padding
+        last = (torch.arange(h.shape[1], device=h.device) * attention_mask.long()).argmax(dim=1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token (B, past + T with a cache)
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,  # (B, S, C) tensor or an output with .last_hidden_state
+        prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-lm: bidirectional prefix sizes
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        cfg = self.config
+        out = ModelOutput()
+        mask_for_heads = attention_mask
+        if cfg.family == "encoder":
+            h, hidden = self.encoder(
+                self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
+                token_type_ids, attention_mask, output_hidden_states=output_hidden_states,
+            )
+        elif cfg.family == "encoder-decoder":
+            if encoder_outputs is None:
+                memory, _ = self.encoder(
+                    self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
+                    None, attention_mask,
+                )
+            else:
+                memory = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
+                if memory is None:  # an output object whose encoder state lives elsewhere
+                    memory = encoder_outputs.encoder_last_hidden_state
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise LmlabError("an encoder-decoder forward needs decoder_input_ids or labels")
+                decoder_input_ids = self.shift_right(labels)
+            cache = past_key_values if past_key_values is not None else (
+                KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
+            past = cache.seen if cache is not None else 0
+            h, hidden = self.decoder(
+                self.embed(decoder_input_ids), self.default_positions(decoder_input_ids, past), None,
+                decoder_attention_mask, cache=cache, memory=memory, memory_padding=attention_mask,
+                output_hidden_states=output_hidden_states,
+            )
+            out.encoder_last_hidden_state, out.past_key_values = memory, cache
+            mask_for_heads = decoder_attention_mask
+        else:  # decoder, prefix-lm
+            cache = past_key_values if past_key_values is not None else (
+                KVCache(cfg.n_layers) if use_cache else None)
+            past = cache.seen if cache is not None else 0
+            if position_ids is None:
+                position_ids = self.default_positions(input_ids, past)
+            h, hidden = self.decoder(
+                self.embed(input_ids), position_ids, token_type_ids, attention_mask, prefix_lengths, cache=cache,
+                output_hidden_states=output_hidden_states,
+            )
+            out.past_key_values = cache
+        out.last_hidden_state = h
+        out.hidden_states = tuple(hidden) if hidden is not None else None
+        self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions)
+        return out
+
+    def _apply_heads(self, out: ModelOutput, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                     labels: torch.Tensor | None, next_sentence_label: torch.Tensor | None,
+                     start_positions: torch.Tensor | None, end_positions: torch.Tensor | None) -> None:
+        cfg = self.config
+        losses = []
+        if self.pooler is not None:
+            out.pooler_output = self.pooler(h)
+        if self.lm_head is not None:
+            out.logits = self.lm_head(h, self.tok_embed.weight)
+            if labels is not None:
+                logits, targets = out.logits, labels
+                if cfg.family != "encoder-decoder":  # predict token t+1 from position t
+                    logits, targets = logits[:, :-1], labels[:, 1:]
+                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                              ignore_index=IGNORE_INDEX))
+        if self.mlm_head is not None:
+            out.logits = self.mlm_head(h, self.tok_embed.weight)
+            if labels is not None:
+                losses.append(F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size).float(), labels.reshape(-1),
+                                              ignore_index=IGNORE_INDEX))
+        if self.nsp_head is not None:
+            out.nsp_logits = self.nsp_head(out.pooler_output)
+            if next_sentence_label is not None:
+                losses.append(F.cross_entropy(out.nsp_logits.float(), next_sentence_label.reshape(-1)))
+        if self.classifier is not None:
+            out.logits = self.classifier(self.head_drop(self._pool(h, attention_mask)))
+            if labels is not None:
+                if cfg.num_labels == 1:  # regression
+                    losses.append(F.mse_loss(out.logits.squeeze(-1).float(), labels.float()))
+                else:
+                    losses.append(F.cross_entropy(out.logits.float(), labels.reshape(-1)))
+        if self.tagger is not None:
+            out.logits = self.tagger(self.head_drop(h))
+            if labels is not None:
+                losses.append(F.cross_entropy(out.logits.reshape(-1, cfg.num_labels).float(), labels.reshape(-1),
+                                              ignore_index=IGNORE_INDEX))
+        if self.span_head is not None:
+            out.logits = self.span_head(h)
+            out.start_logits, out.end_logits = (t.squeeze(-1) for t in out.logits.split(1, dim=-1))
+            if start_positions is not None and end_positions is not None:
+                T = h.shape[1]  # positions outside the window are ignored, as in transformers
+                s, e = start_positions.clamp(0, T), end_positions.clamp(0, T)
+                losses.append((F.cross_entropy(out.start_logits.float(), s, ignore_index=T)
+                               + F.cross_entropy(out.end_logits.float(), e, ignore_index=T)) / 2)
+        if losses:
+            out.loss = torch.stack(losses).sum()
+
+    # ---- conveniences in transformers' style ---------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "Model":
+        from lmlab.io import load
+
+        return load(path, **kwargs)
+
+    def save_pretrained(self, path: str, format: str = "lmlab") -> None:
+        from lmlab.io import save
+
+        save(self, path, format=format)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random transformers models built offline, and padded batches for them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 99
+# every architecture lmlab imports, with the transformers config that builds a tiny one
+TINY = {
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, num_labels=3, pad_token_id=0),
+    "roberta": lambda: transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "t5": lambda: transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0),
+    "t5-gated": lambda: transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0),
+    "bart": lambda: transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64),
+}
+ARCH_CONFIG = {
+    "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
+    "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta", "GPT2LMHeadModel": "gpt2",
+    "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
+}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random init leaves norms at 1/0 and biases at 0; noise everywhere so every tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("final_logits_bias"):
+                b.add_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def build_hf(arch: str, config_name: str | None = None, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = TINY[config_name or ARCH_CONFIG[arch]]()
+    model = getattr(transformers, arch)(config).eval()
+    perturb(model, seed)
+    return model
+
+
+def padded_batch(lengths: list[int], pad_id: int, seed: int = 0, low: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random ids (never the pad id in real positions) and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(low, VOCAB, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """Save a tiny random transformers model to a temp folder: (folder, hf_model)."""
+
+    def make(arch: str, config_name: str | None = None, **save_kw):
+        model = build_hf(arch, config_name)
+        folder = tmp_path / arch
+        model.save_pretrained(folder, **save_kw)
+        return folder, model
+
+    return make

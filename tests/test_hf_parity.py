@@ -1,0 +1,112 @@
+"""lmlab must compute what transformers computes: same logits to 1e-5 in float32, both directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_hf, padded_batch, transformers
+
+import lmlab
+
+TOL = 1e-5
+LENGTHS = [10, 7, 4]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if mask is not None:
+        a, b = a[mask.bool()], b[mask.bool()]
+    return (a - b).abs().max().item()
+
+
+def _inputs(arch: str, hf_model) -> dict[str, torch.Tensor]:
+    pad = hf_model.config.pad_token_id
+    ids, mask = padded_batch(LENGTHS, pad_id=pad if pad is not None else 0)
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if arch.startswith(("T5", "Bart")):
+        dec, dmask = padded_batch([6, 8, 3], pad_id=pad, seed=1)
+        kw.update(decoder_input_ids=dec, decoder_attention_mask=dmask)
+    if arch.startswith("Bert"):
+        kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 3).long().expand_as(ids).contiguous()
+    return kw
+
+
+def _compare(arch: str, ours, theirs, kw) -> None:
+    with torch.no_grad():
+        a, b = ours(**kw), theirs(**kw)
+    mask = kw.get("decoder_attention_mask", kw["attention_mask"])
+    if arch == "BertModel":
+        assert _max_diff(a.last_hidden_state, b.last_hidden_state, mask) <= TOL
+        assert _max_diff(a.pooler_output, b.pooler_output) <= TOL
+    elif arch == "BertForPreTraining":
+        assert _max_diff(a.prediction_logits, b.prediction_logits, mask) <= TOL
+        assert _max_diff(a.seq_relationship_logits, b.seq_relationship_logits) <= TOL
+    elif arch == "BertForSequenceClassification":
+        assert _max_diff(a.logits, b.logits) <= TOL
+    else:
+        assert _max_diff(a.logits, b.logits, mask) <= TOL
+
+
+ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
+         "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_matches_transformers_logits(arch, hf_folder):
+    folder, theirs = hf_folder(arch)
+    ours = lmlab.load(folder)
+    _compare(arch, ours, theirs, _inputs(arch, theirs))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_to_hf_loads_back_with_same_logits(arch, hf_folder, tmp_path):
+    folder, theirs = hf_folder(arch)
+    ours = lmlab.load(folder)
+    out = tmp_path / "exported"
+    ours.save_pretrained(out, format="hf")
+    auto = transformers.AutoModel if arch in ("BertModel",) else getattr(transformers, arch)
+    back = auto.from_pretrained(out).eval()
+    assert type(back).__name__ == arch
+    _compare(arch, ours, back, _inputs(arch, theirs))
+
+
+def test_t5_gated_gelu_matches_transformers(hf_folder):
+    folder, theirs = hf_folder("T5ForConditionalGeneration", "t5-gated")
+    ours = lmlab.load(folder)
+    assert ours.config.activation == "geglu_tanh"
+    _compare("T5ForConditionalGeneration", ours, theirs, _inputs("T5ForConditionalGeneration", theirs))
+
+
+def test_pytorch_bin_is_read_weights_only(hf_folder):
+    folder, theirs = hf_folder("GPT2LMHeadModel")
+    # re-save the weights as a plain state dict in pytorch_model.bin
+    state = lmlab.io.read_weights(folder)[0]
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    ours = lmlab.load(folder)
+    _compare("GPT2LMHeadModel", ours, theirs, _inputs("GPT2LMHeadModel", theirs))
+
+
+def test_loss_matches_transformers_for_causal_and_seq2seq(hf_folder):
+    for arch in ("GPT2LMHeadModel", "BartForConditionalGeneration", "BertForMaskedLM"):
+        folder, theirs = hf_folder(arch)
+        ours = lmlab.load(folder)
+        kw = _inputs(arch, theirs)
+        labels = kw.get("decoder_input_ids", kw["input_ids"]).clone()
+        labels[:, ::3] = -100
+        kw.pop("decoder_input_ids", None)
+        with torch.no_grad():
+            a, b = ours(**kw, labels=labels), theirs(**kw, labels=labels)
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-5, arch
+
+
+def test_hidden_states_match_transformers(hf_folder):
+    folder, theirs = hf_folder("BertModel")
+    ours = lmlab.load(folder)
+    kw = _inputs("BertModel", theirs)
+    with torch.no_grad():
+        a = ours(**kw, output_hidden_states=True).hidden_states
+        b = theirs(**kw, output_hidden_states=True).hidden_states
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert _max_diff(x, y, kw["attention_mask"]) <= TOL

@@ -386,10 +386,11 @@ class Model(nn.Module):
 
         return load(path, **kwargs)
 
-    def save_pretrained(self, path: str, format: str = "lmlab") -> None:
+    def save_pretrained(self, path: str, format: str = "lmlab") -> Any:
+        """Write a folder: format="lmlab" (any model) or "hf" (transformers' Auto classes read it)."""
         from lmlab.io import save
 
-        save(self, path, format=format)
+        return save(self, path, format=format)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

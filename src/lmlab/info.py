@@ -1,0 +1,55 @@
+"""Size and cost of a model: parameter counts and forward FLOPs per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.model import Model
+
+
+@dataclass
+class ModelStats:
+    total_params: int
+    embedding_params: int  # token, position and segment tables
+    non_embedding_params: int
+    matmul_params: int  # weights used in matrix products per token, the output projection included
+    context: int
+    flops_per_token: int  # forward pass, at `context` tokens of attention
+
+    @property
+    def train_flops_per_token(self) -> int:
+        """Forward + backward: the usual 3x the forward."""
+        return 3 * self.flops_per_token
+
+
+def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
+    """Count parameters and FLOPs of `cfg` without allocating it (the model is built on the meta device).
+
+    Forward FLOPs per token = 2 x matmul weights (every Linear, plus the vocabulary projection of an lm/mlm
+    head even when it is tied to the embedding) + 4 x layers x context x (heads x head_dim) for the
+    attention scores and the weighted sum, counted over the full context as in PaLM's MFU formula.
+    For encoder-decoder models a "token" is one source token through the encoder plus one target token
+    through the decoder, with source and target both `context` long (cross-attention counted too).
+    """
+    context = context or cfg.max_seq_len
+    with torch.device("meta"):
+        model = Model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_embed.weight.numel()
+    for stack in (model.encoder, model.decoder):
+        if stack is None:
+            continue
+        for table in (stack.pos_embed, stack.type_embed):
+            if table is not None:
+                embedding += table.weight.numel()
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if model.lm_head is not None or model.mlm_head is not None:
+        matmul += cfg.vocab_size * cfg.d_model
+    d_attn = cfg.n_heads * cfg.dim_head
+    attn_layers = cfg.n_layers + (2 * cfg.decoder_layers if cfg.family == "encoder-decoder" else 0)
+    flops = 2 * matmul + 4 * attn_layers * context * d_attn
+    return ModelStats(total, embedding, total - embedding, matmul, context, flops)

@@ -1,0 +1,39 @@
+"""The command line: info reports the reference parameter counts; errors are one line, exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmlab.cli import main
+from lmlab.config import preset
+from lmlab.info import model_stats
+
+
+def test_info_gpt2_matches_transformers_parameter_count(capsys):
+    assert main(["info", "gpt2"]) == 0
+    assert "124,439,808" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,count", [("gpt2", 124_439_808), ("bert-base", 110_106_428), ("t5-small", 60_506_624),
+                                        ("roberta-base", 124_697_433)])
+def test_preset_parameter_counts_equal_transformers(name, count):
+    # transformers' counts for GPT2LMHeadModel, BertForPreTraining, T5ForConditionalGeneration, RobertaForMaskedLM
+    assert model_stats(preset(name)).total_params == count
+
+
+def test_gpt2_flops_per_token_follow_the_formula():
+    s = model_stats(preset("gpt2"), context=1024)
+    # 2 x (every Linear weight + the tied 50257 x 768 output projection) + 4 x layers x context x d_model
+    linear = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
+    assert s.flops_per_token == 2 * (linear + 50257 * 768) + 4 * 12 * 1024 * 768
+
+
+def test_info_on_a_hf_folder(hf_folder, capsys):
+    folder, model = hf_folder("BertForMaskedLM")
+    assert main(["info", str(folder)]) == 0
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in capsys.readouterr().out
+
+
+def test_unknown_model_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing" / "dir" / "x")]) == 2
+    assert "error:" in capsys.readouterr().err

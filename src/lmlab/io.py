@@ -187,3 +187,17 @@ def save(model: Model, path: str | os.PathLike[str], format: str = "lmlab") -> P
     _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _write_json(folder / CONFIG, config)
     return folder
+
+
+def load_weights_into(model: Model, folder: str | os.PathLike[str]) -> None:
+    """Copy an lmlab folder's weights into an existing model of the same config (keeps parameter identity)."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    if raw.get("model") != model.config.to_dict():
+        raise CheckpointError(f"{folder / CONFIG}: describes a different model than the one being restored")
+    state, source = read_weights(folder)
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k not in expected or expected[k].shape != v.shape:
+            raise CheckpointError(f"{source}: tensor {k!r} does not fit the model")
+    model.load_state_dict(state)

@@ -1,42 +1,244 @@
-"""Tokenizers: load an existing one (tokenizer.json or a Hugging Face tokenizer folder) and encode batches."""
+"""Tokenizers: train WordPiece / byte-level BPE / Unigram with Hugging Face `tokenizers`, or load one.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` and knows which token plays which role (pad, mask,
+sentinels, ...). It saves as tokenizer.json + tokenizer_config.json, which transformers'
+`PreTrainedTokenizerFast` / `AutoTokenizer` also read.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.implementations import BertWordPieceTokenizer
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, ConfigError
+
+KINDS = ("wordpiece", "bpe", "unigram")
+ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+N_SENTINELS = 100
+# the special tokens each kind is trained with, by role; sentinels are extra for unigram (T5)
+SPECIALS = {
+    "wordpiece": {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+    "bpe": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>"},
+    "unigram": {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"},
+}
+FAMILY_KIND = {"encoder": "wordpiece", "decoder": "bpe", "prefix-lm": "bpe", "encoder-decoder": "unigram"}
+# role names as transformers' tokenizer_config.json writes them
+_HF_ROLE = {r: f"{r}_token" for r in ROLES}
+
+
+class Tokenizer:
+    """A trained tokenizer plus the roles of its special tokens."""
+
+    def __init__(self, backend: Backend, kind: str, specials: dict[str, str], sentinels: list[str] | None = None):
+        self.backend, self.kind, self.specials = backend, kind, dict(specials)
+        self.sentinels = list(sentinels or [])
+        for role, tok in self.specials.items():
+            if backend.token_to_id(tok) is None:
+                raise CheckpointError(f"tokenizer: the {role} token {tok!r} is not in the vocabulary")
+
+    # ---- ids ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def id_of(self, role: str) -> int | None:
+        tok = self.specials.get(role)
+        return None if tok is None else self.backend.token_to_id(tok)
+
+    pad_id = property(lambda self: self.id_of("pad"))
+    unk_id = property(lambda self: self.id_of("unk"))
+    cls_id = property(lambda self: self.id_of("cls"))
+    sep_id = property(lambda self: self.id_of("sep"))
+    mask_id = property(lambda self: self.id_of("mask"))
+    bos_id = property(lambda self: self.id_of("bos"))
+    eos_id = property(lambda self: self.id_of("eos"))
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        return [self.backend.token_to_id(t) for t in self.sentinels]
+
+    @property
+    def special_ids(self) -> set[int]:
+        ids = {self.id_of(r) for r in self.specials} | set(self.sentinel_ids)
+        return {i for i in ids if i is not None}
+
+    def continuation_mask(self) -> torch.Tensor:
+        """(V,) True for tokens that continue a word (WordPiece '##x'; BPE/Unigram pieces without a word-start mark)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        out = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for tok, i in vocab.items():
+            if i in self.special_ids:
+                continue
+            if self.kind == "wordpiece":
+                out[i] = tok.startswith("##")
+            elif self.kind == "bpe":
+                out[i] = not tok.startswith("Ġ")
+            elif self.kind == "unigram":
+                out[i] = not tok.startswith("▁")
+        return out
+
+    def model_ids(self) -> dict[str, int | None]:
+        """Special ids in ModelConfig's field names."""
+        return {"pad_token_id": self.pad_id, "unk_token_id": self.unk_id, "cls_token_id": self.cls_id,
+                "sep_token_id": self.sep_id, "mask_token_id": self.mask_id, "bos_token_id": self.bos_id,
+                "eos_token_id": self.eos_id}
+
+    # ---- text --------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_many(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Encode in parallel (the Rust backend uses every core)."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token(self, i: int) -> str:
+        return self.backend.id_to_token(i)
+
+    # ---- files -------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "lmlab_kind": self.kind,
+               "additional_special_tokens": self.sentinels}
+        cfg.update({_HF_ROLE[r]: t for r, t in self.specials.items()})
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _backend(kind: str, specials: list[str], lowercase: bool) -> tuple[Backend, object]:
+    if kind == "wordpiece":
+        tok = Backend(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        # BERT's normaliser puts spaces around every CJK character, so each becomes its own word
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                    lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return tok, None
+    if kind == "bpe":
+        tok = Backend(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok, None
+    tok = Backend(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return tok, None
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowercase: bool | None = None,
+                    min_frequency: int = 2, n_sentinels: int = N_SENTINELS, length: int | None = None) -> Tokenizer:
+    """Train a tokenizer of `kind` on an iterable of documents.
+
+    wordpiece: BERT's (lower-cased by default, CJK characters split one by one, [CLS] x [SEP] template);
+    bpe: GPT-2's byte-level BPE (all 256 bytes in the vocabulary, so no text is ever <unk>);
+    unigram: T5's SentencePiece-style Unigram with </s> appended and <extra_id_N> sentinels.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"tokenizer kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
+    roles = SPECIALS[kind]
+    sentinels = [f"<extra_id_{i}>" for i in range(n_sentinels)] if kind == "unigram" else []
+    specials = list(dict.fromkeys(roles.values())) + sentinels
+    lower = (kind == "wordpiece") if lowercase is None else lowercase
+    if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
+        raise ConfigError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer with {len(specials)} "
+                          "special tokens")
+    backend, _ = _backend(kind, specials, lower)
+    if kind == "wordpiece":
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=specials, show_progress=False)
+    elif kind == "bpe":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                          show_progress=False, max_piece_length=16)
+    backend.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
+    if kind == "wordpiece":
+        cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    elif kind == "unigram":
+        eos = backend.token_to_id("</s>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", eos)])
+    return Tokenizer(backend, kind, roles, sentinels)
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            yield t
+
+
+_GUESS = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"),
+          "mask": ("[MASK]", "<mask>"), "bos": ("<s>", "<|endoftext|>"), "eos": ("</s>", "<|endoftext|>")}
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """A tokenizers.Tokenizer from tokenizer.json, or from a folder holding tokenizer.json or vocab.txt."""
+    """Load tokenizer.json (or a folder with tokenizer.json, or a BERT vocab.txt) and its special-token roles."""
     path = Path(path)
+    folder = path if path.is_dir() else path.parent
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.name == "tokenizer.json" and file.is_file():
         try:
-            return Tokenizer.from_file(str(file))
+            backend = Backend.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise CheckpointError(f"{file}: not a readable tokenizer.json ({e})") from None
-    vocab = path / "vocab.txt" if path.is_dir() else path
-    if vocab.name == "vocab.txt" and vocab.is_file():  # a BERT WordPiece vocabulary
-        return BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer
-    raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt found")
+    elif (folder / "vocab.txt").is_file():  # a bare BERT WordPiece vocabulary
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        backend = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)._tokenizer
+    else:
+        raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt found")
+    backend.no_padding()
+    backend.no_truncation()
+    cfg: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            try:
+                cfg.update(json.loads((folder / name).read_text(encoding="utf-8")))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{folder / name}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    specials: dict[str, str] = {}
+    for role in ROLES:
+        tok = cfg.get(_HF_ROLE[role])
+        if isinstance(tok, dict):  # transformers sometimes writes AddedToken objects
+            tok = tok.get("content")
+        if tok is None and "lmlab_kind" not in cfg:  # lmlab writes every role; guess only for others
+            tok = next((t for t in _GUESS[role] if backend.token_to_id(t) is not None), None)
+        if tok is not None and backend.token_to_id(tok) is not None:
+            specials[role] = tok
+    kind = cfg.get("lmlab_kind") or _kind_of(backend)
+    sentinels = [t if isinstance(t, str) else t.get("content") for t in cfg.get("additional_special_tokens", [])]
+    sentinels = [t for t in sentinels if t and t.startswith("<extra_id_")]
+    if not sentinels:
+        sentinels = sorted((t for t in backend.get_vocab() if t.startswith("<extra_id_")),
+                           key=lambda t: int(t[10:-1]) if t[10:-1].isdigit() else 0)
+    return Tokenizer(backend, kind, specials, sentinels)
+
+
+def _kind_of(backend: Backend) -> str:
+    model = json.loads(backend.to_str())["model"]["type"]
+    return {"WordPiece": "wordpiece", "BPE": "bpe", "Unigram": "unigram"}.get(model, model.lower())
 
 
 def encode_batch(tokenizer: Tokenizer, texts: list[str], max_length: int,
                  pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and attention mask, (B, T), with special tokens, cut at max_length."""
-    encodings = tokenizer.encode_batch(texts)
-    # a tokenizer.json may carry its own padding setting; keep only the real tokens and pad here
-    rows = [[i for i, keep in zip(e.ids, e.attention_mask) if keep][:max_length] for e in encodings]
-    if pad_id is None:
-        pad_id = tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0
+    """Right-padded input ids and attention mask, (B, T), with the tokenizer's special tokens, cut at max_length."""
+    rows = [e.ids[:max_length] for e in tokenizer.backend.encode_batch(texts)]
+    pad = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer.pad_id is not None else 0)
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Data: corpus readers, the memory-mapped token store, pre-training objectives."""

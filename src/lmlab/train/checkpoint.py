@@ -1,0 +1,80 @@
+"""Checkpoints: written to a temporary folder, fsynced, then renamed; `latest` is replaced last.
+
+    run/checkpoints/step-00000100/model.safetensors   weights (lmlab format, with config.json)
+    run/checkpoints/step-00000100/optimizer.pt        optimizer state (tensors and numbers only)
+    run/checkpoints/step-00000100/state.pt            scheduler, RNG states, data position, counters
+    run/checkpoints/latest                            the name of the newest complete checkpoint
+
+A crash while writing leaves a `.tmp-*` folder and the previous `latest` untouched. Everything is
+read back with safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import CheckpointError
+from lmlab.io import load_weights_into, save
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(state, tmp / "state.pt")
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    with open(latest_tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(latest_tmp, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by an earlier crash
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise CheckpointError(f"{pointer}: names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place; return the rest of the state."""
+    load_weights_into(model, path)
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore the optimizer or trainer state ({e})") from None

@@ -1,0 +1,253 @@
+"""The training loop: accumulation, clipping, precision, evaluation, metrics, checkpoints, exact resume.
+
+The trainer never prints. It appends metrics to run/metrics.jsonl and reports progress through an
+optional callback `on_event(kind, info)` (kinds: start, step, eval, save, end); the CLI draws its
+progress bar from those events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.objectives import IGNORE, Batches
+from lmlab.errors import ConfigError
+from lmlab.model import Model
+from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmlab.train.optim import SCHEDULES, make_optimizer, make_scheduler
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None  # budgets: training stops at whichever comes first
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    tensorboard: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not (self.max_steps or self.max_tokens or self.max_minutes):
+            raise ConfigError("give a budget: max_steps, max_tokens or max_minutes")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32. "auto" uses bf16 on GPUs that support it."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device,
+             autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Token-level loss and perplexity of the language-model head over fixed batches (plus accuracies).
+
+    For masked LMs the loss is over masked positions only and `accuracy` is masked-token accuracy;
+    with NSP, `nsp_accuracy` is reported too.
+    """
+    was_training = model.training
+    model.eval()
+    total, count, correct, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
+    shift = model.config.family in ("decoder", "prefix-lm")
+    for batch in batches:
+        batch = _on(batch, device)
+        with _autocast(device, autocast):
+            out = model(**batch)
+        logits, labels = out.logits.float(), batch["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        keep = labels != IGNORE
+        total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+        correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+        if out.nsp_logits is not None and "next_sentence_label" in batch:
+            nsp_right += int((out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum())
+            nsp_n += len(batch["next_sentence_label"])
+    model.train(was_training)
+    loss = total / max(count, 1)
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1), "tokens": count}
+    if nsp_n:
+        result["nsp_accuracy"] = nsp_right / nsp_n
+    return result
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, model: Model, train: Batches, val: list[dict[str, torch.Tensor]] | None, cfg: TrainConfig,
+                 run_dir: str | Path, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.train, self.val, self.run_dir = cfg, train, val or [], Path(run_dir)
+        self.on_event = on_event or (lambda kind, info: None)
+        self.device = resolve_device(cfg.device)
+        self.autocast = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.step_fn = torch.compile(self.model) if cfg.compile else self.model
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * train.objective.tokens_per_example
+        self.total_steps = cfg.max_steps
+        if cfg.max_tokens:
+            by_tokens = math.ceil(cfg.max_tokens / self.tokens_per_step)
+            self.total_steps = min(self.total_steps or by_tokens, by_tokens)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        # with only a time budget the length is unknown: the rate stays at its peak after warm-up
+        self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule,
+                                        cfg.min_lr_ratio)
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._tb = None
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                 "scheduler": self.scheduler.state_dict(), "batches": self.train.state_dict(),
+                 "rng_torch": torch.get_rng_state(), "train_config": asdict(self.cfg)}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint of run_dir, if there is one."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint: the resumed run writes them again."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def _done(self, started: float) -> bool:
+        cfg = self.cfg
+        minutes = (self.elapsed + time.perf_counter() - started) / 60
+        return bool((self.total_steps and self.step >= self.total_steps)
+                    or (cfg.max_minutes and minutes >= cfg.max_minutes))
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.step == 0:  # a resumed run restores the RNG state instead
+            torch.manual_seed(cfg.seed)
+        self.model.train()
+        self.on_event("start", {"total_steps": self.total_steps, "step": self.step,
+                                "tokens_per_step": self.tokens_per_step})
+        started = time.perf_counter()
+        window_loss, window_steps, window_time, last_eval = 0.0, 0, 0.0, None
+        while not self._done(started):
+            step_start = time.perf_counter()
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = _on(self.train.next_batch(), self.device)
+                with _autocast(self.device, self.autocast):
+                    loss = self.step_fn(**batch).loss / cfg.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            window_time += time.perf_counter() - step_start  # training time only: evals and saves excluded
+            info = {"step": self.step, "loss": step_loss, "lr": lr, "tokens": self.tokens}
+            if self.step % cfg.log_every == 0 or self._done(started):
+                record = {"step": self.step, "split": "train", "loss": window_loss / window_steps, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": self.tokens,
+                          "tokens_per_s": window_steps * self.tokens_per_step / window_time,
+                          "elapsed_s": self.elapsed + time.perf_counter() - started}
+                self._log(record)
+                info["tokens_per_s"] = record["tokens_per_s"]
+                window_loss, window_steps, window_time = 0.0, 0, 0.0
+            self.on_event("step", info)
+            if self.val and (self.step % cfg.eval_every == 0 or self._done(started)):
+                last_eval = evaluate(self.model, self.val, self.device, self.autocast)
+                self._log({"step": self.step, "split": "val", **last_eval})
+                self.on_event("eval", {"step": self.step, **last_eval})
+            if self.step % cfg.save_every == 0 or self._done(started):
+                self.elapsed += time.perf_counter() - started
+                started = time.perf_counter()
+                path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._state(),
+                                       cfg.keep_checkpoints)
+                self.on_event("save", {"step": self.step, "path": str(path)})
+        self.elapsed += time.perf_counter() - started
+        if self._tb is not None:
+            self._tb.close()
+        summary = {"steps": self.step, "tokens": self.tokens, "minutes": self.elapsed / 60, "val": last_eval}
+        self.on_event("end", summary)
+        return summary

@@ -162,7 +162,14 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowerca
     else:
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
                                           show_progress=False, max_piece_length=16)
-    backend.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
+    try:
+        backend.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
+    except Exception as e:  # the Rust trainer raises bare Exceptions
+        if "not large enough to contain all chars" in str(e):
+            raise ConfigError(f"vocab_size={vocab_size} is smaller than the number of distinct characters in the "
+                              "corpus (CJK text has thousands); raise the vocabulary size") from None
+        raise
+    backend = _canonical(backend, len(specials))
     if kind == "wordpiece":
         cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
@@ -172,6 +179,37 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowerca
         backend.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", eos)])
     return Tokenizer(backend, kind, roles, sentinels)
+
+
+def _canonical(backend: Backend, n_special: int) -> Backend:
+    """Renumber the vocabulary in a fixed order: the trainers of WordPiece and Unigram hand out ids in
+    hash-map order, so the same corpus would give different ids from run to run. Special tokens keep
+    the first ids; WordPiece tokens follow sorted by text, Unigram pieces by score then text (the ids
+    do not change how text is split)."""
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    if model["type"] == "WordPiece":
+        ordered = sorted(model["vocab"], key=lambda t: model["vocab"][t])
+        head, rest = ordered[:n_special], sorted(ordered[n_special:])
+        model["vocab"] = {t: i for i, t in enumerate(head + rest)}
+    elif model["type"] == "Unigram":
+        unk = model["vocab"][model["unk_id"]][0] if model.get("unk_id") is not None else None
+        # scores come out of a parallel EM and differ in the last bits between runs: round them first
+        pieces = [[p, round(score, 8)] for p, score in model["vocab"]]
+        head, rest = pieces[:n_special], pieces[n_special:]
+        # characters the trainer appends after EM get descending scores in hash order: give them out by text
+        floor = min((sc for p, sc in rest if len(p) > 1), default=float("inf"))
+        tail = [i for i, (p, sc) in enumerate(rest) if len(p) == 1 and sc < floor]
+        for i, piece, score in zip(tail, sorted(rest[i][0] for i in tail), sorted((rest[i][1] for i in tail),
+                                                                                 reverse=True)):
+            rest[i] = [piece, score]
+        rest = sorted(rest, key=lambda p: (-p[1], p[0]))
+        model["vocab"] = head + rest
+        if unk is not None:
+            model["unk_id"] = next(i for i, p in enumerate(model["vocab"]) if p[0] == unk)
+    else:
+        return backend
+    return Backend.from_str(json.dumps(spec))
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:

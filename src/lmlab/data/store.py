@@ -95,7 +95,8 @@ class TokenStore:
         if n < 2:
             raise DataError(f"the corpus has {n} document(s); a train/validation split needs at least 2 "
                             "(one document per line, or documents separated by blank lines with --doc-sep blank)")
-        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        # at least 2 validation documents where possible: next-sentence prediction draws from another document
+        n_val = min(n - 1, max(2 if n >= 4 else 1, round(n * val_fraction)))
         perm = np.random.default_rng(seed).permutation(n)
         return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val])}
 

@@ -1,0 +1,184 @@
+"""Objectives: masking and noise statistics match their settings; labels have the right shapes and ignores."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.data.corpus import demo_corpus, read_documents
+from lmlab.data.objectives import (IGNORE, Batches, ObjectiveConfig, make_objective, span_noise_mask, t5_lengths)
+from lmlab.data.store import TokenStore
+from lmlab.tokenizer import train_tokenizer
+
+DOCS = list(itertools.islice(read_documents(demo_corpus("kjv"), doc_sep="blank"), 150))
+
+
+def _store(kind: str, tmp_path_factory) -> tuple:
+    tok = train_tokenizer(kind, DOCS, 2000)
+    store = TokenStore.build(DOCS, tok, tmp_path_factory.mktemp(kind) / "store")
+    return tok, store
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory):
+    return _store("wordpiece", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def unigram(tmp_path_factory):
+    return _store("unigram", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return _store("bpe", tmp_path_factory)
+
+
+def _examples(name, tok, store, seq_len=128, n=None, **kw):
+    obj = make_objective(ObjectiveConfig(name, seq_len, **kw), store, np.arange(store.n_docs), tok, "all")
+    batches = Batches(obj, 1, seed=0)
+    units = range(len(obj)) if n is None else range(min(n, len(obj)))
+    return obj, [batches.example(u, 0) for u in units]
+
+
+def test_store_holds_documents_in_order(bpe):
+    tok, store = bpe
+    assert store.n_docs == len(DOCS) and store.dtype == np.uint16
+    assert store.doc(3).tolist() == tok.encode(DOCS[3], add_special_tokens=False)
+
+
+def test_mlm_masks_15_percent_with_80_10_10(wordpiece):
+    tok, store = wordpiece
+    obj, examples = _examples("mlm", tok, store)
+    special = np.array(sorted(tok.special_ids))
+    n_candidates = chosen = masked = kept = 0
+    originals = obj.stream
+    for u, ex in enumerate(examples):
+        original = np.concatenate([[tok.cls_id], np.asarray(originals[u * obj.window:(u + 1) * obj.window]), [tok.sep_id]])
+        pick = ex["labels"] != IGNORE
+        assert not np.isin(original[pick], special).any()  # special tokens are never chosen
+        assert (ex["input_ids"][~pick] == original[~pick]).all()
+        assert (ex["labels"][pick] == original[pick]).all()
+        n_candidates += int((~np.isin(original, special)).sum())
+        chosen += int(pick.sum())
+        masked += int((ex["input_ids"][pick] == tok.mask_id).sum())
+        kept += int((ex["input_ids"][pick] == original[pick]).sum())
+    assert n_candidates >= 100_000
+    assert abs(chosen / n_candidates - 0.15) <= 0.005
+    assert abs(masked / chosen - 0.8) <= 0.015
+    assert abs(kept / chosen - 0.1) <= 0.015  # includes the rare random draw of the same token
+    assert abs((chosen - masked - kept) / chosen - 0.1) <= 0.015
+
+
+def test_whole_word_masking_masks_complete_words(wordpiece):
+    tok, store = wordpiece
+    _, examples = _examples("mlm", tok, store, n=300, whole_word=True)
+    cont = tok.continuation_mask().numpy()
+    for ex in examples:
+        original = np.where(ex["labels"] != IGNORE, ex["labels"], ex["input_ids"])
+        picked = ex["labels"] != IGNORE
+        for i in range(1, len(original)):
+            if cont[original[i]] and not np.isin(original[i - 1], list(tok.special_ids)):
+                assert picked[i] == picked[i - 1]  # a '##' piece shares its word's fate
+
+
+def test_mlm_nsp_pairs_segments_half_random(wordpiece):
+    tok, store = wordpiece
+    _, examples = _examples("mlm-nsp", tok, store, seq_len=64)
+    labels = np.array([int(e["next_sentence_label"]) for e in examples])
+    assert len(labels) > 1000 and abs(labels.mean() - 0.5) <= 0.04
+    for ex in examples[:200]:
+        ids, types, mask = ex["input_ids"], ex["token_type_ids"], ex["attention_mask"]
+        n = int(mask.sum())
+        assert ids[0] == tok.cls_id and ids[n - 1] == tok.sep_id and (ids[n:] == tok.pad_id).all()
+        first_sep = int(np.flatnonzero(ids == tok.sep_id)[0])
+        assert (types[:first_sep + 1] == 0).all() and (types[first_sep + 1:n] == 1).all()
+        assert (ex["labels"][n:] == IGNORE).all()
+
+
+def test_span_corruption_density_and_mean_span(unigram):
+    tok, store = unigram
+    obj, examples = _examples("span", tok, store, seq_len=128)
+    sentinels = set(tok.sentinel_ids)
+    noise = spans = 0
+    for ex in examples:
+        targets = ex["labels"][ex["labels"] != IGNORE]
+        assert targets[-1] == tok.eos_id and targets[0] == tok.sentinel_ids[0]
+        n_spans = sum(int(t in sentinels) for t in targets)
+        assert n_spans == sum(int(t in sentinels) for t in ex["input_ids"])
+        spans += n_spans
+        noise += len(targets) - n_spans - 1
+        assert int(ex["attention_mask"].sum()) == 128  # corrupted inputs fill seq_len exactly
+    raw = obj.window * len(examples)
+    assert abs(noise / raw - 0.15) <= 0.005
+    assert abs(noise / spans - 3.0) <= 0.1
+
+
+def test_span_noise_mask_statistics():
+    rng = np.random.default_rng(0)
+    masks = [span_noise_mask(500, 0.15, 3.0, rng) for _ in range(200)]
+    density = np.mean([m.mean() for m in masks])
+    n_spans = sum(int((m & ~np.concatenate([[False], m[:-1]])).sum()) for m in masks)
+    assert abs(density - 0.15) <= 0.002
+    assert abs(sum(m.sum() for m in masks) / n_spans - 3.0) <= 0.05
+    assert t5_lengths(512, 0.15, 3.0) == (568, 114)  # T5's published numbers for inputs of 512
+
+
+def test_infilling_replaces_spans_with_single_masks(unigram):
+    tok, store = unigram
+    _, examples = _examples("infilling", tok, store, seq_len=64, n=300)
+    masked_share = []
+    for ex in examples:
+        inputs = ex["input_ids"][ex["attention_mask"] == 1]
+        target = ex["labels"][ex["labels"] != IGNORE]
+        assert target[-1] == tok.eos_id and tok.mask_id in inputs
+        kept = len(inputs) - int((inputs == tok.mask_id).sum())
+        masked_share.append(1 - kept / len(target))
+    assert 0.2 < np.mean(masked_share) < 0.4  # about 30% of tokens removed
+
+
+def test_prefix_lm_ignores_the_prefix(bpe):
+    tok, store = bpe
+    _, examples = _examples("prefix-lm", tok, store, seq_len=64, n=500)
+    splits = []
+    for ex in examples:
+        k = int(ex["prefix_lengths"])
+        assert 1 <= k <= 63
+        assert (ex["labels"][:k] == IGNORE).all() and (ex["labels"][k:] == ex["input_ids"][k:]).all()
+        splits.append(k)
+    assert np.std(splits) > 10  # drawn, not fixed
+
+
+def test_clm_labels_are_the_inputs(bpe):
+    tok, store = bpe
+    _, examples = _examples("clm", tok, store, seq_len=32, n=10)
+    assert all((e["labels"] == e["input_ids"]).all() and e["input_ids"].shape == (32,) for e in examples)
+
+
+def test_batches_resume_exactly_and_masks_are_dynamic_only_for_roberta(wordpiece):
+    tok, store = wordpiece
+    obj = make_objective(ObjectiveConfig("mlm", 64), store, np.arange(store.n_docs), tok, "all")
+    a = Batches(obj, 4, seed=1)
+    for _ in range(5):
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(3)]
+    b = Batches(obj, 4, seed=1)
+    b.load_state_dict(state)
+    for e, g in zip(expected, [b.next_batch() for _ in range(3)]):
+        assert all(torch.equal(e[k], g[k]) for k in e)
+    assert not np.array_equal(a.example(0, 0)["labels"], a.example(0, 1)["labels"])  # re-drawn per epoch
+    nsp = make_objective(ObjectiveConfig("mlm-nsp", 64), store, np.arange(store.n_docs), tok, "all")
+    s = Batches(nsp, 4, seed=1)
+    assert np.array_equal(s.example(0, 0)["labels"], s.example(0, 5)["labels"])  # BERT: static masks
+
+
+def test_objective_must_suit_the_family():
+    from lmlab.data.objectives import check_objective
+    from lmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="objective 'mlm' trains encoder models, not 'decoder'"):
+        check_objective("mlm", "decoder")

@@ -185,7 +185,9 @@ def _canonical(backend: Backend, n_special: int) -> Backend:
     """Renumber the vocabulary in a fixed order: the trainers of WordPiece and Unigram hand out ids in
     hash-map order, so the same corpus would give different ids from run to run. Special tokens keep
     the first ids; WordPiece tokens follow sorted by text, Unigram pieces by score then text (the ids
-    do not change how text is split)."""
+    do not change how text is split). Limit: when Unigram's vocabulary is not filled by EM, the trainer
+    appends the remaining characters with scores in hash order, which no renumbering can undo; the
+    saved tokenizer.json is what a run reuses, so resuming is exact either way."""
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model["type"] == "WordPiece":
@@ -197,12 +199,6 @@ def _canonical(backend: Backend, n_special: int) -> Backend:
         # scores come out of a parallel EM and differ in the last bits between runs: round them first
         pieces = [[p, round(score, 8)] for p, score in model["vocab"]]
         head, rest = pieces[:n_special], pieces[n_special:]
-        # characters the trainer appends after EM get descending scores in hash order: give them out by text
-        floor = min((sc for p, sc in rest if len(p) > 1), default=float("inf"))
-        tail = [i for i, (p, sc) in enumerate(rest) if len(p) == 1 and sc < floor]
-        for i, piece, score in zip(tail, sorted(rest[i][0] for i in tail), sorted((rest[i][1] for i in tail),
-                                                                                 reverse=True)):
-            rest[i] = [piece, score]
         rest = sorted(rest, key=lambda p: (-p[1], p[0]))
         model["vocab"] = head + rest
         if unk is not None:

@@ -185,9 +185,10 @@ def _canonical(backend: Backend, n_special: int) -> Backend:
     """Renumber the vocabulary in a fixed order: the trainers of WordPiece and Unigram hand out ids in
     hash-map order, so the same corpus would give different ids from run to run. Special tokens keep
     the first ids; WordPiece tokens follow sorted by text, Unigram pieces by score then text (the ids
-    do not change how text is split). Limit: when Unigram's vocabulary is not filled by EM, the trainer
-    appends the remaining characters with scores in hash order, which no renumbering can undo; the
-    saved tokenizer.json is what a run reuses, so resuming is exact either way."""
+    do not change how text is split). This removes most run-to-run differences, not all: the WordPiece
+    and Unigram trainers themselves can pick slightly different pieces between runs (ties broken in
+    hash order), which no renumbering undoes. Byte-level BPE is deterministic. A run saves its
+    tokenizer.json and reuses it, so resuming is exact either way."""
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model["type"] == "WordPiece":

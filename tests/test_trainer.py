@@ -44,6 +44,17 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize("family", ["decoder", "encoder"])
 def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
+    from lmlab.data.corpus import read_documents
+    from lmlab.tokenizer import FAMILY_KIND, train_tokenizer
+
+    # one tokenizer for both runs: the property under test is the trainer's, not the tokenizer trainer's
+    train_tokenizer(FAMILY_KIND[family], read_documents(corpus, doc_sep="blank"), 400).save(tmp_path / "tok")
+
+    def _config(tmp_path, corpus, out, family, _base=_config):
+        pc = _base(tmp_path, corpus, out, family)
+        pc.tokenizer = str(tmp_path / "tok")
+        return pc
+
     pretrain(_config(tmp_path, corpus, "straight", family))
     reference = _losses(tmp_path / "straight")
     assert len(reference) == 6

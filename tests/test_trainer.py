@@ -50,12 +50,12 @@ def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
     # one tokenizer for both runs: the property under test is the trainer's, not the tokenizer trainer's
     train_tokenizer(FAMILY_KIND[family], read_documents(corpus, doc_sep="blank"), 400).save(tmp_path / "tok")
 
-    def _config(tmp_path, corpus, out, family, _base=_config):
-        pc = _base(tmp_path, corpus, out, family)
+    def config(out):
+        pc = _config(tmp_path, corpus, out, family)
         pc.tokenizer = str(tmp_path / "tok")
         return pc
 
-    pretrain(_config(tmp_path, corpus, "straight", family))
+    pretrain(config("straight"))
     reference = _losses(tmp_path / "straight")
     assert len(reference) == 6
 
@@ -63,8 +63,8 @@ def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
         if kind == "step" and info["step"] == 4:
             raise _Interrupt
     with pytest.raises(_Interrupt):
-        pretrain(_config(tmp_path, corpus, "interrupted", family), on_event=stop_after_four)
-    resumed = _config(tmp_path, corpus, "interrupted", family)
+        pretrain(config("interrupted"), on_event=stop_after_four)
+    resumed = config("interrupted")
     resumed.resume = True
     summary = pretrain(resumed)
     assert summary["resumed"] and summary["steps"] == 6

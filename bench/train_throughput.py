@@ -1,0 +1,164 @@
+"""Training throughput of lmlab against Hugging Face transformers at the same config, in the same run.
+
+Each measurement runs in a fresh subprocess (so its peak RSS is its own), lmlab and transformers
+alternate round by round, and the median of the rounds is reported. One training step is
+forward + backward + AdamW step on a random batch, in float32 on the CPU (bf16 autocast on a GPU).
+MFU = achieved training FLOP/s / the machine's measured peak (a large fp32 matmul, same threads),
+with training FLOPs/token = 3 x forward FLOPs/token from `lmlab.info.model_stats`.
+
+    python bench/train_throughput.py                      # both models, default config
+    python bench/train_throughput.py --model gpt2 --rounds 5 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+
+def peak_flops(device: str, n: int = 2048, reps: int = 10) -> float:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def hf_config(kind: str, a: argparse.Namespace):
+    import transformers
+
+    if kind == "gpt2":
+        return transformers.GPT2Config(vocab_size=a.vocab, n_embd=a.d_model, n_layer=a.layers, n_head=a.heads,
+                                       n_inner=4 * a.d_model, n_positions=a.seq_len, bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=a.dropout, embd_pdrop=a.dropout, attn_pdrop=a.dropout)
+    return transformers.BertConfig(vocab_size=a.vocab, hidden_size=a.d_model, num_hidden_layers=a.layers,
+                                   num_attention_heads=a.heads, intermediate_size=4 * a.d_model,
+                                   max_position_embeddings=a.seq_len, hidden_dropout_prob=a.dropout,
+                                   attention_probs_dropout_prob=a.dropout)
+
+
+def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
+    import tempfile
+
+    import transformers
+
+    import lmlab
+
+    torch.manual_seed(0)
+    device = a.device
+    arch = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForMaskedLM}[kind]
+    hf = arch(hf_config(kind, a))
+    if impl == "lmlab":
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            del hf
+            model = lmlab.load(d)
+    else:
+        model = hf
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq_len), device=device)
+    labels = ids if kind == "gpt2" else torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    mem = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put({"tokens_per_s": a.steps * a.batch * a.seq_len / dt, "peak_bytes": mem})
+
+
+def measure(kind: str, impl: str, a: argparse.Namespace) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(kind, impl, a, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("gpt2", "bert", "both"), default="both")
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.1, help="all dropout rates (transformers' default 0.1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+
+    import transformers
+
+    from lmlab.hf import config_from_hf
+    from lmlab.info import model_stats
+
+    peak = peak_flops(a.device)
+    kinds = ("gpt2", "bert") if a.model == "both" else (a.model,)
+    rows = []
+    for kind in kinds:
+        raw = hf_config(kind, a).to_dict()
+        raw["architectures"] = ["GPT2LMHeadModel" if kind == "gpt2" else "BertForMaskedLM"]
+        stats = model_stats(config_from_hf(raw), context=a.seq_len)
+        runs: dict[str, list[dict]] = {"lmlab": [], "transformers": []}
+        for _ in range(a.rounds):
+            for impl in ("lmlab", "transformers"):
+                runs[impl].append(measure(kind, impl, a))
+        med = {impl: statistics.median(r["tokens_per_s"] for r in rs) for impl, rs in runs.items()}
+        mem = {impl: max(r["peak_bytes"] for r in rs) for impl, rs in runs.items()}
+        for impl in ("lmlab", "transformers"):
+            rows.append({"model": kind, "impl": impl, "tokens_per_s": med[impl], "peak_mb": mem[impl] / 2**20,
+                         "mfu": med[impl] * stats.train_flops_per_token / peak,
+                         "ratio": med[impl] / med["transformers"], "params": stats.total_params})
+    print(f"\ntraining throughput, {a.device}, d_model={a.d_model} layers={a.layers} heads={a.heads} "
+          f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}; median of {a.rounds} rounds x {a.steps} steps; "
+          f"peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| model | implementation | tokens/s | vs transformers | MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.3f}x | {r['mfu']:.1%} | "
+              f"{r['peak_mb']:,.0f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "peak_flops": peak, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

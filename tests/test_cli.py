@@ -37,3 +37,13 @@ def test_info_on_a_hf_folder(hf_folder, capsys):
 def test_unknown_model_is_an_error_not_a_traceback(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing" / "dir" / "x")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """The README's main job, with 3 steps per model instead of 200."""
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT: sampled continuation" in out and "And God said unto Moses," in out
+    assert "BERT: fill-mask" in out and "probability" in out
+    assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (tmp_path / "demo" / "bert" / "model.safetensors").is_file()

@@ -202,3 +202,21 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("family,heads", [("encoder", ("mlm",)), ("decoder", ("lm",)), ("prefix-lm", ("lm",)),
+                                          ("encoder-decoder", ("lm",))])
+def test_labelled_logits_only_gives_the_same_loss_and_rows(family, heads):
+    model = tiny(family)
+    x = ids(2, 12)
+    labels = x.clone()
+    labels[:, ::3] = -100
+    kw = {"prefix_lengths": torch.tensor([4, 6])} if family == "prefix-lm" else {}
+    if family == "encoder-decoder":
+        kw["decoder_input_ids"] = model.shift_right(labels)
+    with torch.no_grad():
+        full = model(x, labels=labels, **kw)
+        sparse = model(x, labels=labels, labelled_logits_only=True, **kw)
+    assert torch.allclose(full.loss, sparse.loss, atol=1e-6)
+    targets = labels if family in ("encoder", "encoder-decoder") else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    assert torch.allclose(full.logits[targets != -100], sparse.logits, atol=1e-6)

@@ -283,7 +283,11 @@ class Model(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        labelled_logits_only: bool = False,  # with labels: vocabulary logits only where a label is set
     ) -> ModelOutput:
+        """transformers-style forward. With `labelled_logits_only`, `logits` is (N, V) for the N labelled
+        positions (row-major order; for causal LMs the positions whose next token is labelled): an MLM
+        batch projects 15% of its tokens onto the vocabulary instead of all of them."""
         cfg = self.config
         out = ModelOutput()
         mask_for_heads = attention_mask
@@ -329,30 +333,43 @@ class Model(nn.Module):
             out.past_key_values = cache
         out.last_hidden_state = h
         out.hidden_states = tuple(hidden) if hidden is not None else None
-        self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions)
+        self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions,
+                          labelled_logits_only)
         return out
+
+    def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,
+                    sparse: bool) -> torch.Tensor | None:
+        """Logits of an lm / mlm head and their loss; `sparse`: project only the labelled positions."""
+        if targets is not None and sparse:
+            keep = targets != IGNORE_INDEX
+            out.logits = head(h[keep], self.tok_embed.weight)  # (N, V)
+            return F.cross_entropy(out.logits.float(), targets[keep])
+        out.logits = head(h, self.tok_embed.weight)
+        if targets is None:
+            return None
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
 
     def _apply_heads(self, out: ModelOutput, h: torch.Tensor, attention_mask: torch.Tensor | None,
                      labels: torch.Tensor | None, next_sentence_label: torch.Tensor | None,
-                     start_positions: torch.Tensor | None, end_positions: torch.Tensor | None) -> None:
+                     start_positions: torch.Tensor | None, end_positions: torch.Tensor | None,
+                     sparse: bool = False) -> None:
         cfg = self.config
         losses = []
         if self.pooler is not None:
             out.pooler_output = self.pooler(h)
         if self.lm_head is not None:
-            out.logits = self.lm_head(h, self.tok_embed.weight)
-            if labels is not None:
-                targets = labels
-                if cfg.family != "encoder-decoder":  # position t predicts token t+1
-                    # shift the labels, not the logits: slicing logits would copy them in the backward pass
-                    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-                losses.append(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                                              targets.reshape(-1), ignore_index=IGNORE_INDEX))
+            targets = labels
+            if labels is not None and cfg.family != "encoder-decoder":  # position t predicts token t+1
+                # shift the labels, not the logits: slicing logits would copy them in the backward pass
+                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = self._vocab_loss(out, self.lm_head, h, targets, sparse)
+            if loss is not None:
+                losses.append(loss)
         if self.mlm_head is not None:
-            out.logits = self.mlm_head(h, self.tok_embed.weight)
-            if labels is not None:
-                losses.append(F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size).float(), labels.reshape(-1),
-                                              ignore_index=IGNORE_INDEX))
+            loss = self._vocab_loss(out, self.mlm_head, h, labels, sparse)
+            if loss is not None:
+                losses.append(loss)
         if self.nsp_head is not None:
             out.nsp_logits = self.nsp_head(out.pooler_output)
             if next_sentence_label is not None:

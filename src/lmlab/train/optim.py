@@ -23,7 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float = 1e-8) -> torch.optim.AdamW:
-    fused = all(p.is_cuda for p in model.parameters())  # the fused kernel is CUDA-only
+    # the fused kernel (one pass over each tensor) exists for CUDA and, since torch 2.4, for the CPU
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= {"cuda", "cpu"} and len(devices) == 1
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 

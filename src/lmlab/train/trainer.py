@@ -99,14 +99,15 @@ def evaluate(model: Model, batches: list[dict[str, torch.Tensor]], device: torch
     for batch in batches:
         batch = _on(batch, device)
         with _autocast(device, autocast):
-            out = model(**batch)
-        logits, labels = out.logits.float(), batch["labels"]
+            out = model(**batch, labelled_logits_only=True)
+        labels = batch["labels"]
         if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        keep = labels != IGNORE
-        total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-        count += int(keep.sum())
-        correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        targets = labels[labels != IGNORE]  # out.logits holds exactly these rows
+        logits = out.logits.float()
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(targets)
+        correct += int((logits.argmax(-1) == targets).sum())
         if out.nsp_logits is not None and "next_sentence_label" in batch:
             nsp_right += int((out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum())
             nsp_n += len(batch["next_sentence_label"])
@@ -213,7 +214,7 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 batch = _on(self.train.next_batch(), self.device)
                 with _autocast(self.device, self.autocast):
-                    loss = self.step_fn(**batch).loss / cfg.grad_accum
+                    loss = self.step_fn(**batch, labelled_logits_only=True).loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()

@@ -312,24 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where token stores are cached (default: ~/.cache/lmlab)")
     p.add_argument("--out", help="output folder (default: runs/run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
+    for name in _TRAIN_FLAGS:  # budgets and optimisation: TrainConfig's fields, typed from their defaults
+        if name in ("precision", "schedule", "device"):
+            continue
+        kind = float if name in ("max_minutes", "lr", "weight_decay", "grad_clip") else int
+        p.add_argument("--" + name.replace("_", "-"), type=kind)
     p.add_argument("--schedule", choices=("cosine", "linear", "constant"))
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--log-every", type=int)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
-    p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)")

@@ -193,17 +193,10 @@ class CausalLM(_Stream):
         return {"input_ids": ids, "labels": ids}  # the model shifts: position t predicts token t + 1
 
 
-class PrefixLM(_Stream):
-    """A split point drawn uniformly in [1, seq_len - 1]; loss only after it."""
+class PrefixLM(CausalLM):
+    """A causal window with a split point drawn uniformly in [1, seq_len - 1]; loss only after it."""
 
-    name = "prefix-lm"
-
-    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
-        super().__init__(stream, seq_len)
-
-    @property
-    def tokens_per_example(self) -> int:
-        return self.window
+    name, dynamic = "prefix-lm", True
 
     def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.chunk(unit)

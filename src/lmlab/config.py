@@ -31,6 +31,7 @@ ACTIVATIONS = {
 }
 HEADS = ("mlm", "nsp", "lm", "classify", "tag", "span")
 POOLINGS = ("cls", "last", "mean")
+MOE_ROUTERS = ("topk", "noisy")
 # Heads whose output is a token-level vocabulary distribution, and the families they need.
 _HEAD_FAMILIES = {
     "mlm": ("encoder",),
@@ -86,7 +87,19 @@ class ModelConfig:
     pooler: bool = False  # BERT pooler: tanh(W h_[CLS]) feeds nsp / classify
     num_labels: int = 2
     classifier_pooling: str | None = None  # cls / last / mean; None = cls for encoders, else last
-    ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS
+    ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS ("dense", "moe")
+
+    # Mixture-of-Experts (ffn="moe"; see lmlab.model.moe)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1  # MoE in every moe_every-th layer, dense FFNs between
+    moe_d_ff: int | None = None  # expert FFN width; None = d_ff
+    moe_router: str = "topk"
+    moe_renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral)
+    moe_capacity_factor: float | None = None  # None = dropless
+    moe_aux_weight: float = 0.01  # Switch load-balancing loss weight (alpha)
+    moe_z_weight: float = 0.0  # ST-MoE router z-loss weight
+    moe_shared_experts: int = 0  # experts every token passes through (DeepSeekMoE)
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -174,6 +187,17 @@ class ModelConfig:
             raise bad("position_from_padding", "needs pad_token_id")
         if self.family == "encoder-decoder" and self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise bad("n_decoder_layers", f"must be positive, got {self.n_decoder_layers}")
+        if self.ffn == "moe":
+            if self.moe_experts < 1:
+                raise bad("moe_experts", f"an MoE FFN needs at least 1 expert, got {self.moe_experts}")
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise bad("moe_top_k", f"top-k={self.moe_top_k} must be between 1 and moe_experts={self.moe_experts}")
+            if self.moe_router not in MOE_ROUTERS:
+                raise bad("moe_router", f"unknown router {self.moe_router!r}, expected one of {', '.join(MOE_ROUTERS)}")
+            if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+                raise bad("moe_capacity_factor", f"must be > 0 (or None for dropless), got {self.moe_capacity_factor}")
+            if self.moe_every < 1:
+                raise bad("moe_every", f"must be >= 1, got {self.moe_every}")
         from lmlab.model.ffn import FFN_KINDS  # the registry lives beside the FFNs
 
         if self.ffn not in FFN_KINDS:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.model import Model
+from lmlab.model import Model, MoE
 
 
 @dataclass
@@ -47,6 +47,9 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
             if table is not None:
                 embedding += table.weight.numel()
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    for m in model.modules():  # an MoE layer multiplies each token by its k chosen experts only
+        if isinstance(m, MoE):
+            matmul += m.top_k * (m.w_up[0].numel() + m.w_down[0].numel())
     if model.lm_head is not None or model.mlm_head is not None:
         matmul += cfg.vocab_size * cfg.d_model
     d_attn = cfg.n_heads * cfg.dim_head

@@ -41,6 +41,7 @@ class ModelOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
+    aux_loss: torch.Tensor | None = None  # sum of the MoE layers' weighted auxiliary losses
 
     @property
     def prediction_logits(self) -> torch.Tensor | None:  # transformers' BertForPreTraining name
@@ -195,6 +196,7 @@ class Model(nn.Module):
         self.span_head = nn.Linear(d, 2) if "span" in cfg.heads else None
         self.head_drop = nn.Dropout(cfg.dropout)
         self.apply(self._init_weights)
+        self._aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]  # MoE layers
         # GPT-2: scale the init of projections that write into the residual stream by
         # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
         n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.family == "encoder-decoder" else 0))
@@ -335,6 +337,11 @@ class Model(nn.Module):
         out.hidden_states = tuple(hidden) if hidden is not None else None
         self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions,
                           labelled_logits_only)
+        aux = [m.aux_loss for m in self._aux_modules if m.aux_loss is not None]
+        if aux:
+            out.aux_loss = torch.stack(aux).sum()
+            if out.loss is not None:  # a non-zero auxiliary weight always reaches the training loss
+                out.loss = out.loss + out.aux_loss
         return out
 
     def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,

@@ -129,5 +129,6 @@ def test_info_counts_all_experts_as_parameters_but_only_k_in_flops():
     dense = model_stats(moe_cfg(ffn="dense"), context=8)
     moe = model_stats(moe_cfg(moe_experts=4, moe_top_k=2), context=8)
     expert = 16 * 24 * 2  # up + down of one expert
-    assert moe.total_params - dense.total_params == 2 * (3 * expert + 16 * 4)  # 2 layers: 3 extra experts + router
+    dense_bias = 24 + 16  # the dense FFN has biases, the experts have none
+    assert moe.total_params - dense.total_params == 2 * (3 * expert + 16 * 4 - dense_bias)  # per layer: 3 experts + router
     assert moe.flops_per_token - dense.flops_per_token == 2 * 2 * (expert + 16 * 4)  # 1 extra active expert + router

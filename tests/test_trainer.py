@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -176,3 +177,15 @@ def test_cli_pretrain_with_yaml_and_flags(tmp_path, corpus, capsys):
     cfg.write_text("family: decoder\ntrain: {batch_sise: 4}\n")
     assert main(["pretrain", "--config", str(cfg), "--max-steps", "1"]) == 2
     assert "unknown train setting(s) batch_sise" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    summary = pretrain(_config(tmp_path, corpus, max_steps=2, precision="bf16"))
+    assert summary["steps"] == 2 and math.isfinite(summary["val"]["loss"])
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_losses(tmp_path, corpus):
+    pretrain(_config(tmp_path, corpus, "eager", max_steps=3))
+    pretrain(_config(tmp_path, corpus, "compiled", max_steps=3, compile=True))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)

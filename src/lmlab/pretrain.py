@@ -97,10 +97,10 @@ def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelCon
         heads = {"heads": ("mlm",), "pooler": False}
     ids = tok.model_ids()
     start = ids["pad_token_id"] if ids["pad_token_id"] is not None else ids["eos_token_id"]
+    # a learned position table only needs seq_len rows; other schemes keep the preset's limit (or more)
+    max_len = pc.seq_len if base.position == "learned" else max(pc.seq_len, base.max_seq_len)
     changes: dict[str, Any] = {**heads, **ids, "vocab_size": tok.vocab_size, "decoder_start_token_id": start,
-                               "max_seq_len": max(pc.seq_len, base.max_seq_len if base.position != "learned" else 0)}
-    if base.position == "learned":
-        changes["max_seq_len"] = pc.seq_len
+                               "max_seq_len": max_len}
     try:
         cfg = base.replace(**{**changes, **pc.model})
     except TypeError as e:

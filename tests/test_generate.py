@@ -62,7 +62,7 @@ def test_fill_mask_on_real_minilm_weights_is_refused_without_mlm_head():
         fill_mask(lmlab.load(folder), load_tokenizer(folder), "Paris is the [MASK] of France.")
 
 
-def test_fill_mask_returns_probabilities_per_mask(hf_folder, tmp_path):
+def test_fill_mask_returns_probabilities_per_mask():
     from lmlab.tokenizer import train_tokenizer
 
     tok = train_tokenizer("wordpiece", ["the cat sat on the mat"] * 20, 120)

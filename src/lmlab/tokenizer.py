@@ -114,7 +114,8 @@ class Tokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def _backend(kind: str, specials: list[str], lowercase: bool) -> tuple[Backend, object]:
+def _backend(kind: str, lowercase: bool) -> Backend:
+    """An untrained tokenizer of `kind` with its normaliser, pre-tokenizer and decoder."""
     if kind == "wordpiece":
         tok = Backend(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
         # BERT's normaliser puts spaces around every CJK character, so each becomes its own word
@@ -122,17 +123,17 @@ def _backend(kind: str, specials: list[str], lowercase: bool) -> tuple[Backend, 
                                                     lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        return tok, None
+        return tok
     if kind == "bpe":
         tok = Backend(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return tok, None
+        return tok
     tok = Backend(models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    return tok, None
+    return tok
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowercase: bool | None = None,
@@ -152,7 +153,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowerca
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
         raise ConfigError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer with {len(specials)} "
                           "special tokens")
-    backend, _ = _backend(kind, specials, lower)
+    backend = _backend(kind, lower)
     if kind == "wordpiece":
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                             special_tokens=specials, show_progress=False)

@@ -307,6 +307,18 @@ class BertMLMNSP(Objective, _Masking):
         }
 
 
+def _seq2seq_example(inputs: np.ndarray, targets: np.ndarray, seq_len: int, target_len: int,
+                     pad: int) -> dict[str, np.ndarray]:
+    """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with IGNORE."""
+    labels = np.full(target_len, IGNORE, dtype=np.int64)
+    labels[:len(targets)] = targets[:target_len]
+    return {
+        "input_ids": np.pad(inputs, (0, seq_len - len(inputs)), constant_values=pad),
+        "attention_mask": np.pad(np.ones(len(inputs), dtype=np.int64), (0, seq_len - len(inputs))),
+        "labels": labels,
+    }
+
+
 class SpanCorruption(_Stream):
     """T5: raw windows sized so the corrupted input is exactly seq_len; targets padded to a fixed length."""
 
@@ -340,13 +352,7 @@ class SpanCorruption(_Stream):
         targets = targets[noise | nonnoise_starts]
         inputs = np.concatenate([inputs, [self.eos]])
         targets = np.concatenate([targets, [self.eos]])
-        labels = np.full(self.target_len, IGNORE, dtype=np.int64)
-        labels[:len(targets)] = targets[: self.target_len]
-        return {
-            "input_ids": np.pad(inputs, (0, self.seq_len - len(inputs)), constant_values=self.pad),
-            "attention_mask": np.pad(np.ones(len(inputs), dtype=np.int64), (0, self.seq_len - len(inputs))),
-            "labels": labels,
-        }
+        return _seq2seq_example(inputs, targets, self.seq_len, self.target_len, self.pad)
 
 
 class TextInfilling(_Stream):
@@ -395,13 +401,7 @@ class TextInfilling(_Stream):
         head = [self.bos] if self.bos is not None else []
         inputs = np.array(head + out + [self.eos], dtype=np.int64)[: self.seq_len]
         target = np.array(head + ids.tolist() + [self.eos], dtype=np.int64)
-        labels = np.full(self.seq_len, IGNORE, dtype=np.int64)
-        labels[:len(target)] = target[: self.seq_len]
-        return {
-            "input_ids": np.pad(inputs, (0, self.seq_len - len(inputs)), constant_values=self.pad),
-            "attention_mask": np.pad(np.ones(len(inputs), dtype=np.int64), (0, self.seq_len - len(inputs))),
-            "labels": labels,
-        }
+        return _seq2seq_example(inputs, target, self.seq_len, self.seq_len, self.pad)
 
 
 def make_objective(cfg: ObjectiveConfig, store: TokenStore, docs: np.ndarray, tok: Tokenizer,

@@ -132,3 +132,265 @@ def test_info_counts_all_experts_as_parameters_but_only_k_in_flops():
     dense_bias = 24 + 16  # the dense FFN has biases, the experts have none
     assert moe.total_params - dense.total_params == 2 * (3 * expert + 16 * 4 - dense_bias)  # per layer: 3 experts + router
     assert moe.flops_per_token - dense.flops_per_token == 2 * 2 * (expert + 16 * 4)  # 1 extra active expert + router
+
+
+# ---- routers, MoE++ experts, fine-grained dispatch ------------------------------------------------
+@pytest.mark.parametrize("kw", [
+    dict(moe_router="dense"),
+    dict(moe_top_k=2, moe_zero_experts=1, moe_copy_experts=1, moe_constant_experts=2),
+    dict(moe_top_k=1, moe_zero_experts=1, moe_constant_experts=1, moe_capacity_factor=4.0),
+    dict(moe_experts=64, moe_top_k=6, moe_d_ff=8, activation="swiglu", moe_shared_experts=2, moe_shared_gate=True),
+    dict(moe_activation="geglu", moe_router="noisy"),
+])
+def test_every_token_choice_variant_equals_the_per_token_reference(kw):
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(**kw)).eval()  # eval: the noisy router is deterministic
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    params = [x, layer.w_up, layer.w_down, layer.router.weight]
+    fast = layer(x)
+    grads_fast = torch.autograd.grad(fast.square().sum(), params)
+    slow = reference_any(layer, x)
+    grads_slow = torch.autograd.grad(slow.square().sum(), params)
+    assert (fast - slow).abs().max() <= 1e-6
+    for a, b in zip(grads_fast, grads_slow):
+        assert (a - b).abs().max() <= 1e-6
+
+
+def reference_any(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per token: sum over chosen experts of weight * expert(x), plus the (gated) shared experts."""
+    x_TD = x.reshape(-1, x.shape[-1])
+    _, weights, experts = layer.route(x_TD)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = sum(weights[t, j] * layer._expert(int(experts[t, j]), x_TD[t:t + 1])[0] for j in range(experts.shape[1]))
+        if layer.shared is not None:
+            s = layer.shared(x_TD[t:t + 1])[0]
+            if layer.shared_gate is not None:
+                s = torch.sigmoid(layer.shared_gate(x_TD[t:t + 1]))[0] * s
+            y = y + s
+        rows.append(y)
+    return torch.stack(rows).reshape(x.shape)
+
+
+def test_grouped_gemm_and_the_per_expert_loop_agree(monkeypatch):
+    import lmlab.model.moe as moe
+
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_experts=16, moe_top_k=4, moe_d_ff=8))
+    x = torch.randn(40, 16)
+    fast = layer(x)
+    monkeypatch.setattr(moe, "_GROUPED_MM", None)
+    assert torch.allclose(layer(x), fast, atol=1e-6)
+
+
+def test_zero_copy_and_constant_experts_compute_what_they_claim():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_zero_experts=1, moe_copy_experts=1, moe_constant_experts=1))
+    x = torch.randn(5, 16)
+    assert [layer.expert_name(e) for e in range(7)] == ["e0", "e1", "e2", "e3", "zero0", "copy0", "const0"]
+    assert torch.equal(layer._expert(4, x), torch.zeros_like(x))
+    assert torch.equal(layer._expert(5, x), x)
+    alpha = (x @ layer.const_gate.weight.t()).softmax(-1)  # (5, 2): the mix of input and constant vector
+    expected = alpha[:, :1] * x + alpha[:, 1:] * layer.const_vec[0]
+    assert torch.allclose(layer._expert(6, x), expected, atol=1e-6)
+    # route every token's first choice to one kind at a time: output = w1 * that expert + w2 * the runner-up
+    xs = x.clone()
+    xs[:, 0] = 1.0
+    for e in (4, 5, 6):
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[e, 0] = 50.0
+        _, weights, experts = layer.route(xs)
+        assert (experts[:, 0] == e).all()
+        runner_up = torch.cat([layer._expert(int(experts[t, 1]), xs[t:t + 1]) for t in range(5)])
+        assert torch.allclose(layer(xs), weights[:, :1] * layer._expert(e, xs) + weights[:, 1:] * runner_up, atol=1e-6)
+
+
+def test_dense_gating_uses_every_expert_with_softmax_weights():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_router="dense"))
+    x = torch.randn(6, 16)
+    logits, weights, experts = layer.route(x)
+    assert experts.shape == (6, 4) and torch.allclose(weights, logits.softmax(-1))
+    assert torch.allclose(weights.sum(-1), torch.ones(6))
+
+
+def test_expert_choice_gives_each_expert_its_top_tokens():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_router="expert-choice", moe_top_k=1, moe_experts=4))
+    layer.record_routing = True
+    x = torch.randn(12, 16)
+    out = layer(x)
+    scores = layer.router(x).softmax(-1)
+    capacity = 3  # 12 tokens * k=1 / 4 experts
+    chosen = scores.t().topk(capacity, dim=-1).indices
+    expected = torch.zeros_like(x)
+    for e in range(4):
+        for t in chosen[e].tolist():
+            expected[t] += scores[t, e] * layer._expert(e, x[t:t + 1])[0]
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert ((layer.routing > 0).sum(0) == capacity).all()  # every expert exactly at capacity
+    # padding is picked last: with 8 real tokens and capacity 3 no expert takes a padding token
+    mask = torch.tensor([1] * 8 + [0] * 4)
+    layer(x, token_mask=mask)
+    assert (layer.routing[8:] == 0).all()
+
+
+def test_soft_moe_slots_and_outputs_are_convex_combinations():
+    torch.manual_seed(0)
+    cfg = moe_cfg(family="encoder", moe_router="soft", moe_experts=3, moe_slots=2, heads=())
+    layer = MoE(cfg)
+    x = torch.randn(2, 5, 16)
+    out = layer(x)
+    logits = layer.router(x)  # (B, T, E*S)
+    dispatch, combine = logits.softmax(1), logits.softmax(-1)
+    slots = torch.einsum("btx,btd->bxd", dispatch, x)
+    outs = torch.stack([torch.stack([layer._expert(i // 2, slots[b, i:i + 1])[0] for i in range(6)]) for b in range(2)])
+    assert torch.allclose(out, torch.einsum("btx,bxd->btd", combine, outs), atol=1e-6)
+    assert torch.allclose(dispatch.sum(1), torch.ones(2, 6)) and torch.allclose(combine.sum(-1), torch.ones(2, 5))
+    # padding tokens feed no slot: changing them leaves the real tokens' outputs unchanged
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    a = layer(x, token_mask=mask)
+    x2 = x.clone()
+    x2[0, 3:] = 100.0
+    b = layer(x2, token_mask=mask)
+    assert torch.allclose(a[0, :3], b[0, :3], atol=1e-5)
+
+
+def test_importance_and_load_losses_follow_shazeer():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_router="noisy", moe_top_k=1, moe_aux_weight=0.0, moe_importance_weight=0.1,
+                        moe_load_weight=0.1)).train()
+    x = torch.randn(30, 16)
+    layer(x)
+    top = layer._chosen_TE.softmax(-1).topk(1, -1)  # k=1: the gate is the chosen expert's probability
+    gates = torch.zeros(30, 4).scatter_(1, top.indices, top.values)
+    importance = gates.sum(0)
+    cv2 = importance.var(correction=0) / importance.mean() ** 2
+    assert layer.stats["importance_loss"].item() == pytest.approx(0.1 * cv2.item(), rel=1e-5)
+    # the load estimate: P(expert i in the top 1 under fresh noise) = Phi((clean_i - threshold_i) / std_i)
+    clean, noisy, std = layer.last_logits, layer._chosen_TE, layer._noise_TE
+    top2 = noisy.topk(2, -1).values
+    threshold = torch.where(noisy >= top2[:, :1], top2[:, 1:2], top2[:, :1])
+    p = torch.distributions.Normal(0, 1).cdf((clean - threshold) / std)
+    load = p.sum(0)
+    assert layer.stats["load_loss"].item() == pytest.approx(0.1 * (load.var(correction=0) / load.mean() ** 2).item(),
+                                                             rel=1e-5)
+    assert layer.aux_loss.requires_grad  # both are differentiable
+    torch.autograd.grad(layer.aux_loss, layer.noise.weight)
+
+
+def test_gating_residual_adds_the_previous_layers_logits():
+    torch.manual_seed(0)
+    model = lmlab.Model(moe_cfg(moe_gating_residual=True, n_layers=3))
+    first, second, third = (b.ffn for b in model.decoder.layers)
+    assert first.gate_residual is None and second.previous == [first] and third.previous == [second]
+    x = torch.randint(0, 50, (1, 6))
+    seen = {}
+    second.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0].reshape(-1, 16)))
+    model(x)
+    expected = second.router(seen["in"]) + second.gate_residual(first.last_logits)
+    assert torch.allclose(second.last_logits, expected, atol=1e-6)
+
+
+def test_first_dense_layers_and_moe_every():
+    model = lmlab.Model(moe_cfg(n_layers=5, moe_every=2, moe_first_dense=2))
+    assert [type(b.ffn).__name__ for b in model.decoder.layers] == ["DenseFFN", "DenseFFN", "DenseFFN", "MoE",
+                                                                     "DenseFFN"]
+    model = lmlab.Model(moe_cfg(n_layers=3, moe_first_dense=1))
+    assert [type(b.ffn).__name__ for b in model.decoder.layers] == ["DenseFFN", "MoE", "MoE"]
+
+
+def test_jitter_only_while_training():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_jitter=0.5))
+    x = torch.randn(8, 16)
+    layer.eval()
+    assert torch.equal(layer.router_logits(x), layer.router(x))
+    layer.train()
+    assert not torch.equal(layer.router_logits(x), layer.router(x))
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(moe_router="soft"), "moe_router"),  # a decoder would see the future
+    (dict(moe_load_weight=0.1), "moe_load_weight"),
+    (dict(moe_router="expert-choice", moe_zero_experts=1), "moe_router"),
+    (dict(moe_jitter=1.5), "moe_jitter"),
+    (dict(moe_activation="tanh"), "moe_activation"),
+])
+def test_incompatible_moe_settings_are_refused(kw, field):
+    with pytest.raises(lmlab.ConfigError, match=f"ModelConfig.{field}"):
+        moe_cfg(**kw)
+
+
+MOE_PRESETS = ["switch-tiny", "gshard-tiny", "mixtral-tiny", "moepp-tiny", "deepseekmoe-tiny", "softmoe-tiny",
+               "bert-tiny-moe", "t5-tiny-moe", "bart-tiny-moe", "prefix-lm-tiny-moe"]
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_moe_presets_train_a_step_with_their_aux_loss(name):
+    from lmlab.config import preset
+
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=64, n_layers=2, d_model=32, n_heads=2, n_kv_heads=None, d_ff=64,
+                 moe_d_ff=16 if name == "deepseekmoe-tiny" else None, **({"n_decoder_layers": 2} if "t5" in name
+                                                                         or "bart" in name else {}))
+    model = lmlab.Model(cfg)
+    x = torch.randint(5, 64, (2, 16))
+    labels = x if cfg.family != "encoder" else torch.where(torch.rand(2, 16) < 0.3, x, -100)
+    out = model(input_ids=x, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    moe = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moe and all(m.w_up.grad is not None for m in moe)
+
+
+def test_published_moe_shapes_have_their_published_sizes():
+    from lmlab.config import preset
+    from lmlab.info import model_stats
+
+    mixtral = model_stats(preset("mixtral-8x7b"), context=4096)
+    assert mixtral.total_params == 46_702_792_704  # transformers' MixtralForCausalLM at this config
+    assert round(mixtral.active_params / 1e9, 1) == 12.9  # "12.9B active parameters"
+    deepseek = model_stats(preset("deepseek-moe-16b"), context=4096)
+    assert round(deepseek.total_params / 1e9, 1) == 16.4 and round(deepseek.active_params / 1e9, 1) == 2.8
+
+
+def test_pretrain_logs_routing_draws_the_heat_map_and_route_shows_experts(tmp_path, monkeypatch, capsys):
+    """`lmlab pretrain --preset ...` with MoE flags: per-layer routing statistics in metrics.jsonl, the
+    expert-load PNG, and `lmlab route` naming the experts that took each token."""
+    import json
+
+    from lmlab.cli import main
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(f"line {i} of the little corpus about experts and routers" for i in range(200)))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "gpt2-tiny", "--data", str(data), "--out", str(out), "--max-steps", "4",
+                 "--log-every", "2", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "300",
+                 "--moe-experts", "4", "--moe-top-k", "1", "--moe-capacity-factor", "1.0", "--moe-zero-experts",
+                 "1", "--moe-z-weight", "0.001", "--model-set", "n_layers=2"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert cfg["ffn"] == "moe" and cfg["moe_experts"] == 4 and cfg["moe_zero_experts"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    moe = [r["moe"] for r in records if r["split"] == "train"]
+    assert len(moe) == 2 and len(moe[0]) == 2  # two records, two MoE layers each
+    layer = moe[-1][0]
+    assert len(layer["load"]) == 5 and sum(layer["load"]) == pytest.approx(1.0, abs=1e-4)
+    assert {"cv", "entropy", "dropped", "lb_loss", "z_loss"} <= set(layer)
+    assert 0.0 <= layer["dropped"] <= 1.0
+    assert (out / "expert_load.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["route", "--model", str(out), "little experts", "--top", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "decoder 0" in shown and "decoder 1" in shown
+    assert any(f"e{i}:" in shown for i in range(4)) or "zero0:" in shown
+
+
+def test_route_refuses_a_dense_model(tmp_path, capsys):
+    from lmlab.cli import main
+
+    lmlab.Model(moe_cfg(ffn="dense")).save_pretrained(tmp_path)
+    assert main(["route", "--model", str(tmp_path), "hello"]) == 2
+    assert "no Mixture-of-Experts layers" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lmlab.config import MOE_ROUTERS
 from lmlab.errors import LmlabError
 
 console = Console()
@@ -60,6 +61,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     table.add_row("parameters (total)", f"{s.total_params:,}", _human(s.total_params))
     table.add_row("embedding parameters", f"{s.embedding_params:,}", _human(s.embedding_params))
     table.add_row("non-embedding parameters", f"{s.non_embedding_params:,}", _human(s.non_embedding_params))
+    if s.active_params != s.total_params:
+        table.add_row("active parameters / token", f"{s.active_params:,}", _human(s.active_params))
     table.add_row(f"forward FLOPs / token (context {s.context})", f"{s.flops_per_token:,}", _human(s.flops_per_token))
     table.add_row("training FLOPs / token (3x forward)", f"{s.train_flops_per_token:,}",
                   _human(s.train_flops_per_token))
@@ -67,6 +70,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     table.add_row("layers x d_model x heads", f"{layers} x {cfg.d_model} x {cfg.n_heads}", "")
     table.add_row("d_ff / activation / norm", f"{cfg.d_ff} / {cfg.activation} / {cfg.norm} ({cfg.norm_placement})", "")
     table.add_row("positions / max length", f"{cfg.position} / {cfg.max_seq_len}", "")
+    if cfg.ffn == "moe":
+        extra = [f"{n} {kind}" for n, kind in ((cfg.moe_zero_experts, "zero"), (cfg.moe_copy_experts, "copy"),
+                                              (cfg.moe_constant_experts, "constant"),
+                                              (cfg.moe_shared_experts, "shared")) if n]
+        k = "all" if cfg.moe_router == "dense" else (f"{cfg.moe_slots} slots each" if cfg.moe_router == "soft"
+                                                      else f"top-{cfg.moe_top_k}")
+        cap = "dropless" if cfg.moe_capacity_factor is None else f"capacity {cfg.moe_capacity_factor}"
+        table.add_row("experts / router", f"{cfg.moe_experts} x d_ff {cfg.moe_d_ff or cfg.d_ff}"
+                      + (f" + {', '.join(extra)}" if extra else "") + f" / {cfg.moe_router} {k}, {cap}", "")
+        table.add_row("MoE layers", f"every {cfg.moe_every}", "")
     console.print(table)
 
 
@@ -189,6 +202,28 @@ _RUN_FLAGS = ("out", "family", "preset", "objective", "doc_sep", "field", "token
               "vocab_size", "seq_len", "val_fraction", "mask_prob", "cache_dir")
 
 
+_MOE_FLAGS = (
+    ("moe_experts", int, "FFN experts per MoE layer"),
+    ("moe_top_k", int, "experts per token"),
+    ("moe_router", str, "router kind"),
+    ("moe_every", int, "MoE in every N-th layer"),
+    ("moe_d_ff", int, "expert FFN width (default: d_ff)"),
+    ("moe_activation", str, "expert activation, e.g. swiglu (default: the model's)"),
+    ("moe_capacity_factor", float, "expert capacity factor with token dropping (default: dropless)"),
+    ("moe_jitter", float, "router-input jitter in training (Switch)"),
+    ("moe_slots", int, "Soft MoE slots per expert"),
+    ("moe_aux_weight", float, "Switch load-balancing loss weight"),
+    ("moe_z_weight", float, "router z-loss weight"),
+    ("moe_importance_weight", float, "CV^2 importance loss weight"),
+    ("moe_load_weight", float, "CV^2 load loss weight (noisy router)"),
+    ("moe_shared_experts", int, "shared experts every token passes through"),
+    ("moe_zero_experts", int, "MoE++ zero experts"),
+    ("moe_copy_experts", int, "MoE++ copy experts"),
+    ("moe_constant_experts", int, "MoE++ constant experts"),
+    ("moe_gating_residual", bool, "MoE++ gating residuals between MoE layers"),
+)
+
+
 def pretrain_config(args: argparse.Namespace):
     """Defaults, then the YAML file, then the flags given on the command line."""
     from lmlab.pretrain import PretrainConfig, load_yaml
@@ -212,6 +247,10 @@ def pretrain_config(args: argparse.Namespace):
         settings["data"] = args.data
     model = dict(settings.get("model") or {})
     model.update(_model_overrides(args.model_set))
+    moe = {name: getattr(args, name) for name, _, _ in _MOE_FLAGS if getattr(args, name) is not None}
+    if moe:
+        model.update(moe)
+        model.setdefault("ffn", "moe")
     settings["model"], settings["train"] = model, train
     return PretrainConfig.from_dict(settings, source)
 
@@ -248,6 +287,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "
                   f"{summary['family']} model ({summary['parameters']:,} parameters, objective {summary['objective']}) "
                   f"saved to [bold]{summary['out']}[/]; loss curves: {summary['plot']}")
+    if summary.get("routing_plot"):
+        console.print(f"expert load heat-map: {summary['routing_plot']}")
     if summary["val"]:
         v = summary["val"]
         console.print(f"validation: loss {v['loss']:.4f}, perplexity {v['ppl']:.2f}")
@@ -274,6 +315,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"{r['tokens']:,} tokens\nmethod: {r['method']}")
 
 
+def cmd_route(args: argparse.Namespace) -> None:
+    from lmlab.route import route_text
+
+    names, rows = route_text(args.model, args.text, args.top)
+    table = Table(title=f"routing of {len(rows)} tokens (expert weight; a dropped token shows no expert)")
+    table.add_column("#", justify="right")
+    table.add_column("token")
+    for name in names:
+        table.add_column(name.replace(".layers.", " ").replace(".ffn", ""))
+    for i, row in enumerate(rows):
+        table.add_row(str(i), repr(row.token)[1:-1],
+                      *[" ".join(f"{e}:{w:.2f}" for e, w in layer) or "-" for layer in row.layers])
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="preset name (see `lmlab presets`) or model folder")
     p.add_argument("--context", type=int, default=None, help="context length for the FLOPs (default: max length)")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("route", help="which experts each token of a text goes to, per MoE layer")
+    p.add_argument("--model", required=True, help="model folder with an MoE model and its tokenizer")
+    p.add_argument("text", help="the text to route")
+    p.add_argument("--top", type=int, default=None, help="show at most this many experts per layer")
+    p.set_defaults(func=cmd_route)
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("convert", help="convert a model folder between lmlab and Hugging Face layouts")
@@ -324,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)")
+    moe = p.add_argument_group("Mixture-of-Experts (any --moe-* flag turns the FFNs into MoE layers; "
+                               "see lmlab.model.moe)")
+    for name, kind, text in _MOE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            moe.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            moe.add_argument(flag, type=kind, help=text, **({"choices": MOE_ROUTERS} if name == "moe_router" else {}))
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -31,7 +31,7 @@ ACTIVATIONS = {
 }
 HEADS = ("mlm", "nsp", "lm", "classify", "tag", "span")
 POOLINGS = ("cls", "last", "mean")
-MOE_ROUTERS = ("topk", "noisy")
+MOE_ROUTERS = ("topk", "noisy", "dense", "expert-choice", "soft")
 # Heads whose output is a token-level vocabulary distribution, and the families they need.
 _HEAD_FAMILIES = {
     "mlm": ("encoder",),
@@ -90,16 +90,28 @@ class ModelConfig:
     ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS ("dense", "moe")
 
     # Mixture-of-Experts (ffn="moe"; see lmlab.model.moe)
-    moe_experts: int = 0
-    moe_top_k: int = 2
+    moe_experts: int = 0  # FFN experts
+    moe_top_k: int = 2  # experts per token (expert-choice: average experts per token)
     moe_every: int = 1  # MoE in every moe_every-th layer, dense FFNs between
+    moe_first_dense: int = 0  # the first N layers keep a dense FFN (DeepSeekMoE's first_k_dense_replace)
     moe_d_ff: int | None = None  # expert FFN width; None = d_ff
-    moe_router: str = "topk"
+    moe_activation: str | None = None  # expert activation; None = activation
+    moe_router: str = "topk"  # topk | noisy | dense | expert-choice | soft
     moe_renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral)
     moe_capacity_factor: float | None = None  # None = dropless
+    moe_jitter: float = 0.0  # Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)
+    moe_slots: int = 1  # Soft MoE: slots per expert
     moe_aux_weight: float = 0.01  # Switch load-balancing loss weight (alpha)
     moe_z_weight: float = 0.0  # ST-MoE router z-loss weight
+    moe_importance_weight: float = 0.0  # Shazeer CV^2 importance loss weight
+    moe_load_weight: float = 0.0  # Shazeer CV^2 load loss weight (noisy router)
     moe_shared_experts: int = 0  # experts every token passes through (DeepSeekMoE)
+    moe_shared_d_ff: int | None = None  # their total width; None = moe_d_ff * moe_shared_experts
+    moe_shared_gate: bool = False  # sigmoid gate on the shared experts' output (Qwen2-MoE)
+    moe_zero_experts: int = 0  # MoE++ zero-computation experts: output 0 ...
+    moe_copy_experts: int = 0  # ... output the input ...
+    moe_constant_experts: int = 0  # ... output a learned mix of the input and a constant vector
+    moe_gating_residual: bool = False  # MoE++: router logits add a projection of the previous MoE layer's
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -135,6 +147,11 @@ class ModelConfig:
         if self.classifier_pooling:
             return self.classifier_pooling
         return "cls" if self.family == "encoder" else "last"
+
+    @property
+    def moe_total_experts(self) -> int:
+        """FFN experts plus MoE++ zero-computation experts: the router's width."""
+        return self.moe_experts + self.moe_zero_experts + self.moe_copy_experts + self.moe_constant_experts
 
     @property
     def has_encoder(self) -> bool:
@@ -188,20 +205,47 @@ class ModelConfig:
         if self.family == "encoder-decoder" and self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise bad("n_decoder_layers", f"must be positive, got {self.n_decoder_layers}")
         if self.ffn == "moe":
-            if self.moe_experts < 1:
-                raise bad("moe_experts", f"an MoE FFN needs at least 1 expert, got {self.moe_experts}")
-            if not 1 <= self.moe_top_k <= self.moe_experts:
-                raise bad("moe_top_k", f"top-k={self.moe_top_k} must be between 1 and moe_experts={self.moe_experts}")
-            if self.moe_router not in MOE_ROUTERS:
-                raise bad("moe_router", f"unknown router {self.moe_router!r}, expected one of {', '.join(MOE_ROUTERS)}")
-            if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
-                raise bad("moe_capacity_factor", f"must be > 0 (or None for dropless), got {self.moe_capacity_factor}")
-            if self.moe_every < 1:
-                raise bad("moe_every", f"must be >= 1, got {self.moe_every}")
+            self._validate_moe(bad)
         from lmlab.model.ffn import FFN_KINDS  # the registry lives beside the FFNs
 
         if self.ffn not in FFN_KINDS:
             raise bad("ffn", f"unknown FFN kind {self.ffn!r}, registered: {', '.join(FFN_KINDS)}")
+
+    def _validate_moe(self, bad: Any) -> None:
+        if self.moe_experts < 1:
+            raise bad("moe_experts", f"an MoE FFN needs at least 1 expert, got {self.moe_experts}")
+        for name in ("moe_zero_experts", "moe_copy_experts", "moe_constant_experts", "moe_shared_experts"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.moe_router not in MOE_ROUTERS:
+            raise bad("moe_router", f"unknown router {self.moe_router!r}, expected one of {', '.join(MOE_ROUTERS)}")
+        if self.moe_router != "dense" and not 1 <= self.moe_top_k <= self.moe_total_experts:
+            raise bad("moe_top_k", f"top-k={self.moe_top_k} must be between 1 and the number of experts "
+                                   f"({self.moe_total_experts})")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise bad("moe_capacity_factor", f"must be > 0 (or None for dropless), got {self.moe_capacity_factor}")
+        if self.moe_every < 1:
+            raise bad("moe_every", f"must be >= 1, got {self.moe_every}")
+        if self.moe_first_dense < 0:
+            raise bad("moe_first_dense", f"must be >= 0, got {self.moe_first_dense}")
+        if self.moe_activation is not None and self.moe_activation not in ACTIVATIONS:
+            raise bad("moe_activation", f"got {self.moe_activation!r}, expected one of {', '.join(ACTIVATIONS)}")
+        if not 0.0 <= self.moe_jitter < 1.0:
+            raise bad("moe_jitter", f"must be in [0, 1), got {self.moe_jitter}")
+        if self.moe_slots < 1:
+            raise bad("moe_slots", f"must be >= 1, got {self.moe_slots}")
+        for name in ("moe_aux_weight", "moe_z_weight", "moe_importance_weight", "moe_load_weight"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.moe_load_weight and self.moe_router != "noisy":
+            raise bad("moe_load_weight", "the CV^2 load loss is defined through the router noise: "
+                                         "it needs moe_router='noisy'")
+        if self.moe_router in ("expert-choice", "soft") and self.moe_total_experts != self.moe_experts:
+            raise bad("moe_router", f"{self.moe_router!r} routing takes FFN experts only, not MoE++ "
+                                    "zero/copy/constant experts")
+        if self.moe_router == "soft" and self.family != "encoder":
+            raise bad("moe_router", "Soft MoE mixes every token of a sequence into each slot, so a causal "
+                                    f"{self.family!r} model would see the future; use it with family='encoder'")
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +317,12 @@ def _bart(**kw: Any) -> ModelConfig:
 # no dropout: CPU-sized runs see each token about once, and dropout's random masks cost ~30% of a CPU step
 _TINY = dict(vocab_size=8192, d_model=256, n_heads=4, d_ff=1024, max_seq_len=512, dropout=0.0, attn_dropout=0.0)
 
+def _moe(base: str, **kw: Any) -> ModelConfig:
+    """An MoE variant of a preset: 8 experts as wide as its FFN, Switch load-balancing loss 0.01."""
+    cfg = PRESETS[base]()
+    return cfg.replace(**{"ffn": "moe", "moe_experts": 8, **kw})
+
+
 PRESETS: dict[str, Any] = {
     "bert-base": lambda: _bert(),
     "bert-large": lambda: _bert(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
@@ -288,10 +338,41 @@ PRESETS: dict[str, Any] = {
     "gpt2-tiny": lambda: _gpt2(**_TINY, n_layers=4, bos_token_id=0, eos_token_id=0),
     "t5-tiny": lambda: _t5(**{**_TINY, "d_model": 256}, n_layers=4, head_dim=64),
     "bart-tiny": lambda: _bart(**_TINY, n_layers=3, mask_token_id=4),
+    # LLaMA / Mixtral layout: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head
+    "llama-tiny": lambda: _gpt2(**{**_TINY, "d_ff": 704}, n_layers=4, n_kv_heads=2, position="rope", norm="rmsnorm",
+                                norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False, bos_token_id=0,
+                                eos_token_id=0),
     "prefix-lm-tiny": lambda: ModelConfig(
         family="prefix-lm", **{**_TINY, "d_ff": 704}, n_layers=4, position="rope", norm="rmsnorm",
         activation="swiglu", bias=False, heads=("lm",), bos_token_id=0, eos_token_id=0, pad_token_id=1,
     ),
+    # ---- Mixture-of-Experts: one word per routing scheme (see lmlab.model.moe) ----
+    # CPU-sized: GPT-2-tiny or LLaMA-style tiny decoders, 8 experts the size of the dense FFN unless noted
+    "switch-tiny": lambda: _moe("gpt2-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
+                                moe_z_weight=0.001),
+    "gshard-tiny": lambda: _moe("gpt2-tiny", moe_top_k=2, moe_capacity_factor=1.0, moe_every=2),
+    "mixtral-tiny": lambda: _moe("llama-tiny", moe_top_k=2),
+    "moepp-tiny": lambda: _moe("llama-tiny", moe_top_k=2, moe_zero_experts=1, moe_copy_experts=1,
+                               moe_constant_experts=2, moe_gating_residual=True),
+    # fine-grained: 16 experts of a quarter width, 3 routed + 1 shared = the dense FFN's active width
+    "deepseekmoe-tiny": lambda: _moe("llama-tiny", moe_experts=16, moe_d_ff=176, moe_top_k=3, moe_shared_experts=1,
+                                     moe_renormalize=False, moe_first_dense=1),
+    # Soft MoE mixes tokens across a sequence, so it is an encoder: 8 experts x 16 slots = 128 tokens
+    "softmoe-tiny": lambda: _moe("bert-tiny", moe_router="soft", moe_slots=16, moe_every=2),
+    "bert-tiny-moe": lambda: _moe("bert-tiny", moe_top_k=2, moe_every=2),
+    "t5-tiny-moe": lambda: _moe("t5-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
+                                moe_z_weight=0.001),  # Switch Transformer's own layout
+    "bart-tiny-moe": lambda: _moe("bart-tiny", moe_top_k=2, moe_every=2),
+    "prefix-lm-tiny-moe": lambda: _moe("prefix-lm-tiny", moe_top_k=2, moe_every=2),
+    # published shapes (for `lmlab info`; training them needs far more than a CPU)
+    "switch-base-8": lambda: _moe("t5-base", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
+                                  moe_z_weight=0.001, moe_aux_weight=0.001),
+    "mixtral-8x7b": lambda: _moe("llama-tiny", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                                 d_ff=14336, max_seq_len=32768, rope_theta=1e6, moe_top_k=2, moe_aux_weight=0.001),
+    "deepseek-moe-16b": lambda: _moe("llama-tiny", vocab_size=102400, d_model=2048, n_layers=28, n_heads=16,
+                                     n_kv_heads=None, d_ff=10944, max_seq_len=4096, norm_eps=1e-6, moe_experts=64,
+                                     moe_d_ff=1408, moe_top_k=6, moe_shared_experts=2, moe_renormalize=False,
+                                     moe_first_dense=1, moe_aux_weight=0.001),
 }
 
 

@@ -17,6 +17,7 @@ class ModelStats:
     embedding_params: int  # token, position and segment tables
     non_embedding_params: int
     matmul_params: int  # weights used in matrix products per token, the output projection included
+    active_params: int  # parameters a token uses: all but the experts it is not routed to
     context: int
     flops_per_token: int  # forward pass, at `context` tokens of attention
 
@@ -29,6 +30,8 @@ class ModelStats:
 def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
     """Count parameters and FLOPs of `cfg` without allocating it (the model is built on the meta device).
 
+    For MoE layers, a token's active parameters and FLOPs count k experts (Soft MoE: E x slots / context);
+    with MoE++ zero-computation experts this is an upper bound, as a token routed to them skips the FFN.
     Forward FLOPs per token = 2 x matmul weights (every Linear, plus the vocabulary projection of an lm/mlm
     head even when it is tied to the embedding) + 4 x layers x context x (heads x head_dim) for the
     attention scores and the weighted sum, counted over the full context as in PaLM's MFU formula.
@@ -47,12 +50,17 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
             if table is not None:
                 embedding += table.weight.numel()
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    inactive = 0
     for m in model.modules():  # an MoE layer multiplies each token by its k chosen experts only
         if isinstance(m, MoE):
-            matmul += m.top_k * (m.w_up[0].numel() + m.w_down[0].numel())
+            per_expert = m.w_up[0].numel() + m.w_down[0].numel()
+            # Soft MoE: E*S slots per sequence of `context` tokens; zero-computation picks counted as FFN
+            active = m.n_ffn * m.slots / context if m.kind == "soft" else min(m.top_k, m.n_ffn)
+            matmul += round(active * per_expert)
+            inactive += round((m.n_ffn - min(active, m.n_ffn)) * per_expert)
     if model.lm_head is not None or model.mlm_head is not None:
         matmul += cfg.vocab_size * cfg.d_model
     d_attn = cfg.n_heads * cfg.dim_head
     attn_layers = cfg.n_layers + (2 * cfg.decoder_layers if cfg.family == "encoder-decoder" else 0)
     flops = 2 * matmul + 4 * attn_layers * context * d_attn
-    return ModelStats(total, embedding, total - embedding, matmul, context, flops)
+    return ModelStats(total, embedding, total - embedding, matmul, total - inactive, context, flops)

@@ -41,3 +41,42 @@ def loss_curves(metrics: str | Path, out: str | Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
+    """MoE routing at a glance: a layer x expert heat-map of the share of assignments each expert took
+    over the last quarter of training (uniform = 1/E everywhere), and each layer's load CV against step.
+    None when the run logged no routing statistics."""
+    train = [r for r in read_metrics(metrics) if r["split"] == "train" and r.get("moe")]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tail = train[-max(1, len(train) // 4):]
+    names = [layer["layer"] for layer in tail[-1]["moe"]]
+    load = np.array([[layer["load"] for layer in r["moe"]] for r in tail]).mean(0)  # (layers, experts)
+    n_layers, n_experts = load.shape
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.5 * n_layers + 3), gridspec_kw={"width_ratios": [3, 2]})
+    image = left.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=max(load.max(), 2.0 / n_experts))
+    left.set_yticks(range(n_layers), [n.replace(".layers.", " ").replace(".ffn", "") for n in names], fontsize=8)
+    left.set_xticks(range(n_experts), range(n_experts), fontsize=7 if n_experts > 16 else 9)
+    left.set_xlabel("expert")
+    left.set_title(f"share of routed assignments, steps {tail[0]['step']}-{tail[-1]['step']} "
+                   f"(uniform = {1 / n_experts:.3f})", fontsize=9)
+    fig.colorbar(image, ax=left, fraction=0.04)
+    steps = [r["step"] for r in train]
+    for i, name in enumerate(names):
+        right.plot(steps, [r["moe"][i]["cv"] for r in train], label=name.replace(".layers.", " ").replace(".ffn", ""))
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("coefficient of variation of expert load")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

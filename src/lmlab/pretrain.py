@@ -166,8 +166,10 @@ def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None]
     summary = trainer.fit()
     model.save_pretrained(out)
     tok.save(out)
-    from lmlab.plots import loss_curves
+    from lmlab.plots import expert_load, loss_curves
 
     png = loss_curves(out / "metrics.jsonl", out / "loss.png")
+    routing_png = expert_load(out / "metrics.jsonl", out / "expert_load.png")
     return {**summary, "resumed": resumed, "out": str(out), "plot": str(png) if png else None,
+            "routing_plot": str(routing_png) if routing_png else None,
             "objective": pc.objective, "family": pc.family, "parameters": model.num_parameters()}

@@ -72,6 +72,9 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i, cross=cross) for i in range(n_layers))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
+        routed = [b.ffn for b in self.layers if hasattr(b.ffn, "previous")]  # MoE layers, in order
+        for prev, layer in zip(routed, routed[1:]):  # MoE++ gating residual reads the previous layer's logits
+            layer.previous = [prev]
 
     def init_buffers(self) -> None:
         if self.cfg.position == "sinusoidal":
@@ -201,7 +204,7 @@ class Model(nn.Module):
         # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
         n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.family == "encoder-decoder" else 0))
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+            if name.endswith(("attn.out.weight", "ffn.down.weight", "ffn.w_down", "ffn.shared.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(n_residual))
 
     def _init_weights(self, module: nn.Module) -> None:

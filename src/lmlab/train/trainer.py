@@ -145,6 +145,35 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = None
+        # MoE layers' routing statistics, summed over a logging window (tensors: no host sync per step)
+        self._routers = [(name, m) for name, m in self.model.named_modules() if hasattr(m, "stats")
+                         and hasattr(m, "aux_loss")]
+        self._moe_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._moe_count = 0
+
+    # ---- routing statistics -------------------------------------------------------------------------
+    def _collect_routing(self) -> None:
+        for name, m in self._routers:
+            sums = self._moe_sums.setdefault(name, {})
+            for k, v in m.stats.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v.clone()
+        self._moe_count += 1 if self._routers else 0
+
+    def _routing_record(self) -> list[dict[str, Any]] | None:
+        """Per MoE layer: mean expert load (fraction of assignments), its CV, router entropy, dropped
+        fraction and each auxiliary loss, over the steps since the last record."""
+        if not self._moe_count:
+            return None
+        layers = []
+        for name, sums in self._moe_sums.items():
+            row: dict[str, Any] = {"layer": name}
+            for k, v in sums.items():
+                mean = (v / self._moe_count).cpu()
+                row[k] = [round(x, 6) for x in mean.tolist()] if mean.ndim else round(mean.item(), 6)
+            layers.append(row)
+        self._moe_sums, self._moe_count = {}, 0
+        return layers
 
     # ---- state ------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -185,6 +214,10 @@ class Trainer:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+            for layer in record.get("moe", []):
+                for k, v in layer.items():
+                    if isinstance(v, float):
+                        self._tb.add_scalar(f"moe/{layer['layer']}/{k}", v, record["step"])
 
     def _done(self, started: float) -> bool:
         cfg = self.cfg
@@ -217,6 +250,8 @@ class Trainer:
                     loss = self.step_fn(**batch, labelled_logits_only=True).loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
+                if self._routers:
+                    self._collect_routing()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
@@ -232,6 +267,9 @@ class Trainer:
                           "grad_norm": grad_norm, "tokens": self.tokens,
                           "tokens_per_s": window_steps * self.tokens_per_step / window_time,
                           "elapsed_s": self.elapsed + time.perf_counter() - started}
+                routing = self._routing_record()
+                if routing:
+                    record["moe"] = routing
                 self._log(record)
                 info["tokens_per_s"] = record["tokens_per_s"]
                 window_loss, window_steps, window_time = 0.0, 0, 0.0

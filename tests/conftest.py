@@ -32,11 +32,19 @@ TINY = {
     "bart": lambda: transformers.BartConfig(
         vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64),
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2, num_hidden_layers=3,
+        mlp_only_layers=[0], num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
 }
 ARCH_CONFIG = {
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
     "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta", "GPT2LMHeadModel": "gpt2",
     "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
+    "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
 

@@ -9,6 +9,7 @@ from conftest import build_hf, padded_batch, transformers
 import lmlab
 
 TOL = 1e-5
+VOCAB_TINY = 99
 LENGTHS = [10, 7, 4]
 
 
@@ -48,7 +49,8 @@ def _compare(arch: str, ours, theirs, kw) -> None:
 
 
 ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
-         "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration"]
+         "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration",
+         "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -124,3 +126,29 @@ def test_imported_gpt2_kv_cache_token_by_token_matches_transformers_full_forward
             out = ours(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values)
             steps.append(out.logits)
     assert _max_diff(torch.cat(steps, 1), reference) <= TOL
+
+
+@pytest.mark.parametrize("name,arch", [("mixtral-tiny", "MixtralForCausalLM"),
+                                       ("deepseekmoe-tiny", "Qwen2MoeForCausalLM")])
+def test_moe_presets_export_to_transformers_with_same_logits(name, arch, tmp_path):
+    """lmlab-made MoE decoders open in transformers: Mixtral, and a shared-expert model as Qwen2-MoE."""
+    from lmlab.config import preset
+
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=VOCAB_TINY, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, n_layers=3,
+                 **({"moe_d_ff": 16, "moe_shared_gate": True} if name.startswith("deepseek") else {}))
+    ours = lmlab.Model(cfg).eval()
+    ours.save_pretrained(tmp_path, format="hf")
+    back = getattr(transformers, arch).from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB_TINY, (2, 9))
+    with torch.no_grad():
+        assert _max_diff(ours(input_ids=ids).logits, back(input_ids=ids).logits) <= TOL
+
+
+def test_imported_mixtral_greedy_generation_equals_transformers(hf_folder):
+    folder, theirs = hf_folder("MixtralForCausalLM")
+    ours = lmlab.load(folder)
+    prompt = padded_batch([5], pad_id=0)[0]
+    want = theirs.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = ours.generate(prompt, max_new_tokens=8)
+    assert torch.equal(got, want)

@@ -72,6 +72,7 @@ class ModelConfig:
 
     activation: str = "gelu"
     bias: bool = True  # biases in linear layers and LayerNorms
+    qkv_bias: bool | None = None  # biases on the q/k/v projections only; None = bias (Qwen2: True with bias=False)
     attn_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1.0
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (BART option)
     type_vocab_size: int = 0  # segment (token type) embeddings; 0 = none
@@ -97,7 +98,7 @@ class ModelConfig:
     moe_d_ff: int | None = None  # expert FFN width; None = d_ff
     moe_activation: str | None = None  # expert activation; None = activation
     moe_router: str = "topk"  # topk | noisy | dense | expert-choice | soft
-    moe_renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral)
+    moe_renormalize: bool | None = None  # rescale the k chosen weights to sum to 1 (Mixtral); None: when k > 1
     moe_capacity_factor: float | None = None  # None = dropless
     moe_jitter: float = 0.0  # Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)
     moe_slots: int = 1  # Soft MoE: slots per expert

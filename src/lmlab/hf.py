@@ -3,7 +3,8 @@
 A weight table lists, for every lmlab tensor, the transformers tensor(s) it comes from and how:
 "copy" (same shape), "T" (GPT-2's Conv1D stores weights transposed), "cat" (lmlab fuses q/k/v
 and gated FFN halves into one matrix; transformers keeps them apart), "row" (BART's
-final_logits_bias is (1, V)). The same table converts both ways, so import and export cannot drift.
+final_logits_bias is (1, V)), "experts" (lmlab keeps an MoE layer's experts in one (E, in, out)
+tensor; checkpoints hold one (out, in) Linear per expert, gate and up apart). The same table converts both ways, so import and export cannot drift.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "GPT2LMHeadModel": ("gpt2", ("lm",), False),
     "T5ForConditionalGeneration": ("t5", ("lm",), False),
     "BartForConditionalGeneration": ("bart", ("lm",), False),
+    "MixtralModel": ("mixtral", (), False),
+    "MixtralForCausalLM": ("mixtral", ("lm",), False),
+    "Qwen2MoeModel": ("qwen2_moe", (), False),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", ("lm",), False),
 }
-MODEL_TYPES = ("bert", "roberta", "gpt2", "t5", "bart")
+MODEL_TYPES = ("bert", "roberta", "gpt2", "t5", "bart", "mixtral", "qwen2_moe")
 # the default architecture of a model_type whose config.json names none
 _DEFAULT_ARCH = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2LMHeadModel",
-                 "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"}
+                 "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 _ACTS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACTS_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -47,8 +53,8 @@ _T5_GATED = {"relu": "reglu", "gelu": "geglu", "gelu_new": "geglu_tanh", "gelu_t
 class Entry:
     ours: str
     hf: tuple[str, ...]
-    op: str = "copy"  # copy | T | cat | row
-    sizes: tuple[int, ...] = ()  # for cat: rows of each hf tensor
+    op: str = "copy"  # copy | T | cat | row | experts
+    sizes: tuple[int, ...] = ()  # for cat: rows of each hf tensor; for experts: tensors per expert
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -135,6 +141,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
                 decoder_start_token_id=raw.get("decoder_start_token_id", raw.get("pad_token_id", 0)),
                 **{**common, "pad_token_id": raw.get("pad_token_id", 0), "eos_token_id": raw.get("eos_token_id", 1)},
             )
+        if model_type in ("mixtral", "qwen2_moe"):
+            return _moe_decoder_config(raw, model_type, source, common)
         # bart
         for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
             if raw.get(a) != raw.get(b):
@@ -159,6 +167,58 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise CheckpointError(f"{source}: the {model_type} config describes no valid model: {e}") from None
 
 
+def _moe_decoder_config(raw: dict[str, Any], model_type: str, source: str, common: dict[str, Any]) -> ModelConfig:
+    """Mixtral and Qwen2-MoE: LLaMA-style decoders (RMSNorm, RoPE, SwiGLU, GQA) with sparse MoE FFNs."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{source}: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                              "(only the default RoPE)")
+    if raw.get("sliding_window") and (model_type == "mixtral" or raw.get("use_sliding_window")):
+        raise CheckpointError(f"{source}: sliding-window attention (sliding_window={raw['sliding_window']}) is not "
+                              "supported")
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    d, heads = raw["hidden_size"], raw["num_attention_heads"]
+    moe: dict[str, Any]
+    if model_type == "mixtral":
+        moe = dict(moe_experts=raw["num_local_experts"], moe_top_k=raw.get("num_experts_per_tok", 2),
+                   moe_renormalize=True, moe_jitter=raw.get("router_jitter_noise", 0.0), qkv_bias=False)
+    else:
+        step = raw.get("decoder_sparse_step", 1)
+        dense_layers = sorted(raw.get("mlp_only_layers") or [])
+        if dense_layers != list(range(len(dense_layers))):
+            raise CheckpointError(f"{source}: mlp_only_layers={dense_layers} is not supported (lmlab keeps dense "
+                                  "FFNs in the first N layers only)")
+        moe = dict(moe_experts=raw["num_experts"], moe_top_k=raw.get("num_experts_per_tok", 4),
+                   moe_d_ff=raw["moe_intermediate_size"], moe_every=step, moe_first_dense=len(dense_layers),
+                   moe_renormalize=bool(raw.get("norm_topk_prob", False)), moe_shared_experts=1,
+                   moe_shared_d_ff=raw["shared_expert_intermediate_size"], moe_shared_gate=True,
+                   qkv_bias=bool(raw.get("qkv_bias", True)))
+    return ModelConfig(
+        family="decoder", vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=raw.get("head_dim"),
+        d_ff=raw["intermediate_size"], max_seq_len=raw.get("max_position_embeddings", 4096), position="rope",
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), norm="rmsnorm",
+        norm_eps=raw.get("rms_norm_eps", 1e-6), activation="swiglu", bias=False,
+        tie_embeddings=raw.get("tie_word_embeddings", False), dropout=0.0, attn_dropout=raw.get("attention_dropout", 0.0),
+        init_std=raw.get("initializer_range", 0.02), ffn="moe", moe_aux_weight=raw.get("router_aux_loss_coef", 0.001),
+        **moe, **common,
+    )
+
+
+def _effective(cfg: ModelConfig, name: str) -> Any:
+    """A field's value with its None default resolved, so that equivalent configs compare equal."""
+    if name == "qkv_bias":
+        return cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    if name == "moe_renormalize":
+        return cfg.moe_top_k > 1 if cfg.moe_renormalize is None else cfg.moe_renormalize
+    if name == "moe_shared_d_ff" and cfg.moe_shared_experts:
+        return cfg.moe_shared_d_ff or (cfg.moe_d_ff or cfg.d_ff) * cfg.moe_shared_experts
+    if name == "moe_d_ff":
+        return cfg.moe_d_ff or cfg.d_ff
+    return getattr(cfg, name)
+
+
 def hf_model_type(cfg: ModelConfig) -> str:
     """Which transformers model type can hold this lmlab model, or a ConfigError saying why none."""
     if cfg.family == "prefix-lm":
@@ -168,6 +228,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
         mt = "roberta" if cfg.position_from_padding else "bert"
     elif cfg.family == "decoder":
         mt = "gpt2"
+        if cfg.position == "rope" and cfg.ffn == "moe":
+            mt = "qwen2_moe" if cfg.moe_shared_experts else "mixtral"
     else:
         mt = "t5" if cfg.position == "relative" else "bart"
     arch = architecture(cfg, mt)
@@ -178,7 +240,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
                                 "mask_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id",
                                 "decoder_start_token_id", "pad_token_id", "num_labels")]
     differ = [f"{f}={getattr(cfg, f)!r} (transformers' {mt} would give {getattr(back, f)!r})"
-              for f in fields if getattr(cfg, f) != getattr(back, f)]
+              for f in fields if _effective(cfg, f) != _effective(back, f)]
     if differ:
         raise ConfigError(f"this model has no exact transformers {mt} counterpart: " + "; ".join(differ))
     return mt
@@ -226,6 +288,23 @@ def to_hf_config(cfg: ModelConfig, model_type: str, arch: str) -> dict[str, Any]
                  layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=proj, is_encoder_decoder=True,
                  scale_decoder_outputs=cfg.head_input_scale != 1.0, n_positions=cfg.max_seq_len,
                  decoder_start_token_id=cfg.decoder_start_token_id)
+    elif model_type in ("mixtral", "qwen2_moe"):
+        c.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                 num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.d_ff,
+                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                 attention_dropout=cfg.attn_dropout, initializer_range=cfg.init_std,
+                 router_aux_loss_coef=cfg.moe_aux_weight, num_experts_per_tok=cfg.moe_top_k)
+        if cfg.head_dim is not None:  # else transformers derives it, as lmlab does
+            c["head_dim"] = cfg.head_dim
+        if model_type == "mixtral":
+            c.update(num_local_experts=cfg.moe_experts, router_jitter_noise=cfg.moe_jitter, sliding_window=None)
+        else:
+            c.update(num_experts=cfg.moe_experts, moe_intermediate_size=cfg.moe_d_ff or cfg.d_ff,
+                     decoder_sparse_step=cfg.moe_every, mlp_only_layers=list(range(cfg.moe_first_dense)),
+                     norm_topk_prob=_effective(cfg, "moe_renormalize"), shared_expert_intermediate_size=cfg.moe_shared_d_ff
+                     or (cfg.moe_d_ff or cfg.d_ff) * cfg.moe_shared_experts, qkv_bias=_effective(cfg, "qkv_bias"),
+                     use_sliding_window=False)
     else:  # bart
         c.update(d_model=cfg.d_model, encoder_layers=cfg.n_layers, decoder_layers=cfg.decoder_layers,
                  encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
@@ -242,7 +321,7 @@ def _base_prefix(model_type: str, heads: tuple[str, ...]) -> str:
         return f"{model_type}." if heads else ""
     if model_type == "gpt2":
         return "transformer." if heads else ""
-    if model_type == "bart":
+    if model_type in ("bart", "mixtral", "qwen2_moe"):
         return "model." if heads else ""
     return ""
 
@@ -373,6 +452,44 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
             t += [Entry("lm_head.bias", ("final_logits_bias",), "row")]
             if not cfg.tie_embeddings:
                 t += [Entry("lm_head.weight", ("lm_head.weight",))]
+    elif model_type in ("mixtral", "qwen2_moe"):
+        t += [Entry("tok_embed.weight", (f"{p}embed_tokens.weight",))]
+        qkv_bias = cfg.qkv_bias if cfg.qkv_bias is not None else cfg.bias
+        from lmlab.model.moe import is_moe_layer  # the one rule the model itself uses
+
+        for i in range(cfg.n_layers):
+            o, a = f"decoder.layers.{i}.", f"{p}layers.{i}."
+            t += _norm(f"{o}attn_norm", f"{a}input_layernorm", False)
+            t += _fused(f"{o}attn.qkv", tuple(f"{a}self_attn.{n}_proj" for n in "qkv"), (qd, kd, kd), qkv_bias)
+            t += _linear(f"{o}attn.out", f"{a}self_attn.o_proj", False)
+            t += _norm(f"{o}ffn_norm", f"{a}post_attention_layernorm", False)
+            sparse = is_moe_layer(cfg, i)
+            if model_type == "mixtral":
+                e = f"{a}block_sparse_moe."
+                up, gate, down, router = ("w3", "w1", "w2", "gate")
+            else:
+                e = f"{a}mlp."
+                up, gate, down, router = ("up_proj", "gate_proj", "down_proj", "gate")
+            if not sparse:
+                d_ff = cfg.d_ff
+                t += _fused(f"{o}ffn.up", (f"{e}{gate}", f"{e}{up}"), (d_ff, d_ff), False)
+                t += _linear(f"{o}ffn.down", f"{e}{down}", False)
+                continue
+            n = cfg.moe_experts
+            t += [Entry(f"{o}ffn.router.weight", (f"{e}{router}.weight",)),
+                  Entry(f"{o}ffn.w_up", tuple(f"{e}experts.{j}.{w}.weight" for j in range(n) for w in (gate, up)),
+                        "experts", (2,)),
+                  Entry(f"{o}ffn.w_down", tuple(f"{e}experts.{j}.{down}.weight" for j in range(n)), "experts", (1,))]
+            if cfg.moe_shared_experts:
+                sd = cfg.moe_shared_d_ff or (cfg.moe_d_ff or cfg.d_ff) * cfg.moe_shared_experts
+                t += _fused(f"{o}ffn.shared.up", (f"{e}shared_expert.gate_proj", f"{e}shared_expert.up_proj"),
+                            (sd, sd), False)
+                t += _linear(f"{o}ffn.shared.down", f"{e}shared_expert.down_proj", False)
+                if cfg.moe_shared_gate:
+                    t += _linear(f"{o}ffn.shared_gate", f"{e}shared_expert_gate", False)
+        t += _norm("decoder.final_norm", f"{p}norm", False)
+        if "lm" in cfg.heads and not cfg.tie_embeddings:
+            t += [Entry("lm_head.weight", ("lm_head.weight",))]
     else:
         raise ConfigError(f"no weight table for model_type {model_type!r}")
     return t
@@ -417,6 +534,15 @@ def hf_to_lmlab(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: st
             tensor = torch.cat(parts, dim=0)
         elif entry.op == "row":
             tensor = parts[0].reshape(-1)
+        elif entry.op == "experts":  # per expert: (out, in) Linears -> one (in, out) slice, gate then up
+            per = entry.sizes[0]
+            experts = [torch.cat([w.t() for w in parts[j:j + per]], dim=1) for j in range(0, len(parts), per)]
+            bad = [k for k, w in zip(entry.hf, parts) if w.shape[1] != want[1]]
+            if bad or any(x.shape != want[1:] for x in experts):
+                k = bad[0] if bad else entry.hf[0]
+                raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, but config.json "
+                                      f"implies {want[1]} inputs and {want[2] // per} outputs per expert")
+            tensor = torch.stack(experts)
         else:
             tensor = parts[0]
         if tensor.shape != want:
@@ -441,6 +567,12 @@ def lmlab_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: st
                 out[k] = part.contiguous()
         elif entry.op == "row":
             out[entry.hf[0]] = tensor.reshape(1, -1).contiguous()
+        elif entry.op == "experts":
+            per = entry.sizes[0]
+            names = iter(entry.hf)
+            for expert in tensor:  # (in, out): split the outputs (gate, up) and transpose each back
+                for part in expert.chunk(per, dim=1):
+                    out[next(names)] = part.t().contiguous()
         else:
             out[entry.hf[0]] = tensor.contiguous()
     return out

@@ -110,11 +110,12 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_head
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.cross = cross
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
-            self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
-            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+            self.q = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:  # one GEMM for q, k and v
-            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.scale = cfg.attn_scale
         self.dropout = cfg.attn_dropout

@@ -1,8 +1,7 @@
 """Mixture-of-Experts FFN: a router sends each token to a few experts; their outputs are mixed back.
 
 Routers (`moe_router`):
-  "topk"           softmax over the experts, then the k largest (k=1 Switch, k=2 GShard / Mixtral;
-                   with `moe_renormalize` the k weights are rescaled to sum to 1, as in Mixtral);
+  "topk"           softmax over the experts, then the k largest (k=1 Switch, k=2 GShard / Mixtral);
   "noisy"          Shazeer et al. 2017: learned, softplus-scaled Gaussian noise on the logits while
                    training, then top-k;
   "dense"          every expert, softmax-weighted (the dense-gating baseline);
@@ -10,6 +9,9 @@ Routers (`moe_router`):
   "soft"           Soft MoE (Puigcerver et al. 2023): each expert's `moe_slots` slots are learned convex
                    combinations of a sequence's tokens; token outputs are convex combinations of the
                    slots' outputs. It mixes tokens across positions, so it is offered for encoders only.
+Token-choice weights: `moe_renormalize` None (default) rescales the k chosen probabilities to sum to
+1 for k > 1 (GShard, Mixtral) and keeps Switch's raw probability at k = 1; True rescales at k = 1 too
+(weight 1, as Mixtral's code does); False never rescales (DeepSeekMoE, Qwen2-MoE).
 
 Dispatch is dropless by default and never builds a [tokens x experts x capacity] one-hot: the
 (token, expert) assignments are sorted by expert, each expert multiplies one contiguous slice of
@@ -148,20 +150,26 @@ class MoE(nn.Module):
             experts_TK = torch.arange(self.n_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
             return logits_TE, probs_TE, experts_TK
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize and self.top_k > 1:
+        if self.renormalize or (self.renormalize is None and self.top_k > 1):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         return logits_TE, weights_TK, experts_TK
 
     # ---- experts ------------------------------------------------------------------------------
-    def _ffn(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """The FFN experts over rows grouped by expert."""
+    def _ffn(self, x_AD: torch.Tensor, counts_E: torch.Tensor, w_A: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN experts over rows grouped by expert, each row scaled by its routing weight w_A. The
+        weight multiplies whichever is narrower, the hidden activation or the output (same result: the
+        down projection is linear), which matters for fine-grained experts."""
         h = grouped_matmul(x_AD, self.w_up, counts_E)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return grouped_matmul(h, self.w_down, counts_E)
+        scale_hidden = w_A is not None and h.shape[-1] <= x_AD.shape[-1]
+        if scale_hidden:
+            h = h * w_A[:, None]
+        y = grouped_matmul(h, self.w_down, counts_E)
+        return y * w_A[:, None] if w_A is not None and not scale_hidden else y
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e (any kind) on rows x: the plain definition, used by tests as the reference."""
@@ -229,8 +237,8 @@ class MoE(nn.Module):
             order_A, token_A, expert_A = order_A[keep_A], token_A[keep_A], expert_A[keep_A]
         w_A = weights_TK.reshape(-1)[order_A].to(x_TD.dtype)
         n_ffn = int(counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(order_A)
-        y_AD = self._ffn(x_TD[token_A[:n_ffn]], counts_E[:self.n_ffn])
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A[:n_ffn], y_AD * w_A[:n_ffn, None])
+        y_AD = self._ffn(x_TD.index_select(0, token_A[:n_ffn]), counts_E[:self.n_ffn], w_A[:n_ffn])
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A[:n_ffn], y_AD)
         if self.n_copy or self.n_const:  # zero-computation experts after the FFN experts, zero experts first
             start = n_ffn + int(counts_E[self.n_ffn:self.n_ffn + self.n_zero].sum())
             tok = token_A[start:]
@@ -252,8 +260,8 @@ class MoE(nn.Module):
         weights_EC = scores_TE.t().gather(1, token_EC)
         token_A = token_EC.reshape(-1)
         counts_E = torch.full((E,), capacity, device=x_TD.device, dtype=torch.long)
-        y_AD = self._ffn(x_TD[token_A], counts_E)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD * weights_EC.reshape(-1, 1).to(y_AD.dtype))
+        y_AD = self._ffn(x_TD.index_select(0, token_A), counts_E, weights_EC.reshape(-1).to(x_TD.dtype))
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
         chosen_TE = torch.zeros_like(scores_TE).index_put_(
             (token_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(capacity)),
             torch.ones_like(token_A, dtype=scores_TE.dtype))
@@ -349,13 +357,14 @@ class MoE(nn.Module):
                           **{f"{k}_loss": v.detach() for k, v in losses.items()}}
 
 
-def _build(cfg: ModelConfig, layer_index: int) -> nn.Module:
-    """MoE in every moe_every-th layer (the last of each group) after the first moe_first_dense, dense elsewhere."""
-    def is_moe(i: int) -> bool:
-        return i >= cfg.moe_first_dense and i % cfg.moe_every == cfg.moe_every - 1
+def is_moe_layer(cfg: ModelConfig, layer_index: int) -> bool:
+    """MoE in every moe_every-th layer (the last of each group) after the first moe_first_dense layers."""
+    return cfg.ffn == "moe" and layer_index >= cfg.moe_first_dense and layer_index % cfg.moe_every == cfg.moe_every - 1
 
-    if is_moe(layer_index):
-        return MoE(cfg, has_previous=any(is_moe(i) for i in range(layer_index)))
+
+def _build(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    if is_moe_layer(cfg, layer_index):
+        return MoE(cfg, has_previous=any(is_moe_layer(cfg, i) for i in range(layer_index)))
     return DenseFFN(cfg, layer_index)
 
 

@@ -32,6 +32,10 @@ TINY = {
     "bart": lambda: transformers.BartConfig(
         vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64),
+    "switch": lambda: transformers.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
+        num_sparse_decoder_layers=1, num_heads=4, num_experts=4, expert_capacity=3, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, decoder_start_token_id=0),
     "mixtral": lambda: transformers.MixtralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
@@ -44,7 +48,7 @@ ARCH_CONFIG = {
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
     "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta", "GPT2LMHeadModel": "gpt2",
     "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
-    "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "SwitchTransformersForConditionalGeneration": "switch", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
 

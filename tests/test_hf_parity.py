@@ -24,7 +24,7 @@ def _inputs(arch: str, hf_model) -> dict[str, torch.Tensor]:
     pad = hf_model.config.pad_token_id
     ids, mask = padded_batch(LENGTHS, pad_id=pad if pad is not None else 0)
     kw = {"input_ids": ids, "attention_mask": mask}
-    if arch.startswith(("T5", "Bart")):
+    if arch.startswith(("T5", "Bart", "Switch")):
         dec, dmask = padded_batch([6, 8, 3], pad_id=pad, seed=1)
         kw.update(decoder_input_ids=dec, decoder_attention_mask=dmask)
     if arch.startswith("Bert"):
@@ -50,7 +50,7 @@ def _compare(arch: str, ours, theirs, kw) -> None:
 
 ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
          "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration",
-         "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
+         "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

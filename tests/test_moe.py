@@ -394,3 +394,35 @@ def test_route_refuses_a_dense_model(tmp_path, capsys):
     lmlab.Model(moe_cfg(ffn="dense")).save_pretrained(tmp_path)
     assert main(["route", "--model", str(tmp_path), "hello"]) == 2
     assert "no Mixture-of-Experts layers" in capsys.readouterr().err
+
+
+def test_capacity_is_counted_per_sequence():
+    """Each sequence is its own group (GShard, Switch): every sequence keeps its first `capacity` tokens."""
+    layer = MoE(moe_cfg(moe_top_k=1, moe_capacity=2))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0
+    x = torch.randn(3, 5, 16)
+    x[..., 0] = 1.0
+    out = layer(x)
+    assert (out[:, :2].abs().sum(-1) > 0).all() and (out[:, 2:] == 0).all()
+    assert layer.stats["dropped"].item() == pytest.approx(9 / 15)
+
+
+def test_switch_import_drops_tokens_like_transformers(hf_folder_switch):
+    ours, kw = hf_folder_switch
+    with torch.no_grad():
+        ours(**kw)
+    dropped = [m.stats["dropped"].item() for m in ours.modules() if isinstance(m, MoE)]
+    assert max(dropped) > 0  # the parity test in test_hf_parity runs with tokens actually dropped
+
+
+@pytest.fixture
+def hf_folder_switch(hf_folder):
+    from conftest import padded_batch
+
+    folder, theirs = hf_folder("SwitchTransformersForConditionalGeneration")
+    ids, mask = padded_batch([10, 7, 4], pad_id=0)
+    dec, dmask = padded_batch([6, 8, 3], pad_id=0, seed=1)
+    return lmlab.load(folder), dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+                                    decoder_attention_mask=dmask)

@@ -100,6 +100,7 @@ class ModelConfig:
     moe_router: str = "topk"  # topk | noisy | dense | expert-choice | soft
     moe_renormalize: bool | None = None  # rescale the k chosen weights to sum to 1 (Mixtral); None: when k > 1
     moe_capacity_factor: float | None = None  # None = dropless
+    moe_capacity: int | None = None  # fixed assignments per expert per sequence (Switch's expert_capacity)
     moe_jitter: float = 0.0  # Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)
     moe_slots: int = 1  # Soft MoE: slots per expert
     moe_aux_weight: float = 0.01  # Switch load-balancing loss weight (alpha)
@@ -225,6 +226,8 @@ class ModelConfig:
                                    f"({self.moe_total_experts})")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise bad("moe_capacity_factor", f"must be > 0 (or None for dropless), got {self.moe_capacity_factor}")
+        if self.moe_capacity is not None and self.moe_capacity < 1:
+            raise bad("moe_capacity", f"must be >= 1 (or None), got {self.moe_capacity}")
         if self.moe_every < 1:
             raise bad("moe_every", f"must be >= 1, got {self.moe_every}")
         if self.moe_first_dense < 0:

@@ -32,16 +32,18 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "GPT2LMHeadModel": ("gpt2", ("lm",), False),
     "T5ForConditionalGeneration": ("t5", ("lm",), False),
     "BartForConditionalGeneration": ("bart", ("lm",), False),
+    "SwitchTransformersForConditionalGeneration": ("switch_transformers", ("lm",), False),
     "MixtralModel": ("mixtral", (), False),
     "MixtralForCausalLM": ("mixtral", ("lm",), False),
     "Qwen2MoeModel": ("qwen2_moe", (), False),
     "Qwen2MoeForCausalLM": ("qwen2_moe", ("lm",), False),
 }
-MODEL_TYPES = ("bert", "roberta", "gpt2", "t5", "bart", "mixtral", "qwen2_moe")
+MODEL_TYPES = ("bert", "roberta", "gpt2", "t5", "bart", "switch_transformers", "mixtral", "qwen2_moe")
 # the default architecture of a model_type whose config.json names none
 _DEFAULT_ARCH = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2LMHeadModel",
                  "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration",
-                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "switch_transformers": "SwitchTransformersForConditionalGeneration"}
 _ACTS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACTS_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -143,6 +145,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             )
         if model_type in ("mixtral", "qwen2_moe"):
             return _moe_decoder_config(raw, model_type, source, common)
+        if model_type == "switch_transformers":
+            return _switch_config(raw, source, common)
         # bart
         for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
             if raw.get(a) != raw.get(b):
@@ -165,6 +169,35 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise CheckpointError(f"{source}: {model_type} config lacks the field {e.args[0]!r}") from None
     except ConfigError as e:
         raise CheckpointError(f"{source}: the {model_type} config describes no valid model: {e}") from None
+
+
+def _switch_config(raw: dict[str, Any], source: str, common: dict[str, Any]) -> ModelConfig:
+    """Switch Transformers: T5 v1.0 layout whose every `sparse_step`-th FFN is a top-1 MoE with a fixed
+    per-sequence expert capacity."""
+    steps = {raw.get("encoder_sparse_step", 2), raw.get("decoder_sparse_step", 2)}
+    if len(steps) != 1 or steps - {1, 2}:
+        raise CheckpointError(f"{source}: encoder_sparse_step / decoder_sparse_step {sorted(steps)} are not supported "
+                              "(lmlab places MoE layers the same way in both stacks, every 1st or 2nd layer)")
+    if raw.get("router_bias"):
+        raise CheckpointError(f"{source}: router_bias=true is not supported")
+    act = raw.get("dense_act_fn", "relu")
+    d = raw["d_model"]
+    tied = raw.get("tie_word_embeddings", True) is not False
+    return ModelConfig(
+        family="encoder-decoder", vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_layers"],
+        n_decoder_layers=raw.get("num_decoder_layers") or raw["num_layers"], n_heads=raw["num_heads"],
+        head_dim=raw["d_kv"], d_ff=raw["d_ff"], max_seq_len=raw.get("n_positions", 512), position="relative",
+        rel_buckets=raw.get("relative_attention_num_buckets", 32),
+        rel_max_distance=raw.get("relative_attention_max_distance", 128), norm="rmsnorm",
+        norm_eps=raw.get("layer_norm_epsilon", 1e-6), activation=_act(act, source), bias=False, attn_scale=1.0,
+        head_input_scale=d**-0.5 if tied else 1.0, tie_embeddings=tied, dropout=raw.get("dropout_rate", 0.1),
+        attn_dropout=raw.get("dropout_rate", 0.1),
+        decoder_start_token_id=raw.get("decoder_start_token_id", raw.get("pad_token_id", 0)),
+        ffn="moe", moe_experts=raw["num_experts"], moe_top_k=1, moe_every=steps.pop(),
+        moe_capacity=raw.get("expert_capacity", 64), moe_jitter=raw.get("router_jitter_noise", 0.0),
+        moe_z_weight=raw.get("router_z_loss_coef", 0.001), moe_aux_weight=raw.get("router_aux_loss_coef", 0.001),
+        **{**common, "pad_token_id": raw.get("pad_token_id", 0), "eos_token_id": raw.get("eos_token_id", 1)},
+    )
 
 
 def _moe_decoder_config(raw: dict[str, Any], model_type: str, source: str, common: dict[str, Any]) -> ModelConfig:
@@ -232,6 +265,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
             mt = "qwen2_moe" if cfg.moe_shared_experts else "mixtral"
     else:
         mt = "t5" if cfg.position == "relative" else "bart"
+        if mt == "t5" and cfg.ffn == "moe":
+            mt = "switch_transformers"
     arch = architecture(cfg, mt)
     back = config_from_hf(to_hf_config(cfg, mt, arch), "export")
     # these fields describe the computation; every one must survive the round trip
@@ -278,6 +313,19 @@ def to_hf_config(cfg: ModelConfig, model_type: str, arch: str) -> dict[str, Any]
                  n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps, activation_function=act,
                  resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
                  initializer_range=cfg.init_std, scale_attn_weights=cfg.attn_scale is None)
+    elif model_type == "switch_transformers":
+        n_sparse = sum(1 for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1)
+        n_sparse_dec = sum(1 for i in range(cfg.decoder_layers) if i % cfg.moe_every == cfg.moe_every - 1)
+        c.update(d_model=cfg.d_model, d_kv=cfg.dim_head, d_ff=cfg.d_ff, num_layers=cfg.n_layers,
+                 num_decoder_layers=cfg.decoder_layers, num_heads=cfg.n_heads,
+                 num_sparse_encoder_layers=n_sparse, num_sparse_decoder_layers=n_sparse_dec,
+                 encoder_sparse_step=cfg.moe_every, decoder_sparse_step=cfg.moe_every,
+                 relative_attention_num_buckets=cfg.rel_buckets, relative_attention_max_distance=cfg.rel_max_distance,
+                 dropout_rate=cfg.dropout, layer_norm_epsilon=cfg.norm_eps, dense_act_fn=act, is_encoder_decoder=True,
+                 n_positions=cfg.max_seq_len, decoder_start_token_id=cfg.decoder_start_token_id,
+                 num_experts=cfg.moe_experts, expert_capacity=cfg.moe_capacity, router_bias=False,
+                 router_jitter_noise=cfg.moe_jitter, router_z_loss_coef=cfg.moe_z_weight,
+                 router_aux_loss_coef=cfg.moe_aux_weight, router_dtype="float32")
     elif model_type == "t5":
         gated = {v: k for k, v in _T5_GATED.items() if k != "gelu_pytorch_tanh" and k != "gelu_tanh"}
         proj = f"gated-{gated[cfg.activation]}" if cfg.activation in gated else _ACTS_OUT.get(cfg.activation, "?")
@@ -401,8 +449,10 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
         t += _norm("decoder.final_norm", f"{p}ln_f", True)
         if "lm" in cfg.heads and not cfg.tie_embeddings:
             t += [Entry("lm_head.weight", ("lm_head.weight",))]
-    elif model_type == "t5":
+    elif model_type in ("t5", "switch_transformers"):
         t += [Entry("tok_embed.weight", (f"{p}shared.weight",))]
+        switch = model_type == "switch_transformers"
+        from lmlab.model.moe import is_moe_layer
         gated = cfg.activation in ("reglu", "geglu", "geglu_tanh", "swiglu")
         for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.decoder_layers)):
             t += [Entry(f"{stack}.rel_bias.weight",
@@ -419,12 +469,23 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
                     t += _fused(f"{o}cross_attn.kv", tuple(f"{a}1.EncDecAttention.{n}" for n in "kv"), (kd, kd), False)
                     t += _linear(f"{o}cross_attn.out", f"{a}1.EncDecAttention.o", False)
                     t += _norm(f"{o}cross_norm", f"{a}1.layer_norm", False)
-                if gated:
+                if switch and is_moe_layer(cfg, i):
+                    m, n = f"{a}{ff}.mlp.", cfg.moe_experts
+                    t += [Entry(f"{o}ffn.router.weight", (f"{m}router.classifier.weight",)),
+                          Entry(f"{o}ffn.w_up", tuple(f"{m}experts.expert_{j}.wi.weight" for j in range(n)),
+                                "experts", (1,)),
+                          Entry(f"{o}ffn.w_down", tuple(f"{m}experts.expert_{j}.wo.weight" for j in range(n)),
+                                "experts", (1,))]
+                elif switch:
+                    t += _linear(f"{o}ffn.up", f"{a}{ff}.mlp.wi", False)
+                    t += _linear(f"{o}ffn.down", f"{a}{ff}.mlp.wo", False)
+                elif gated:
                     t += _fused(f"{o}ffn.up", (f"{a}{ff}.DenseReluDense.wi_0", f"{a}{ff}.DenseReluDense.wi_1"),
                                 (cfg.d_ff, cfg.d_ff), False)
+                    t += _linear(f"{o}ffn.down", f"{a}{ff}.DenseReluDense.wo", False)
                 else:
                     t += _linear(f"{o}ffn.up", f"{a}{ff}.DenseReluDense.wi", False)
-                t += _linear(f"{o}ffn.down", f"{a}{ff}.DenseReluDense.wo", False)
+                    t += _linear(f"{o}ffn.down", f"{a}{ff}.DenseReluDense.wo", False)
                 t += _norm(f"{o}ffn_norm", f"{a}{ff}.layer_norm", False)
             t += _norm(f"{stack}.final_norm", f"{p}{stack}.final_layer_norm", False)
         if "lm" in cfg.heads and not cfg.tie_embeddings:

@@ -17,8 +17,9 @@ Dispatch is dropless by default and never builds a [tokens x experts x capacity]
 (token, expert) assignments are sorted by expert, each expert multiplies one contiguous slice of
 tokens (one grouped GEMM, `torch.nn.functional.grouped_mm`, where torch has it for the device and
 dtype; else one GEMM per expert), and outputs are added back with index_add. With a capacity factor,
-an FFN expert takes at most capacity = ceil(factor * T * k / E) assignments in token order; the
-overflow is dropped and those tokens ride the residual.
+an FFN expert takes at most capacity = ceil(factor * T * k / E) assignments of each sequence of T
+tokens (the sequence is the group, as in GShard and Switch), in token order; `moe_capacity` fixes
+that number instead. The overflow is dropped and those tokens ride the residual.
 
 MoE++ (Jin et al. 2024) zero-computation experts sit beside the FFN experts under the same router:
 zero experts (output 0), copy experts (output the input) and constant experts (alpha_1 x + alpha_2 v,
@@ -82,6 +83,7 @@ class MoE(nn.Module):
         self.n_experts = cfg.moe_total_experts  # ... then zero, copy and constant experts
         self.top_k = self.n_experts if self.kind == "dense" else cfg.moe_top_k
         self.renormalize, self.capacity_factor = cfg.moe_renormalize, cfg.moe_capacity_factor
+        self.capacity = cfg.moe_capacity  # a fixed per-sequence capacity (Switch checkpoints' expert_capacity)
         self.slots = cfg.moe_slots
         self.jitter = cfg.moe_jitter
         self.weights = dict(lb=cfg.moe_aux_weight, z=cfg.moe_z_weight, importance=cfg.moe_importance_weight,
@@ -207,7 +209,7 @@ class MoE(nn.Module):
             if self.kind == "expert-choice":
                 y = self._expert_choice(x_TD, token_mask)
             else:
-                y = self._token_choice(x_TD, token_mask)
+                y = self._token_choice(x_TD, token_mask, seq_len=shape[-2] if x.dim() > 2 else x_TD.shape[0])
         y = y.reshape(shape)
         if self.shared is not None:
             shared = self.shared(x)
@@ -216,7 +218,7 @@ class MoE(nn.Module):
             y = y + shared
         return y
 
-    def _token_choice(self, x_TD: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def _token_choice(self, x_TD: torch.Tensor, token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
         T, K = x_TD.shape[0], self.top_k
         logits_TE, weights_TK, experts_TK = self.route(x_TD)
         # sort the T*K assignments by expert; a stable sort keeps token order inside each expert
@@ -225,16 +227,21 @@ class MoE(nn.Module):
         token_A, expert_A = order_A // K, expert_A[order_A]
         counts_E = torch.bincount(expert_A, minlength=self.n_experts)
         kept_TK = None
-        if self.capacity_factor is not None:  # FFN experts only: zero-computation experts cost nothing
-            capacity = math.ceil(self.capacity_factor * T * K / self.n_ffn)
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            rank_A = torch.arange(len(order_A), device=x_TD.device) - starts_E[expert_A]
+        if self.capacity is not None or self.capacity_factor is not None:
+            # per sequence (GShard's and Switch's group), each FFN expert keeps its first `capacity`
+            # assignments in token order; zero-computation experts cost nothing and keep all theirs
+            capacity = self.capacity or math.ceil(self.capacity_factor * seq_len * K / self.n_ffn)
+            n_seq = T // seq_len
+            group_A = expert_A * n_seq + token_A // seq_len  # (expert, sequence) groups are contiguous
+            counts_G = torch.bincount(group_A, minlength=self.n_experts * n_seq)
+            starts_G = torch.cumsum(counts_G, 0) - counts_G
+            rank_A = torch.arange(len(order_A), device=x_TD.device) - starts_G[group_A]
             keep_A = (rank_A < capacity) | (expert_A >= self.n_ffn)
             kept_TK = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
             kept_TK[order_A[keep_A]] = True
             kept_TK = kept_TK.view(T, K)
-            counts_E = torch.cat([counts_E[:self.n_ffn].clamp(max=capacity), counts_E[self.n_ffn:]])
             order_A, token_A, expert_A = order_A[keep_A], token_A[keep_A], expert_A[keep_A]
+            counts_E = torch.bincount(expert_A, minlength=self.n_experts)
         w_A = weights_TK.reshape(-1)[order_A].to(x_TD.dtype)
         n_ffn = int(counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(order_A)
         y_AD = self._ffn(x_TD.index_select(0, token_A[:n_ffn]), counts_E[:self.n_ffn], w_A[:n_ffn])

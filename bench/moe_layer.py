@@ -8,7 +8,7 @@ transformers' block is taken from a MixtralForCausalLM, so it runs the experts k
 picks by default for this device and torch (`grouped_mm` on torch >= 2.9); its per-expert loop
 ("eager") is timed too.
 
-    python bench/moe_layer.py                       # top-1, top-2 and 64 fine-grained experts
+    python bench/moe_layer.py                       # top-1, top-2 and two 64-expert fine-grained settings
     python bench/moe_layer.py --repeats 20 --json out.json
 """
 
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 SETTINGS = {  # name -> (experts, expert d_ff, top-k); every setting has 2048 active FFN units per token
     "top-1": (8, 2048, 1),
     "top-2": (8, 1024, 2),
-    "64 fine-grained, top-16": (64, 128, 16),
+    "64 fine-grained, top-8": (64, 256, 8),  # DeepSeekMoE-like: experts a quarter of the FFN
+    "64 fine-grained, top-16": (64, 128, 16),  # an eighth: every token copied 16 times
 }
 
 

@@ -47,3 +47,56 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "GPT: sampled continuation" in out and "And God said unto Moses," in out
     assert "BERT: fill-mask" in out and "probability" in out
     assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (tmp_path / "demo" / "bert" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """A tiny random decoder and encoder, each saved with a tokenizer trained on a few lines."""
+    import torch
+
+    import lmlab
+    from lmlab.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    text = [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
+    folders = {}
+    for name, kind, family in (("gpt", "bpe", "gpt2-tiny"), ("bert", "wordpiece", "bert-tiny")):
+        tok = train_tokenizer(kind, text, 300)
+        torch.manual_seed(0)
+        cfg = preset(family, vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64,
+                     **tok.model_ids())
+        lmlab.Model(cfg).save_pretrained(root / name)
+        tok.save(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def test_generate_command_greedy_beams_sampling_and_stop(tiny_folders, capsys):
+    gpt = str(tiny_folders["gpt"])
+    assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("and the lord")
+    assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5", "--beams", "3",
+                 "--num-return", "2"]) == 0
+    assert capsys.readouterr().out.count("and the lord") == 2
+    args = ["generate", "--model", gpt, "and the lord", "--max-new-tokens", "6", "--sample", "--top-k", "5",
+            "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0 and capsys.readouterr().out == first  # a seed makes sampling reproducible
+    assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == greedy.strip()  # streamed piece by piece, the same text
+    assert main(["generate", "--model", gpt, "x " * 70, "--max-new-tokens", "5"]) == 2
+    assert "max_seq_len" in capsys.readouterr().err
+
+
+def test_fill_mask_command_lists_candidates_per_mask(tiny_folders, capsys):
+    bert = str(tiny_folders["bert"])
+    assert main(["fill-mask", "--model", bert, "the lord said unto [MASK]", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("0.") >= 3  # three probabilities
+    assert main(["fill-mask", "--model", bert, "the [MASK] said unto [MASK]", "--top-k", "2"]) == 0
+    assert "mask 2" in capsys.readouterr().out
+    assert main(["fill-mask", "--model", bert, "no mask here"]) == 2
+    assert "no [MASK]" in capsys.readouterr().err
+    assert main(["fill-mask", "--model", str(tiny_folders["gpt"]), "the [MASK]"]) == 2

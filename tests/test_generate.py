@@ -71,3 +71,128 @@ def test_fill_mask_returns_probabilities_per_mask():
     out = fill_mask(model, tok, "the [MASK] sat on the [MASK]", top_k=3)
     assert len(out) == 2 and all(len(c) == 3 for c in out)
     assert all(0 < p <= 1 for c in out for _, p in c) and out[0][0][1] >= out[0][1][1]
+
+
+# ---- beam search, repetition penalty, stop strings, streaming --------------------------------------
+BEAM_CASES = [dict(num_beams=3), dict(num_beams=4, num_return_sequences=3, length_penalty=0.6),
+              dict(num_beams=3, early_stopping=True, length_penalty=1.5), dict(num_beams=2, early_stopping="never")]
+
+
+@pytest.mark.parametrize("arch,config", [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated"),
+                                         ("BartForConditionalGeneration", None)])
+@pytest.mark.parametrize("kw", BEAM_CASES)
+def test_beam_search_equals_transformers(arch, config, kw, hf_folder):
+    """Same token ids as transformers' beam search, with an EOS that really occurs (a token greedy
+    decoding emits early), so finished hypotheses, length penalty and early stopping all matter."""
+    folder, theirs = hf_folder(arch, config)
+    ours = lmlab.load(folder)
+    pad = ours.config.pad_token_id or 0
+    ids = padded_batch([6, 6], pad_id=pad, seed=4)[0]
+    greedy = ours.generate(ids, max_new_tokens=4, eos_token_id=-1)
+    eos = int(greedy[0, -2])
+    common = dict(max_new_tokens=9, eos_token_id=eos, pad_token_id=pad, **kw)
+    want = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, forced_eos_token_id=None,
+                           **common)  # BART's generation config would force EOS at the last step
+    got = ours.generate(ids, **common)
+    assert torch.equal(got, want)
+
+
+def test_beam_search_with_left_padding_equals_transformers(hf_folder):
+    folder, theirs = hf_folder("GPT2LMHeadModel")
+    ours = lmlab.load(folder)
+    batch = torch.tensor([[5, 9, 14, 3, 22], [0, 0, 0, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    kw = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, eos_token_id=11, pad_token_id=0)
+    want = theirs.generate(batch, attention_mask=mask, do_sample=False, **kw)
+    assert torch.equal(ours.generate(batch, attention_mask=mask, **kw), want)
+
+
+@pytest.mark.parametrize("arch,config", [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated")])
+def test_repetition_penalty_equals_transformers(arch, config, hf_folder):
+    folder, theirs = hf_folder(arch, config)
+    ours = lmlab.load(folder)
+    ids = padded_batch([6, 6], pad_id=ours.config.pad_token_id or 0, seed=4)[0]
+    for kw in (dict(num_beams=1), dict(num_beams=3)):
+        common = dict(max_new_tokens=10, repetition_penalty=1.8, eos_token_id=-1, **kw)
+        want = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=10,
+                               pad_token_id=0, **common)
+        assert torch.equal(ours.generate(ids, **common), want)
+    start = 1 if ours.config.family == "encoder-decoder" else 6  # after the start token / the prompt
+    plain = ours.generate(ids[:1], max_new_tokens=12, eos_token_id=-1)[0, start:]
+    penalised = ours.generate(ids[:1], max_new_tokens=12, eos_token_id=-1, repetition_penalty=50.0)[0, start:]
+    assert len(set(penalised.tolist())) >= len(set(plain.tolist()))
+    assert len(set(penalised.tolist())) == 12  # a huge penalty never repeats a token on this vocabulary
+
+
+class _ListStreamer:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, ids):
+        self.chunks.append(ids.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_the_prompt_then_every_new_token(hf_folder):
+    folder, _ = hf_folder("GPT2LMHeadModel")
+    model = lmlab.load(folder)
+    prompt = torch.tensor([[5, 9, 14]])
+    s = _ListStreamer()
+    out = model.generate(prompt, max_new_tokens=5, eos_token_id=-1, streamer=s)
+    assert s.chunks[0] == [5, 9, 14] and sum(s.chunks[1:], []) == out[0, 3:].tolist() and s.ended
+    # transformers' own TextStreamer speaks the same protocol
+    from lmlab.generate import TextStreamer
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(f"t{i}" for i in ids)
+
+    import io
+
+    buf = io.StringIO()
+    model.generate(prompt, max_new_tokens=3, eos_token_id=-1, streamer=TextStreamer(Tok(), file=buf))
+    assert buf.getvalue().strip() == " ".join(f"t{i}" for i in out[0, 3:6].tolist())
+
+
+def test_stop_strings_end_generation_at_the_completing_token(hf_folder):
+    folder, _ = hf_folder("GPT2LMHeadModel")
+    model = lmlab.load(folder)
+    prompt = torch.tensor([[5, 9, 14]])
+    full = model.generate(prompt, max_new_tokens=8, eos_token_id=-1)[0, 3:].tolist()
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f"<{i}>" for i in ids)
+
+    stop = f"<{full[2]}>"  # the text of the third new token
+    out = model.generate(prompt, max_new_tokens=8, eos_token_id=-1, stop_strings=stop, tokenizer=Tok())
+    first = next(i for i, t in enumerate(full) if f"<{t}>" == stop)
+    assert out[0, 3:].tolist() == full[:first + 1]
+    with pytest.raises(lmlab.ConfigError, match="tokenizer"):
+        model.generate(prompt, stop_strings="x")
+
+
+def test_sampling_n_sequences_and_bad_settings(hf_folder):
+    folder, _ = hf_folder("GPT2LMHeadModel")
+    model = lmlab.load(folder)
+    prompt = torch.tensor([[5, 9, 14], [7, 8, 9]])
+    out = model.generate(prompt, do_sample=True, num_return_sequences=3, max_new_tokens=4, seed=0, eos_token_id=-1)
+    assert out.shape == (6, 7) and torch.equal(out[:3, :3], prompt[:1].expand(3, 3))
+    for kw, msg in ((dict(num_beams=2, do_sample=True), "not both"), (dict(num_beams=2, num_return_sequences=3),
+                    "num_return_sequences"), (dict(temperature=0.0, do_sample=True), "temperature"),
+                    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=100), "max_seq_len")):
+        with pytest.raises(lmlab.ConfigError, match=msg):
+            model.generate(prompt, **kw)
+
+
+def test_top_p_sampling_never_leaves_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 30) * 3
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    nucleus = set(order[:int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist())
+    g = torch.Generator().manual_seed(0)
+    draws = {int(torch.multinomial(filter_logits(logits, top_p=0.6).softmax(-1), 1, generator=g)) for _ in range(300)}
+    assert draws <= nucleus and len(draws) > 1

@@ -426,3 +426,14 @@ def hf_folder_switch(hf_folder):
     dec, dmask = padded_batch([6, 8, 3], pad_id=0, seed=1)
     return lmlab.load(folder), dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
                                     decoder_attention_mask=dmask)
+
+
+def test_bf16_autocast_runs_the_experts_in_bf16_and_stays_close():
+    torch.manual_seed(0)
+    layer = MoE(moe_cfg(moe_experts=8, moe_top_k=2, activation="swiglu", moe_zero_experts=1, moe_copy_experts=1))
+    x = torch.randn(2, 16, 16)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.float32  # added back into the float32 residual stream's dtype
+    assert (low - ref).abs().max() < 5e-2 * ref.abs().max()

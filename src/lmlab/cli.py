@@ -315,6 +315,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"{r['tokens']:,} tokens\nmethod: {r['method']}")
 
 
+def _model_and_tokenizer(folder: str):
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+
+    model = load(folder)
+    try:
+        tok = load_tokenizer(folder)
+    except LmlabError as e:
+        raise LmlabError(f"{folder}: the model folder has no usable tokenizer ({e})") from None
+    return model, tok
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmlab.generate import TextStreamer
+
+    model, tok = _model_and_tokenizer(args.model)
+    seq2seq = model.config.family == "encoder-decoder"
+    ids = torch.tensor([tok.encode(args.prompt, add_special_tokens=seq2seq)])  # a decoder continues the raw text
+    if ids.shape[1] == 0:
+        raise LmlabError("the prompt is empty after tokenization")
+    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.beams, do_sample=args.sample,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
+              num_return_sequences=args.num_return, seed=args.seed, stop_strings=args.stop or None, tokenizer=tok)
+    if args.stream and args.beams == 1 and args.num_return == 1:
+        if not seq2seq:
+            console.print(args.prompt, end="", highlight=False)
+        model.generate(ids, streamer=TextStreamer(tok), **kw)
+        return
+    out = model.generate(ids, **kw)
+    start = 0 if seq2seq else ids.shape[1]
+    for i, row in enumerate(out):
+        text = tok.decode(row[start:].tolist())
+        for stop in args.stop or []:  # end the text with the stop string that ended generation
+            if stop in text:
+                text = text[:text.index(stop) + len(stop)]
+        head = "" if seq2seq else args.prompt
+        if len(out) > 1:
+            console.rule(f"{i + 1}")
+        console.print(f"[bold]{head}[/]{text}" if head else text, highlight=False)
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> None:
+    from lmlab.generate import fill_mask
+
+    model, tok = _model_and_tokenizer(args.model)
+    for i, candidates in enumerate(fill_mask(model, tok, args.text, top_k=args.top_k)):
+        table = Table(title=f"mask {i + 1}" if "[MASK]" in args.text and args.text.count("[MASK]") > 1 else None)
+        table.add_column("candidate")
+        table.add_column("probability", justify="right")
+        for token, p in candidates:
+            table.add_row(token, f"{p:.4f}")
+        console.print(table)
+
+
 def cmd_route(args: argparse.Namespace) -> None:
     from lmlab.route import route_text
 
@@ -337,6 +394,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="preset name (see `lmlab presets`) or model folder")
     p.add_argument("--context", type=int, default=None, help="context length for the FLOPs (default: max length)")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="continue a prompt (decoder / prefix-lm) or answer it (encoder-decoder)")
+    p.add_argument("--model", required=True, help="model folder with its tokenizer")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores / length**penalty")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy / beam decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-return", type=int, default=1, help="sequences to return (samples, or the n best beams)")
+    p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
+    p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")
+    p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_fill_mask)
     p = sub.add_parser("route", help="which experts each token of a text goes to, per MoE layer")
     p.add_argument("--model", required=True, help="model folder with an MoE model and its tokenizer")
     p.add_argument("text", help="the text to route")

@@ -1,11 +1,23 @@
 """Text generation with the KV cache, and fill-mask for encoders.
 
-`generate` follows transformers' conventions: left-padded prompts with an attention mask, and the
-return value is prompt + new tokens (for encoder-decoders: the decoder sequence, start token first).
-Decoding: greedy, or sampling with temperature, top-k and top-p (nucleus).
+`generate` follows transformers' conventions and argument names: left-padded prompts with an
+attention mask; the return value is prompt + new tokens (for encoder-decoders: the decoder sequence,
+start token first); finished rows are padded. Decoding strategies:
+  greedy                  num_beams=1, do_sample=False
+  sampling                do_sample=True with temperature, top_k, top_p (nucleus) and a seed
+  beam search             num_beams > 1 with length_penalty, early_stopping (True / False / "never")
+                          and num_return_sequences (the n best); transformers' algorithm, so the same
+                          token ids come out
+and for every strategy repetition_penalty (CTRL's: a seen token's logit divided by the penalty when
+positive, multiplied when negative), eos_token_id, stop_strings (with a tokenizer; generation stops at
+the token that completes one, which stays in the output), max_new_tokens, and a streamer (any object
+with transformers' `put(ids)` / `end()`, e.g. `TextStreamer` here or transformers' own).
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,90 +41,293 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)
-    return torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(-1)
+def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token id in `seen` (B, L): divide positive scores, multiply negative ones."""
+    if penalty == 1.0:
+        return scores
+    picked = scores.gather(1, seen)
+    return scores.scatter(1, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+
+class TextStreamer:
+    """Print new text as it is generated (batch 1): `generate(..., streamer=TextStreamer(tokenizer))`.
+    The prompt is not printed; text is printed when a token completes it (no half UTF-8 characters)."""
+
+    def __init__(self, tokenizer: Any, file: Any = None) -> None:
+        self.tokenizer, self.file = tokenizer, file or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, ids: torch.Tensor) -> None:
+        if ids.dim() > 1 and ids.shape[0] > 1:
+            raise ConfigError("TextStreamer streams one sequence; generate a batch without a streamer")
+        if not self.prompt_seen:  # transformers' protocol: the prompt comes first
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(i) for i in ids.reshape(-1))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        print(text[self.printed:], end="", flush=True, file=self.file)
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        print(text[self.printed:], file=self.file, flush=True)
+
+
+class _Decoder:
+    """One interface over the two ways a model continues a sequence: a decoder-only model with its
+    cache, or an encoder-decoder whose encoder runs once. `start` runs the prompt, `step` feeds one new
+    token per row, `reorder` keeps rows (beam search)."""
+
+    def __init__(self, model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int) -> None:
+        self.model, self.cfg = model, model.config
+        self.seq2seq = self.cfg.family == "encoder-decoder"
+        # a mask of all ones is no mask: attention then takes its fast paths
+        self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        B, T = input_ids.shape
+        if self.seq2seq:
+            self.start_ids = torch.full((B, 1), self.cfg.decoder_start_token_id, dtype=torch.long,
+                                        device=input_ids.device)
+        elif self.cfg.position in ("learned", "sinusoidal") and T + max_new_tokens > self.cfg.max_seq_len:
+            raise ConfigError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
+                              f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or max_new_tokens")
+
+    def start(self, input_ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.seq2seq:
+            out = m(input_ids, attention_mask=self.mask, decoder_input_ids=self.start_ids, use_cache=True)
+            self.memory, self.cache = out.encoder_last_hidden_state, out.past_key_values
+            return out.logits[:, -1]
+        T = input_ids.shape[1]
+        if self.mask is None:
+            positions = torch.arange(T, device=input_ids.device).expand(input_ids.shape[0], -1)
+        else:  # left padding: count real tokens only
+            positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {"prefix_lengths": torch.full((input_ids.shape[0],), T, device=input_ids.device)} \
+            if self.cfg.family == "prefix-lm" else {}
+        out = m(input_ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **extra)
+        self.cache, self.next_pos = out.past_key_values, positions[:, -1:] + 1
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.seq2seq:
+            return m(attention_mask=self.mask, decoder_input_ids=tokens[:, None], encoder_outputs=self.memory,
+                     past_key_values=self.cache).logits[:, -1]
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        logits = m(tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                   past_key_values=self.cache).logits[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        if self.seq2seq:
+            self.memory = self.memory.index_select(0, index)
+        else:
+            self.next_pos = self.next_pos.index_select(0, index)
+
+
+def _eos_list(eos: int | list[int] | None) -> list[int]:
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 @torch.no_grad()
 def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             max_new_tokens: int = 20, do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              seed: int | None = None) -> torch.Tensor:
+    """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring."""
     cfg = model.config
     if not cfg.has_decoder or model.lm_head is None:
         raise ConfigError(f"generate needs a model with an lm head (decoder, prefix-lm or encoder-decoder); this is "
                           f"a {cfg.family} model with heads {cfg.heads}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1 or num_return_sequences < 1:
+        raise ConfigError("num_beams and num_return_sequences must be >= 1")
+    if num_beams > 1 and do_sample:
+        raise ConfigError("beam search with sampling is not supported: use num_beams > 1 or do_sample, not both")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ConfigError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
+    if num_beams == 1 and num_return_sequences > 1 and not do_sample:
+        raise ConfigError("greedy decoding returns one sequence per prompt: sample or use beams for more")
+    if streamer is not None and (num_beams > 1 or input_ids.shape[0] * num_return_sequences > 1):
+        raise ConfigError("streaming works for one sequence with greedy decoding or sampling")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise ConfigError("stop_strings need the tokenizer (generate(..., tokenizer=tok))")
     was_training = model.training
     model.eval()
-    device = input_ids.device
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    B = input_ids.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-
-    if cfg.family == "encoder-decoder":
-        memory = model(input_ids, attention_mask=attention_mask,
-                       decoder_input_ids=input_ids[:, :1] * 0 + cfg.decoder_start_token_id).encoder_last_hidden_state
-        cache = KVCache(cfg.decoder_layers, cross=True)
-        seq = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-        step_in = seq
-        for _ in range(max_new_tokens):
-            logits = model(attention_mask=attention_mask, decoder_input_ids=step_in, encoder_outputs=memory,
-                           past_key_values=cache).logits[:, -1]
-            nxt = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            done |= nxt == eos if eos is not None else torch.zeros_like(done)
-            if done.all():
-                break
-            step_in = nxt[:, None]
+    eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                         else (eos[0] if eos else 0))
+    copies = num_beams if num_beams > 1 else num_return_sequences
+    if copies > 1:  # every beam / returned sample starts from its own copy of the prompt
+        input_ids = input_ids.repeat_interleave(copies, dim=0)
+        attention_mask = attention_mask.repeat_interleave(copies, dim=0) if attention_mask is not None else None
+    dec = _Decoder(model, input_ids, attention_mask, max_new_tokens)
+    seq = dec.start_ids if dec.seq2seq else input_ids
+    try:
+        logits = dec.start(input_ids)
+        if num_beams > 1:
+            return _beam_search(dec, logits, seq, num_beams, max_new_tokens, repetition_penalty, length_penalty,
+                                early_stopping, num_return_sequences, eos, pad, stops, tokenizer)
+        return _sample(dec, logits, seq, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                       eos, pad, stops, tokenizer, streamer, seed)
+    finally:
         model.train(was_training)
-        return seq
 
-    T = input_ids.shape[1]
-    if cfg.max_seq_len and cfg.position in ("learned", "sinusoidal") and T + max_new_tokens > cfg.max_seq_len:
-        raise ConfigError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
-                          f"max_seq_len={cfg.max_seq_len}; shorten the prompt or max_new_tokens")
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-    extra = {"prefix_lengths": torch.full((B,), T, device=device)} if cfg.family == "prefix-lm" else {}
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
-    cache, mask, seq = out.past_key_values, attention_mask, input_ids
-    logits = out.logits[:, -1]
-    next_pos = positions[:, -1:] + 1
+
+def _stopped_by_string(seq: torch.Tensor, start: int, stops: list[str], tokenizer: Any, rows: torch.Tensor
+                       ) -> torch.Tensor:
+    """Rows (among `rows`) whose generated text now contains a stop string."""
+    hit = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    for r in rows.nonzero().flatten().tolist():
+        text = tokenizer.decode(seq[r, start:].tolist())
+        hit[r] = any(s in text for s in stops)
+    return hit
+
+
+def _sample(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, max_new_tokens: int, do_sample: bool,
+            temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, eos: list[int],
+            pad: int, stops: list[str], tokenizer: Any, streamer: Any, seed: int | None) -> torch.Tensor:
+    device = seq.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos_t = torch.tensor(eos, device=device)
+    done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
+    start = seq.shape[1]
+    if streamer is not None:
+        streamer.put(seq.cpu())
     for i in range(max_new_tokens):
-        nxt = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        scores = repetition_penalty_(logits.float(), seq, repetition_penalty)
+        if do_sample:
+            scores = filter_logits(scores / temperature, top_k, top_p)
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        else:
+            nxt = scores.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if eos is not None:
-            done |= nxt == eos
-        if done.all() or i == max_new_tokens - 1:
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if len(eos):
+            done |= torch.isin(nxt, eos_t)
+        if stops:
+            done |= _stopped_by_string(seq, start, stops, tokenizer, ~done)
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache).logits[:, -1]
-        next_pos = next_pos + 1
-    model.train(was_training)
+        logits = dec.step(nxt)
+    if streamer is not None:
+        streamer.end()
     return seq
 
 
+def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int, max_new_tokens: int,
+                 repetition_penalty: float, length_penalty: float, early_stopping: bool | str, R: int,
+                 eos: list[int], pad: int, stops: list[str], tokenizer: Any) -> torch.Tensor:
+    """Beam search as transformers 5 runs it (vectorised, `beams_to_keep` candidates per step), so the
+    same hypotheses, scores and stopping decisions come out. seq: (B*N, L0) prompt copies."""
+    device = seq.device
+    BN, L0 = seq.shape
+    B = BN // N
+    max_len = L0 + max_new_tokens
+    K = max(2, 1 + len(eos)) * N  # candidates kept per step: enough that N survive any EOS
+    eos_t = torch.tensor(eos, device=device)
+    fill = pad if pad or not eos else eos[0]  # transformers fills with `pad_token_id or eos_token_id`
+    running = torch.full((B, N, max_len), fill, dtype=torch.long, device=device)
+    running[:, :, :L0] = seq.view(B, N, L0)
+    finished = running.clone()
+    running_scores = torch.zeros(B, N, device=device)
+    running_scores[:, 1:] = -1e9  # at the start every beam is the same prompt: only the first one counts
+    finished_scores = torch.full((B, N), -1e9, device=device)
+    finished_len = torch.zeros(B, N, dtype=torch.long, device=device)
+    is_finished = torch.zeros(B, N, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    first_n = torch.arange(K, device=device) < N
+    offsets = torch.arange(B, device=device)[:, None] * N
+    cur = L0
+
+    def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # t (B, X, ...), idx (B, Y)
+        return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+
+    while True:
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        log_probs = repetition_penalty_(log_probs, running[:, :, :cur].reshape(BN, cur), repetition_penalty)
+        V = log_probs.shape[-1]
+        total = (log_probs.view(B, N, V) + running_scores[:, :, None]).view(B, N * V)
+        top_scores, top_index = total.topk(K, dim=-1)
+        from_beam, token = top_index // V, top_index % V
+        candidates = gather(running, from_beam)
+        candidates[:, :, cur] = token
+        hits = torch.isin(token, eos_t) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
+        if stops:
+            flat = candidates[:, :, :cur + 1].reshape(B * K, cur + 1)
+            hits |= _stopped_by_string(flat, L0, stops, tokenizer, torch.ones(B * K, dtype=torch.bool,
+                                                                                 device=device)).view(B, K)
+        if cur + 1 >= max_len:
+            hits = torch.ones_like(hits)
+        # the best N candidates that did not stop keep running
+        running_candidates = top_scores + hits.float() * -1e9
+        keep = running_candidates.topk(N, dim=-1).indices
+        running, running_scores = gather(candidates, keep), gather(running_candidates, keep)
+        source = gather(from_beam, keep)
+        # candidates among the top N that stopped compete for the finished slots, length-normalised
+        just_finished = hits & first_n[None, :]
+        normalised = top_scores / ((cur + 1 - L0) ** length_penalty)
+        normalised = normalised + (is_finished.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+        normalised = normalised + (~improvable).float() * -1e9
+        normalised = normalised + (~just_finished).float() * -1e9
+        merged_scores = torch.cat([finished_scores, normalised], dim=1)
+        best = merged_scores.topk(N, dim=-1).indices
+        finished = gather(torch.cat([finished, candidates], dim=1), best)
+        finished_scores = gather(merged_scores, best)
+        finished_len = gather(torch.cat([finished_len, torch.full_like(token, cur + 1 - L0)], dim=1), best)
+        is_finished = gather(torch.cat([is_finished, just_finished], dim=1), best)
+        cur += 1
+        # could a running beam still beat the worst finished one? (transformers' heuristic)
+        best_length = (max_len - L0) if (early_stopping == "never" and length_penalty > 0) else (cur - L0)
+        best_running = running_scores[:, :1] / (best_length ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        open_beams = not (bool(is_finished.all()) and early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+            break
+        dec.reorder((source + offsets).reshape(-1))
+        logits = dec.step(running[:, :, cur - 1].reshape(-1))
+    out = finished[:, :R].reshape(B * R, max_len)
+    return out[:, :L0 + int(finished_len[:, :R].max())]
+
+
 @torch.no_grad()
-def fill_mask(model: Model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top candidates with probabilities for every mask in `text` ("[MASK]" works with any tokenizer)."""
+def fill_mask(model: Model, tokenizer: Any, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top candidates with probabilities for every mask in `text` ("[MASK]" works with any tokenizer);
+    each mask is predicted with the others still masked."""
     if model.mlm_head is None:
         raise ConfigError("fill-mask needs an encoder with an mlm head")
     mask_token = tokenizer.specials.get("mask")
     if mask_token is None:
         raise ConfigError("the tokenizer has no mask token")
     ids = torch.tensor([tokenizer.encode(text.replace("[MASK]", mask_token))])
+    if ids.shape[1] > model.config.max_seq_len:
+        raise ConfigError(f"the text is {ids.shape[1]} tokens, longer than the model's "
+                          f"max_seq_len={model.config.max_seq_len}")
     where = (ids[0] == tokenizer.mask_id).nonzero().flatten()
     if len(where) == 0:
-        raise ConfigError(f"no {mask_token} in the text: {text!r}")
+        raise ConfigError(f"no {mask_token} (or [MASK]) in the text: {text!r}")
     model.eval()
     probs = F.softmax(model(ids).logits[0, where].float(), dim=-1)
     top = torch.topk(probs, top_k, dim=-1)

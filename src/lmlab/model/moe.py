@@ -63,6 +63,9 @@ def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
     One grouped GEMM where torch offers one for this device and dtype (CPU float32/bfloat16, CUDA
     bfloat16, 16-byte aligned rows); otherwise one GEMM per expert over its slice.
     """
+    device = x_AD.device.type
+    if torch.is_autocast_enabled(device):  # run the experts in the autocast dtype, as nn.Linear would
+        x_AD = x_AD.to(torch.get_autocast_dtype(device))
     w_EDF = w_EDF.to(x_AD.dtype)
     fast_dtype = x_AD.dtype == torch.bfloat16 or (x_AD.device.type == "cpu" and x_AD.dtype == torch.float32)
     if _GROUPED_MM is not None and fast_dtype and _aligned(x_AD) and _aligned(w_EDF):
@@ -144,7 +147,7 @@ class MoE(nn.Module):
         self._noise_TE = None
         chosen_TE = logits_TE
         if self.noise is not None and self.training:
-            self._noise_TE = F.softplus(self.noise(x_TD).float()) + 1e-2 / self.n_experts
+            self._noise_TE = F.softplus(self.noise(x_TD).float()) + 1e-2  # Shazeer's noise epsilon
             chosen_TE = logits_TE + torch.randn_like(logits_TE) * self._noise_TE
         self._chosen_TE = chosen_TE
         probs_TE = chosen_TE.softmax(-1)
@@ -176,7 +179,7 @@ class MoE(nn.Module):
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e (any kind) on rows x: the plain definition, used by tests as the reference."""
         if e < self.n_ffn:
-            return self._ffn(x, torch.tensor([len(x) if i == e else 0 for i in range(self.n_ffn)]))
+            return self._ffn(x, torch.tensor([len(x) if i == e else 0 for i in range(self.n_ffn)], device=x.device))
         e -= self.n_ffn
         if e < self.n_zero:
             return torch.zeros_like(x)
@@ -245,7 +248,7 @@ class MoE(nn.Module):
         w_A = weights_TK.reshape(-1)[order_A].to(x_TD.dtype)
         n_ffn = int(counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(order_A)
         y_AD = self._ffn(x_TD.index_select(0, token_A[:n_ffn]), counts_E[:self.n_ffn], w_A[:n_ffn])
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A[:n_ffn], y_AD)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A[:n_ffn], y_AD.to(x_TD.dtype))
         if self.n_copy or self.n_const:  # zero-computation experts after the FFN experts, zero experts first
             start = n_ffn + int(counts_E[self.n_ffn:self.n_ffn + self.n_zero].sum())
             tok = token_A[start:]
@@ -268,7 +271,7 @@ class MoE(nn.Module):
         token_A = token_EC.reshape(-1)
         counts_E = torch.full((E,), capacity, device=x_TD.device, dtype=torch.long)
         y_AD = self._ffn(x_TD.index_select(0, token_A), counts_E, weights_EC.reshape(-1).to(x_TD.dtype))
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
         chosen_TE = torch.zeros_like(scores_TE).index_put_(
             (token_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(capacity)),
             torch.ones_like(token_A, dtype=scores_TE.dtype))

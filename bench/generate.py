@@ -1,0 +1,81 @@
+"""Decoding speed of lmlab's generate against transformers' generate on the same GPT-2-shaped model.
+
+Both libraries decode greedily with their KV cache from the same weights (lmlab loads transformers'
+checkpoint), in the same process, alternating, and must produce the same token ids (checked). New
+tokens per second = batch x new tokens / wall time of the whole generate call (prompt included);
+the median of the repeats is reported.
+
+    python bench/generate.py                          # 6 layers, 512 wide, 32-token prompt, 256 new tokens
+    python bench/generate.py --batches 1 8 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    import transformers
+
+    import lmlab
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=a.vocab, n_embd=a.d_model, n_layer=a.layers, n_head=a.heads,
+                                  n_positions=a.prompt + a.new, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = lmlab.load(d).eval()
+    rows = []
+    for batch in a.batches:
+        ids = torch.randint(1, a.vocab, (batch, a.prompt))
+        runs = {
+            "lmlab": lambda: ours.generate(ids, max_new_tokens=a.new, eos_token_id=-1),
+            "transformers": lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new,
+                                                min_new_tokens=a.new, do_sample=False, pad_token_id=0),
+        }
+        outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the same tokens from both
+        assert torch.equal(outputs["lmlab"], outputs["transformers"]), "the two libraries decoded differently"
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(a.repeats):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                with torch.no_grad():
+                    fn()
+                times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name in runs:
+            rows.append({"batch": batch, "impl": name, "seconds": med[name], "tokens_per_s": batch * a.new / med[name],
+                         "ms_per_step": med[name] / a.new * 1e3, "speedup": med["transformers"] / med[name]})
+    print(f"\ngreedy decoding, GPT-2 shape d_model={a.d_model} layers={a.layers} heads={a.heads} vocab={a.vocab}, "
+          f"{a.prompt}-token prompt, {a.new} new tokens, float32, median of {a.repeats}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print("| batch | implementation | new tokens/s | ms per step | vs transformers |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['impl']} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.2f} | {r['speedup']:.2f}x |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -294,7 +294,8 @@ class MoE(nn.Module):
             dispatch_logits = logits_BTX.masked_fill(~token_mask.reshape(B, T, 1).bool(), float("-inf"))
         else:
             dispatch_logits = logits_BTX
-        dispatch_BTX = dispatch_logits.softmax(1)  # each slot: a convex combination of the tokens
+        dispatch_BTX = dispatch_logits.softmax(1).nan_to_num(0.0)  # each slot: a convex mix of the tokens
+        # (a sequence that is all padding feeds its slots nothing instead of NaN)
         combine_BTX = logits_BTX.softmax(-1)  # each token: a convex combination of the slots
         slots_BXD = torch.einsum("btx,btd->bxd", dispatch_BTX.to(x_BTD.dtype), x_BTD)
         slots_AD = slots_BXD.view(B, E, S, D).transpose(0, 1).reshape(E * B * S, D)  # grouped by expert

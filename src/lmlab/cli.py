@@ -372,6 +372,50 @@ def cmd_fill_mask(args: argparse.Namespace) -> None:
         console.print(table)
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmlab.finetune import FinetuneConfig, finetune
+
+    fc = FinetuneConfig(task=args.task, model=args.model, train=args.train, eval=args.eval, out=args.out,
+                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
+                        text_columns=args.text_columns, label_column=args.label_column, seed=args.seed,
+                        resume=args.resume, device=args.device)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    bar = {}
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "start":
+            bar["id"] = progress.add_task(f"fine-tune {args.task}", total=info["total_steps"],
+                                          completed=info["step"], status="")
+        elif kind == "step":
+            progress.update(bar["id"], completed=info["step"], status=f"loss {info['loss']:.4f}  lr {info['lr']:.2e}")
+
+    with progress:
+        result = finetune(fc, on_event)
+    console.print(f"done: {result['steps']} steps on {result['train_examples']:,} examples in "
+                  f"{result['minutes']:.1f} min; model saved to [bold]{args.out}[/]")
+    if result["eval"]:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
+        console.print(f"evaluation on {result['eval_examples']:,} examples: {shown}  "
+                      f"(also in {args.out}/eval_results.json)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from lmlab.finetune import predict
+
+    rows = predict(args.model, args.data, batch_size=args.batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.out:
+        Path(args.out).write_text(lines, encoding="utf-8")
+        console.print(f"{len(rows):,} predictions written to {args.out}")
+    else:
+        sys.stdout.write(lines)
+
+
 def cmd_route(args: argparse.Namespace) -> None:
     from lmlab.route import route_text
 
@@ -415,6 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_fill_mask)
+    p = sub.add_parser("finetune", help="fine-tune a model folder for classification or NER")
+    p.add_argument("--task", required=True, choices=("classify", "ner"))
+    p.add_argument("--model", required=True, help="pre-trained folder (lmlab or transformers layout) with a tokenizer")
+    p.add_argument("--train", required=True, help="TSV/CSV/JSONL (classify) or CoNLL (ner)")
+    p.add_argument("--eval", help="evaluation file of the same format")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--text-columns", nargs="+", help="classification text column(s) (default: found by name)")
+    p.add_argument("--label-column", help="classification label column (default: found by name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("predict", help="predictions of a fine-tuned folder, as JSONL")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="a file of the task's format (labels are not needed)")
+    p.add_argument("--out", help="JSONL file (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("route", help="which experts each token of a text goes to, per MoE layer")
     p.add_argument("--model", required=True, help="model folder with an MoE model and its tokenizer")
     p.add_argument("text", help="the text to route")

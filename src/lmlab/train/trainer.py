@@ -125,10 +125,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 class Trainer:
     def __init__(self, model: Model, train: Batches, val: list[dict[str, torch.Tensor]] | None, cfg: TrainConfig,
-                 run_dir: str | Path, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 run_dir: str | Path, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 evaluate_fn: Callable[..., dict[str, Any]] | None = None) -> None:
         cfg.validate()
         self.cfg, self.train, self.val, self.run_dir = cfg, train, val or [], Path(run_dir)
         self.on_event = on_event or (lambda kind, info: None)
+        self.evaluate_fn = evaluate_fn or evaluate  # (model, batches, device, autocast) -> metrics; LM loss by default
         self.device = resolve_device(cfg.device)
         self.autocast = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
@@ -275,7 +277,7 @@ class Trainer:
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
             self.on_event("step", info)
             if self.val and (self.step % cfg.eval_every == 0 or self._done(started)):
-                last_eval = evaluate(self.model, self.val, self.device, self.autocast)
+                last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
                 self._log({"step": self.step, "split": "val", **last_eval})
                 self.on_event("eval", {"step": self.step, **last_eval})
             if self.step % cfg.save_every == 0 or self._done(started):

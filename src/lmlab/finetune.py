@@ -1,0 +1,435 @@
+"""Fine-tuning a pre-trained folder for sequence classification or token classification (NER).
+
+The pre-trained model keeps its backbone; its pre-training heads are replaced by the task's head
+(`classify`: encoders pool [CLS] through the pooler, decoders take the last real token; `tag`: a
+linear layer on every token state), visible in the saved config (`heads`, `classifier_pooling`).
+Training runs on the pre-training Trainer (checkpoints, exact resume, progress, metrics.jsonl).
+
+Data:
+- classification: TSV / CSV with a header row, or JSONL; one or two text columns and a label
+  column (GLUE's files work as they come: `sentence`, `sentence1`/`sentence2`, `question`/`sentence`
+  ... are found by name, or name them). Numeric non-integer labels (STS-B) make a regression task.
+- NER: CoNLL-style, one token per line with its tag in the last column, a blank line between
+  sentences, `-DOCSTART-` lines skipped; BIO or IOBES. A word's tag goes to its first sub-word, the
+  other sub-words are ignored by the loss, and predictions are read off the first sub-words.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab import metrics
+from lmlab.config import ModelConfig
+from lmlab.data.objectives import Batches
+from lmlab.errors import ConfigError, DataError
+from lmlab.model import Model
+from lmlab.tokenizer import Tokenizer
+
+IGNORE = -100
+TASKS = ("classify", "ner")
+_TEXT_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+                 ("premise", "hypothesis"), ("#1 String", "#2 String"), ("sentence",), ("text",))
+_LABEL_COLUMNS = ("label", "Quality", "gold_label", "score")
+
+
+# ---- reading ------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    texts: list[str] | None = None  # classification: one or two texts
+    words: list[str] | None = None  # NER
+    label: Any = None  # class name, float, or a tag per word
+    where: str = ""  # file:line, for errors
+
+
+def read_table(path: str | Path, text_columns: list[str] | None = None, label_column: str | None = None,
+               need_labels: bool = True) -> tuple[list[Example], list[str], str | None]:
+    """Rows of a TSV / CSV (header row) or JSONL file -> examples, with the columns that were used."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    else:
+        delimiter = "," if path.suffix == ".csv" else "\t"
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the file is empty (expected a header row)")
+            for n, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{n}: {len(row)} columns, but the header has {len(header)} "
+                                    f"({', '.join(header)})")
+                rows.append((n, dict(zip(header, row))))
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    columns = list(rows[0][1])
+    if text_columns is None:
+        text_columns = next((list(c) for c in _TEXT_COLUMNS if all(x in columns for x in c)), None)
+        if text_columns is None:
+            raise DataError(f"{path}: cannot tell which columns hold the text among {', '.join(columns)}; "
+                            "name them with --text-columns")
+    if label_column is None:
+        label_column = next((c for c in _LABEL_COLUMNS if c in columns), None)
+        if label_column is None and need_labels:
+            raise DataError(f"{path}: no label column among {', '.join(columns)}; name it with --label-column")
+    out = []
+    for n, row in rows:
+        missing = [c for c in text_columns + ([label_column] if need_labels else []) if c not in row]
+        if missing:
+            raise DataError(f"{path}:{n}: no column {missing[0]!r}")
+        label = row.get(label_column) if label_column else None
+        out.append(Example(texts=[str(row[c]) for c in text_columns], label=label, where=f"{path}:{n}"))
+    return out, text_columns, label_column
+
+
+def read_conll(path: str | Path, need_labels: bool = True) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    sentences, words, tags, start = [], [], [], 1
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                sentences.append(Example(words=words, label=tags if need_labels else None, where=f"{path}:{start}"))
+            words, tags, start = [], [], n + 1
+            continue
+        if need_labels and len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected a token and its tag, got {line!r}")
+        words.append(parts[0])
+        tags.append(parts[-1] if len(parts) > 1 else None)
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    return sentences
+
+
+def is_regression(labels: list[Any]) -> bool:
+    try:
+        values = [float(v) for v in labels]
+    except (TypeError, ValueError):
+        return False
+    return any(v != int(v) for v in values)
+
+
+# ---- encoding -----------------------------------------------------------------------------------
+class TaskData:
+    """Encoded examples in the pre-training `Objective` interface, so `Batches` serves them."""
+
+    dynamic = False
+
+    def __init__(self, rows: list[dict[str, np.ndarray]], pad_id: int, segments: bool) -> None:
+        self.rows, self.pad_id, self.segments = rows, pad_id, segments
+        self.tokens_per_example = int(np.mean([len(r["input_ids"]) for r in rows])) if rows else 1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.rows[unit]
+
+    def collate(self, examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        B = len(examples)
+        ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=np.int64)
+        types = np.zeros((B, T), dtype=np.int64)
+        token_labels = "labels" in examples[0] and np.ndim(examples[0]["labels"]) == 1
+        labels = np.full((B, T), IGNORE, dtype=np.int64) if token_labels else None
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n], mask[i, :n] = e["input_ids"], 1
+            if "token_type_ids" in e:
+                types[i, :n] = e["token_type_ids"]
+            if token_labels:
+                labels[i, :n] = e["labels"]
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self.segments:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        if token_labels:
+            batch["labels"] = torch.from_numpy(labels)
+        elif "labels" in examples[0]:
+            values = [e["labels"] for e in examples]
+            dtype = torch.float32 if isinstance(values[0], float) else torch.long
+            batch["labels"] = torch.tensor(values, dtype=dtype)
+        return batch
+
+
+def _specials(tok: Tokenizer, cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Ids put before and after a text: [CLS] ... [SEP] for encoders with those tokens, none for decoders."""
+    if cfg.family == "encoder" and tok.cls_id is not None and tok.sep_id is not None:
+        return [tok.cls_id], [tok.sep_id]
+    return [], []
+
+
+def encode_classification(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int,
+                          label_ids: dict[str, int] | None) -> list[dict[str, Any]]:
+    head, tail = _specials(tok, cfg)
+    rows = []
+    for ex in examples:
+        parts = [tok.encode(t, add_special_tokens=False) for t in ex.texts]
+        budget = max_len - len(head) - len(tail) * len(parts)
+        while sum(len(p) for p in parts) > budget:  # longest first, as transformers truncates pairs
+            longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            parts[longest] = parts[longest][:-1]
+        ids, types = list(head), [0] * len(head)
+        for k, p in enumerate(parts):
+            ids += p + tail
+            types += [k] * (len(p) + len(tail))
+        if not ids:
+            raise DataError(f"{ex.where}: the text is empty after tokenization")
+        row: dict[str, Any] = {"input_ids": np.array(ids), "token_type_ids": np.array(types)}
+        if ex.label is not None and label_ids is not None:
+            if label_ids:  # classification
+                if str(ex.label) not in label_ids:
+                    raise DataError(f"{ex.where}: label {ex.label!r} is not one of the training labels "
+                                    f"({', '.join(label_ids)})")
+                row["labels"] = label_ids[str(ex.label)]
+            else:  # regression
+                row["labels"] = float(ex.label)
+        rows.append(row)
+    return rows
+
+
+def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int,
+                   label_ids: dict[str, int] | None) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """Rows, and for each sentence the position of every word's first sub-word (-1 when truncated away)."""
+    head, tail = _specials(tok, cfg)
+    byte_level = tok.kind == "bpe"
+    rows, firsts = [], []
+    for ex in examples:
+        ids, labels, first = list(head), [IGNORE] * len(head), []
+        for i, word in enumerate(ex.words):
+            pieces = tok.encode((" " if byte_level and i else "") + word, add_special_tokens=False) or [tok.unk_id or 0]
+            if len(ids) + len(pieces) + len(tail) > max_len:
+                first += [-1] * (len(ex.words) - i)  # truncated: these words get no prediction
+                break
+            first.append(len(ids))
+            tag = ex.label[i] if ex.label is not None and label_ids is not None else None
+            if tag is not None and tag not in label_ids:
+                raise DataError(f"{ex.where}: tag {tag!r} of word {i + 1} is not one of the training tags "
+                                f"({', '.join(label_ids)})")
+            labels += [label_ids[tag] if tag is not None else IGNORE] + [IGNORE] * (len(pieces) - 1)
+            ids += pieces
+        ids += tail
+        labels += [IGNORE] * len(tail)
+        row: dict[str, Any] = {"input_ids": np.array(ids)}
+        if ex.label is not None and label_ids is not None:
+            row["labels"] = np.array(labels)
+        rows.append(row)
+        firsts.append(first)
+    return rows, firsts
+
+
+# ---- the model ----------------------------------------------------------------------------------
+def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
+    """The pre-trained backbone with the task's head in place of the pre-training heads."""
+    cfg = base.config
+    if cfg.family not in ("encoder", "decoder"):
+        raise ConfigError(f"fine-tuning for {task} takes encoder or decoder models; this one is {cfg.family!r}")
+    num_labels = len(labels) if labels else 1
+    head = {"classify": "classify", "ner": "tag"}[task]
+    changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
+    if head == "classify":
+        changes["pooler"] = cfg.family == "encoder"  # [CLS] through the (pre-trained, if any) pooler
+        changes["classifier_pooling"] = "cls" if cfg.family == "encoder" else "last"
+    else:
+        changes["pooler"] = False
+    model = Model(cfg.replace(**changes))
+    own = model.state_dict()
+    kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
+    missing = set(own) - set(kept)
+    new_parts = ("classifier.", "tagger.", "pooler.", "head_drop")
+    if any(not k.startswith(new_parts) for k in missing):
+        bad = sorted(k for k in missing if not k.startswith(new_parts))
+        raise ConfigError(f"the pre-trained model lacks backbone weights {bad[:3]}")
+    model.load_state_dict(kept, strict=False)
+    return model
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
+    @torch.no_grad()
+    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+            ) -> dict[str, Any]:
+        was = model.training
+        model.eval()
+        gold, pred, loss, n = [], [], 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            loss += float(out.loss) * len(batch["labels"])
+            n += len(batch["labels"])
+            gold += batch["labels"].tolist()
+            pred += (out.logits.squeeze(-1) if regression else out.logits.argmax(-1)).tolist()
+        model.train(was)
+        if regression:
+            return {"loss": loss / n, "pearson": metrics.pearson(gold, pred), "spearman": metrics.spearman(gold, pred)}
+        return {"loss": loss / n, "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred),
+                "mcc": metrics.matthews_corrcoef(gold, pred)}
+    return run
+
+
+def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
+    @torch.no_grad()
+    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+            ) -> dict[str, Any]:
+        was = model.training
+        model.eval()
+        gold, pred, loss, n = [], [], 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            loss += float(out.loss)
+            n += 1
+            guess = out.logits.argmax(-1)
+            for g_row, p_row in zip(batch["labels"], guess):
+                keep = g_row != IGNORE  # first sub-words: one per word
+                gold.append([tags[i] for i in g_row[keep].tolist()])
+                pred.append([tags[i] for i in p_row[keep].tolist()])
+        model.train(was)
+        flat_gold, flat_pred = sum(gold, []), sum(pred, [])
+        return {"loss": loss / max(n, 1), **metrics.entity_scores(gold, pred),
+                "token_accuracy": metrics.accuracy(flat_gold, flat_pred)}
+    return run
+
+
+# ---- the run ------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    task: str
+    model: str
+    train: str
+    out: str
+    eval: str | None = None
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    max_len: int = 128
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+
+
+def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`."""
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+    from lmlab.train.trainer import TrainConfig, Trainer
+
+    if fc.task not in TASKS:
+        raise ConfigError(f"unknown task {fc.task!r}; tasks: {', '.join(TASKS)}")
+    base = load(fc.model)
+    tok = load_tokenizer(fc.model)
+    cfg = base.config
+    if fc.max_len > cfg.max_seq_len and cfg.position in ("learned", "sinusoidal"):
+        raise ConfigError(f"--max-len {fc.max_len} is longer than the model's max_seq_len={cfg.max_seq_len}")
+    info: dict[str, Any] = {"task": fc.task}
+    if fc.task == "classify":
+        train_ex, text_cols, label_col = read_table(fc.train, fc.text_columns, fc.label_column)
+        raw_labels = [e.label for e in train_ex]
+        regression = is_regression(raw_labels)
+        labels = None if regression else sorted({str(v) for v in raw_labels})
+        label_ids = {} if regression else {v: i for i, v in enumerate(labels)}
+        info.update(text_columns=text_cols, label_column=label_col, regression=regression)
+        eval_ex = read_table(fc.eval, text_cols, label_col)[0] if fc.eval else []
+        train_rows = encode_classification(train_ex, tok, cfg, fc.max_len, label_ids)
+        eval_rows = encode_classification(eval_ex, tok, cfg, fc.max_len, label_ids)
+        evaluate_fn = classification_eval(regression)
+    else:
+        train_ex = read_conll(fc.train)
+        labels = sorted({t for e in train_ex for t in e.label})
+        label_ids = {v: i for i, v in enumerate(labels)}
+        eval_ex = read_conll(fc.eval) if fc.eval else []
+        train_rows = encode_tagging(train_ex, tok, cfg, fc.max_len, label_ids)[0]
+        eval_rows = encode_tagging(eval_ex, tok, cfg, fc.max_len, label_ids)[0]
+        evaluate_fn = tagging_eval(labels)
+    model = task_model(base, fc.task, labels)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    segments = model.config.type_vocab_size > 0
+    train = Batches(TaskData(train_rows, pad, segments), fc.batch_size, fc.seed)
+    val = Batches(TaskData(eval_rows, pad, segments), fc.batch_size, fc.seed, shuffle=False).fixed(
+        math.ceil(len(eval_rows) / fc.batch_size)) if eval_rows else None
+    steps = math.ceil(fc.epochs * len(train_rows) / fc.batch_size)
+    tc = TrainConfig(max_steps=steps, batch_size=fc.batch_size, lr=fc.lr, warmup_steps=int(fc.warmup_ratio * steps),
+                     schedule="linear", min_lr_ratio=0.0, weight_decay=fc.weight_decay, eval_every=max(steps, 1),
+                     save_every=max(steps // 2, 1), log_every=max(1, min(50, steps // 20)), seed=fc.seed,
+                     device=fc.device)
+    out = Path(fc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(fc.seed)
+    trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn)
+    resumed = trainer.resume() if fc.resume else False
+    summary = trainer.fit()
+    model.save_pretrained(out)
+    tok.save(out)
+    result = {"task": fc.task, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+              "steps": summary["steps"], "minutes": summary["minutes"], "resumed": resumed, "eval": summary["val"],
+              "labels": labels}
+    (out / "finetune.json").write_text(json.dumps({**info, "config": dataclasses.asdict(fc)}, indent=2) + "\n")
+    (out / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ---- prediction ---------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model_dir: str, data: str, batch_size: int = 32, max_len: int | None = None) -> list[dict[str, Any]]:
+    """Predictions of a fine-tuned folder on a file of the task's format (labels, if present, are ignored)."""
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+
+    info_path = Path(model_dir) / "finetune.json"
+    if not info_path.is_file():
+        raise ConfigError(f"{model_dir}: not a fine-tuned folder (no finetune.json); fine-tune with `lmlab finetune`")
+    info = json.loads(info_path.read_text())
+    model, tok = load(model_dir), load_tokenizer(model_dir)
+    cfg = model.config
+    max_len = max_len or info["config"]["max_len"]
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    out: list[dict[str, Any]] = []
+    if info["task"] == "classify":
+        examples = read_table(data, info["text_columns"], None, need_labels=False)[0]
+        rows = encode_classification(examples, tok, cfg, max_len, None)
+    else:
+        examples = read_conll(data, need_labels=False)
+        rows, firsts = encode_tagging(examples, tok, cfg, max_len, None)
+    task = TaskData(rows, pad, cfg.type_vocab_size > 0)
+    for s in range(0, len(rows), batch_size):
+        batch = task.collate(rows[s:s + batch_size])
+        logits = model(**batch).logits.float()
+        for j in range(len(logits)):
+            k = s + j
+            if info["task"] == "classify":
+                if info.get("regression"):
+                    out.append({"text": examples[k].texts, "score": float(logits[j, 0])})
+                else:
+                    probs = F.softmax(logits[j], -1)
+                    out.append({"text": examples[k].texts, "label": cfg.labels[int(probs.argmax())],
+                                "probabilities": {lab: round(float(p), 6) for lab, p in zip(cfg.labels, probs)}})
+            else:
+                guess = logits[j].argmax(-1).tolist()
+                tags = [cfg.labels[guess[p]] if p >= 0 else "O" for p in firsts[k]]
+                out.append({"tokens": examples[k].words, "tags": tags})
+    return out

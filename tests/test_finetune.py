@@ -1,0 +1,104 @@
+"""Fine-tuning: classification (GLUE-style TSV) and NER (CoNLL) on tiny models learn a planted signal;
+predictions come back as JSONL; bad files fail with file and line."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli import main
+from lmlab.config import preset
+from lmlab.finetune import FinetuneConfig, finetune, predict, read_table
+
+WORDS = "the a land people lord king city river house field water stone".split()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny random encoder and decoder folders with tokenizers (what `lmlab pretrain` leaves behind)."""
+    from lmlab.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pre")
+    text = [" ".join(random.Random(i).choices(WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
+            for i in range(200)]
+    out = {}
+    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny")):
+        tok = train_tokenizer(kind, text, 400)
+        torch.manual_seed(0)
+        cfg = preset(base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64,
+                     **tok.model_ids())
+        lmlab.Model(cfg).save_pretrained(root / name)
+        tok.save(root / name)
+        out[name] = root / name
+    return out
+
+
+def _sst_like(path, n, seed):
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.choices(WORDS, k=6)
+        words.insert(rng.randrange(7), "good" if label else "bad")  # the planted signal
+        lines.append(" ".join(words) + f"\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _conll(path, n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        for w in rng.choices(WORDS + ["Moses", "Aaron", "Egypt"], k=8):
+            tag = "B-PER" if w in ("Moses", "Aaron") else ("B-LOC" if w == "Egypt" else "O")
+            out.append(f"{w} X {tag}")
+        out.append("")
+    path.write_text("\n".join(out))
+    return path
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_classification_learns_the_planted_word_and_predicts(family, pretrained, tmp_path):
+    train, dev = _sst_like(tmp_path / "train.tsv", 300, 0), _sst_like(tmp_path / "dev.tsv", 100, 1)
+    out = tmp_path / "cls"
+    result = finetune(FinetuneConfig(task="classify", model=str(pretrained[family]), train=str(train), eval=str(dev),
+                                     out=str(out), epochs=3, lr=2e-3, batch_size=16, max_len=32))
+    assert result["eval"]["accuracy"] >= 0.9 and {"macro_f1", "mcc", "loss"} <= set(result["eval"])
+    assert json.loads((out / "eval_results.json").read_text())["eval"]["accuracy"] == result["eval"]["accuracy"]
+    model = lmlab.load(out)
+    assert model.config.heads == ("classify",) and model.config.labels == ["0", "1"]
+    assert model.config.classifier_pooling == ("cls" if family == "bert" else "last")
+    preds = predict(str(out), str(dev))
+    assert len(preds) == 100 and all(p["label"] in ("0", "1") for p in preds)
+    gold = [line.split("\t")[1] for line in dev.read_text().splitlines()[1:]]
+    assert sum(p["label"] == g for p, g in zip(preds, gold)) / 100 == pytest.approx(result["eval"]["accuracy"])
+
+
+def test_ner_learns_names_and_places(pretrained, tmp_path):
+    train, dev = _conll(tmp_path / "train.conll", 200, 0), _conll(tmp_path / "dev.conll", 60, 1)
+    out = tmp_path / "ner"
+    assert main(["finetune", "--task", "ner", "--model", str(pretrained["bert"]), "--train", str(train), "--eval",
+                 str(dev), "--out", str(out), "--epochs", "3", "--lr", "3e-3", "--max-len", "32"]) == 0
+    result = json.loads((out / "eval_results.json").read_text())
+    assert result["eval"]["f1"] >= 0.9 and result["labels"] == ["B-LOC", "B-PER", "O"]
+    assert main(["predict", "--model", str(out), "--data", str(dev), "--out", str(tmp_path / "p.jsonl")]) == 0
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert len(first["tokens"]) == len(first["tags"]) == 8
+
+
+def test_bad_files_name_file_and_line(pretrained, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nfine text\t1\nthree\tcolumns\there\n")
+    with pytest.raises(lmlab.LmlabError, match=r"bad.tsv:3: 3 columns, but the header has 2"):
+        read_table(bad)
+    train = _sst_like(tmp_path / "train.tsv", 40, 0)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\nthe land\t7\n")
+    with pytest.raises(lmlab.LmlabError, match=r"dev.tsv:2: label '7' is not one of the training labels"):
+        finetune(FinetuneConfig(task="classify", model=str(pretrained["bert"]), train=str(train), eval=str(dev),
+                                out=str(tmp_path / "x"), epochs=1, max_len=32))
+    assert main(["predict", "--model", str(pretrained["bert"]), "--data", str(dev)]) == 2

@@ -102,3 +102,44 @@ def test_bad_files_name_file_and_line(pretrained, tmp_path):
         finetune(FinetuneConfig(task="classify", model=str(pretrained["bert"]), train=str(train), eval=str(dev),
                                 out=str(tmp_path / "x"), epochs=1, max_len=32))
     assert main(["predict", "--model", str(pretrained["bert"]), "--data", str(dev)]) == 2
+
+
+def _squad(path, n, seed, impossible=0.0):
+    rng = random.Random(seed)
+    paragraphs = []
+    for k in range(n):
+        filler = " ".join(rng.choices(WORDS, k=rng.randint(3, 20)))
+        place = rng.choice(["Egypt", "Canaan", "Jordan", "Bethel"])
+        if rng.random() < impossible:
+            context, answers = f"{filler} . Moses stayed home . {filler}", []
+        else:
+            context = f"{filler} . Moses went to {place} . {filler}"
+            answers = [{"text": place, "answer_start": context.index(" to ") + 4}]
+        paragraphs.append({"context": context, "qas": [{"id": f"q{k}", "question": "where did Moses go ?",
+                                                          "answers": answers, "is_impossible": not answers}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_qa_learns_to_point_at_the_answer_across_windows(pretrained, tmp_path):
+    train, dev = _squad(tmp_path / "train.json", 300, 0, 0.2), _squad(tmp_path / "dev.json", 60, 1, 0.2)
+    out = tmp_path / "qa"
+    result = finetune(FinetuneConfig(task="qa", model=str(pretrained["bert"]), train=str(train), eval=str(dev),
+                                     out=str(out), epochs=4, lr=3e-3, batch_size=16, max_len=24, doc_stride=8))
+    assert result["eval"]["exact_match"] >= 80 and result["eval"]["f1"] >= result["eval"]["exact_match"]
+    preds = {p["id"]: p["answer"] for p in predict(str(out), str(dev))}
+    gold = {q["id"]: [a["text"] for a in q["answers"]] for p in json.loads(dev.read_text())["data"][0]["paragraphs"]
+            for q in p["qas"]}
+    from lmlab import metrics
+
+    assert metrics.squad_scores(preds, gold)["exact_match"] == pytest.approx(result["eval"]["exact_match"])
+
+
+def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
+    from lmlab.finetune import read_squad
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Moses went to Egypt", "qas": [
+        {"id": "q7", "question": "where?", "answers": [{"text": "Egypt", "answer_start": 3}]}]}]}]}))
+    with pytest.raises(lmlab.LmlabError, match=r"question q7: answer 'Egypt' does not match the context at offset 3"):
+        read_squad(bad)

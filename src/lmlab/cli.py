@@ -380,6 +380,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     fc = FinetuneConfig(task=args.task, model=args.model, train=args.train, eval=args.eval, out=args.out,
                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
                         text_columns=args.text_columns, label_column=args.label_column, seed=args.seed,
+                        doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                         resume=args.resume, device=args.device)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
@@ -459,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_fill_mask)
-    p = sub.add_parser("finetune", help="fine-tune a model folder for classification or NER")
-    p.add_argument("--task", required=True, choices=("classify", "ner"))
+    p = sub.add_parser("finetune", help="fine-tune a model folder for classification, NER or extractive QA")
+    p.add_argument("--task", required=True, choices=("classify", "ner", "qa"))
     p.add_argument("--model", required=True, help="pre-trained folder (lmlab or transformers layout) with a tokenizer")
     p.add_argument("--train", required=True, help="TSV/CSV/JSONL (classify) or CoNLL (ner)")
     p.add_argument("--eval", help="evaluation file of the same format")
@@ -471,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--text-columns", nargs="+", help="classification text column(s) (default: found by name)")
     p.add_argument("--label-column", help="classification label column (default: found by name)")
+    p.add_argument("--doc-stride", type=int, default=32, help="QA: tokens shared by neighbouring context windows")
+    p.add_argument("--max-answer-len", type=int, default=30, help="QA: longest answer in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default="auto")

@@ -1,4 +1,5 @@
-"""Fine-tuning a pre-trained folder for sequence classification or token classification (NER).
+"""Fine-tuning a pre-trained folder for sequence classification, token classification (NER) or
+extractive question answering.
 
 The pre-trained model keeps its backbone; its pre-training heads are replaced by the task's head
 (`classify`: encoders pool [CLS] through the pooler, decoders take the last real token; `tag`: a
@@ -12,6 +13,12 @@ Data:
 - NER: CoNLL-style, one token per line with its tag in the last column, a blank line between
   sentences, `-DOCSTART-` lines skipped; BIO or IOBES. A word's tag goes to its first sub-word, the
   other sub-words are ignored by the loss, and predictions are read off the first sub-words.
+- QA: SQuAD v1.1 / v2.0 JSON. Question and context share a window, [CLS] question [SEP] context
+  [SEP] (decoders: question then context); long contexts are cut into windows that overlap by
+  `doc_stride` tokens; an answer outside a window (or none, in v2) points at position 0. Answers are
+  searched over start / end pairs inside the context with at most `max_answer_len` tokens, across
+  all windows of a question, and mapped back to characters through the tokenizer's offsets; with
+  unanswerable questions in training (v2), the empty answer wins when position 0 scores higher.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from lmlab.model import Model
 from lmlab.tokenizer import Tokenizer
 
 IGNORE = -100
-TASKS = ("classify", "ner")
+TASKS = ("classify", "ner", "qa")
 _TEXT_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
                  ("premise", "hypothesis"), ("#1 String", "#2 String"), ("sentence",), ("text",))
 _LABEL_COLUMNS = ("label", "Quality", "gold_label", "score")
@@ -162,6 +169,9 @@ class TaskData:
             if token_labels:
                 labels[i, :n] = e["labels"]
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        for key in ("start_positions", "end_positions"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples])
         if self.segments:
             batch["token_type_ids"] = torch.from_numpy(types)
         if token_labels:
@@ -239,6 +249,135 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
     return rows, firsts
 
 
+# ---- question answering -------------------------------------------------------------------------
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list[tuple[str, int]]  # (text, character offset); empty: unanswerable
+    impossible: bool = False
+
+
+def read_squad(path: str | Path) -> list[QAExample]:
+    """SQuAD v1.1 / v2.0 JSON; every answer's text must sit at its offset in the context."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    out = []
+    try:
+        for article in data["data"]:
+            for para in article["paragraphs"]:
+                context = para["context"]
+                for qa in para["qas"]:
+                    answers = []
+                    for a in qa.get("answers", []):
+                        start, text = int(a["answer_start"]), a["text"]
+                        if context[start:start + len(text)] != text:
+                            raise DataError(f"{path}: question {qa['id']}: answer {text!r} does not match the "
+                                            f"context at offset {start} (found {context[start:start + len(text)]!r})")
+                        answers.append((text, start))
+                    impossible = bool(qa.get("is_impossible", False)) or not answers
+                    out.append(QAExample(str(qa["id"]), qa["question"], context, [] if impossible else answers,
+                                         impossible))
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: not SQuAD JSON (missing {e})") from None
+    if not out:
+        raise DataError(f"{path}: no questions")
+    return out
+
+
+def encode_qa(examples: list[QAExample], tok: Tokenizer, cfg: ModelConfig, max_len: int, doc_stride: int,
+              with_labels: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Windows (rows for the model) and, per window, its question index and token -> character offsets."""
+    head, tail = _specials(tok, cfg)
+    rows, meta = [], []
+    for qi, ex in enumerate(examples):
+        q = tok.encode(ex.question, add_special_tokens=False)[:max_len // 2]
+        enc = tok.backend.encode(ex.context, add_special_tokens=False)
+        ctx_ids, offsets = enc.ids, enc.offsets
+        prefix = head + q + tail
+        room = max_len - len(prefix) - len(tail)
+        if room <= 0:
+            raise ConfigError(f"--max-len {max_len} leaves no room for the context after the question")
+        step = max(room - doc_stride, 1)
+        start = 0
+        while True:
+            chunk = ctx_ids[start:start + room]
+            ids = prefix + chunk + tail
+            first = len(prefix)
+            row: dict[str, Any] = {"input_ids": np.array(ids),
+                                   "token_type_ids": np.array([0] * len(prefix) + [1] * (len(chunk) + len(tail)))}
+            if with_labels:
+                s_pos = e_pos = 0  # no answer in this window: position 0
+                for text, char_start in ex.answers[:1]:
+                    char_end = char_start + len(text)
+                    toks = [i for i in range(start, start + len(chunk))
+                            if offsets[i][0] < char_end and offsets[i][1] > char_start]
+                    inside = toks and offsets[toks[0]][0] <= char_start and offsets[toks[-1]][1] >= char_end
+                    if inside:
+                        s_pos, e_pos = first + toks[0] - start, first + toks[-1] - start
+                row["start_positions"], row["end_positions"] = s_pos, e_pos
+            rows.append(row)
+            meta.append({"example": qi, "first": first, "offsets": offsets[start:start + len(chunk)]})
+            if start + room >= len(ctx_ids):
+                break
+            start += step
+    return rows, meta
+
+
+def best_answers(examples: list[QAExample], meta: list[dict[str, Any]], start_logits: list[torch.Tensor],
+                 end_logits: list[torch.Tensor], max_answer_len: int = 30, allow_empty: bool = False,
+                 n_best: int = 20) -> dict[str, str]:
+    """The best-scoring span (start + end logit) per question over all its windows."""
+    best: dict[int, tuple[float, str]] = {}
+    null: dict[int, float] = {}
+    for m, s, e in zip(meta, start_logits, end_logits):
+        qi, first, offsets = m["example"], m["first"], m["offsets"]
+        null[qi] = min(null.get(qi, float("inf")), float(s[0] + e[0]))
+        n = len(offsets)
+        s_ctx, e_ctx = s[first:first + n], e[first:first + n]
+        for i in s_ctx.topk(min(n_best, n)).indices.tolist():
+            for j in e_ctx.topk(min(n_best, n)).indices.tolist():
+                if j < i or j - i + 1 > max_answer_len:
+                    continue
+                score = float(s_ctx[i] + e_ctx[j])
+                if qi not in best or score > best[qi][0]:
+                    best[qi] = (score, examples[qi].context[offsets[i][0]:offsets[j][1]])
+    out = {}
+    for qi, ex in enumerate(examples):
+        score, text = best.get(qi, (float("-inf"), ""))
+        out[ex.id] = "" if allow_empty and null.get(qi, float("-inf")) > score else text
+    return out
+
+
+def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: bool, max_answer_len: int
+            ) -> Callable[..., dict[str, Any]]:
+    @torch.no_grad()
+    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+            ) -> dict[str, Any]:
+        was = model.training
+        model.eval()
+        starts, ends, loss, n = [], [], 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            if out.loss is not None:
+                loss, n = loss + float(out.loss), n + 1
+            starts += list(out.start_logits.float().cpu())
+            ends += list(out.end_logits.float().cpu())
+        model.train(was)
+        preds = best_answers(examples, meta, starts, ends, max_answer_len, allow_empty)
+        golds = {ex.id: [a for a, _ in ex.answers] for ex in examples}
+        scores = metrics.squad_scores(preds, golds)
+        return {"loss": loss / max(n, 1), "exact_match": scores["exact_match"], "f1": scores["f1"]}
+    return run
+
+
 # ---- the model ----------------------------------------------------------------------------------
 def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
     """The pre-trained backbone with the task's head in place of the pre-training heads."""
@@ -246,7 +385,7 @@ def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
     if cfg.family not in ("encoder", "decoder"):
         raise ConfigError(f"fine-tuning for {task} takes encoder or decoder models; this one is {cfg.family!r}")
     num_labels = len(labels) if labels else 1
-    head = {"classify": "classify", "ner": "tag"}[task]
+    head = {"classify": "classify", "ner": "tag", "qa": "span"}[task]
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
         changes["pooler"] = cfg.family == "encoder"  # [CLS] through the (pre-trained, if any) pooler
@@ -257,7 +396,7 @@ def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
     own = model.state_dict()
     kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(kept)
-    new_parts = ("classifier.", "tagger.", "pooler.", "head_drop")
+    new_parts = ("classifier.", "tagger.", "span_head.", "pooler.", "head_drop")
     if any(not k.startswith(new_parts) for k in missing):
         bad = sorted(k for k in missing if not k.startswith(new_parts))
         raise ConfigError(f"the pre-trained model lacks backbone weights {bad[:3]}")
@@ -326,6 +465,8 @@ class FinetuneConfig:
     max_len: int = 128
     text_columns: list[str] | None = None
     label_column: str | None = None
+    doc_stride: int = 32  # QA: tokens shared by neighbouring windows of a long context
+    max_answer_len: int = 30  # QA: longest answer, in tokens
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -358,6 +499,15 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         train_rows = encode_classification(train_ex, tok, cfg, fc.max_len, label_ids)
         eval_rows = encode_classification(eval_ex, tok, cfg, fc.max_len, label_ids)
         evaluate_fn = classification_eval(regression)
+    elif fc.task == "qa":
+        train_qa = read_squad(fc.train)
+        eval_qa = read_squad(fc.eval) if fc.eval else []
+        labels = None
+        allow_empty = any(ex.impossible for ex in train_qa)  # SQuAD v2: learn to abstain
+        info.update(allow_empty=allow_empty)
+        train_rows = encode_qa(train_qa, tok, cfg, fc.max_len, fc.doc_stride)[0]
+        eval_rows, eval_meta = encode_qa(eval_qa, tok, cfg, fc.max_len, fc.doc_stride)
+        evaluate_fn = qa_eval(eval_qa, eval_meta, allow_empty, fc.max_answer_len)
     else:
         train_ex = read_conll(fc.train)
         labels = sorted({t for e in train_ex for t in e.label})
@@ -409,6 +559,17 @@ def predict(model_dir: str, data: str, batch_size: int = 32, max_len: int | None
     max_len = max_len or info["config"]["max_len"]
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     out: list[dict[str, Any]] = []
+    if info["task"] == "qa":
+        qa = read_squad(data)
+        rows, meta = encode_qa(qa, tok, cfg, max_len, info["config"]["doc_stride"], with_labels=False)
+        task = TaskData(rows, pad, cfg.type_vocab_size > 0)
+        starts, ends = [], []
+        for s in range(0, len(rows), batch_size):
+            o = model(**task.collate(rows[s:s + batch_size]))
+            starts += list(o.start_logits.float())
+            ends += list(o.end_logits.float())
+        answers = best_answers(qa, meta, starts, ends, info["config"]["max_answer_len"], info.get("allow_empty", False))
+        return [{"id": ex.id, "question": ex.question, "answer": answers[ex.id]} for ex in qa]
     if info["task"] == "classify":
         examples = read_table(data, info["text_columns"], None, need_labels=False)[0]
         rows = encode_classification(examples, tok, cfg, max_len, None)

@@ -143,3 +143,34 @@ def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
         {"id": "q7", "question": "where?", "answers": [{"text": "Egypt", "answer_start": 3}]}]}]}]}))
     with pytest.raises(lmlab.LmlabError, match=r"question q7: answer 'Egypt' does not match the context at offset 3"):
         read_squad(bad)
+
+
+def test_few_shot_scoring_sums_choice_log_probabilities(pretrained, tmp_path, capsys):
+    """The score of a choice is the sum of its tokens' log-probabilities after the prompt (checked against
+    a direct forward pass), and `lmlab eval --task` reports accuracy against chance."""
+    import torch.nn.functional as F
+
+    from lmlab.fewshot import choice_logprobs, evaluate_task
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = str(pretrained["gpt"])
+    model, tok = lmlab.load(folder), load_tokenizer(folder)
+    prompt, choices = "the lord said unto", [" Moses", " the land"]
+    got = choice_logprobs(model, tok, prompt, choices)
+    for choice, score in zip(choices, got):
+        ctx, cont = tok.encode(prompt, add_special_tokens=False), tok.encode(choice, add_special_tokens=False)
+        x = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = F.log_softmax(model(input_ids=x).logits[0].float(), -1)
+        assert score == pytest.approx(sum(float(lp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont)), abs=1e-4)
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"query": f"q{i}: the", "choices": [" land", " river", " king"],
+                                          "gold": i % 3}) for i in range(12)))
+    r = evaluate_task(folder, str(task), shots=2)
+    assert r["questions"] == 12 and r["chance"] == pytest.approx(1 / 3) and 0 <= r["accuracy"] <= 1
+    assert main(["eval", "--model", folder, "--task", str(task), "--shots", "1", "--limit", "4"]) == 0
+    assert "1-shot, 4 questions" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "x", "choices": ["a", "b"], "gold": "c"}\n')
+    with pytest.raises(lmlab.LmlabError, match=r"bad.jsonl:1: gold 'c' is not one of the choices"):
+        evaluate_task(folder, str(bad))

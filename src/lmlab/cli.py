@@ -308,6 +308,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmlab.evaluate import evaluate_text
 
+    if args.task:
+        from lmlab.fewshot import evaluate_task
+
+        r = evaluate_task(args.model, args.task, shots=args.shots, seed=args.seed, limit=args.limit)
+        console.print(f"{args.model} on {args.task}, {r['shots']}-shot, {r['questions']} questions: accuracy "
+                      f"{r['accuracy']:.4f}, accuracy per character {r['accuracy_norm']:.4f} (chance {r['chance']:.4f})")
+        return
+    if not args.data:
+        raise LmlabError("give --data (perplexity on text) or --task (multiple-choice scoring)")
     r = evaluate_text(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                       max_tokens=args.max_tokens, doc_sep=args.doc_sep, field=args.field)
     console.print(f"{args.model} ({r['family']}) on {', '.join(args.data)}: loss {r['loss']:.4f}, "
@@ -552,9 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--field", default="text")
     t.add_argument("--skip-bad-lines", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
-    p = sub.add_parser("eval", help="perplexity (pseudo-perplexity for encoders) of a model folder on text")
+    p = sub.add_parser("eval", help="perplexity (pseudo-perplexity for encoders) on text, or zero-/few-shot "
+                                    "multiple-choice accuracy of a decoder")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--data", nargs="+", help="text files: loss and perplexity")
+    p.add_argument("--task", help="JSONL of {query, choices, gold}: log-likelihood multiple choice")
+    p.add_argument("--shots", type=int, default=0, help="solved examples in the prompt (with --task)")
+    p.add_argument("--seed", type=int, default=0, help="which examples become shots")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=20_000)

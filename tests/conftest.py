@@ -93,3 +93,32 @@ def hf_folder(tmp_path):
         return folder, model
 
     return make
+
+
+TINY_WORDS = "the a land people lord king city river house field water stone".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """Tiny random decoder ("gpt") and encoder ("bert") folders, each with a tokenizer trained on a few
+    hundred lines: what `lmlab pretrain` leaves behind, in a second."""
+    import random
+
+    import lmlab
+    from lmlab.config import preset
+    from lmlab.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-pretrained")
+    text = [" ".join(random.Random(i).choices(TINY_WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
+            for i in range(200)]
+    text += [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
+    out = {}
+    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny")):
+        tok = train_tokenizer(kind, text, 400)
+        torch.manual_seed(0)
+        cfg = preset(base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64,
+                     **tok.model_ids())
+        lmlab.Model(cfg).save_pretrained(root / name)
+        tok.save(root / name)
+        out[name] = root / name
+    return out

@@ -49,30 +49,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (tmp_path / "demo" / "bert" / "model.safetensors").is_file()
 
 
-@pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory):
-    """A tiny random decoder and encoder, each saved with a tokenizer trained on a few lines."""
-    import torch
-
-    import lmlab
-    from lmlab.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    text = [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
-    folders = {}
-    for name, kind, family in (("gpt", "bpe", "gpt2-tiny"), ("bert", "wordpiece", "bert-tiny")):
-        tok = train_tokenizer(kind, text, 300)
-        torch.manual_seed(0)
-        cfg = preset(family, vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64,
-                     **tok.model_ids())
-        lmlab.Model(cfg).save_pretrained(root / name)
-        tok.save(root / name)
-        folders[name] = root / name
-    return folders
-
-
-def test_generate_command_greedy_beams_sampling_and_stop(tiny_folders, capsys):
-    gpt = str(tiny_folders["gpt"])
+def test_generate_command_greedy_beams_sampling_and_stop(tiny_pretrained, capsys):
+    gpt = str(tiny_pretrained["gpt"])
     assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5"]) == 0
     greedy = capsys.readouterr().out
     assert greedy.startswith("and the lord")
@@ -90,8 +68,8 @@ def test_generate_command_greedy_beams_sampling_and_stop(tiny_folders, capsys):
     assert "max_seq_len" in capsys.readouterr().err
 
 
-def test_fill_mask_command_lists_candidates_per_mask(tiny_folders, capsys):
-    bert = str(tiny_folders["bert"])
+def test_fill_mask_command_lists_candidates_per_mask(tiny_pretrained, capsys):
+    bert = str(tiny_pretrained["bert"])
     assert main(["fill-mask", "--model", bert, "the lord said unto [MASK]", "--top-k", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("0.") >= 3  # three probabilities
@@ -99,4 +77,4 @@ def test_fill_mask_command_lists_candidates_per_mask(tiny_folders, capsys):
     assert "mask 2" in capsys.readouterr().out
     assert main(["fill-mask", "--model", bert, "no mask here"]) == 2
     assert "no [MASK]" in capsys.readouterr().err
-    assert main(["fill-mask", "--model", str(tiny_folders["gpt"]), "the [MASK]"]) == 2
+    assert main(["fill-mask", "--model", str(tiny_pretrained["gpt"]), "the [MASK]"]) == 2

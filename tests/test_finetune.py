@@ -8,33 +8,12 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_WORDS as WORDS
 
 import lmlab
 from lmlab.cli import main
-from lmlab.config import preset
 from lmlab.finetune import FinetuneConfig, finetune, predict, read_table
 
-WORDS = "the a land people lord king city river house field water stone".split()
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """Tiny random encoder and decoder folders with tokenizers (what `lmlab pretrain` leaves behind)."""
-    from lmlab.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("pre")
-    text = [" ".join(random.Random(i).choices(WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
-            for i in range(200)]
-    out = {}
-    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny")):
-        tok = train_tokenizer(kind, text, 400)
-        torch.manual_seed(0)
-        cfg = preset(base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64,
-                     **tok.model_ids())
-        lmlab.Model(cfg).save_pretrained(root / name)
-        tok.save(root / name)
-        out[name] = root / name
-    return out
 
 
 def _sst_like(path, n, seed):
@@ -62,11 +41,11 @@ def _conll(path, n, seed):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])
-def test_classification_learns_the_planted_word_and_predicts(family, pretrained, tmp_path):
+def test_classification_learns_the_planted_word_and_predicts(family, tiny_pretrained, tmp_path):
     train, dev = _sst_like(tmp_path / "train.tsv", 300, 0), _sst_like(tmp_path / "dev.tsv", 100, 1)
     out = tmp_path / "cls"
-    result = finetune(FinetuneConfig(task="classify", model=str(pretrained[family]), train=str(train), eval=str(dev),
-                                     out=str(out), epochs=3, lr=2e-3, batch_size=16, max_len=32))
+    result = finetune(FinetuneConfig(task="classify", model=str(tiny_pretrained[family]), train=str(train),
+                                     eval=str(dev), out=str(out), epochs=3, lr=2e-3, batch_size=16, max_len=32))
     assert result["eval"]["accuracy"] >= 0.9 and {"macro_f1", "mcc", "loss"} <= set(result["eval"])
     assert json.loads((out / "eval_results.json").read_text())["eval"]["accuracy"] == result["eval"]["accuracy"]
     model = lmlab.load(out)
@@ -78,10 +57,10 @@ def test_classification_learns_the_planted_word_and_predicts(family, pretrained,
     assert sum(p["label"] == g for p, g in zip(preds, gold)) / 100 == pytest.approx(result["eval"]["accuracy"])
 
 
-def test_ner_learns_names_and_places(pretrained, tmp_path):
+def test_ner_learns_names_and_places(tiny_pretrained, tmp_path):
     train, dev = _conll(tmp_path / "train.conll", 200, 0), _conll(tmp_path / "dev.conll", 60, 1)
     out = tmp_path / "ner"
-    assert main(["finetune", "--task", "ner", "--model", str(pretrained["bert"]), "--train", str(train), "--eval",
+    assert main(["finetune", "--task", "ner", "--model", str(tiny_pretrained["bert"]), "--train", str(train), "--eval",
                  str(dev), "--out", str(out), "--epochs", "3", "--lr", "3e-3", "--max-len", "32"]) == 0
     result = json.loads((out / "eval_results.json").read_text())
     assert result["eval"]["f1"] >= 0.9 and result["labels"] == ["B-LOC", "B-PER", "O"]
@@ -90,7 +69,7 @@ def test_ner_learns_names_and_places(pretrained, tmp_path):
     assert len(first["tokens"]) == len(first["tags"]) == 8
 
 
-def test_bad_files_name_file_and_line(pretrained, tmp_path):
+def test_bad_files_name_file_and_line(tiny_pretrained, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\nfine text\t1\nthree\tcolumns\there\n")
     with pytest.raises(lmlab.LmlabError, match=r"bad.tsv:3: 3 columns, but the header has 2"):
@@ -99,9 +78,9 @@ def test_bad_files_name_file_and_line(pretrained, tmp_path):
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence\tlabel\nthe land\t7\n")
     with pytest.raises(lmlab.LmlabError, match=r"dev.tsv:2: label '7' is not one of the training labels"):
-        finetune(FinetuneConfig(task="classify", model=str(pretrained["bert"]), train=str(train), eval=str(dev),
+        finetune(FinetuneConfig(task="classify", model=str(tiny_pretrained["bert"]), train=str(train), eval=str(dev),
                                 out=str(tmp_path / "x"), epochs=1, max_len=32))
-    assert main(["predict", "--model", str(pretrained["bert"]), "--data", str(dev)]) == 2
+    assert main(["predict", "--model", str(tiny_pretrained["bert"]), "--data", str(dev)]) == 2
 
 
 def _squad(path, n, seed, impossible=0.0):
@@ -121,10 +100,10 @@ def _squad(path, n, seed, impossible=0.0):
     return path
 
 
-def test_qa_learns_to_point_at_the_answer_across_windows(pretrained, tmp_path):
+def test_qa_learns_to_point_at_the_answer_across_windows(tiny_pretrained, tmp_path):
     train, dev = _squad(tmp_path / "train.json", 300, 0, 0.2), _squad(tmp_path / "dev.json", 60, 1, 0.2)
     out = tmp_path / "qa"
-    result = finetune(FinetuneConfig(task="qa", model=str(pretrained["bert"]), train=str(train), eval=str(dev),
+    result = finetune(FinetuneConfig(task="qa", model=str(tiny_pretrained["bert"]), train=str(train), eval=str(dev),
                                      out=str(out), epochs=4, lr=3e-3, batch_size=16, max_len=24, doc_stride=8))
     assert result["eval"]["exact_match"] >= 80 and result["eval"]["f1"] >= result["eval"]["exact_match"]
     preds = {p["id"]: p["answer"] for p in predict(str(out), str(dev))}
@@ -145,7 +124,7 @@ def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
         read_squad(bad)
 
 
-def test_few_shot_scoring_sums_choice_log_probabilities(pretrained, tmp_path, capsys):
+def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_path, capsys):
     """The score of a choice is the sum of its tokens' log-probabilities after the prompt (checked against
     a direct forward pass), and `lmlab eval --task` reports accuracy against chance."""
     import torch.nn.functional as F
@@ -153,7 +132,7 @@ def test_few_shot_scoring_sums_choice_log_probabilities(pretrained, tmp_path, ca
     from lmlab.fewshot import choice_logprobs, evaluate_task
     from lmlab.tokenizer import load_tokenizer
 
-    folder = str(pretrained["gpt"])
+    folder = str(tiny_pretrained["gpt"])
     model, tok = lmlab.load(folder), load_tokenizer(folder)
     prompt, choices = "the lord said unto", [" Moses", " the land"]
     got = choice_logprobs(model, tok, prompt, choices)

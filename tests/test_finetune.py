@@ -196,3 +196,19 @@ def test_conll_and_squad_fixtures(tiny_pretrained):
             assert text.lower() == "into the dead sea"
     assert any(row["start_positions"] > 0 for row in windows)  # some window does hold the answer
     assert all(row["start_positions"] == 0 for row, m in zip(windows, meta) if m["example"] == 1)
+
+
+def test_classification_pooling_can_be_chosen(tiny_pretrained):
+    from lmlab.finetune import task_model
+
+    base = lmlab.load(tiny_pretrained["bert"])
+    default = task_model(base, "classify", ["a", "b"])
+    assert default.config.classifier_pooling == "cls" and default.pooler is not None
+    mean = task_model(base, "classify", ["a", "b"], pooling="mean")
+    assert mean.config.classifier_pooling == "mean" and mean.pooler is None
+    x = torch.randint(5, 50, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        h = mean(input_ids=x, attention_mask=mask).last_hidden_state
+        expected = torch.stack([h[0].mean(0), h[1, :4].mean(0)])
+        assert torch.allclose(mean(input_ids=x, attention_mask=mask).logits, mean.classifier(expected), atol=1e-5)

@@ -389,7 +389,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     fc = FinetuneConfig(task=args.task, model=args.model, train=args.train, eval=args.eval, out=args.out,
                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
                         text_columns=args.text_columns, label_column=args.label_column, seed=args.seed,
-                        doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
+                        doc_stride=args.doc_stride, max_answer_len=args.max_answer_len, pooling=args.pooling,
                         resume=args.resume, device=args.device)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--text-columns", nargs="+", help="classification text column(s) (default: found by name)")
     p.add_argument("--label-column", help="classification label column (default: found by name)")
+    p.add_argument("--pooling", choices=("cls", "mean", "last"),
+                   help="classification: what the classifier reads (default: [CLS] for encoders, last token for decoders)")
     p.add_argument("--doc-stride", type=int, default=32, help="QA: tokens shared by neighbouring context windows")
     p.add_argument("--max-answer-len", type=int, default=30, help="QA: longest answer in tokens")
     p.add_argument("--seed", type=int, default=0)

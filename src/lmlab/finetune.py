@@ -373,8 +373,10 @@ def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: 
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
-    """The pre-trained backbone with the task's head in place of the pre-training heads."""
+def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | None = None) -> Model:
+    """The pre-trained backbone with the task's head in place of the pre-training heads. Classification
+    pools [CLS] through the pooler for encoders and the last real token for decoders, unless `pooling`
+    ("cls", "mean", "last") says otherwise."""
     cfg = base.config
     if cfg.family not in ("encoder", "decoder"):
         raise ConfigError(f"fine-tuning for {task} takes encoder or decoder models; this one is {cfg.family!r}")
@@ -382,8 +384,9 @@ def task_model(base: Model, task: str, labels: list[str] | None) -> Model:
     head = {"classify": "classify", "ner": "tag", "qa": "span"}[task]
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
-        changes["pooler"] = cfg.family == "encoder"  # [CLS] through the (pre-trained, if any) pooler
-        changes["classifier_pooling"] = "cls" if cfg.family == "encoder" else "last"
+        how = pooling or ("cls" if cfg.family == "encoder" else "last")
+        changes["pooler"] = cfg.family == "encoder" and how == "cls"  # [CLS] through the (pre-trained) pooler
+        changes["classifier_pooling"] = how
     else:
         changes["pooler"] = False
     model = Model(cfg.replace(**changes))
@@ -459,6 +462,7 @@ class FinetuneConfig:
     batch_size: int = 16
     max_len: int = 128
     text_columns: list[str] | None = None
+    pooling: str | None = None  # classification: cls | mean | last (default: cls for encoders, last for decoders)
     label_column: str | None = None
     doc_stride: int = 32  # QA: tokens shared by neighbouring windows of a long context
     max_answer_len: int = 30  # QA: longest answer, in tokens
@@ -511,7 +515,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         train_rows = encode_tagging(train_ex, tok, cfg, fc.max_len, label_ids)[0]
         eval_rows = encode_tagging(eval_ex, tok, cfg, fc.max_len, label_ids)[0]
         evaluate_fn = tagging_eval(labels)
-    model = task_model(base, fc.task, labels)
+    model = task_model(base, fc.task, labels, fc.pooling)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     segments = model.config.type_vocab_size > 0
     train = Batches(TaskData(train_rows, pad, segments), fc.batch_size, fc.seed)

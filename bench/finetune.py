@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-len", type=int, default=96)
+    ap.add_argument("--pretrain-lr", type=float, nargs=2, default=[5e-4, 2e-3], metavar=("BERT", "GPT"),
+                    help="pre-training peak learning rates (post-LN BERT collapses at the GPT's 2e-3)")
+    ap.add_argument("--models", nargs="+", default=["bert-tiny", "gpt2-tiny"], choices=["bert-tiny", "gpt2-tiny"])
     ap.add_argument("--out", default="runs/finetune-bench")
     a = ap.parse_args()
     import torch
@@ -61,10 +64,12 @@ def main() -> None:
     t = time.perf_counter()
     base = tfidf_baseline(task / "train.tsv", task / "test.tsv")
     rows.append({"model": "TF-IDF (1-2 grams) + logistic regression", **base, "minutes": (time.perf_counter() - t) / 60})
-    for family, preset in (("encoder", "bert-tiny"), ("decoder", "gpt2-tiny")):
+    for family, preset, lr in (("encoder", "bert-tiny", a.pretrain_lr[0]), ("decoder", "gpt2-tiny", a.pretrain_lr[1])):
+        if preset not in a.models:
+            continue
         pre = out / f"pretrained-{preset}"
         pretrain(PretrainConfig(out=str(pre), preset=preset, seq_len=128,
-                                train=TrainConfig(max_steps=a.pretrain_steps, lr=2e-3, warmup_steps=50, eval_batches=4)))
+                                train=TrainConfig(max_steps=a.pretrain_steps, lr=lr, warmup_steps=50, eval_batches=4)))
         scratch = out / f"scratch-{preset}"  # the same architecture and tokenizer, random weights
         torch.manual_seed(0)
         lmlab.Model(lmlab.load(pre).config).save_pretrained(scratch)

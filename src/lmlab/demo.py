@@ -21,11 +21,13 @@ def train_demo_models(out: str | Path, steps: int = 200, on_event: Callable | No
                       start: Callable[[str], Any] | None = None) -> dict[str, dict]:
     """Pre-train gpt2-tiny (causal LM) and bert-tiny (MLM + NSP) on the King James Bible."""
     results = {}
-    for name, family in (("gpt", "decoder"), ("bert", "encoder")):
+    # post-LN BERT at the GPT's 2e-3 collapses its token states onto one vector within a few hundred
+    # steps (docs/benchmarks.md, fine-tuning); 5e-4 keeps them apart
+    for name, family, lr in (("gpt", "decoder", 2e-3), ("bert", "encoder", 5e-4)):
         if start:
             start(name)
         pc = PretrainConfig(out=str(Path(out) / name), family=family, seq_len=128,
-                            train=TrainConfig(max_steps=steps, batch_size=16, lr=2e-3, warmup_steps=20,
+                            train=TrainConfig(max_steps=steps, batch_size=16, lr=lr, warmup_steps=20,
                                               eval_every=max(steps // 2, 1), save_every=steps, log_every=10))
         results[name] = pretrain(pc, on_event)
     return results

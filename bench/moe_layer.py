@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 SETTINGS = {  # name -> (experts, expert d_ff, top-k); every setting has 2048 active FFN units per token
     "top-1": (8, 2048, 1),

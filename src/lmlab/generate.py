@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.model import KVCache, Model
+from lmlab.model import Model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -390,7 +390,6 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
     """Every lmlab tensor of `cfg` with the transformers tensor(s) it corresponds to."""
     p = _base_prefix(model_type, cfg.heads) if prefix is None else prefix
     qd, kd = cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
-    b = cfg.bias
     t: list[Entry] = []
     if model_type in ("bert", "roberta"):
         e = f"{p}embeddings."

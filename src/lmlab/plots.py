@@ -13,6 +13,28 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return Path(out)
+
+
+def _short(layer: str) -> str:
+    """decoder.layers.3.ffn -> decoder 3"""
+    return layer.replace(".layers.", " ").replace(".ffn", "")
+
+
 def loss_curves(metrics: str | Path, out: str | Path) -> Path | None:
     """Train and validation loss against step, learning rate below; None when there is nothing to plot."""
     records = read_metrics(metrics)
@@ -20,10 +42,7 @@ def loss_curves(metrics: str | Path, out: str | Path) -> Path | None:
     val = [r for r in records if r["split"] == "val"]
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
@@ -36,11 +55,7 @@ def loss_curves(metrics: str | Path, out: str | Path) -> Path | None:
     bottom.set_ylabel("learning rate")
     bottom.set_xlabel("optimizer step")
     bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
@@ -50,10 +65,7 @@ def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
     train = [r for r in read_metrics(metrics) if r["split"] == "train" and r.get("moe")]
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     tail = train[-max(1, len(train) // 4):]
@@ -62,7 +74,7 @@ def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
     n_layers, n_experts = load.shape
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.5 * n_layers + 3), gridspec_kw={"width_ratios": [3, 2]})
     image = left.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=max(load.max(), 2.0 / n_experts))
-    left.set_yticks(range(n_layers), [n.replace(".layers.", " ").replace(".ffn", "") for n in names], fontsize=8)
+    left.set_yticks(range(n_layers), [_short(n) for n in names], fontsize=8)
     left.set_xticks(range(n_experts), range(n_experts), fontsize=7 if n_experts > 16 else 9)
     left.set_xlabel("expert")
     left.set_title(f"share of routed assignments, steps {tail[0]['step']}-{tail[-1]['step']} "
@@ -70,13 +82,9 @@ def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
     fig.colorbar(image, ax=left, fraction=0.04)
     steps = [r["step"] for r in train]
     for i, name in enumerate(names):
-        right.plot(steps, [r["moe"][i]["cv"] for r in train], label=name.replace(".layers.", " ").replace(".ffn", ""))
+        right.plot(steps, [r["moe"][i]["cv"] for r in train], label=_short(name))
     right.set_xlabel("optimizer step")
     right.set_ylabel("coefficient of variation of expert load")
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

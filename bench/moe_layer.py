@@ -3,7 +3,8 @@ dense SwiGLU FFN of the same active FLOPs (the physical limit: an MoE layer has 
 
 All three run in the same process on the same input, alternating, and the median of the repeats is
 reported. lmlab's layer gets transformers' weights (same routing, outputs checked equal before timing)
-and computes what it always computes on top: its load-balancing loss and routing statistics.
+and computes what it always computes on top: its load-balancing loss (routing statistics are computed
+only when read, as the trainer does every step).
 transformers' block is taken from a MixtralForCausalLM, so it runs the experts kernel transformers
 picks by default for this device and torch (`grouped_mm` on torch >= 2.9); its per-expert loop
 ("eager") is timed too.
@@ -60,9 +61,14 @@ def build(experts: int, d_ff: int, k: int, a: argparse.Namespace, hf_experts: st
 
 def timed(fn, x: torch.Tensor, grad: torch.Tensor) -> float:
     x = x.detach().requires_grad_()
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     y = fn(x)
     y.backward(grad)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -72,21 +78,30 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
+
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, a.dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
 
     rows = []
     for name in a.settings:
         experts, d_ff, k = SETTINGS[name]
         hf, ours, dense, default = build(experts, d_ff, k, a)
         hf_eager = build(experts, d_ff, k, a, "eager")[0]
-        x = torch.randn(1, a.tokens, a.hidden)
+        for m in (hf, ours, dense, hf_eager):
+            m.to(device=a.device, dtype=dtype)
+        x = torch.randn(1, a.tokens, a.hidden, device=a.device, dtype=dtype)
         grad = torch.randn_like(x)
         with torch.no_grad():
             for block in (hf, hf_eager):
                 err = (block(x.clone()) - ours(x)).abs().max().item()
-                assert err < 1e-5, f"lmlab and transformers disagree by {err}"
+                assert err < tol, f"lmlab and transformers disagree by {err}"
         impls = {"lmlab": lambda t: ours(t), f"transformers ({default}, its default)": lambda t: hf(t.clone()),
                  "dense SwiGLU, same active FLOPs": lambda t: dense(t)}
         if default != "eager":
@@ -102,10 +117,11 @@ def main() -> None:
         for n, t in med.items():
             rows.append({"setting": name, "experts": experts, "d_ff": d_ff, "top_k": k, "impl": n, "ms": t * 1e3,
                          "vs_dense": t / dense_t, "lmlab_speedup": t / med["lmlab"]})
-    print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, float32, "
+    print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, "
           f"median of {a.repeats}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    where = (torch.cuda.get_device_name() if a.device.startswith("cuda")
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}")
     print("| setting | implementation | ms | time / dense | lmlab speed-up |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} ({r['experts']} x {r['d_ff']}) | {r['impl']} | {r['ms']:.1f} | {r['vs_dense']:.2f}x | "

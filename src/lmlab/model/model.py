@@ -349,8 +349,10 @@ class Model(nn.Module):
 
     def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,
                     sparse: bool) -> torch.Tensor | None:
-        """Logits of an lm / mlm head and their loss; `sparse`: project only the labelled positions."""
-        if targets is not None and sparse:
+        """Logits of an lm / mlm head and their loss; `sparse`: project only the labelled positions.
+        Not under torch.compile: the selection's data-dependent shape would break the graph in two, and
+        the compiled dense projection + loss is faster than both halves."""
+        if targets is not None and sparse and not torch.compiler.is_compiling():
             keep = targets != IGNORE_INDEX
             out.logits = head(h[keep], self.tok_embed.weight)  # (N, V)
             return F.cross_entropy(out.logits.float(), targets[keep])

@@ -77,6 +77,12 @@ def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
     return torch.cat(out) if out else x_AD.new_zeros(0, w_EDF.shape[-1])
 
 
+def _count(index: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in index: bincount without the host sync that CUDA's bincount
+    makes (it reads the maximum back to size its output)."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, has_previous: bool = False) -> None:
         super().__init__()
@@ -118,7 +124,7 @@ class MoE(nn.Module):
         self.record_routing = False  # when set, `routing` keeps the (T, E) weight each token got from each expert
         self.routing: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
-        self.stats: dict[str, torch.Tensor] = {}
+        self._stat_inputs: tuple | None = None  # what `stats` is computed from, kept by the last forward
 
     def expert_name(self, e: int) -> str:
         """e3 for FFN expert 3; zero0, copy0, const1 for MoE++ experts."""
@@ -228,7 +234,7 @@ class MoE(nn.Module):
         expert_A = experts_TK.reshape(-1)
         order_A = torch.argsort(expert_A, stable=True)
         token_A, expert_A = order_A // K, expert_A[order_A]
-        counts_E = torch.bincount(expert_A, minlength=self.n_experts)
+        counts_E = routed_E = _count(expert_A, self.n_experts)
         kept_TK = None
         if self.capacity is not None or self.capacity_factor is not None:
             # per sequence (GShard's and Switch's group), each FFN expert keeps its first `capacity`
@@ -236,7 +242,7 @@ class MoE(nn.Module):
             capacity = self.capacity or math.ceil(self.capacity_factor * seq_len * K / self.n_ffn)
             n_seq = T // seq_len
             group_A = expert_A * n_seq + token_A // seq_len  # (expert, sequence) groups are contiguous
-            counts_G = torch.bincount(group_A, minlength=self.n_experts * n_seq)
+            counts_G = _count(group_A, self.n_experts * n_seq)
             starts_G = torch.cumsum(counts_G, 0) - counts_G
             rank_A = torch.arange(len(order_A), device=x_TD.device) - starts_G[group_A]
             keep_A = (rank_A < capacity) | (expert_A >= self.n_ffn)
@@ -244,7 +250,7 @@ class MoE(nn.Module):
             kept_TK[order_A[keep_A]] = True
             kept_TK = kept_TK.view(T, K)
             order_A, token_A, expert_A = order_A[keep_A], token_A[keep_A], expert_A[keep_A]
-            counts_E = torch.bincount(expert_A, minlength=self.n_experts)
+            counts_E = _count(expert_A, self.n_experts)
         w_A = weights_TK.reshape(-1)[order_A].to(x_TD.dtype)
         n_ffn = int(counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(order_A)
         y_AD = self._ffn(x_TD.index_select(0, token_A[:n_ffn]), counts_E[:self.n_ffn], w_A[:n_ffn])
@@ -256,7 +262,7 @@ class MoE(nn.Module):
         if self.record_routing:
             kept = weights_TK if kept_TK is None else weights_TK * kept_TK
             self.routing = torch.zeros(T, self.n_experts, device=x_TD.device).scatter_(1, experts_TK, kept.float())
-        self._losses_and_stats(logits_TE, weights_TK, experts_TK, kept_TK, token_mask)
+        self._losses_and_stats(logits_TE, weights_TK, experts_TK, kept_TK, token_mask, routed_E)
         return y_TD
 
     def _expert_choice(self, x_TD: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -321,7 +327,8 @@ class MoE(nn.Module):
         return v.var(correction=0) / (v.mean().pow(2) + 1e-10) if v.numel() > 1 else v.new_zeros(())
 
     def _losses_and_stats(self, logits_TE: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
-                          kept_TK: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
+                          kept_TK: torch.Tensor | None, token_mask: torch.Tensor | None,
+                          routed_E: torch.Tensor | None = None) -> None:
         chosen_TE, noise_TE = self._chosen_TE, self._noise_TE
         if token_mask is not None:  # padding tokens count in neither the losses nor the statistics
             real_T = token_mask.reshape(-1).bool()
@@ -331,7 +338,9 @@ class MoE(nn.Module):
             kept_TK = kept_TK[real_T] if kept_TK is not None else None
         E, n = self.n_experts, max(logits_TE.shape[0], 1)
         probs_TE = logits_TE.softmax(-1)
-        load_E = torch.bincount(experts_TK.reshape(-1), minlength=E).float() / (n * self.top_k)  # f_i
+        if token_mask is not None or routed_E is None:  # assignments per expert, padding left out
+            routed_E = _count(experts_TK.reshape(-1), E)
+        load_E = routed_E.float() / (n * self.top_k)  # f_i
         importance_E = probs_TE.mean(0) if logits_TE.shape[0] else probs_TE.new_zeros(E)  # P_i
         losses = {"z": self._z_loss(logits_TE)}
         if self.weights["lb"]:
@@ -360,12 +369,23 @@ class MoE(nn.Module):
                 dropped: torch.Tensor | float) -> None:
         losses = {k: v for k, v in losses.items() if v is not None}
         self.aux_loss = torch.stack(list(losses.values())).sum() if losses else None
+        self._stat_inputs = (probs_TE.detach(), load_E.detach(), dropped,
+                             {k: v.detach() for k, v in losses.items()})
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The last forward's routing statistics: expert load (fraction of assignments), its coefficient of
+        variation, mean router entropy, dropped fraction and each auxiliary loss. Computed when read, so a
+        forward that nobody inspects (inference, generation) launches no extra kernels for them."""
+        if self._stat_inputs is None:
+            return {}
+        probs_TE, load_E, dropped, losses = self._stat_inputs
         with torch.no_grad():
             entropy = -(probs_TE * probs_TE.clamp(min=1e-9).log()).sum(-1).mean() if probs_TE.shape[0] \
                 else probs_TE.new_zeros(())
-            self.stats = {"load": load_E.detach(), "cv": (load_E.std() / load_E.mean().clamp(min=1e-9)).detach(),
-                          "entropy": entropy.detach(), "dropped": torch.as_tensor(dropped, dtype=torch.float32).detach(),
-                          **{f"{k}_loss": v.detach() for k, v in losses.items()}}
+            return {"load": load_E, "cv": load_E.std() / load_E.mean().clamp(min=1e-9), "entropy": entropy,
+                    "dropped": torch.as_tensor(dropped, dtype=torch.float32, device=load_E.device).detach(),
+                    **{f"{k}_loss": v for k, v in losses.items()}}
 
 
 def is_moe_layer(cfg: ModelConfig, layer_index: int) -> bool:

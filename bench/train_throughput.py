@@ -173,7 +173,7 @@ def main() -> None:
     where = (torch.cuda.get_device_name() + ", bf16 autocast" if a.device.startswith("cuda")
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}")
-    print(f"| model | implementation | tokens/s | vs transformers | MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
+    print("| model | implementation | tokens/s | vs transformers | MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.3f}x | {r['mfu']:.1%} | "
               f"{r['peak_mb']:,.0f} |")

@@ -48,6 +48,7 @@ ARCH_CONFIG = {
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
     "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta", "GPT2LMHeadModel": "gpt2",
     "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
+    "BartForSequenceClassification": "bart",
     "SwitchTransformersForConditionalGeneration": "switch", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
@@ -100,7 +101,7 @@ TINY_WORDS = "the a land people lord king city river house field water stone".sp
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
-    """Tiny random decoder ("gpt") and encoder ("bert") folders, each with a tokenizer trained on a few
+    """Tiny random decoder ("gpt"), encoder ("bert"), encoder-decoder ("t5") and prefix-LM ("prefix") folders, each with a tokenizer trained on a few
     hundred lines: what `lmlab pretrain` leaves behind, in a second."""
     import random
 
@@ -113,7 +114,8 @@ def tiny_pretrained(tmp_path_factory):
             for i in range(200)]
     text += [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
     out = {}
-    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny")):
+    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny"),
+                             ("t5", "unigram", "t5-tiny"), ("prefix", "bpe", "prefix-lm-tiny")):
         tok = train_tokenizer(kind, text, 400)
         torch.manual_seed(0)
         cfg = preset(base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64,

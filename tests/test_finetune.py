@@ -40,7 +40,7 @@ def _conll(path, n, seed):
     return path
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt"])
+@pytest.mark.parametrize("family", ["bert", "gpt", "t5", "prefix"])
 def test_classification_learns_the_planted_word_and_predicts(family, tiny_pretrained, tmp_path):
     train, dev = _sst_like(tmp_path / "train.tsv", 300, 0), _sst_like(tmp_path / "dev.tsv", 100, 1)
     out = tmp_path / "cls"
@@ -57,10 +57,11 @@ def test_classification_learns_the_planted_word_and_predicts(family, tiny_pretra
     assert sum(p["label"] == g for p, g in zip(preds, gold)) / 100 == pytest.approx(result["eval"]["accuracy"])
 
 
-def test_ner_learns_names_and_places(tiny_pretrained, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_ner_learns_names_and_places(family, tiny_pretrained, tmp_path):
     train, dev = _conll(tmp_path / "train.conll", 200, 0), _conll(tmp_path / "dev.conll", 60, 1)
     out = tmp_path / "ner"
-    assert main(["finetune", "--task", "ner", "--model", str(tiny_pretrained["bert"]), "--train", str(train), "--eval",
+    assert main(["finetune", "--task", "ner", "--model", str(tiny_pretrained[family]), "--train", str(train), "--eval",
                  str(dev), "--out", str(out), "--epochs", "3", "--lr", "3e-3", "--max-len", "32"]) == 0
     result = json.loads((out / "eval_results.json").read_text())
     assert result["eval"]["f1"] >= 0.9 and result["labels"] == ["B-LOC", "B-PER", "O"]
@@ -100,11 +101,15 @@ def _squad(path, n, seed, impossible=0.0):
     return path
 
 
-def test_qa_learns_to_point_at_the_answer_across_windows(tiny_pretrained, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_qa_learns_to_point_at_the_answer_across_windows(family, tiny_pretrained, tmp_path):
     train, dev = _squad(tmp_path / "train.json", 300, 0, 0.2), _squad(tmp_path / "dev.json", 60, 1, 0.2)
     out = tmp_path / "qa"
-    result = finetune(FinetuneConfig(task="qa", model=str(tiny_pretrained["bert"]), train=str(train), eval=str(dev),
-                                     out=str(out), epochs=4, lr=3e-3, batch_size=16, max_len=24, doc_stride=8))
+    # the tiny T5's Unigram vocabulary is nearly character-level: longer windows for the same text
+    max_len, stride = (24, 8) if family == "bert" else (64, 16)
+    result = finetune(FinetuneConfig(task="qa", model=str(tiny_pretrained[family]), train=str(train), eval=str(dev),
+                                     out=str(out), epochs=4 if family == "bert" else 8, lr=3e-3, batch_size=16, max_len=max_len,
+                                     doc_stride=stride))
     assert result["eval"]["exact_match"] >= 80 and result["eval"]["f1"] >= result["eval"]["exact_match"]
     preds = {p["id"]: p["answer"] for p in predict(str(out), str(dev))}
     gold = {q["id"]: [a["text"] for a in q["answers"]] for p in json.loads(dev.read_text())["data"][0]["paragraphs"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batch, transformers
+from conftest import padded_batch
 
 import lmlab
 from lmlab.generate import fill_mask, filter_logits

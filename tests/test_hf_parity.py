@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_hf, padded_batch, transformers
+from conftest import padded_batch, transformers
 
 import lmlab
 
@@ -24,7 +24,9 @@ def _inputs(arch: str, hf_model) -> dict[str, torch.Tensor]:
     pad = hf_model.config.pad_token_id
     ids, mask = padded_batch(LENGTHS, pad_id=pad if pad is not None else 0)
     kw = {"input_ids": ids, "attention_mask": mask}
-    if arch.startswith(("T5", "Bart", "Switch")):
+    if arch == "BartForSequenceClassification":  # the head reads the decoder's state at each input's final </s>
+        ids[torch.arange(len(LENGTHS)), torch.tensor(LENGTHS) - 1] = hf_model.config.eos_token_id
+    elif arch.startswith(("T5", "Bart", "Switch")):
         dec, dmask = padded_batch([6, 8, 3], pad_id=pad, seed=1)
         kw.update(decoder_input_ids=dec, decoder_attention_mask=dmask)
     if arch.startswith("Bert"):
@@ -42,7 +44,7 @@ def _compare(arch: str, ours, theirs, kw) -> None:
     elif arch == "BertForPreTraining":
         assert _max_diff(a.prediction_logits, b.prediction_logits, mask) <= TOL
         assert _max_diff(a.seq_relationship_logits, b.seq_relationship_logits) <= TOL
-    elif arch == "BertForSequenceClassification":
+    elif arch in ("BertForSequenceClassification", "BartForSequenceClassification"):
         assert _max_diff(a.logits, b.logits) <= TOL
     else:
         assert _max_diff(a.logits, b.logits, mask) <= TOL
@@ -50,7 +52,7 @@ def _compare(arch: str, ours, theirs, kw) -> None:
 
 ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
          "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration",
-         "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
+         "BartForSequenceClassification", "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -2,8 +2,10 @@
 extractive question answering.
 
 The pre-trained model keeps its backbone; its pre-training heads are replaced by the task's head
-(`classify`: encoders pool [CLS] through the pooler, decoders take the last real token; `tag`: a
-linear layer on every token state), visible in the saved config (`heads`, `classifier_pooling`).
+(`classify`: encoders pool [CLS] through the pooler, decoders and prefix-LMs take the last real
+token, encoder-decoders the decoder's state at the input's final </s> as BART does; `tag` and `span`:
+a linear layer on every token state, the encoder's for encoder-decoders), visible in the saved config
+(`heads`, `classifier_pooling`). Every family that `lmlab.load` reads can be fine-tuned.
 Training runs on the pre-training Trainer (checkpoints, exact resume, progress, metrics.jsonl).
 
 Data:
@@ -11,8 +13,9 @@ Data:
   column (GLUE's files work as they come: `sentence`, `sentence1`/`sentence2`, `question`/`sentence`
   ... are found by name, or name them). Numeric non-integer labels (STS-B) make a regression task.
 - NER: CoNLL-style, one token per line with its tag in the last column, a blank line between
-  sentences, `-DOCSTART-` lines skipped; BIO or IOBES. A word's tag goes to its first sub-word, the
-  other sub-words are ignored by the loss, and predictions are read off the first sub-words.
+  sentences, `-DOCSTART-` lines skipped; BIO or IOBES. A word's tag goes to its first sub-word (past
+  a bare "▁" / "Ġ" word-start piece), the other sub-words are ignored by the loss, and predictions
+  are read off those same sub-words.
 - QA: SQuAD v1.1 / v2.0 JSON. Question and context share a window, [CLS] question [SEP] context
   [SEP] (decoders: question then context); long contexts are cut into windows that overlap by
   `doc_stride` tokens; an answer outside a window (or none, in v2) points at position 0. Answers are
@@ -184,9 +187,12 @@ class TaskData:
 
 
 def _specials(tok: Tokenizer, cfg: ModelConfig) -> tuple[list[int], list[int]]:
-    """Ids put before and after a text: [CLS] ... [SEP] for encoders with those tokens, none for decoders."""
+    """Ids put before and after a text: [CLS] ... [SEP] for encoders with those tokens, ... </s> for
+    encoder-decoders (as T5 and BART end their inputs), none for decoders and prefix-LMs."""
     if cfg.family == "encoder" and tok.cls_id is not None and tok.sep_id is not None:
         return [tok.cls_id], [tok.sep_id]
+    if cfg.family == "encoder-decoder" and tok.eos_id is not None:
+        return [], [tok.eos_id]
     return [], []
 
 
@@ -224,6 +230,9 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
     """Rows, and for each sentence the position of every word's first sub-word (-1 when truncated away)."""
     head, tail = _specials(tok, cfg)
     byte_level = tok.kind == "bpe"
+    # a word-start marker on its own ("▁" of SentencePiece-style vocabularies, "Ġ" of byte-level BPE) says
+    # nothing about the word: its label goes to the next piece, the first that carries the word's text
+    bare = {i for i in (tok.backend.token_to_id("\u2581"), tok.backend.token_to_id("\u0120")) if i is not None}
     rows, firsts = [], []
     for ex in examples:
         ids, labels, first = list(head), [IGNORE] * len(head), []
@@ -232,12 +241,14 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
             if len(ids) + len(pieces) + len(tail) > max_len:
                 first += [-1] * (len(ex.words) - i)  # truncated: these words get no prediction
                 break
-            first.append(len(ids))
+            skip = 1 if len(pieces) > 1 and pieces[0] in bare else 0
+            first.append(len(ids) + skip)
             tag = ex.label[i] if ex.label is not None and label_ids is not None else None
             if tag is not None and tag not in label_ids:
                 raise DataError(f"{ex.where}: tag {tag!r} of word {i + 1} is not one of the training tags "
                                 f"({', '.join(label_ids)})")
-            labels += [label_ids[tag] if tag is not None else IGNORE] + [IGNORE] * (len(pieces) - 1)
+            labels += [IGNORE] * skip + [label_ids[tag] if tag is not None else IGNORE] \
+                + [IGNORE] * (len(pieces) - 1 - skip)
             ids += pieces
         ids += tail
         labels += [IGNORE] * len(tail)
@@ -375,17 +386,19 @@ def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: 
 # ---- the model ----------------------------------------------------------------------------------
 def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | None = None) -> Model:
     """The pre-trained backbone with the task's head in place of the pre-training heads. Classification
-    pools [CLS] through the pooler for encoders and the last real token for decoders, unless `pooling`
-    ("cls", "mean", "last") says otherwise."""
+    pools [CLS] through the pooler for encoders and the last real token otherwise (for encoder-decoders,
+    the decoder's state at the final </s>, as BART does), unless `pooling` ("cls", "mean", "last")
+    says otherwise. Encoder-decoders tag and extract spans from their encoder's states; prefix-LMs
+    see their whole input bidirectionally (see `Model.forward`)."""
     cfg = base.config
-    if cfg.family not in ("encoder", "decoder"):
-        raise ConfigError(f"fine-tuning for {task} takes encoder or decoder models; this one is {cfg.family!r}")
     num_labels = len(labels) if labels else 1
     head = {"classify": "classify", "ner": "tag", "qa": "span"}[task]
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
         how = pooling or ("cls" if cfg.family == "encoder" else "last")
-        changes["pooler"] = cfg.family == "encoder" and how == "cls"  # [CLS] through the (pre-trained) pooler
+        # encoders: [CLS] through the (pre-trained) pooler; encoder-decoders: BART's head, dense + tanh
+        # on the last state, then the classifier (so a fine-tuned BART exports as BartForSequenceClassification)
+        changes["pooler"] = (cfg.family == "encoder" and how == "cls") or cfg.family == "encoder-decoder"
         changes["classifier_pooling"] = how
     else:
         changes["pooler"] = False
@@ -515,6 +528,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         train_rows = encode_tagging(train_ex, tok, cfg, fc.max_len, label_ids)[0]
         eval_rows = encode_tagging(eval_ex, tok, cfg, fc.max_len, label_ids)[0]
         evaluate_fn = tagging_eval(labels)
+    torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed
     model = task_model(base, fc.task, labels, fc.pooling)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     segments = model.config.type_vocab_size > 0

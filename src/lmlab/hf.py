@@ -32,6 +32,7 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "GPT2LMHeadModel": ("gpt2", ("lm",), False),
     "T5ForConditionalGeneration": ("t5", ("lm",), False),
     "BartForConditionalGeneration": ("bart", ("lm",), False),
+    "BartForSequenceClassification": ("bart", ("classify",), True),  # dense + tanh + out_proj on the last </s>
     "SwitchTransformersForConditionalGeneration": ("switch_transformers", ("lm",), False),
     "MixtralModel": ("mixtral", (), False),
     "MixtralForCausalLM": ("mixtral", ("lm",), False),
@@ -506,6 +507,10 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
             t += [Entry("lm_head.bias", ("final_logits_bias",), "row")]
             if not cfg.tie_embeddings:
                 t += [Entry("lm_head.weight", ("lm_head.weight",))]
+        if "classify" in cfg.heads:
+            if cfg.pooler:
+                t += _linear("pooler.dense", "classification_head.dense", True)
+            t += _linear("classifier", "classification_head.out_proj", True)
     elif model_type in ("mixtral", "qwen2_moe"):
         t += [Entry("tok_embed.weight", (f"{p}embed_tokens.weight",))]
         qkv_bias = cfg.qkv_bias if cfg.qkv_bias is not None else cfg.bias

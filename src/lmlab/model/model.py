@@ -133,14 +133,18 @@ class Stack(nn.Module):
 
 
 class Pooler(nn.Module):
-    """BERT's pooler: tanh(W h_[CLS] + b), the input of the NSP and classification heads."""
+    """BERT's pooler: tanh(W h_[CLS] + b), the input of the NSP and classification heads (BART's
+    classification head has the same dense + tanh, on the final </s> state: `transform`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
 
+    def transform(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(v))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(h[:, 0]))
+        return self.transform(h[:, 0])
 
 
 class MLMHead(nn.Module):
@@ -256,19 +260,20 @@ class Model(nn.Module):
         return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id if cfg.pad_token_id is not None else 0)
 
     def _pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One vector per sequence for the classifier: [CLS], the mean or the last real token, through
+        the pooler's dense + tanh where the model has one."""
         how = self.config.pooling
-        if self.pooler is not None and how == "cls":
-            return self.pooler(h)
         if how == "cls":
-            return h[:, 0]
-        if attention_mask is None:
-            return h[:, -1] if how == "last" else h.mean(dim=1)
-        m = attention_mask.to(h.dtype)
-        if how == "mean":
-            return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        # last real token; works for left and right padding
-        last = (torch.arange(h.shape[1], device=h.device) * attention_mask.long()).argmax(dim=1)
-        return h[torch.arange(h.shape[0], device=h.device), last]
+            v = h[:, 0]
+        elif attention_mask is None:
+            v = h[:, -1] if how == "last" else h.mean(dim=1)
+        elif how == "mean":
+            m = attention_mask.to(h.dtype)
+            v = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        else:  # last real token; works for left and right padding
+            last = (torch.arange(h.shape[1], device=h.device) * attention_mask.long()).argmax(dim=1)
+            v = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.pooler.transform(v) if self.pooler is not None else v
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
@@ -311,26 +316,37 @@ class Model(nn.Module):
                 memory = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
                 if memory is None:  # an output object whose encoder state lives elsewhere
                     memory = encoder_outputs.encoder_last_hidden_state
-            if decoder_input_ids is None:
-                if labels is None:
-                    raise LmlabError("an encoder-decoder forward needs decoder_input_ids or labels")
-                decoder_input_ids = self.shift_right(labels)
-            cache = past_key_values if past_key_values is not None else (
-                KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
-            past = cache.seen if cache is not None else 0
-            h, hidden = self.decoder(
-                self.embed(decoder_input_ids), self.default_positions(decoder_input_ids, past), None,
-                decoder_attention_mask, cache=cache, memory=memory, memory_padding=attention_mask,
-                output_hidden_states=output_hidden_states,
-            )
-            out.encoder_last_hidden_state, out.past_key_values = memory, cache
-            mask_for_heads = decoder_attention_mask
+            task = self._task_head()
+            if task in ("tag", "span"):  # per-token heads read the (bidirectional) encoder's states
+                h, hidden = memory, None
+            else:
+                if decoder_input_ids is None and task == "classify":
+                    # as BART / T5 classify: the decoder reads the input shifted right, the head its last state
+                    decoder_input_ids, decoder_attention_mask = self.shift_right(input_ids), attention_mask
+                if decoder_input_ids is None:
+                    if labels is None:
+                        raise LmlabError("an encoder-decoder forward needs decoder_input_ids or labels")
+                    decoder_input_ids = self.shift_right(labels)
+                cache = past_key_values if past_key_values is not None else (
+                    KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
+                past = cache.seen if cache is not None else 0
+                h, hidden = self.decoder(
+                    self.embed(decoder_input_ids), self.default_positions(decoder_input_ids, past), None,
+                    decoder_attention_mask, cache=cache, memory=memory, memory_padding=attention_mask,
+                    output_hidden_states=output_hidden_states,
+                )
+                out.past_key_values = cache
+                mask_for_heads = decoder_attention_mask
+            out.encoder_last_hidden_state = memory
         else:  # decoder, prefix-lm
             cache = past_key_values if past_key_values is not None else (
                 KVCache(cfg.n_layers) if use_cache else None)
             past = cache.seen if cache is not None else 0
             if position_ids is None:
                 position_ids = self.default_positions(input_ids, past)
+            if cfg.family == "prefix-lm" and prefix_lengths is None and self._task_head():
+                # a task head (UniLM's NLU fine-tuning): the whole input is the bidirectional prefix
+                prefix_lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
             h, hidden = self.decoder(
                 self.embed(input_ids), position_ids, token_type_ids, attention_mask, prefix_lengths, cache=cache,
                 output_hidden_states=output_hidden_states,
@@ -346,6 +362,10 @@ class Model(nn.Module):
             if out.loss is not None:  # a non-zero auxiliary weight always reaches the training loss
                 out.loss = out.loss + out.aux_loss
         return out
+
+    def _task_head(self) -> str | None:
+        """The fine-tuning head (classify / tag / span) this model carries, if any."""
+        return next((h for h in self.config.heads if h in ("classify", "tag", "span")), None)
 
     def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,
                     sparse: bool) -> torch.Tensor | None:

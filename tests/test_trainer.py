@@ -179,6 +179,19 @@ def test_cli_pretrain_with_yaml_and_flags(tmp_path, corpus, capsys):
     assert "unknown train setting(s) batch_sise" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family,norm,lr", [("encoder", "post", 5e-4), ("decoder", "pre", 1e-3),
+                                            ("encoder", "pre", 1e-3)])
+def test_default_learning_rate_is_halved_for_post_ln_models(tmp_path, corpus, family, norm, lr):
+    pc = _config(tmp_path, corpus, family=family, max_steps=1)
+    pc.model["norm_placement"] = norm
+    pretrain(pc)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["model"]["norm_placement"] == norm and run["pretrain"]["train"]["lr"] == lr
+    given = _config(tmp_path, corpus, "given", family=family, max_steps=1, lr=2e-3)
+    pretrain(given)
+    assert json.loads((tmp_path / "given" / "run.json").read_text())["pretrain"]["train"]["lr"] == 2e-3
+
+
 def test_bf16_autocast_trains(tmp_path, corpus):
     summary = pretrain(_config(tmp_path, corpus, max_steps=2, precision="bf16"))
     assert summary["steps"] == 2 and math.isfinite(summary["val"]["loss"])

@@ -535,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("precision", "schedule", "device"):
             continue
         kind = float if name in ("max_minutes", "lr", "weight_decay", "grad_clip") else int
-        p.add_argument("--" + name.replace("_", "-"), type=kind)
+        p.add_argument("--" + name.replace("_", "-"), type=kind,
+                       help="peak learning rate (default: 5e-4 for post-LN models such as BERT, 1e-3 otherwise)"
+                       if name == "lr" else None)
     p.add_argument("--schedule", choices=("cosine", "linear", "constant"))
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -149,6 +149,10 @@ def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None]
     pc.train.validate()
     pc, tok, store, ocfg = prepare(pc)
     cfg = model_config(pc, tok, pc.objective)
+    if pc.train.lr is None:
+        from lmlab.train.trainer import default_lr
+
+        pc.train.lr = default_lr(cfg)
     splits = store.split(pc.val_fraction, pc.train.seed)
     train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
     val_obj = make_objective(ocfg, store, splits["val"], tok, "val")

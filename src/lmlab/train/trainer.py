@@ -25,6 +25,17 @@ from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from lmlab.train.optim import SCHEDULES, make_optimizer, make_scheduler
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_LR = 1e-3
+POST_LN_LR = 5e-4
+
+
+def default_lr(model_cfg) -> float:
+    """The peak learning rate `lmlab pretrain` uses when none is given. Post-LN stacks (BERT, BART) get
+    half the pre-LN one: the tiny post-LN BERT at 2e-3 collapsed, every position's state becoming the
+    same vector (MLM accuracy 7%, NSP at chance), while at 5e-4 it learned (docs/benchmarks.md).
+    Post-LN's larger gradients near the output are why it needs warm-up and a smaller step size
+    (Xiong et al., 2020)."""
+    return POST_LN_LR if model_cfg.norm_placement == "post" else DEFAULT_LR
 
 
 @dataclass
@@ -34,7 +45,7 @@ class TrainConfig:
     max_minutes: float | None = None
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # None: DEFAULT_LR (lmlab pretrain: the model's default, see default_lr)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     schedule: str = "cosine"
@@ -63,7 +74,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
 
@@ -140,7 +151,8 @@ class Trainer:
         if cfg.max_tokens:
             by_tokens = math.ceil(cfg.max_tokens / self.tokens_per_step)
             self.total_steps = min(self.total_steps or by_tokens, by_tokens)
-        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.optimizer = make_optimizer(self.model, cfg.lr if cfg.lr is not None else DEFAULT_LR, cfg.weight_decay,
+                                        (cfg.beta1, cfg.beta2))
         # with only a time budget the length is unknown: the rate stays at its peak after warm-up
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule,
                                         cfg.min_lr_ratio)

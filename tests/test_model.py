@@ -220,3 +220,21 @@ def test_labelled_logits_only_gives_the_same_loss_and_rows(family, heads):
     assert torch.allclose(full.loss, sparse.loss, atol=1e-6)
     targets = labels if family in ("encoder", "encoder-decoder") else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     assert torch.allclose(full.logits[targets != -100], sparse.logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, 300])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_f_linear_in_values_and_gradients_for_any_row_count(rows, bias):
+    from lmlab.model.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(rows, 1, 24, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (rows, 1, 40) and y.is_contiguous()
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(y, want, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.weight], g)
+    want_grads = torch.autograd.grad(want, [x, layer.weight], g)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, want_grads))

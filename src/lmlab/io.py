@@ -122,6 +122,9 @@ def _adopt(model: Model, state: dict[str, torch.Tensor], source: str) -> Model:
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, but config.json implies "
                                   f"{tuple(expected[k].shape)}")
+    # tensors read from a file can start anywhere in its buffer; BLAS kernels pick their code path by
+    # alignment, so a misaligned weight computes (slightly) differently from the one that was saved
+    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.init_buffers()  # buffers that are not saved (RoPE frequencies, sinusoidal tables) were built on meta
     return model

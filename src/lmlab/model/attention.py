@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
+from lmlab.model.linear import Linear
 from lmlab.model.positions import apply_rope
 
 
@@ -112,11 +113,11 @@ class Attention(nn.Module):
         self.cross = cross
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
-            self.q = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
-            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
+            self.q = Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.kv = Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:  # one GEMM for q, k and v
-            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
-        self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+            self.qkv = Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.out = Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.scale = cfg.attn_scale
         self.dropout = cfg.attn_dropout
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ACTIVATIONS, ModelConfig
+from lmlab.model.linear import Linear
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,8 @@ class DenseFFN(nn.Module):
         d_ff = d_ff or cfg.d_ff
         self.act = activation_fn(cfg.activation)
         self.gated = ACTIVATIONS[cfg.activation][1]
-        self.up = nn.Linear(cfg.d_model, 2 * d_ff if self.gated else d_ff, bias=cfg.bias)
-        self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.up = Linear(cfg.d_model, 2 * d_ff if self.gated else d_ff, bias=cfg.bias)
+        self.down = Linear(d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.up(x)

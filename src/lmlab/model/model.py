@@ -22,6 +22,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.attention import KVCache, build_mask
 from lmlab.model.block import Block, make_norm
 from lmlab.model.ffn import activation_fn
+from lmlab.model.linear import linear
 from lmlab.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_table
 
 IGNORE_INDEX = -100
@@ -160,7 +161,7 @@ class MLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.act(self.dense(h)))
-        return F.linear(h, embedding if self.weight is None else self.weight, self.bias)
+        return linear(h, embedding if self.weight is None else self.weight, self.bias)
 
 
 class LMHead(nn.Module):
@@ -175,7 +176,7 @@ class LMHead(nn.Module):
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             h = h * self.scale
-        return F.linear(h, embedding if self.weight is None else self.weight, self.bias)
+        return linear(h, embedding if self.weight is None else self.weight, self.bias)
 
 
 class Model(nn.Module):

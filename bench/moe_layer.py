@@ -81,9 +81,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory); default: glibc's own")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
+
+    import lmlab
+
+    if a.malloc == "keep":
+        lmlab.keep_freed_memory()  # one process: every implementation benefits alike
 
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     dtype = getattr(torch, a.dtype)
@@ -117,7 +124,7 @@ def main() -> None:
         for n, t in med.items():
             rows.append({"setting": name, "experts": experts, "d_ff": d_ff, "top_k": k, "impl": n, "ms": t * 1e3,
                          "vs_dense": t / dense_t, "lmlab_speedup": t / med["lmlab"]})
-    print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, "
+    print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, malloc={a.malloc}, "
           f"median of {a.repeats}")
     where = (torch.cuda.get_device_name() if a.device.startswith("cuda")
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

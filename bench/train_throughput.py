@@ -69,6 +69,8 @@ def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
 
     import lmlab
 
+    if a.malloc == "keep":
+        lmlab.keep_freed_memory()  # this process serves both the lmlab and the transformers runs alike
     torch.manual_seed(0)
     device = a.device
     arch = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForMaskedLM}[kind]
@@ -135,6 +137,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.1, help="all dropout rates (transformers' default 0.1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory, as the lmlab "
+                         "command runs); default: glibc's own behaviour")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (compiled during the warm-up)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -168,7 +173,7 @@ def main() -> None:
     for r in rows:  # against the best peak seen over the whole run
         r["mfu"] = r["tokens_per_s"] * r["train_flops_per_token"] / peak
     print(f"\ntraining throughput, {a.device}, d_model={a.d_model} layers={a.layers} heads={a.heads} "
-          f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}{' compiled' if a.compile else ''}; median of {a.rounds} rounds x {a.steps} steps; "
+          f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}{' compiled' if a.compile else ''} malloc={a.malloc}; median of {a.rounds} rounds x {a.steps} steps; "
           f"peak {peak / 1e9:.1f} GFLOP/s")
     where = (torch.cuda.get_device_name() + ", bf16 autocast" if a.device.startswith("cuda")
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

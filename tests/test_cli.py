@@ -78,3 +78,18 @@ def test_fill_mask_command_lists_candidates_per_mask(tiny_pretrained, capsys):
     assert main(["fill-mask", "--model", bert, "no mask here"]) == 2
     assert "no [MASK]" in capsys.readouterr().err
     assert main(["fill-mask", "--model", str(tiny_pretrained["gpt"]), "the [MASK]"]) == 2
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "import lmlab; print(lmlab.keep_freed_memory(), lmlab.keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if k != "LMLAB_MALLOC"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "LMLAB_MALLOC": "default"}).stdout
+    expected = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
+    assert on.split() == expected.split() and off.split() == ["False", "False"]

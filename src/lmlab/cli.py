@@ -583,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmlab.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed pages instead of fresh ones (LMLAB_MALLOC=default: off)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

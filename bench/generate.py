@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
+from common import environment
 
 
 def main() -> None:
@@ -67,8 +67,7 @@ def main() -> None:
                          "ms_per_step": med[name] / a.new * 1e3, "speedup": med["transformers"] / med[name]})
     print(f"\ngreedy decoding, GPT-2 shape d_model={a.d_model} layers={a.layers} heads={a.heads} vocab={a.vocab}, "
           f"{a.prompt}-token prompt, {a.new} new tokens, float32, median of {a.repeats}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(environment())
     print("| batch | implementation | new tokens/s | ms per step | vs transformers |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['impl']} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.2f} | {r['speedup']:.2f}x |")

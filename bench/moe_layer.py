@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from common import environment
 
 SETTINGS = {  # name -> (experts, expert d_ff, top-k); every setting has 2048 active FFN units per token
     "top-1": (8, 2048, 1),
@@ -85,8 +85,6 @@ def main() -> None:
                     help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory); default: glibc's own")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
-    import transformers
-
     import lmlab
 
     if a.malloc == "keep":
@@ -126,9 +124,7 @@ def main() -> None:
                          "vs_dense": t / dense_t, "lmlab_speedup": t / med["lmlab"]})
     print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, malloc={a.malloc}, "
           f"median of {a.repeats}")
-    where = (torch.cuda.get_device_name() if a.device.startswith("cuda")
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}")
+    print(environment(a.device))
     print("| setting | implementation | ms | time / dense | lmlab speed-up |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} ({r['experts']} x {r['d_ff']}) | {r['impl']} | {r['ms']:.1f} | {r['vs_dense']:.2f}x | "

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import time
 
 import torch
+from common import environment
 
 
 def peak_flops(device: str, reps: int = 10, trials: int = 5) -> float:
@@ -144,8 +144,6 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
 
-    import transformers
-
     from lmlab.hf import config_from_hf
     from lmlab.info import model_stats
 
@@ -175,9 +173,7 @@ def main() -> None:
     print(f"\ntraining throughput, {a.device}, d_model={a.d_model} layers={a.layers} heads={a.heads} "
           f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}{' compiled' if a.compile else ''} malloc={a.malloc}; median of {a.rounds} rounds x {a.steps} steps; "
           f"peak {peak / 1e9:.1f} GFLOP/s")
-    where = (torch.cuda.get_device_name() + ", bf16 autocast" if a.device.startswith("cuda")
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}")
+    print(environment(a.device, "bf16 autocast" if a.device.startswith("cuda") else ""))
     print("| model | implementation | tokens/s | vs transformers | MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.3f}x | {r['mfu']:.1%} | "

@@ -4,7 +4,8 @@ dense SwiGLU FFN of the same active FLOPs (the physical limit: an MoE layer has 
 All three run in the same process on the same input, alternating, and the median of the repeats is
 reported. lmlab's layer gets transformers' weights (same routing, outputs checked equal before timing)
 and computes what it always computes on top: its load-balancing loss (routing statistics are computed
-only when read, as the trainer does every step).
+only when read, as the trainer does every step). Every pass starts with the parameters' gradients
+cleared, as in a training step, so no implementation pays for adding into gradients left by the last.
 transformers' block is taken from a MixtralForCausalLM, so it runs the experts kernel transformers
 picks by default for this device and torch (`grouped_mm` on torch >= 2.9); its per-expert loop
 ("eager") is timed too.
@@ -59,7 +60,11 @@ def build(experts: int, d_ff: int, k: int, a: argparse.Namespace, hf_experts: st
     return hf, ours, dense, hf_model.config._experts_implementation
 
 
-def timed(fn, x: torch.Tensor, grad: torch.Tensor) -> float:
+def timed(fn, x: torch.Tensor, grad: torch.Tensor, module: torch.nn.Module) -> float:
+    """One forward + backward, with the parameters' gradients cleared first, as a training step runs
+    them (`zero_grad(set_to_none=True)`): backward then writes the gradients instead of adding to them."""
+    for p in module.parameters():
+        p.grad = None
     x = x.detach().requires_grad_()
     cuda = x.device.type == "cuda"
     if cuda:
@@ -107,16 +112,17 @@ def main() -> None:
             for block in (hf, hf_eager):
                 err = (block(x.clone()) - ours(x)).abs().max().item()
                 assert err < tol, f"lmlab and transformers disagree by {err}"
-        impls = {"lmlab": lambda t: ours(t), f"transformers ({default}, its default)": lambda t: hf(t.clone()),
-                 "dense SwiGLU, same active FLOPs": lambda t: dense(t)}
+        impls = {"lmlab": (ours, lambda t: ours(t)),
+                 f"transformers ({default}, its default)": (hf, lambda t: hf(t.clone())),
+                 "dense SwiGLU, same active FLOPs": (dense, lambda t: dense(t))}
         if default != "eager":
-            impls["transformers (eager loop)"] = lambda t: hf_eager(t.clone())
+            impls["transformers (eager loop)"] = (hf_eager, lambda t: hf_eager(t.clone()))
         times: dict[str, list[float]] = {n: [] for n in impls}
-        for n, fn in impls.items():  # warm-up
-            timed(fn, x, grad)
+        for n, (m, fn) in impls.items():  # warm-up
+            timed(fn, x, grad, m)
         for _ in range(a.repeats):
-            for n, fn in impls.items():
-                times[n].append(timed(fn, x, grad))
+            for n, (m, fn) in impls.items():
+                times[n].append(timed(fn, x, grad, m))
         med = {n: statistics.median(t) for n, t in times.items()}
         dense_t = med["dense SwiGLU, same active FLOPs"]
         for n, t in med.items():

@@ -30,7 +30,8 @@ def reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kw", [dict(moe_top_k=1), dict(moe_top_k=2, activation="swiglu"),
-                                dict(moe_experts=8, moe_top_k=3, moe_shared_experts=1)])
+                                dict(moe_experts=8, moe_top_k=3, moe_shared_experts=1),
+                                dict(moe_top_k=2, activation="swiglu", moe_d_ff=8)])  # weight on the hidden
 def test_dispatch_equals_per_token_reference_in_forward_and_gradients(kw):
     torch.manual_seed(0)
     layer = MoE(moe_cfg(**kw))

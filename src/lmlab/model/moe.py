@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ACTIVATIONS, ModelConfig
-from lmlab.model.ffn import DenseFFN, activation_fn, register_ffn
+from lmlab.model.ffn import DenseFFN, activation_fn, gated_activation, register_ffn
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
@@ -99,7 +99,8 @@ class MoE(nn.Module):
                             load=cfg.moe_load_weight)
         d, d_ff = cfg.d_model, cfg.moe_d_ff or cfg.d_ff
         activation = cfg.moe_activation or cfg.activation
-        self.act, self.gated = activation_fn(activation), ACTIVATIONS[activation][1]
+        self.act_name, self.gated = ACTIVATIONS[activation]
+        self.act = activation_fn(activation)
         n_out = self.n_ffn * self.slots if self.kind == "soft" else self.n_experts
         self.router = nn.Linear(d, n_out, bias=False)  # Soft MoE: the slot parameters Phi, (E*S, D)
         self.noise = nn.Linear(d, self.n_experts, bias=False) if self.kind == "noisy" else None
@@ -171,14 +172,14 @@ class MoE(nn.Module):
         weight multiplies whichever is narrower, the hidden activation or the output (same result: the
         down projection is linear), which matters for fine-grained experts."""
         h = grouped_matmul(x_AD, self.w_up, counts_E)
+        d_ff = self.w_down.shape[1]
+        scale_hidden = w_A is not None and d_ff <= x_AD.shape[-1]
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = gated_activation(h, self.act_name, w_A[:, None] if scale_hidden else None)
         else:
             h = self.act(h)
-        scale_hidden = w_A is not None and h.shape[-1] <= x_AD.shape[-1]
-        if scale_hidden:
-            h = h * w_A[:, None]
+            if scale_hidden:
+                h = h * w_A[:, None]
         y = grouped_matmul(h, self.w_down, counts_E)
         return y * w_A[:, None] if w_A is not None and not scale_hidden else y
 

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess (so its peak RSS is its own), lmlab and transformers
 alternate round by round, and the median of the rounds is reported. One training step is
-forward + backward + AdamW step on a random batch, in float32 on the CPU (bf16 autocast on a GPU).
+forward + backward + fused AdamW step on a random batch, in float32 on the CPU (bf16 autocast on a GPU).
 MFU = achieved training FLOP/s / the machine's measured peak (best of several large fp32 matmuls,
 same threads, before and after the runs), with training FLOPs/token = 3 x forward FLOPs/token from
 `lmlab.info.model_stats`; for BERT only the FLOPs the loss needs are counted (the MLM head at the
@@ -83,7 +83,8 @@ def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
     else:
         model = hf
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW for both: lmlab's trainer uses it, and so does transformers' Trainer by default on torch >= 2.8
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if a.compile:
         model = torch.compile(model)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq_len), device=device)

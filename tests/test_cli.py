@@ -46,6 +46,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "GPT: sampled continuation" in out and "And God said unto Moses," in out
     assert "BERT: fill-mask" in out and "probability" in out
+    assert "The tiny BERT predicts" in out  # 3 steps: the note on the unigram plateau is shown
     assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (tmp_path / "demo" / "bert" / "model.safetensors").is_file()
 
 

@@ -83,8 +83,8 @@ class _GatedActivation(torch.autograd.Function):
 def gated_activation(h: torch.Tensor, act: str, scale: torch.Tensor | None = None) -> torch.Tensor:
     """act(gate) * up (times scale, broadcast over the hidden) for h = [gate | up] on its last dimension:
     the hidden activation of SwiGLU / GeGLU / ReGLU. `act` is an ACT_FNS name."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not h.requires_grad \
-            and (scale is None or not scale.requires_grad):
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or (scale is not None and scale.requires_grad))
+    if torch.compiler.is_compiling() or not needs_grad:
         # inductor fuses the plain expression itself; without autograd there is nothing to save
         gate, up = h.chunk(2, dim=-1)
         out = ACT_FNS[act](gate) * up

@@ -79,34 +79,42 @@ def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
 
 
 class _ExpertsInCache(torch.autograd.Function):
-    """The FFN experts with the gather of their tokens and the weighted combine folded in:
-    y_TD[t] = sum over assignments a of token t of w_a * FFN_{e_a}(x_TD[t]).
+    """The FFN experts with the gather of their tokens and the weighted combine folded in, one expert
+    at a time: y_TD[t] = sum over assignments a of token t of w_a * FFN_{e_a}(x_TD[t]).
 
-    Each expert's rows are gathered right before its GEMM and its output is added into y right
-    after, one expert at a time, and only the pre-activation h (A x H) is kept for the backward,
-    which gathers its expert's rows again. The element-wise work (activation, routing weight) runs
-    over all experts at once, so the Python loop holds only gathers, GEMMs and index_adds.
+    The grouped path materialises every routed copy of the input (A x D), the hidden activations and
+    the experts' outputs (A x D) for all experts at once; with 64 experts at top-16 and 4,096 tokens
+    of width 512 that is 128 MB for each of the two, which go out to main memory and come back. Here
+    each expert's slice (about 2 MB there) is gathered, multiplied and added into y while it is still
+    in cache, and only the pre-activation h (A x H) is kept for the backward, which gathers its
+    expert's rows again instead of keeping them. The arithmetic is the grouped path's (the tests
+    check values and gradients against it). Used on the CPU, where torch's grouped GEMM is itself a
+    loop over experts; a GPU keeps the grouped GEMM.
+
+    Inputs: x_TD, routing weights w_A, w_up (E, D, H) with H = 2F for gated activations (gate
+    first) else F, w_down (E, F, D), token_A the token of each assignment grouped by expert, counts
+    the assignments per expert (a list), the ACT_FNS name, whether the activation is gated.
     """
 
     @staticmethod
     def forward(ctx, x_TD, w_A, w_up, w_down, token_A, counts, act, gated):  # noqa: ANN001, ANN205
         f = w_down.shape[1]
+        act_fn = ACT_FNS[act]
         scale_hidden = f <= x_TD.shape[-1]  # the routing weight goes on the narrower of a and y
         h_AH = x_TD.new_empty(len(token_A), w_up.shape[-1])
-        experts = [e for e, n in enumerate(counts) if n]
-        rows_E, h_E = token_A.split(counts), h_AH.split(counts)  # per-expert views, made in one call each
-        for e in experts:
-            torch.mm(x_TD.index_select(0, rows_E[e]), w_up[e], out=h_E[e])
-        a_AF = _activate(h_AH, act, gated)
-        if scale_hidden:
-            a_AF.mul_(w_A[:, None])
         y_TD = torch.zeros_like(x_TD)
-        a_E, w_E = a_AF.split(counts), w_A[:, None].split(counts)
-        for e in experts:
-            y = a_E[e] @ w_down[e]
-            y_TD.index_add_(0, rows_E[e], y if scale_hidden else y.mul_(w_E[e]))
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows, w = token_A[start:start + n], w_A[start:start + n, None]
+            h = torch.mm(x_TD.index_select(0, rows), w_up[e], out=h_AH[start:start + n])
+            a = act_fn(h[:, :f]).mul_(h[:, f:]) if gated else act_fn(h)
+            y = a.mul_(w) @ w_down[e] if scale_hidden else (a @ w_down[e]).mul_(w)
+            y_TD.index_add_(0, rows, y)
+            start += n
         ctx.save_for_backward(x_TD, w_A, w_up, w_down, token_A, h_AH)
-        ctx.counts, ctx.experts, ctx.act, ctx.gated = counts, experts, act, gated
+        ctx.counts, ctx.act, ctx.gated = counts, act, gated
         return y_TD
 
     @staticmethod
@@ -116,52 +124,41 @@ class _ExpertsInCache(torch.autograd.Function):
         need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
         grad_TD = grad_TD.contiguous()
         f = w_down.shape[1]
-        w_A1 = w_A[:, None]
-        if ctx.gated:
-            gate, up = h_AH[:, :f], h_AH[:, f:]
-            act_gate = ACT_FNS[ctx.act](gate)
-            a_AF = act_gate * up
-        else:
-            a_AF = ACT_FNS[ctx.act](h_AH)
-        counts, experts = ctx.counts, ctx.experts
-        rows_E = token_A.split(counts)
-        scaled_E = (a_AF * w_A1).split(counts) if need_down else None  # what the down projection multiplied
-        grad_down = torch.zeros_like(w_down) if need_down else None
-        ga_AF = torch.empty_like(a_AF)  # d/da of the unweighted output, a @ w_down[e]
-        ga_E = ga_AF.split(counts)
-        for e in experts:
-            gy = grad_TD.index_select(0, rows_E[e])
-            torch.mm(gy, w_down[e].t(), out=ga_E[e])
-            if need_down:
-                torch.mm(scaled_E[e].t(), gy, out=grad_down[e])
-        del scaled_E
-        # y = w * (a @ W): dL/dw = <gy, a @ W> = <gy @ W^T, a>
-        grad_w = torch.linalg.vecdot(ga_AF, a_AF) if need_w else None
-        ga_AF.mul_(w_A1)
-        gh_AH = torch.empty_like(h_AH)
-        if ctx.gated:
-            torch.mul(ga_AF, act_gate, out=gh_AH[:, f:])
-            ACT_BACKWARD_INTO[ctx.act](torch.mul(ga_AF, up, out=a_AF), gate, gh_AH[:, :f])
-        else:
-            ACT_BACKWARD_INTO[ctx.act](ga_AF, h_AH, gh_AH)
-        del ga_AF, ga_E, a_AF
+        act_fn, act_backward = ACT_FNS[ctx.act], ACT_BACKWARD_INTO[ctx.act]
         grad_x = torch.zeros_like(x_TD) if need_x else None
+        grad_w = torch.empty_like(w_A) if need_w else None
         grad_up = torch.zeros_like(w_up) if need_up else None
-        gh_E = gh_AH.split(counts)
-        for e in experts:
+        grad_down = torch.zeros_like(w_down) if need_down else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            rows, w, h = token_A[start:start + n], w_A[start:start + n, None], h_AH[start:start + n]
+            gy = grad_TD.index_select(0, rows)
+            if ctx.gated:
+                gate, up = h[:, :f], h[:, f:]
+                act_gate = act_fn(gate)
+                a = act_gate * up
+            else:
+                a = act_fn(h)
+            ga = gy @ w_down[e].t()  # d/da of the unweighted output, a @ w_down[e]
+            if need_w:  # y = w * (a @ W): dL/dw = <gy, a @ W> = <gy @ W^T, a>
+                torch.linalg.vecdot(ga, a, out=grad_w[start:start + n])
+            if need_down:
+                torch.mm(a.mul_(w).t(), gy, out=grad_down[e])
+            ga.mul_(w)
+            gh = torch.empty_like(h)
+            if ctx.gated:
+                torch.mul(ga, act_gate, out=gh[:, f:])
+                act_backward(ga.mul_(up), gate, gh[:, :f])
+            else:
+                act_backward(ga, h, gh)
             if need_up:
-                torch.mm(x_TD.index_select(0, rows_E[e]).t(), gh_E[e], out=grad_up[e])
+                torch.mm(x_TD.index_select(0, rows).t(), gh, out=grad_up[e])
             if need_x:
-                grad_x.index_add_(0, rows_E[e], gh_E[e] @ w_up[e].t())
+                grad_x.index_add_(0, rows, gh @ w_up[e].t())
+            start += n
         return grad_x, grad_w, grad_up, grad_down, None, None, None, None
-
-
-def _activate(h: torch.Tensor, act: str, gated: bool) -> torch.Tensor:
-    """act(gate) * up over h = [gate | up], or act(h): a new tensor."""
-    if gated:
-        f = h.shape[-1] // 2
-        return ACT_FNS[act](h[:, :f]).mul_(h[:, f:])
-    return ACT_FNS[act](h)
 
 
 def _count(index: torch.Tensor, n: int) -> torch.Tensor:

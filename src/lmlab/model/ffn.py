@@ -35,7 +35,7 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # the backward of each element-wise function, writing into a given tensor: (grad_out, input, out)
-ACT_BACKWARD_INTO: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+_ACT_BACKWARD_INTO: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "silu": lambda g, x, out: torch.ops.aten.silu_backward.grad_input(g, x, grad_input=out),
     "gelu": lambda g, x, out: torch.ops.aten.gelu_backward.grad_input(g, x, approximate="none", grad_input=out),
     "gelu_tanh": lambda g, x, out: torch.ops.aten.gelu_backward.grad_input(g, x, approximate="tanh", grad_input=out),
@@ -76,7 +76,7 @@ class _GatedActivation(torch.autograd.Function):
         grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
         torch.mul(grad_out, a, out=grad_h[..., f:])  # d up
         torch.mul(grad_out, up, out=a)  # reuse the buffer: d act(gate)
-        ACT_BACKWARD_INTO[ctx.act](a, gate, grad_h[..., :f])  # d gate
+        _ACT_BACKWARD_INTO[ctx.act](a, gate, grad_h[..., :f])  # d gate
         return grad_h, grad_scale, None
 
 

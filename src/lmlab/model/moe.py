@@ -16,8 +16,7 @@ Token-choice weights: `moe_renormalize` None (default) rescales the k chosen pro
 Dispatch is dropless by default and never builds a [tokens x experts x capacity] one-hot: the
 (token, expert) assignments are sorted by expert, each expert multiplies one contiguous slice of
 tokens (one grouped GEMM, `torch.nn.functional.grouped_mm`, where torch has it for the device and
-dtype; else one GEMM per expert), and outputs are added back with index_add. On the CPU the gather,
-the expert and the combine run one expert at a time while its slice is in cache (`_ExpertsInCache`). With a capacity factor,
+dtype; else one GEMM per expert), and outputs are added back with index_add. With a capacity factor,
 an FFN expert takes at most capacity = ceil(factor * T * k / E) assignments of each sequence of T
 tokens (the sequence is the group, as in GShard and Switch), in token order; `moe_capacity` fixes
 that number instead. The overflow is dropped and those tokens ride the residual.
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ACTIVATIONS, ModelConfig
-from lmlab.model.ffn import ACT_BACKWARD_INTO, ACT_FNS, DenseFFN, activation_fn, gated_activation, register_ffn
+from lmlab.model.ffn import DenseFFN, activation_fn, gated_activation, register_ffn
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
@@ -76,89 +75,6 @@ def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
         out.append(x_AD[start:start + n] @ w_EDF[e])
         start += n
     return torch.cat(out) if out else x_AD.new_zeros(0, w_EDF.shape[-1])
-
-
-class _ExpertsInCache(torch.autograd.Function):
-    """The FFN experts with the gather of their tokens and the weighted combine folded in, one expert
-    at a time: y_TD[t] = sum over assignments a of token t of w_a * FFN_{e_a}(x_TD[t]).
-
-    The grouped path materialises every routed copy of the input (A x D), the hidden activations and
-    the experts' outputs (A x D) for all experts at once; with 64 experts at top-16 and 4,096 tokens
-    of width 512 that is 128 MB for each of the two, which go out to main memory and come back. Here
-    each expert's slice (about 2 MB there) is gathered, multiplied and added into y while it is still
-    in cache, and only the pre-activation h (A x H) is kept for the backward, which gathers its
-    expert's rows again instead of keeping them. The arithmetic is the grouped path's (the tests
-    check values and gradients against it). Used on the CPU, where torch's grouped GEMM is itself a
-    loop over experts; a GPU keeps the grouped GEMM.
-
-    Inputs: x_TD, routing weights w_A, w_up (E, D, H) with H = 2F for gated activations (gate
-    first) else F, w_down (E, F, D), token_A the token of each assignment grouped by expert, counts
-    the assignments per expert (a list), the ACT_FNS name, whether the activation is gated.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, w_A, w_up, w_down, token_A, counts, act, gated):  # noqa: ANN001, ANN205
-        f = w_down.shape[1]
-        act_fn = ACT_FNS[act]
-        scale_hidden = f <= x_TD.shape[-1]  # the routing weight goes on the narrower of a and y
-        h_AH = x_TD.new_empty(len(token_A), w_up.shape[-1])
-        y_TD = torch.zeros_like(x_TD)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows, w = token_A[start:start + n], w_A[start:start + n, None]
-            h = torch.mm(x_TD.index_select(0, rows), w_up[e], out=h_AH[start:start + n])
-            a = act_fn(h[:, :f]).mul_(h[:, f:]) if gated else act_fn(h)
-            y = a.mul_(w) @ w_down[e] if scale_hidden else (a @ w_down[e]).mul_(w)
-            y_TD.index_add_(0, rows, y)
-            start += n
-        ctx.save_for_backward(x_TD, w_A, w_up, w_down, token_A, h_AH)
-        ctx.counts, ctx.act, ctx.gated = counts, act, gated
-        return y_TD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_TD):  # noqa: ANN001, ANN205
-        x_TD, w_A, w_up, w_down, token_A, h_AH = ctx.saved_tensors
-        need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
-        grad_TD = grad_TD.contiguous()
-        f = w_down.shape[1]
-        act_fn, act_backward = ACT_FNS[ctx.act], ACT_BACKWARD_INTO[ctx.act]
-        grad_x = torch.zeros_like(x_TD) if need_x else None
-        grad_w = torch.empty_like(w_A) if need_w else None
-        grad_up = torch.zeros_like(w_up) if need_up else None
-        grad_down = torch.zeros_like(w_down) if need_down else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            rows, w, h = token_A[start:start + n], w_A[start:start + n, None], h_AH[start:start + n]
-            gy = grad_TD.index_select(0, rows)
-            if ctx.gated:
-                gate, up = h[:, :f], h[:, f:]
-                act_gate = act_fn(gate)
-                a = act_gate * up
-            else:
-                a = act_fn(h)
-            ga = gy @ w_down[e].t()  # d/da of the unweighted output, a @ w_down[e]
-            if need_w:  # y = w * (a @ W): dL/dw = <gy, a @ W> = <gy @ W^T, a>
-                torch.linalg.vecdot(ga, a, out=grad_w[start:start + n])
-            if need_down:
-                torch.mm(a.mul_(w).t(), gy, out=grad_down[e])
-            ga.mul_(w)
-            gh = torch.empty_like(h)
-            if ctx.gated:
-                torch.mul(ga, act_gate, out=gh[:, f:])
-                act_backward(ga.mul_(up), gate, gh[:, :f])
-            else:
-                act_backward(ga, h, gh)
-            if need_up:
-                torch.mm(x_TD.index_select(0, rows).t(), gh, out=grad_up[e])
-            if need_x:
-                grad_x.index_add_(0, rows, gh @ w_up[e].t())
-            start += n
-        return grad_x, grad_w, grad_up, grad_down, None, None, None, None
 
 
 def _count(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -267,18 +183,6 @@ class MoE(nn.Module):
         y = grouped_matmul(h, self.w_down, counts_E)
         return y * w_A[:, None] if w_A is not None and not scale_hidden else y
 
-    def _dispatch(self, x_TD: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
-                  w_A: torch.Tensor) -> torch.Tensor:
-        """y_TD: each assignment's token through its FFN expert, weighted, added back at the token.
-        token_A is grouped by expert, counts_E[e] rows for expert e."""
-        if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_TD.dtype
-            y_TD = _ExpertsInCache.apply(x_TD.to(dtype), w_A.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype),
-                                         token_A, counts_E.tolist(), self.act_name, self.gated)
-            return y_TD.to(x_TD.dtype)
-        y_AD = self._ffn(x_TD.index_select(0, token_A), counts_E, w_A)
-        return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
-
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e (any kind) on rows x: the plain definition, used by tests as the reference."""
         if e < self.n_ffn:
@@ -350,7 +254,8 @@ class MoE(nn.Module):
             counts_E = _count(expert_A, self.n_experts)
         w_A = weights_TK.reshape(-1)[order_A].to(x_TD.dtype)
         n_ffn = int(counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(order_A)
-        y_TD = self._dispatch(x_TD, token_A[:n_ffn], counts_E[:self.n_ffn], w_A[:n_ffn])
+        y_AD = self._ffn(x_TD.index_select(0, token_A[:n_ffn]), counts_E[:self.n_ffn], w_A[:n_ffn])
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A[:n_ffn], y_AD.to(x_TD.dtype))
         if self.n_copy or self.n_const:  # zero-computation experts after the FFN experts, zero experts first
             start = n_ffn + int(counts_E[self.n_ffn:self.n_ffn + self.n_zero].sum())
             tok = token_A[start:]
@@ -372,7 +277,8 @@ class MoE(nn.Module):
         weights_EC = scores_TE.t().gather(1, token_EC)
         token_A = token_EC.reshape(-1)
         counts_E = torch.full((E,), capacity, device=x_TD.device, dtype=torch.long)
-        y_TD = self._dispatch(x_TD, token_A, counts_E, weights_EC.reshape(-1).to(x_TD.dtype))
+        y_AD = self._ffn(x_TD.index_select(0, token_A), counts_E, weights_EC.reshape(-1).to(x_TD.dtype))
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
         chosen_TE = torch.zeros_like(scores_TE).index_put_(
             (token_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(capacity)),
             torch.ones_like(token_A, dtype=scores_TE.dtype))

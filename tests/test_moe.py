@@ -372,6 +372,8 @@ def test_pretrain_logs_routing_draws_the_heat_map_and_route_shows_experts(tmp_pa
                  "--log-every", "2", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "300",
                  "--moe-experts", "4", "--moe-top-k", "1", "--moe-capacity-factor", "1.0", "--moe-zero-experts",
                  "1", "--moe-z-weight", "0.001", "--model-set", "n_layers=2"]) == 0
+    header = capsys.readouterr().out.split("\n")[0]  # what the run uses, resolved from the preset
+    assert "family=decoder preset=gpt2-tiny objective=clm" in " ".join(header.split()), header
     cfg = json.loads((out / "config.json").read_text())["model"]
     assert cfg["ffn"] == "moe" and cfg["moe_experts"] == 4 and cfg["moe_zero_experts"] == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -266,7 +266,9 @@ def pretrain_config(args: argparse.Namespace):
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lmlab.pretrain import pretrain
+    from lmlab.config import PRESETS, preset
+    from lmlab.data.objectives import FAMILY_OBJECTIVE
+    from lmlab.pretrain import FAMILY_PRESET, pretrain
 
     pc = pretrain_config(args)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -288,8 +290,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             progress.console.print(f"step {info['step']}: validation loss {info['loss']:.4f}, "
                                    f"perplexity {info['ppl']:.2f}{extra}")
 
-    console.print(f"[bold]lmlab pretrain[/]: family={pc.family or '?'} preset={pc.preset or '(family default)'} "
-                  f"objective={pc.objective or '(family default)'} out={pc.out}")
+    # what the run will use, as `pretrain` resolves it (it checks and refuses a bad combination itself)
+    family = pc.family or (preset(pc.preset).family if pc.preset in PRESETS else "?")
+    console.print(f"[bold]lmlab pretrain[/]: family={family} preset={pc.preset or FAMILY_PRESET.get(family, '?')} "
+                  f"objective={pc.objective or FAMILY_OBJECTIVE.get(family, '?')} out={pc.out}")
     with progress:
         summary = pretrain(pc, on_event)
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "

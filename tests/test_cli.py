@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lmlab.cli import main
 from lmlab.config import preset
@@ -67,6 +68,19 @@ def test_generate_command_greedy_beams_sampling_and_stop(tiny_pretrained, capsys
     assert capsys.readouterr().out.strip() == greedy.strip()  # streamed piece by piece, the same text
     assert main(["generate", "--model", gpt, "x " * 70, "--max-new-tokens", "5"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+def test_generate_in_bfloat16_decodes_with_bf16_weights(tiny_pretrained, capsys, monkeypatch):
+    import lmlab.io
+
+    loaded = []
+    real_load = lmlab.io.load
+    monkeypatch.setattr(lmlab.io, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    gpt = str(tiny_pretrained["gpt"])
+    assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "8", "--dtype", "bfloat16"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("and the lord") and len(text.split()) > 3
+    assert {p.dtype for p in loaded[-1].parameters()} == {torch.bfloat16}
 
 
 def test_fill_mask_command_lists_candidates_per_mask(tiny_pretrained, capsys):

@@ -336,11 +336,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"{r['tokens']:,} tokens\nmethod: {r['method']}")
 
 
-def _model_and_tokenizer(folder: str):
+def _model_and_tokenizer(folder: str, dtype: str = "float32"):
+    import torch
+
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    model = load(folder)
+    model = load(folder, dtype=getattr(torch, dtype))
     try:
         tok = load_tokenizer(folder)
     except LmlabError as e:
@@ -353,7 +355,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from lmlab.generate import TextStreamer
 
-    model, tok = _model_and_tokenizer(args.model)
+    model, tok = _model_and_tokenizer(args.model, args.dtype)
     seq2seq = model.config.family == "encoder-decoder"
     ids = torch.tensor([tok.encode(args.prompt, add_special_tokens=seq2seq)])  # a decoder continues the raw text
     if ids.shape[1] == 0:
@@ -475,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations while decoding; bfloat16 reads half the bytes per token, which "
+                        "is what bounds decoding on a CPU (scores are still ranked in float32)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
     p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")

@@ -478,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and activations while decoding; bfloat16 reads half the bytes per token, which "
-                        "is what bounds decoding on a CPU (scores are still ranked in float32)")
+                   help="weights and activations while decoding (scores are ranked in float32). bfloat16 reads half "
+                        "the bytes per token: one prompt decodes faster on a CPU, but without native bf16 "
+                        "matmuls batches decode slower (docs/benchmarks.md)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
     p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")

@@ -336,13 +336,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"{r['tokens']:,} tokens\nmethod: {r['method']}")
 
 
-def _model_and_tokenizer(folder: str, dtype: str = "float32"):
+def _model_and_tokenizer(folder: str, dtype: str | None = None):
+    """The folder's model (in `dtype` if given, else as saved) and its tokenizer."""
     import torch
 
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    model = load(folder, dtype=getattr(torch, dtype))
+    model = load(folder, dtype=getattr(torch, dtype) if dtype else None)
     try:
         tok = load_tokenizer(folder)
     except LmlabError as e:
@@ -477,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and activations while decoding (scores are ranked in float32). bfloat16 reads half "
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights and activations while decoding (default: as saved; scores are ranked in float32). "
+                        "bfloat16 reads half "
                         "the bytes per token: one prompt decodes faster on a CPU, but without native bf16 "
                         "matmuls batches decode slower (docs/benchmarks.md)")
     p.set_defaults(func=cmd_generate)

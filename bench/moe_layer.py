@@ -53,9 +53,9 @@ def build(experts: int, d_ff: int, k: int, a: argparse.Namespace, hf_experts: st
                       moe_renormalize=True)  # Mixtral's code renormalises at k=1 too
     ours = MoE(cfg)
     with torch.no_grad():
-        ours.router.weight.copy_(hf.gate.weight)
-        ours.w_up.copy_(hf.experts.gate_up_proj.transpose(1, 2))
-        ours.w_down.copy_(hf.experts.down_proj.transpose(1, 2))
+        ours.router.gate.weight.copy_(hf.gate.weight)
+        ours.experts.w_up.copy_(hf.experts.gate_up_proj.transpose(1, 2))
+        ours.experts.w_down.copy_(hf.experts.down_proj.transpose(1, 2))
     dense = DenseFFN(cfg.replace(ffn="dense"), d_ff=k * d_ff)
     return hf, ours, dense, hf_model.config._experts_implementation
 
@@ -110,9 +110,9 @@ def main() -> None:
         grad = torch.randn_like(x)
         with torch.no_grad():
             for block in (hf, hf_eager):
-                err = (block(x.clone()) - ours(x)).abs().max().item()
+                err = (block(x.clone()) - ours(x)[0]).abs().max().item()
                 assert err < tol, f"lmlab and transformers disagree by {err}"
-        impls = {"lmlab": (ours, lambda t: ours(t)),
+        impls = {"lmlab": (ours, lambda t: ours(t)[0]),
                  f"transformers ({default}, its default)": (hf, lambda t: hf(t.clone())),
                  "dense SwiGLU, same active FLOPs": (dense, lambda t: dense(t))}
         if default != "eager":

@@ -105,11 +105,13 @@ def _squad(path, n, seed, impossible=0.0):
 def test_qa_learns_to_point_at_the_answer_across_windows(family, tiny_pretrained, tmp_path):
     train, dev = _squad(tmp_path / "train.json", 300, 0, 0.2), _squad(tmp_path / "dev.json", 60, 1, 0.2)
     out = tmp_path / "qa"
-    # the tiny T5's Unigram vocabulary is nearly character-level: longer windows for the same text
-    max_len, stride = (24, 8) if family == "bert" else (64, 16)
+    # the tiny T5's Unigram vocabulary is nearly character-level: longer windows for the same text.
+    # T5 at lr 3e-3 sits on an edge (exact match 70-100 over 3 inits x 2 seeds, 26.7 on an Intel Xeon);
+    # at 1e-3 all six runs reached 100 (docs/benchmarks.md, "T5 extractive QA")
+    max_len, stride, lr = (24, 8, 3e-3) if family == "bert" else (64, 16, 1e-3)
     result = finetune(FinetuneConfig(task="qa", model=str(tiny_pretrained[family]), train=str(train), eval=str(dev),
-                                     out=str(out), epochs=4 if family == "bert" else 8, lr=3e-3, batch_size=16, max_len=max_len,
-                                     doc_stride=stride))
+                                     out=str(out), epochs=4 if family == "bert" else 8, lr=lr, batch_size=16,
+                                     max_len=max_len, doc_stride=stride))
     assert result["eval"]["exact_match"] >= 80 and result["eval"]["f1"] >= result["eval"]["exact_match"]
     preds = {p["id"]: p["answer"] for p in predict(str(out), str(dev))}
     gold = {q["id"]: [a["text"] for a in q["answers"]] for p in json.loads(dev.read_text())["data"][0]["paragraphs"]
@@ -153,7 +155,7 @@ def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_pat
     r = evaluate_task(folder, str(task), shots=2)
     assert r["questions"] == 12 and r["chance"] == pytest.approx(1 / 3) and 0 <= r["accuracy"] <= 1
     assert main(["eval", "--model", folder, "--task", str(task), "--shots", "1", "--limit", "4"]) == 0
-    assert "1-shot, 4 questions" in capsys.readouterr().out
+    assert "1-shot, 4 questions" in " ".join(capsys.readouterr().out.split())  # at any terminal width
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "x", "choices": ["a", "b"], "gold": "c"}\n')
     with pytest.raises(lmlab.LmlabError, match=r"bad.jsonl:1: gold 'c' is not one of the choices"):

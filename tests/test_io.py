@@ -51,8 +51,8 @@ def test_folder_without_config_names_the_folder(tmp_path):
 
 
 def test_unknown_model_type_lists_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match=r"config\.json: model_type 'llama' is not supported; lmlab reads bert"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"config\.json: model_type 'falcon' is not supported; lmlab reads bert"):
         lmlab.load(tmp_path)
 
 

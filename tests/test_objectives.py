@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmlab.data.corpus import demo_corpus, read_documents
-from lmlab.data.objectives import (IGNORE, Batches, ObjectiveConfig, make_objective, span_noise_mask, t5_lengths)
+from lmlab.data.objectives import (IGNORE_INDEX, Batches, ObjectiveConfig, make_objective, span_noise_mask, t5_lengths)
 from lmlab.data.store import TokenStore
 from lmlab.tokenizer import train_tokenizer
 
@@ -58,7 +58,7 @@ def test_mlm_masks_15_percent_with_80_10_10(wordpiece):
     originals = obj.stream
     for u, ex in enumerate(examples):
         original = np.concatenate([[tok.cls_id], np.asarray(originals[u * obj.window:(u + 1) * obj.window]), [tok.sep_id]])
-        pick = ex["labels"] != IGNORE
+        pick = ex["labels"] != IGNORE_INDEX
         assert not np.isin(original[pick], special).any()  # special tokens are never chosen
         assert (ex["input_ids"][~pick] == original[~pick]).all()
         assert (ex["labels"][pick] == original[pick]).all()
@@ -78,8 +78,8 @@ def test_whole_word_masking_masks_complete_words(wordpiece):
     _, examples = _examples("mlm", tok, store, n=300, whole_word=True)
     cont = tok.continuation_mask().numpy()
     for ex in examples:
-        original = np.where(ex["labels"] != IGNORE, ex["labels"], ex["input_ids"])
-        picked = ex["labels"] != IGNORE
+        original = np.where(ex["labels"] != IGNORE_INDEX, ex["labels"], ex["input_ids"])
+        picked = ex["labels"] != IGNORE_INDEX
         for i in range(1, len(original)):
             if cont[original[i]] and not np.isin(original[i - 1], list(tok.special_ids)):
                 assert picked[i] == picked[i - 1]  # a '##' piece shares its word's fate
@@ -96,7 +96,7 @@ def test_mlm_nsp_pairs_segments_half_random(wordpiece):
         assert ids[0] == tok.cls_id and ids[n - 1] == tok.sep_id and (ids[n:] == tok.pad_id).all()
         first_sep = int(np.flatnonzero(ids == tok.sep_id)[0])
         assert (types[:first_sep + 1] == 0).all() and (types[first_sep + 1:n] == 1).all()
-        assert (ex["labels"][n:] == IGNORE).all()
+        assert (ex["labels"][n:] == IGNORE_INDEX).all()
 
 
 def test_span_corruption_density_and_mean_span(unigram):
@@ -105,7 +105,7 @@ def test_span_corruption_density_and_mean_span(unigram):
     sentinels = set(tok.sentinel_ids)
     noise = spans = 0
     for ex in examples:
-        targets = ex["labels"][ex["labels"] != IGNORE]
+        targets = ex["labels"][ex["labels"] != IGNORE_INDEX]
         assert targets[-1] == tok.eos_id and targets[0] == tok.sentinel_ids[0]
         n_spans = sum(int(t in sentinels) for t in targets)
         assert n_spans == sum(int(t in sentinels) for t in ex["input_ids"])
@@ -133,7 +133,7 @@ def test_infilling_replaces_spans_with_single_masks(unigram):
     masked_share = []
     for ex in examples:
         inputs = ex["input_ids"][ex["attention_mask"] == 1]
-        target = ex["labels"][ex["labels"] != IGNORE]
+        target = ex["labels"][ex["labels"] != IGNORE_INDEX]
         assert target[-1] == tok.eos_id and tok.mask_id in inputs
         kept = len(inputs) - int((inputs == tok.mask_id).sum())
         masked_share.append(1 - kept / len(target))
@@ -147,7 +147,7 @@ def test_prefix_lm_ignores_the_prefix(bpe):
     for ex in examples:
         k = int(ex["prefix_lengths"])
         assert 1 <= k <= 63
-        assert (ex["labels"][:k] == IGNORE).all() and (ex["labels"][k:] == ex["input_ids"][k:]).all()
+        assert (ex["labels"][:k] == IGNORE_INDEX).all() and (ex["labels"][k:] == ex["input_ids"][k:]).all()
         splits.append(k)
     assert np.std(splits) > 10  # drawn, not fixed
 

@@ -46,10 +46,11 @@ class _Interrupt(Exception):
 @pytest.mark.parametrize("family", ["decoder", "encoder"])
 def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
     from lmlab.data.corpus import read_documents
-    from lmlab.tokenizer import FAMILY_KIND, train_tokenizer
+    from lmlab.families import FAMILIES
+    from lmlab.tokenizer import train_tokenizer
 
     # one tokenizer for both runs: the property under test is the trainer's, not the tokenizer trainer's
-    train_tokenizer(FAMILY_KIND[family], read_documents(corpus, doc_sep="blank"), 400).save(tmp_path / "tok")
+    train_tokenizer(FAMILIES[family].tokenizer_kind, read_documents(corpus, doc_sep="blank"), 400).save(tmp_path / "tok")
 
     def config(out):
         pc = _config(tmp_path, corpus, out, family)

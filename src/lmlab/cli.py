@@ -267,8 +267,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lmlab.config import PRESETS, preset
-    from lmlab.data.objectives import FAMILY_OBJECTIVE
-    from lmlab.pretrain import FAMILY_PRESET, pretrain
+    from lmlab.families import FAMILIES
+    from lmlab.pretrain import pretrain
 
     pc = pretrain_config(args)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -292,8 +292,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     # what the run will use, as `pretrain` resolves it (it checks and refuses a bad combination itself)
     family = pc.family or (preset(pc.preset).family if pc.preset in PRESETS else "?")
-    console.print(f"[bold]lmlab pretrain[/]: family={family} preset={pc.preset or FAMILY_PRESET.get(family, '?')} "
-                  f"objective={pc.objective or FAMILY_OBJECTIVE.get(family, '?')} out={pc.out}")
+    spec = FAMILIES.get(family)
+    console.print(f"[bold]lmlab pretrain[/]: family={family} preset={pc.preset or (spec.default_preset if spec else '?')} "
+                  f"objective={pc.objective or (spec.default_objective if spec else '?')} out={pc.out}")
     with progress:
         summary = pretrain(pc, on_event)
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "

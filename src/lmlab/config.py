@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmlab.errors import ConfigError
+from lmlab.families import FAMILIES, FamilySpec
 
-FAMILIES = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
+FAMILY_NAMES = tuple(FAMILIES)
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
@@ -32,12 +33,11 @@ ACTIVATIONS = {
 HEADS = ("mlm", "nsp", "lm", "classify", "tag", "span")
 POOLINGS = ("cls", "last", "mean")
 MOE_ROUTERS = ("topk", "noisy", "dense", "expert-choice", "soft")
-# Heads whose output is a token-level vocabulary distribution, and the families they need.
-_HEAD_FAMILIES = {
-    "mlm": ("encoder",),
-    "nsp": ("encoder",),
-    "lm": ("decoder", "prefix-lm", "encoder-decoder"),
-}
+VOCAB_HEADS = ("mlm", "nsp", "lm")  # pre-training heads; which a family may carry is FamilySpec.lm_heads
+TASK_HEADS = ("classify", "tag", "span")  # fine-tuning heads (lmlab.model.heads)
+# the FFN slot's registry: name -> builder(cfg, layer_index) -> module. lmlab.model.ffn registers
+# "dense" and lmlab.model.moe "moe"; the registry lives here so that validation needs no model code.
+FFN_KINDS: dict[str, Any] = {}
 
 
 @dataclass
@@ -145,10 +145,65 @@ class ModelConfig:
         return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
 
     @property
+    def spec(self) -> FamilySpec:
+        """The family's spec: stacks, mask policy, defaults (lmlab.families)."""
+        return FAMILIES[self.family]
+
+    @property
     def pooling(self) -> str:
-        if self.classifier_pooling:
-            return self.classifier_pooling
-        return "cls" if self.family == "encoder" else "last"
+        return self.classifier_pooling or self.spec.pooling
+
+    @property
+    def use_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_absolute_positions(self) -> bool:
+        """Learned or sinusoidal positions: a table with max_seq_len rows, so longer inputs cannot run."""
+        return self.position in ("learned", "sinusoidal")
+
+    def check_length(self, n: int, what: str | None = None) -> None:
+        """ConfigError when `n` tokens cannot run through this model's position table; `what` names the
+        setting or input that asked for them ("seq_len=512")."""
+        if self.has_absolute_positions and n > self.max_seq_len:
+            raise ConfigError(f"{what or f'a sequence of {n} tokens'} is longer than the model's "
+                              f"max_seq_len={self.max_seq_len} ({self.position} positions have no row for it)")
+
+    @property
+    def task_head(self) -> str | None:
+        """The fine-tuning head (classify / tag / span) this model carries, if any."""
+        return next((h for h in self.heads if h in TASK_HEADS), None)
+
+    # ---- Mixture-of-Experts, resolved once ---------------------------------------------------
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """MoE in every moe_every-th layer (the last of each group) after the first moe_first_dense layers."""
+        return (self.ffn == "moe" and layer_index >= self.moe_first_dense
+                and layer_index % self.moe_every == self.moe_every - 1)
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
+
+    @property
+    def expert_activation(self) -> str:
+        return self.moe_activation or self.activation
+
+    @property
+    def shared_d_ff(self) -> int:
+        """Total width of the shared experts (0 without them)."""
+        if not self.moe_shared_experts:
+            return 0
+        return self.moe_shared_d_ff or self.expert_d_ff * self.moe_shared_experts
+
+    @property
+    def moe_renormalizes(self) -> bool:
+        """Whether the k chosen routing weights are rescaled to sum to 1 (default: when k > 1)."""
+        return self.moe_top_k > 1 if self.moe_renormalize is None else self.moe_renormalize
+
+    @property
+    def moe_router_width(self) -> int:
+        """The router's outputs: one per expert (FFN and MoE++), or one per slot for Soft MoE."""
+        return self.moe_experts * self.moe_slots if self.moe_router == "soft" else self.moe_total_experts
 
     @property
     def moe_total_experts(self) -> int:
@@ -157,11 +212,11 @@ class ModelConfig:
 
     @property
     def has_encoder(self) -> bool:
-        return self.family in ("encoder", "encoder-decoder")
+        return self.spec.has_encoder
 
     @property
     def has_decoder(self) -> bool:
-        return self.family in ("decoder", "prefix-lm", "encoder-decoder")
+        return self.spec.has_decoder
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -169,7 +224,7 @@ class ModelConfig:
             return ConfigError(f"ModelConfig.{field_name}: {msg}")
 
         for name, allowed in (
-            ("family", FAMILIES),
+            ("family", FAMILY_NAMES),
             ("position", POSITIONS),
             ("norm", NORMS),
             ("norm_placement", PLACEMENTS),
@@ -193,9 +248,14 @@ class ModelConfig:
         for head in self.heads:
             if head not in HEADS:
                 raise bad("heads", f"unknown head {head!r}, expected some of {', '.join(HEADS)}")
-            if head in _HEAD_FAMILIES and self.family not in _HEAD_FAMILIES[head]:
-                raise bad("heads", f"head {head!r} needs family {' or '.join(_HEAD_FAMILIES[head])}, "
-                                   f"not {self.family!r}")
+            if head in VOCAB_HEADS and head not in self.spec.lm_heads:
+                need = [f.name for f in FAMILIES.values() if head in f.lm_heads]
+                raise bad("heads", f"head {head!r} needs family {' or '.join(need)}, not {self.family!r}")
+        if self.task_head and any(h in VOCAB_HEADS for h in self.heads):
+            raise bad("heads", f"{self.heads}: a task head ({self.task_head}) writes the same logits as a "
+                               "vocabulary head; a model carries one or the other")
+        if sum(h in TASK_HEADS for h in self.heads) > 1:
+            raise bad("heads", f"{self.heads}: at most one task head (classify, tag or span)")
         if len(set(self.heads)) != len(self.heads):
             raise bad("heads", f"a head is listed twice: {self.heads}")
         if "nsp" in self.heads and not self.pooler:
@@ -204,13 +264,11 @@ class ModelConfig:
             raise bad("classifier_pooling", f"got {self.classifier_pooling!r}, expected one of {', '.join(POOLINGS)}")
         if self.position_from_padding and self.pad_token_id is None:
             raise bad("position_from_padding", "needs pad_token_id")
-        if self.family == "encoder-decoder" and self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
+        if self.spec.seq2seq and self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise bad("n_decoder_layers", f"must be positive, got {self.n_decoder_layers}")
         if self.ffn == "moe":
             self._validate_moe(bad)
-        from lmlab.model.ffn import FFN_KINDS  # the registry lives beside the FFNs
-
-        if self.ffn not in FFN_KINDS:
+        if FFN_KINDS and self.ffn not in FFN_KINDS:
             raise bad("ffn", f"unknown FFN kind {self.ffn!r}, registered: {', '.join(FFN_KINDS)}")
 
     def _validate_moe(self, bad: Any) -> None:
@@ -247,7 +305,7 @@ class ModelConfig:
         if self.moe_router in ("expert-choice", "soft") and self.moe_total_experts != self.moe_experts:
             raise bad("moe_router", f"{self.moe_router!r} routing takes FFN experts only, not MoE++ "
                                     "zero/copy/constant experts")
-        if self.moe_router == "soft" and self.family != "encoder":
+        if self.moe_router == "soft" and self.spec.has_decoder:
             raise bad("moe_router", "Soft MoE mixes every token of a sequence into each slot, so a causal "
                                     f"{self.family!r} model would see the future; use it with family='encoder'")
 

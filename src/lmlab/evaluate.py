@@ -21,6 +21,7 @@ from lmlab.data.corpus import corpus_files
 from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
 from lmlab.data.store import build_store
 from lmlab.errors import ConfigError
+from lmlab.families import IGNORE_INDEX
 from lmlab.io import load
 from lmlab.tokenizer import load_tokenizer
 from lmlab.train.trainer import evaluate, resolve_device
@@ -35,27 +36,27 @@ def evaluate_text(model_dir: str | os.PathLike[str], data: list[str], seq_len: i
         raise ConfigError(f"{model_dir}: has no tokenizer.json; evaluation on text needs the model's tokenizer")
     tok = load_tokenizer(model_dir)
     cfg = model.config
-    if cfg.position in ("learned", "sinusoidal") and seq_len > cfg.max_seq_len:
-        raise ConfigError(f"seq_len={seq_len} is longer than the model's max_seq_len={cfg.max_seq_len}")
+    cfg.check_length(seq_len, f"seq_len={seq_len}")
     dev = resolve_device(device)
     model.to(dev)
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
     store, _ = build_store(corpus_files(data), tok, cache, doc_sep, field)
     docs = np.arange(store.n_docs)
     limit = max_tokens or store.n_tokens
-    if cfg.family == "encoder":
+    method = cfg.spec.eval_method
+    if method == "pseudo-perplexity":
         return {**_pseudo_perplexity(model, store, docs, tok, seq_len, limit, dev), "family": cfg.family}
-    name = {"decoder": "clm", "prefix-lm": "prefix-lm", "encoder-decoder": "span"}[cfg.family]
-    if cfg.family == "encoder-decoder" and tok.id_of("mask") is not None and not tok.sentinel_ids:
+    name = method
+    if method == "span" and tok.id_of("mask") is not None and not tok.sentinel_ids:
         name = "infilling"
     objective = make_objective(ObjectiveConfig(name, seq_len), store, docs, tok, "eval")
     n_batches = max(1, math.ceil(limit / (objective.tokens_per_example * batch_size)))
     batches = Batches(objective, batch_size, seed=0, shuffle=False).fixed(n_batches)
-    if cfg.family == "prefix-lm":  # a fixed split at the middle instead of a random one
+    if name == "prefix-lm":  # a fixed split at the middle instead of a random one
         for b in batches:
             half = b["input_ids"].shape[1] // 2
             b["prefix_lengths"][:] = half
-            b["labels"][:, :half] = -100
+            b["labels"][:, :half] = IGNORE_INDEX
     result = evaluate(model, batches, dev)
     method = {"clm": "perplexity", "prefix-lm": "perplexity of the second half given the first as prefix",
               "span": "span-corruption loss (seed 0)", "infilling": "text-infilling loss (seed 0)"}[name]

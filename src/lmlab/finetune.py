@@ -42,10 +42,10 @@ from lmlab import metrics
 from lmlab.config import ModelConfig
 from lmlab.data.objectives import Batches
 from lmlab.errors import ConfigError, DataError
+from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
 from lmlab.tokenizer import Tokenizer
 
-IGNORE = -100
 TASKS = ("classify", "ner", "qa")
 _TEXT_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
                  ("premise", "hypothesis"), ("#1 String", "#2 String"), ("sentence",), ("text",))
@@ -163,7 +163,7 @@ class TaskData:
         mask = np.zeros((B, T), dtype=np.int64)
         types = np.zeros((B, T), dtype=np.int64)
         token_labels = "labels" in examples[0] and np.ndim(examples[0]["labels"]) == 1
-        labels = np.full((B, T), IGNORE, dtype=np.int64) if token_labels else None
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64) if token_labels else None
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
             ids[i, :n], mask[i, :n] = e["input_ids"], 1
@@ -189,11 +189,10 @@ class TaskData:
 def _specials(tok: Tokenizer, cfg: ModelConfig) -> tuple[list[int], list[int]]:
     """Ids put before and after a text: [CLS] ... [SEP] for encoders with those tokens, ... </s> for
     encoder-decoders (as T5 and BART end their inputs), none for decoders and prefix-LMs."""
-    if cfg.family == "encoder" and tok.cls_id is not None and tok.sep_id is not None:
-        return [tok.cls_id], [tok.sep_id]
-    if cfg.family == "encoder-decoder" and tok.eos_id is not None:
-        return [], [tok.eos_id]
-    return [], []
+    before, after = ([tok.id_of(role) for role in roles] for roles in cfg.spec.wrap)
+    if None in before or None in after:  # the tokenizer lacks a role: the text goes in bare
+        return [], []
+    return before, after
 
 
 def encode_classification(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int,
@@ -235,7 +234,7 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
     bare = {i for i in (tok.backend.token_to_id("\u2581"), tok.backend.token_to_id("\u0120")) if i is not None}
     rows, firsts = [], []
     for ex in examples:
-        ids, labels, first = list(head), [IGNORE] * len(head), []
+        ids, labels, first = list(head), [IGNORE_INDEX] * len(head), []
         for i, word in enumerate(ex.words):
             pieces = tok.encode((" " if byte_level and i else "") + word, add_special_tokens=False) or [tok.unk_id or 0]
             if len(ids) + len(pieces) + len(tail) > max_len:
@@ -247,11 +246,11 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
             if tag is not None and tag not in label_ids:
                 raise DataError(f"{ex.where}: tag {tag!r} of word {i + 1} is not one of the training tags "
                                 f"({', '.join(label_ids)})")
-            labels += [IGNORE] * skip + [label_ids[tag] if tag is not None else IGNORE] \
-                + [IGNORE] * (len(pieces) - 1 - skip)
+            labels += [IGNORE_INDEX] * skip + [label_ids[tag] if tag is not None else IGNORE_INDEX] \
+                + [IGNORE_INDEX] * (len(pieces) - 1 - skip)
             ids += pieces
         ids += tail
-        labels += [IGNORE] * len(tail)
+        labels += [IGNORE_INDEX] * len(tail)
         row: dict[str, Any] = {"input_ids": np.array(ids)}
         if ex.label is not None and label_ids is not None:
             row["labels"] = np.array(labels)
@@ -395,10 +394,10 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
     head = {"classify": "classify", "ner": "tag", "qa": "span"}[task]
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
-        how = pooling or ("cls" if cfg.family == "encoder" else "last")
+        how = pooling or cfg.spec.pooling
         # encoders: [CLS] through the (pre-trained) pooler; encoder-decoders: BART's head, dense + tanh
         # on the last state, then the classifier (so a fine-tuned BART exports as BartForSequenceClassification)
-        changes["pooler"] = (cfg.family == "encoder" and how == "cls") or cfg.family == "encoder-decoder"
+        changes["pooler"] = (not cfg.spec.has_decoder and how == "cls") or cfg.spec.seq2seq
         changes["classifier_pooling"] = how
     else:
         changes["pooler"] = False
@@ -453,7 +452,7 @@ def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
             n += 1
             guess = out.logits.argmax(-1)
             for g_row, p_row in zip(batch["labels"], guess):
-                keep = g_row != IGNORE  # first sub-words: one per word
+                keep = g_row != IGNORE_INDEX  # first sub-words: one per word
                 gold.append([tags[i] for i in g_row[keep].tolist()])
                 pred.append([tags[i] for i in p_row[keep].tolist()])
         flat_gold, flat_pred = sum(gold, []), sum(pred, [])
@@ -497,8 +496,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     base = load(fc.model)
     tok = load_tokenizer(fc.model)
     cfg = base.config
-    if fc.max_len > cfg.max_seq_len and cfg.position in ("learned", "sinusoidal"):
-        raise ConfigError(f"--max-len {fc.max_len} is longer than the model's max_seq_len={cfg.max_seq_len}")
+    cfg.check_length(fc.max_len, f"--max-len {fc.max_len}")
     info: dict[str, Any] = {"task": fc.task}
     if fc.task == "classify":
         train_ex, text_cols, label_col = read_table(fc.train, fc.text_columns, fc.label_column)

@@ -85,16 +85,15 @@ class _Decoder:
     def __init__(self, model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int) -> None:
         self.model, self.cfg = model, model.config
-        self.seq2seq = self.cfg.family == "encoder-decoder"
+        self.seq2seq = self.cfg.spec.seq2seq
         # a mask of all ones is no mask: attention then takes its fast paths
         self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         B, T = input_ids.shape
         if self.seq2seq:
             self.start_ids = torch.full((B, 1), self.cfg.decoder_start_token_id, dtype=torch.long,
                                         device=input_ids.device)
-        elif self.cfg.position in ("learned", "sinusoidal") and T + max_new_tokens > self.cfg.max_seq_len:
-            raise ConfigError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
-                              f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or max_new_tokens")
+        else:
+            self.cfg.check_length(T + max_new_tokens, f"a prompt of {T} tokens + {max_new_tokens} new tokens")
 
     def start(self, input_ids: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -108,7 +107,7 @@ class _Decoder:
         else:  # left padding: count real tokens only
             positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
         extra = {"prefix_lengths": torch.full((input_ids.shape[0],), T, device=input_ids.device)} \
-            if self.cfg.family == "prefix-lm" else {}
+            if self.cfg.spec.self_attention == "prefix" else {}
         out = m(input_ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **extra)
         self.cache, self.next_pos = out.past_key_values, positions[:, -1:] + 1
         return out.logits[:, -1]
@@ -322,9 +321,7 @@ def fill_mask(model: Model, tokenizer: Any, text: str, top_k: int = 5) -> list[l
     if mask_token is None:
         raise ConfigError("the tokenizer has no mask token")
     ids = torch.tensor([tokenizer.encode(text.replace("[MASK]", mask_token))])
-    if ids.shape[1] > model.config.max_seq_len:
-        raise ConfigError(f"the text is {ids.shape[1]} tokens, longer than the model's "
-                          f"max_seq_len={model.config.max_seq_len}")
+    model.config.check_length(ids.shape[1], f"the text ({ids.shape[1]} tokens)")
     where = (ids[0] == tokenizer.mask_id).nonzero().flatten()
     if len(where) == 0:
         raise ConfigError(f"no {mask_token} (or [MASK]) in the text: {text!r}")

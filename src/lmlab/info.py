@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.model import Model, MoE
+from lmlab.model import Model
+from lmlab.model.moe import MOE_LAYERS, SoftMoE
 
 
 @dataclass
@@ -52,15 +53,15 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     inactive = 0
     for m in model.modules():  # an MoE layer multiplies each token by its k chosen experts only
-        if isinstance(m, MoE):
-            per_expert = m.w_up[0].numel() + m.w_down[0].numel()
+        if isinstance(m, MOE_LAYERS):
+            per_expert = m.experts.w_up[0].numel() + m.experts.w_down[0].numel()
             # Soft MoE: E*S slots per sequence of `context` tokens; zero-computation picks counted as FFN
-            active = m.n_ffn * m.slots / context if m.kind == "soft" else min(m.top_k, m.n_ffn)
+            active = m.n_ffn * m.n_slots / context if isinstance(m, SoftMoE) else min(m.top_k, m.n_ffn)
             matmul += round(active * per_expert)
             inactive += round((m.n_ffn - min(active, m.n_ffn)) * per_expert)
     if model.lm_head is not None or model.mlm_head is not None:
         matmul += cfg.vocab_size * cfg.d_model
     d_attn = cfg.n_heads * cfg.dim_head
-    attn_layers = cfg.n_layers + (2 * cfg.decoder_layers if cfg.family == "encoder-decoder" else 0)
+    attn_layers = cfg.n_layers + (2 * cfg.decoder_layers if cfg.spec.seq2seq else 0)
     flops = 2 * matmul + 4 * attn_layers * context * d_attn
     return ModelStats(total, embedding, total - embedding, matmul, total - inactive, context, flops)

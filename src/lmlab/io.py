@@ -24,8 +24,36 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.model import Model
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+# 1: the first format. 2: MoE layers made of parts (router.gate, experts.w_up, zero_compute, Soft MoE's slots)
+FORMAT_VERSION = 2
 CONFIG = "config.json"
+
+
+def _v1_to_v2(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """MoE tensors moved into the layer's parts; every other key is unchanged."""
+    renames = {"router.weight": "slots.weight" if cfg.moe_router == "soft" else "router.gate.weight",
+               "noise.weight": "router.noise.weight", "gate_residual.weight": "router.residual.weight",
+               "w_up": "experts.w_up", "w_down": "experts.w_down", "const_vec": "zero_compute.const_vec",
+               "const_gate.weight": "zero_compute.const_gate.weight"}
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition(".ffn.")
+        out[f"{head}.ffn.{renames.get(tail, tail)}" if sep and cfg.ffn == "moe" else key] = value
+    return out
+
+
+# version -> the function that brings a state dict of that version to the next one
+MIGRATIONS = {1: _v1_to_v2}
+
+
+def migrate(state: dict[str, torch.Tensor], cfg: ModelConfig, version: int, source: str) -> dict[str, torch.Tensor]:
+    """A state dict saved in format `version`, brought to FORMAT_VERSION key by key (nothing is dropped)."""
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{source}: lmlab_format {version!r} is not one this lmlab reads (1 to "
+                              f"{FORMAT_VERSION}); a newer lmlab wrote it, upgrade to load it")
+    for v in range(version, FORMAT_VERSION):
+        state = MIGRATIONS[v](state, cfg)
+    return state
 
 
 def resolve(path_or_id: str | os.PathLike[str]) -> Path:
@@ -142,6 +170,7 @@ def load(path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None
         except (ConfigError, TypeError) as e:
             raise CheckpointError(f"{cfg_source}: {e}") from None
         state, source = read_weights(folder)
+        state = migrate(state, cfg, raw["lmlab_format"], cfg_source)
         model = _adopt(_build(cfg), state, source)
     else:
         cfg = hf.config_from_hf(raw, cfg_source)
@@ -199,6 +228,7 @@ def load_weights_into(model: Model, folder: str | os.PathLike[str]) -> None:
     if raw.get("model") != model.config.to_dict():
         raise CheckpointError(f"{folder / CONFIG}: describes a different model than the one being restored")
     state, source = read_weights(folder)
+    state = migrate(state, model.config, raw.get("lmlab_format"), str(folder / CONFIG))
     expected = model.state_dict()
     for k, v in state.items():
         if k not in expected or expected[k].shape != v.shape:

@@ -17,15 +17,14 @@ import torch
 
 from lmlab.config import PRESETS, ModelConfig, preset
 from lmlab.data.corpus import corpus_files, demo_corpus, read_corpus
-from lmlab.data.objectives import FAMILY_OBJECTIVE, Batches, ObjectiveConfig, check_objective, make_objective
+from lmlab.data.objectives import Batches, ObjectiveConfig, check_objective, make_objective
 from lmlab.data.store import build_store
 from lmlab.errors import ConfigError
 from lmlab.model import Model
-from lmlab.tokenizer import FAMILY_KIND, Tokenizer, load_tokenizer, train_tokenizer
+from lmlab.families import FAMILIES
+from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.train.trainer import TrainConfig, Trainer
 
-FAMILY_PRESET = {"encoder": "bert-tiny", "decoder": "gpt2-tiny", "encoder-decoder": "t5-tiny",
-                 "prefix-lm": "prefix-lm-tiny"}
 
 
 @dataclass
@@ -88,7 +87,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelConfig:
     """The preset, sized to the tokenizer and sequence length, with heads for the objective and overrides."""
-    name = pc.preset or FAMILY_PRESET[pc.family]
+    name = pc.preset or FAMILIES[pc.family].default_preset
     base = preset(name)
     heads: dict[str, Any] = {"heads": ("lm",), "pooler": False}
     if objective == "mlm-nsp":
@@ -105,8 +104,7 @@ def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelCon
         cfg = base.replace(**{**changes, **pc.model})
     except TypeError as e:
         raise ConfigError(f"model overrides: {e}") from None
-    if cfg.position in ("learned", "sinusoidal") and pc.seq_len > cfg.max_seq_len:
-        raise ConfigError(f"seq_len={pc.seq_len} is longer than the model's max_seq_len={cfg.max_seq_len}")
+    cfg.check_length(pc.seq_len, f"seq_len={pc.seq_len}")
     return cfg
 
 
@@ -121,9 +119,9 @@ def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, Objecti
         pc.family = fam
     if not pc.family:
         raise ConfigError("give a family (--family encoder|decoder|encoder-decoder|prefix-lm) or a preset")
-    if pc.family not in FAMILY_PRESET:
-        raise ConfigError(f"family {pc.family!r} is unknown; expected one of {', '.join(FAMILY_PRESET)}")
-    pc.objective = pc.objective or FAMILY_OBJECTIVE[pc.family]
+    if pc.family not in FAMILIES:
+        raise ConfigError(f"family {pc.family!r} is unknown; expected one of {', '.join(FAMILIES)}")
+    pc.objective = pc.objective or FAMILIES[pc.family].default_objective
     check_objective(pc.objective, pc.family)
     if not pc.data:  # the built-in demo corpus: one Bible chapter per document
         pc.data, pc.doc_sep = [str(demo_corpus("kjv"))], "blank"
@@ -135,7 +133,7 @@ def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, Objecti
     elif pc.tokenizer:
         tok = load_tokenizer(pc.tokenizer)
     else:
-        kind = pc.tokenizer_kind or FAMILY_KIND[pc.family]
+        kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
         tok = train_tokenizer(kind, read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines), pc.vocab_size)
     tok.save(out)
     cache = Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))

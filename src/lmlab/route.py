@@ -20,12 +20,10 @@ def route_text(model_dir: str, text: str, top: int | None = None) -> tuple[list[
     token, the experts (and weights) that took it. Encoder-decoder models get the text on both sides
     (teacher-forced decoder). `top` limits the experts shown per layer (default: all with weight > 0)."""
     import lmlab
-    from lmlab.model import MoE
     from lmlab.tokenizer import load_tokenizer
 
     model = lmlab.load(model_dir).eval()
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-    if not layers:
+    if model.config.ffn != "moe":
         raise LmlabError(f"{model_dir}: the model has no Mixture-of-Experts layers (ffn={model.config.ffn!r})")
     tok = load_tokenizer(model_dir)
     ids = tok.encode(text)
@@ -34,20 +32,15 @@ def route_text(model_dir: str, text: str, top: int | None = None) -> tuple[list[
     if len(ids) > model.config.max_seq_len:
         raise LmlabError(f"the text is {len(ids)} tokens, longer than the model's max_seq_len={model.config.max_seq_len}")
     x = torch.tensor([ids])
-    for _, m in layers:
-        m.record_routing = True
     with torch.no_grad():
-        if model.config.family == "encoder-decoder":
-            model(input_ids=x, labels=x)
-        else:
-            model(input_ids=x)
+        out = model(input_ids=x, labels=x) if model.config.spec.seq2seq else model(input_ids=x)
     names, rows = [], [TokenRoute(tok.token(i), []) for i in ids]
-    for name, m in layers:
-        m.record_routing = False
-        names.append(name)
-        weights = m.routing  # (T, E); an encoder-decoder's decoder sees the shifted text: same length
+    for record in out.routing or ():
+        layer = model.get_submodule(record.layer)
+        names.append(record.layer)
+        weights = record.expert_weights()  # (T, E); an encoder-decoder's decoder sees the shifted text: same length
         for t, row in enumerate(rows):
             order = weights[t].argsort(descending=True).tolist()
-            picked = [(m.expert_name(e), float(weights[t, e])) for e in order if weights[t, e] > 0]
+            picked = [(layer.expert_name(e), float(weights[t, e])) for e in order if weights[t, e] > 0]
             row.layers.append(picked[:top] if top else picked)
     return names, rows

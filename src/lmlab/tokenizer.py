@@ -27,7 +27,6 @@ SPECIALS = {
     "bpe": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>"},
     "unigram": {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"},
 }
-FAMILY_KIND = {"encoder": "wordpiece", "decoder": "bpe", "prefix-lm": "bpe", "encoder-decoder": "unigram"}
 # role names as transformers' tokenizer_config.json writes them
 _HF_ROLE = {r: f"{r}_token" for r in ROLES}
 

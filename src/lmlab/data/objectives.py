@@ -25,13 +25,10 @@ import torch
 
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
+from lmlab.families import FAMILIES, IGNORE_INDEX, families_for_objective
 from lmlab.tokenizer import Tokenizer
 
-IGNORE = -100
 OBJECTIVES = ("clm", "mlm-nsp", "mlm", "span", "infilling", "prefix-lm")
-FAMILY_OBJECTIVE = {"decoder": "clm", "encoder": "mlm-nsp", "encoder-decoder": "span", "prefix-lm": "prefix-lm"}
-OBJECTIVE_FAMILIES = {"clm": ("decoder", "prefix-lm"), "mlm-nsp": ("encoder",), "mlm": ("encoder",),
-                      "span": ("encoder-decoder",), "infilling": ("encoder-decoder",), "prefix-lm": ("prefix-lm",)}
 
 
 @dataclass
@@ -49,8 +46,8 @@ class ObjectiveConfig:
 def check_objective(name: str, family: str) -> None:
     if name not in OBJECTIVES:
         raise ConfigError(f"objective {name!r} is unknown; expected one of {', '.join(OBJECTIVES)}")
-    if family not in OBJECTIVE_FAMILIES[name]:
-        raise ConfigError(f"objective {name!r} trains {' or '.join(OBJECTIVE_FAMILIES[name])} models, "
+    if name not in FAMILIES[family].objectives:
+        raise ConfigError(f"objective {name!r} trains {' or '.join(families_for_objective(name))} models, "
                           f"not {family!r}")
 
 
@@ -76,10 +73,10 @@ def mask_tokens(ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generato
     round(mask_prob * len(candidates)) positions are chosen (at least 1); of them 80% become
     mask_id, 10% a random token from random_pool, 10% stay. With word_start (bool per position),
     whole words are chosen until the budget is met (a word that would overshoot is skipped).
-    Returns (inputs, labels) with labels = IGNORE except at chosen positions.
+    Returns (inputs, labels) with labels = IGNORE_INDEX except at chosen positions.
     """
     ids = ids.copy()
-    labels = np.full(len(ids), IGNORE, dtype=np.int64)
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
     if len(candidates) == 0:
         return ids, labels
     budget = max(1, int(round(mask_prob * len(candidates))))
@@ -202,7 +199,7 @@ class PrefixLM(CausalLM):
         ids = self.chunk(unit)
         split = int(rng.integers(1, len(ids)))
         labels = ids.copy()
-        labels[:split] = IGNORE  # the prefix is context, not target
+        labels[:split] = IGNORE_INDEX  # the prefix is context, not target
         return {"input_ids": ids, "labels": labels, "prefix_lengths": np.array(split, dtype=np.int64)}
 
 
@@ -302,15 +299,15 @@ class BertMLMNSP(Objective, _Masking):
             "input_ids": np.pad(inputs, (0, pad), constant_values=self.pad),
             "attention_mask": np.pad(np.ones(len(ids), dtype=np.int64), (0, pad)),
             "token_type_ids": np.pad(types, (0, pad)),
-            "labels": np.pad(labels, (0, pad), constant_values=IGNORE),
+            "labels": np.pad(labels, (0, pad), constant_values=IGNORE_INDEX),
             "next_sentence_label": np.array(int(is_random), dtype=np.int64),
         }
 
 
 def _seq2seq_example(inputs: np.ndarray, targets: np.ndarray, seq_len: int, target_len: int,
                      pad: int) -> dict[str, np.ndarray]:
-    """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with IGNORE."""
-    labels = np.full(target_len, IGNORE, dtype=np.int64)
+    """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with IGNORE_INDEX."""
+    labels = np.full(target_len, IGNORE_INDEX, dtype=np.int64)
     labels[:len(targets)] = targets[:target_len]
     return {
         "input_ids": np.pad(inputs, (0, seq_len - len(inputs)), constant_values=pad),

@@ -3,6 +3,6 @@
 from lmlab.model.attention import KVCache
 from lmlab.model.ffn import register_ffn
 from lmlab.model.model import Model, ModelOutput
-from lmlab.model.moe import MoE
+from lmlab.model.moe import MoE, RoutingRecord, SoftMoE
 
-__all__ = ["KVCache", "MoE", "Model", "ModelOutput", "register_ffn"]
+__all__ = ["KVCache", "MoE", "Model", "ModelOutput", "RoutingRecord", "SoftMoE", "register_ffn"]

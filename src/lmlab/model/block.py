@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, cross=True) if cross else None
         self.ffn_norm = make_norm(cfg)
         self.ffn = build_ffn(cfg, layer_index)
+        self.routed = hasattr(self.ffn, "expert_name")  # an MoE layer: takes `previous`, returns a record
         self.drop = nn.Dropout(cfg.dropout)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -52,10 +53,21 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cross_cache: LayerKV | None = None,
         token_mask: torch.Tensor | None = None,  # (B, T) True for real tokens, for MoE statistics
-    ) -> torch.Tensor:
+        previous: torch.Tensor | None = None,  # the previous MoE layer's router logits (MoE++ gating residual)
+    ) -> tuple[torch.Tensor, Any]:
+        """The new hidden states and the FFN's routing record (None for a dense FFN)."""
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rope, cache))
         if self.cross_attn is not None:
             x = self._residual(
                 x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, cache=cross_cache, memory=memory)
             )
-        return self._residual(x, self.ffn_norm, lambda h: self.ffn(h, token_mask))
+        record = None
+
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            nonlocal record
+            out = self.ffn(h, token_mask, previous) if self.routed else self.ffn(h, token_mask)
+            if isinstance(out, tuple):  # a routed FFN returns (output, routing record)
+                out, record = out
+            return out
+
+        return self._residual(x, self.ffn_norm, ffn), record

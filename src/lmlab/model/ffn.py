@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config import ACTIVATIONS, ModelConfig
+from lmlab.config import ACTIVATIONS, FFN_KINDS, ModelConfig
 from lmlab.model.linear import Linear
 
 
@@ -111,14 +111,13 @@ class DenseFFN(nn.Module):
         return self.down(gated_activation(h, self.act_name) if self.gated else self.act(h))
 
 
-# name -> builder(cfg, layer_index) -> module. The layer index lets a kind vary by depth
-# (an MoE layer every k-th block, dense elsewhere).
-FFN_KINDS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"dense": DenseFFN}
-
-
 def register_ffn(name: str, builder: Callable[[ModelConfig, int], nn.Module]) -> None:
-    """Make `ModelConfig(ffn=name)` build its FFN slots with `builder(cfg, layer_index)`."""
+    """Make `ModelConfig(ffn=name)` build its FFN slots with `builder(cfg, layer_index)`. The layer index
+    lets a kind vary by depth (an MoE layer every k-th block, dense elsewhere)."""
     FFN_KINDS[name] = builder
+
+
+register_ffn("dense", DenseFFN)
 
 
 def build_ffn(cfg: ModelConfig, layer_index: int) -> nn.Module:

@@ -15,17 +15,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.families import IGNORE_INDEX
 from lmlab.model.attention import KVCache, build_mask
 from lmlab.model.block import Block, make_norm
 from lmlab.model.ffn import activation_fn
 from lmlab.model.linear import linear
+from lmlab.model.moe import RoutingRecord
 from lmlab.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_table
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ModelOutput:
     encoder_last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' weighted auxiliary losses
+    routing: tuple[RoutingRecord, ...] | None = None  # one per MoE layer, in order (lmlab.model.moe)
 
     @property
     def prediction_logits(self) -> torch.Tensor | None:  # transformers' BertForPreTraining name
@@ -56,9 +59,11 @@ class ModelOutput:
 class Stack(nn.Module):
     """Embedded tokens -> hidden states: positions, segments, embedding norm, N Blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig, n_layers: int, policy: str, cross: bool, segments: bool) -> None:
+    def __init__(self, cfg: ModelConfig, n_layers: int, policy: str, cross: bool, segments: bool,
+                 name: str = "decoder") -> None:
         super().__init__()
-        self.cfg, self.policy = cfg, policy
+        self.cfg, self.policy, self.name = cfg, policy, name
+        self.checkpointing = False  # recompute each Block's activations in the backward (Model.gradient_checkpointing)
         d = cfg.d_model
         self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, d) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
@@ -73,9 +78,6 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i, cross=cross) for i in range(n_layers))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
-        routed = [b.ffn for b in self.layers if hasattr(b.ffn, "previous")]  # MoE layers, in order
-        for prev, layer in zip(routed, routed[1:]):  # MoE++ gating residual reads the previous layer's logits
-            layer.previous = [prev]
 
     def init_buffers(self) -> None:
         if self.cfg.position == "sinusoidal":
@@ -92,6 +94,7 @@ class Stack(nn.Module):
         memory: torch.Tensor | None = None,
         memory_padding: torch.Tensor | None = None,  # (B, S)
         output_hidden_states: bool = False,
+        routing: list[RoutingRecord] | None = None,  # MoE layers append their records here
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         B, T, _ = x.shape
         past = cache.seen if cache is not None else 0
@@ -116,14 +119,22 @@ class Stack(nn.Module):
         token_mask = key_padding[:, past:].bool() if key_padding is not None else None
 
         hidden = [x] if output_hidden_states else None
+        previous = None  # the last MoE layer's router logits, for MoE++'s gating residual
+        checkpoint = self.checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(
-                x, mask, is_causal, rope,
-                cache=cache.layers[i] if cache is not None else None,
-                memory=memory, memory_mask=memory_mask,
-                cross_cache=cache.cross[i] if cache is not None and cache.cross else None,
-                token_mask=token_mask,
-            )
+            kw = dict(cache=cache.layers[i] if cache is not None else None, memory=memory, memory_mask=memory_mask,
+                      cross_cache=cache.cross[i] if cache is not None and cache.cross else None,
+                      token_mask=token_mask, previous=previous)
+            if checkpoint:  # the record comes from this forward only; the recomputation's is discarded
+                x, record = torch.utils.checkpoint.checkpoint(layer, x, mask, is_causal, rope, use_reentrant=False,
+                                                              **kw)
+            else:
+                x, record = layer(x, mask, is_causal, rope, **kw)
+            if record is not None:
+                record.layer = f"{self.name}.layers.{i}.ffn"
+                previous = record.router_logits_TE
+                if routing is not None:
+                    routing.append(record)
             if hidden is not None:
                 hidden.append(x)
         if self.final_norm is not None:
@@ -187,13 +198,14 @@ class Model(nn.Module):
         cfg = self.config = config
         d = cfg.d_model
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
-        self.encoder = Stack(cfg, cfg.n_layers, "bidirectional", cross=False, segments=True) if cfg.has_encoder else None
+        spec = cfg.spec
+        self.encoder = Stack(cfg, cfg.n_layers, "bidirectional", cross=False, segments=True, name="encoder") \
+            if spec.has_encoder else None
         self.decoder = None
-        if cfg.family == "encoder-decoder":
-            self.decoder = Stack(cfg, cfg.decoder_layers, "causal", cross=True, segments=False)
-        elif cfg.family in ("decoder", "prefix-lm"):
-            policy = "causal" if cfg.family == "decoder" else "prefix"
-            self.decoder = Stack(cfg, cfg.n_layers, policy, cross=False, segments=True)
+        if spec.seq2seq:
+            self.decoder = Stack(cfg, cfg.decoder_layers, spec.self_attention, cross=True, segments=False)
+        elif spec.has_decoder:
+            self.decoder = Stack(cfg, cfg.n_layers, spec.self_attention, cross=False, segments=True)
 
         self.pooler = Pooler(cfg) if cfg.pooler else None
         self.lm_head = LMHead(cfg) if "lm" in cfg.heads else None
@@ -203,18 +215,30 @@ class Model(nn.Module):
         self.tagger = nn.Linear(d, cfg.num_labels) if "tag" in cfg.heads else None
         self.span_head = nn.Linear(d, 2) if "span" in cfg.heads else None
         self.head_drop = nn.Dropout(cfg.dropout)
-        self.apply(self._init_weights)
-        self._aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]  # MoE layers
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and derived buffer. The constructor calls it; call it again after
+        building on the meta device and materialising (`to_empty`), e.g. once the model is sharded."""
+        cfg = self.config
+        for module in self.modules():
+            self._init_module(module)
         # GPT-2: scale the init of projections that write into the residual stream by
         # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
-        n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.family == "encoder-decoder" else 0))
+        n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.spec.seq2seq else 0))
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "ffn.down.weight", "ffn.w_down", "ffn.shared.down.weight")):
+            if name.endswith(("attn.out.weight", "ffn.down.weight", "ffn.experts.w_down", "ffn.shared.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(n_residual))
+        self.init_buffers()
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def _init_module(self, module: nn.Module) -> None:
         std = self.config.init_std
-        if isinstance(module, nn.Linear):
+        if hasattr(module, "init_weights") and module is not self:  # experts and other parts that know their own
+            module.init_weights()
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -222,8 +246,11 @@ class Model(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RelativePositionBias):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (MLMHead, LMHead)) and module.weight is not None:
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (MLMHead, LMHead)):
+            if module.weight is not None:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def init_buffers(self) -> None:
         """(Re)compute the buffers that are derived, not saved, e.g. after building on the meta device."""
@@ -243,11 +270,7 @@ class Model(nn.Module):
         if cfg.position_from_padding:
             real = (input_ids != cfg.pad_token_id).long()
             return (torch.cumsum(real, dim=1) + past) * real - 1
-        if cfg.position in ("learned", "sinusoidal") and past + T > cfg.max_seq_len:
-            raise LmlabError(
-                f"sequence of {past + T} tokens is longer than the model's max_seq_len={cfg.max_seq_len} "
-                f"({cfg.position} positions have no row for it); truncate the input"
-            )
+        cfg.check_length(past + T)
         return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
@@ -302,22 +325,24 @@ class Model(nn.Module):
         cfg = self.config
         out = ModelOutput()
         mask_for_heads = attention_mask
-        if cfg.family == "encoder":
+        spec = cfg.spec
+        routing: list[RoutingRecord] = []
+        if not spec.has_decoder:  # encoder
             h, hidden = self.encoder(
                 self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
-                token_type_ids, attention_mask, output_hidden_states=output_hidden_states,
+                token_type_ids, attention_mask, output_hidden_states=output_hidden_states, routing=routing,
             )
-        elif cfg.family == "encoder-decoder":
+        elif spec.seq2seq:
             if encoder_outputs is None:
                 memory, _ = self.encoder(
                     self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
-                    None, attention_mask,
+                    None, attention_mask, routing=routing,
                 )
             else:
                 memory = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
                 if memory is None:  # an output object whose encoder state lives elsewhere
                     memory = encoder_outputs.encoder_last_hidden_state
-            task = self._task_head()
+            task = cfg.task_head
             if task in ("tag", "span"):  # per-token heads read the (bidirectional) encoder's states
                 h, hidden = memory, None
             else:
@@ -334,7 +359,7 @@ class Model(nn.Module):
                 h, hidden = self.decoder(
                     self.embed(decoder_input_ids), self.default_positions(decoder_input_ids, past), None,
                     decoder_attention_mask, cache=cache, memory=memory, memory_padding=attention_mask,
-                    output_hidden_states=output_hidden_states,
+                    output_hidden_states=output_hidden_states, routing=routing,
                 )
                 out.past_key_values = cache
                 mask_for_heads = decoder_attention_mask
@@ -345,28 +370,25 @@ class Model(nn.Module):
             past = cache.seen if cache is not None else 0
             if position_ids is None:
                 position_ids = self.default_positions(input_ids, past)
-            if cfg.family == "prefix-lm" and prefix_lengths is None and self._task_head():
+            if spec.self_attention == "prefix" and prefix_lengths is None and cfg.task_head:
                 # a task head (UniLM's NLU fine-tuning): the whole input is the bidirectional prefix
                 prefix_lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
             h, hidden = self.decoder(
                 self.embed(input_ids), position_ids, token_type_ids, attention_mask, prefix_lengths, cache=cache,
-                output_hidden_states=output_hidden_states,
+                output_hidden_states=output_hidden_states, routing=routing,
             )
             out.past_key_values = cache
         out.last_hidden_state = h
         out.hidden_states = tuple(hidden) if hidden is not None else None
         self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions,
                           labelled_logits_only)
-        aux = [m.aux_loss for m in self._aux_modules if m.aux_loss is not None]
+        out.routing = tuple(routing) if routing else None
+        aux = [r.aux_loss for r in routing if r.aux_loss is not None]
         if aux:
             out.aux_loss = torch.stack(aux).sum()
             if out.loss is not None:  # a non-zero auxiliary weight always reaches the training loss
                 out.loss = out.loss + out.aux_loss
         return out
-
-    def _task_head(self) -> str | None:
-        """The fine-tuning head (classify / tag / span) this model carries, if any."""
-        return next((h for h in self.config.heads if h in ("classify", "tag", "span")), None)
 
     def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,
                     sparse: bool) -> torch.Tensor | None:
@@ -393,7 +415,7 @@ class Model(nn.Module):
             out.pooler_output = self.pooler(h)
         if self.lm_head is not None:
             targets = labels
-            if labels is not None and cfg.family != "encoder-decoder":  # position t predicts token t+1
+            if labels is not None and cfg.spec.shifts_labels:  # position t predicts token t+1
                 # shift the labels, not the logits: slicing logits would copy them in the backward pass
                 targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
             loss = self._vocab_loss(out, self.lm_head, h, targets, sparse)
@@ -448,6 +470,13 @@ class Model(nn.Module):
         from lmlab.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each Block's activations during the backward instead of keeping them (transformers'
+        name): less memory, one more forward per step. Loss, gradients and routing records are unchanged."""
+        for stack in (self.encoder, self.decoder):
+            if stack is not None:
+                stack.checkpointing = enable
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

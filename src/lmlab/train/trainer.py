@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.objectives import IGNORE, Batches
+from lmlab.data.objectives import Batches
+from lmlab.families import IGNORE_INDEX
 from lmlab.errors import ConfigError
 from lmlab.model import Model
 from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -106,15 +107,15 @@ def evaluate(model: Model, batches: list[dict[str, torch.Tensor]], device: torch
     was_training = model.training
     model.eval()
     total, count, correct, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
-    shift = model.config.family in ("decoder", "prefix-lm")
+    shift = model.config.spec.shifts_labels
     for batch in batches:
         batch = _on(batch, device)
         with _autocast(device, autocast):
             out = model(**batch, labelled_logits_only=True)
         labels = batch["labels"]
         if shift:
-            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-        targets = labels[labels != IGNORE]  # out.logits holds exactly these rows
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        targets = labels[labels != IGNORE_INDEX]  # out.logits holds exactly these rows
         logits = out.logits.float()
         total += F.cross_entropy(logits, targets, reduction="sum").item()
         count += len(targets)
@@ -160,19 +161,18 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = None
         # MoE layers' routing statistics, summed over a logging window (tensors: no host sync per step)
-        self._routers = [(name, m) for name, m in self.model.named_modules() if hasattr(m, "stats")
-                         and hasattr(m, "aux_loss")]
+        self._routers = self.model.config.ffn == "moe"  # the forward returns routing records to log
         self._moe_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._moe_count = 0
 
     # ---- routing statistics -------------------------------------------------------------------------
-    def _collect_routing(self) -> None:
-        for name, m in self._routers:
-            sums = self._moe_sums.setdefault(name, {})
-            for k, v in m.stats.items():
+    def _collect_routing(self, routing: Any) -> None:
+        for record in routing or ():
+            sums = self._moe_sums.setdefault(record.layer, {})
+            for k, v in record.stats().items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v.clone()
-        self._moe_count += 1 if self._routers else 0
+        self._moe_count += 1 if routing else 0
 
     def _routing_record(self) -> list[dict[str, Any]] | None:
         """Per MoE layer: mean expert load (fraction of assignments), its CV, router entropy, dropped
@@ -261,11 +261,12 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 batch = _on(self.train.next_batch(), self.device)
                 with _autocast(self.device, self.autocast):
-                    loss = self.step_fn(**batch, labelled_logits_only=True).loss / cfg.grad_accum
+                    out = self.step_fn(**batch, labelled_logits_only=True)
+                    loss = out.loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 if self._routers:
-                    self._collect_routing()
+                    self._collect_routing(out.routing)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()

@@ -39,6 +39,9 @@ TINY = {
     "mixtral": lambda: transformers.MixtralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
         shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2, num_hidden_layers=3,
@@ -50,6 +53,7 @@ ARCH_CONFIG = {
     "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
     "BartForSequenceClassification": "bart",
     "SwitchTransformersForConditionalGeneration": "switch", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "LlamaForCausalLM": "llama",
 }
 
 

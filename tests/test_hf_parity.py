@@ -52,7 +52,8 @@ def _compare(arch: str, ours, theirs, kw) -> None:
 
 ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
          "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration",
-         "BartForSequenceClassification", "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
+         "BartForSequenceClassification", "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+         "LlamaForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -154,3 +155,44 @@ def test_imported_mixtral_greedy_generation_equals_transformers(hf_folder):
     want = theirs.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = ours.generate(prompt, max_new_tokens=8)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name,auto", [("gpt", "AutoModelForCausalLM"), ("bert", "AutoModelForMaskedLM"),
+                                       ("t5", "AutoModelForSeq2SeqLM")])
+def test_converted_folder_is_complete_for_transformers(name, auto, tiny_pretrained, tmp_path):
+    """`lmlab convert DIR OUT --to hf` on a pre-trained folder: transformers' Auto classes load the model
+    and the tokenizer, the tokenizer gives lmlab's ids, and the logits agree."""
+    from lmlab.cli import main
+    from lmlab.tokenizer import load_tokenizer
+
+    src, out = tiny_pretrained[name], tmp_path / "hf"
+    if name == "bert":  # pre-training gives BERT an mlm head; the fixture folder has (mlm, nsp)
+        model = lmlab.load(src)
+        lmlab.Model(model.config.replace(heads=("mlm",), pooler=False)).save_pretrained(tmp_path / "mlm")
+        load_tokenizer(src).save(tmp_path / "mlm")
+        src = tmp_path / "mlm"
+    assert main(["convert", str(src), str(out), "--to", "hf"]) == 0
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours_tok = load_tokenizer(src)
+    text = "and the lord said unto Moses 7 , let my people go into the land"
+    ids = ours_tok.encode(text)
+    assert theirs_tok(text)["input_ids"] == ids
+    theirs = getattr(transformers, auto).from_pretrained(out).eval()
+    ours = lmlab.load(src)
+    x = torch.tensor([ids])
+    kw = {"decoder_input_ids": x[:, :5]} if name == "t5" else {}
+    with torch.no_grad():
+        assert _max_diff(ours(input_ids=x, **kw).logits, theirs(input_ids=x, **kw).logits) <= TOL
+
+
+def test_llama_tiny_preset_exports_as_llama_for_causal_lm(tmp_path):
+    torch.manual_seed(0)
+    ours = lmlab.Model(lmlab.preset("llama-tiny", vocab_size=VOCAB_TINY, n_layers=2, d_model=32, n_heads=4,
+                                    n_kv_heads=2, d_ff=40)).eval()
+    ours.save_pretrained(tmp_path, format="hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    ids, mask = padded_batch(LENGTHS, pad_id=0)
+    with torch.no_grad():
+        assert _max_diff(ours(input_ids=ids, attention_mask=mask).logits,
+                         theirs(input_ids=ids, attention_mask=mask).logits, mask) <= TOL

@@ -98,12 +98,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from lmlab.io import load
+    from lmlab.io import convert
 
-    model = load(args.src)
-    out = model.save_pretrained(args.dst, format=args.to)
+    r = convert(args.src, args.dst, to=args.to)
     fmt = "transformers (Auto classes)" if args.to == "hf" else "lmlab"
-    console.print(f"wrote {fmt} folder [bold]{out}[/] ({model.config.family}, heads: {', '.join(model.config.heads)})")
+    tok = "with its tokenizer" if r["tokenizer"] else "without a tokenizer (the source folder has none)"
+    console.print(f"wrote {fmt} folder [bold]{r['out']}[/] ({r['family']}, heads: {', '.join(r['heads'])}), {tok}")
 
 
 def _demo_model_dir(given: str | None) -> Path:

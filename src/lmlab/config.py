@@ -444,5 +444,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
     cfg.name = name
+    if "d_model" in overrides and "head_input_scale" not in overrides and cfg.head_input_scale == cfg.d_model**-0.5:
+        overrides["head_input_scale"] = overrides["d_model"] ** -0.5  # T5's d_model**-0.5 follows the new width
     return cfg.replace(**overrides) if overrides else cfg
 

@@ -221,6 +221,25 @@ def save(model: Model, path: str | os.PathLike[str], format: str = "lmlab") -> P
     return folder
 
 
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "hf") -> dict[str, Any]:
+    """Rewrite a model folder in the other layout ("hf" or "lmlab"), tokenizer included, so the result is
+    complete: transformers' AutoTokenizer and Auto model classes (and lm-evaluation-harness) read an
+    "hf" folder as it is. Returns what was written."""
+    from lmlab.tokenizer import load_tokenizer
+
+    model = load(src)
+    folder = save(model, dst, format=to)
+    try:
+        tok = load_tokenizer(resolve(src))
+    except CheckpointError as e:  # a weights-only folder: say so rather than write half a folder silently
+        log.warning("%s: no tokenizer written (%s)", folder, e)
+        tok = None
+    if tok is not None:
+        tok.save(folder)
+    return {"out": folder, "format": to, "tokenizer": tok is not None, "family": model.config.family,
+            "heads": model.config.heads}
+
+
 def load_weights_into(model: Model, folder: str | os.PathLike[str]) -> None:
     """Copy an lmlab folder's weights into an existing model of the same config (keeps parameter identity)."""
     folder = Path(folder)

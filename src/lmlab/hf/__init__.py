@@ -89,7 +89,9 @@ _NOT_COMPUTED = ("name", "labels", "dropout", "attn_dropout", "init_std", "unk_t
 def _effective(cfg: ModelConfig, name: str) -> Any:
     """A field's value with its None default resolved, so that equivalent configs compare equal."""
     resolved = {"qkv_bias": lambda: cfg.use_qkv_bias, "moe_renormalize": lambda: cfg.moe_renormalizes,
-                "moe_d_ff": lambda: cfg.expert_d_ff, "moe_shared_d_ff": lambda: cfg.shared_d_ff}
+                "moe_d_ff": lambda: cfg.expert_d_ff, "moe_shared_d_ff": lambda: cfg.shared_d_ff,
+                "n_decoder_layers": lambda: cfg.decoder_layers if cfg.spec.seq2seq else None,
+                "n_kv_heads": lambda: cfg.kv_heads, "head_dim": lambda: cfg.dim_head}
     return resolved[name]() if name in resolved else getattr(cfg, name)
 
 

@@ -196,3 +196,64 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     g = torch.Generator().manual_seed(0)
     draws = {int(torch.multinomial(filter_logits(logits, top_p=0.6).softmax(-1), 1, generator=g)) for _ in range(300)}
     assert draws <= nucleus and len(draws) > 1
+
+
+# ---- results with finish reasons, log-probabilities, text in / text out, streaming --------------------
+def test_generate_result_says_why_each_sequence_ended(tiny_pretrained):
+    from lmlab.generate import generate
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder), load_tokenizer(folder)
+    ids = torch.tensor([tok.encode("and the lord said", add_special_tokens=False)])
+    plain = generate(model, ids, max_new_tokens=6)
+    r = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True)
+    assert torch.equal(r.sequences, plain) and r.finish_reasons == ["length"] and len(r.tokens[0]) == 6
+    new = plain[0, ids.shape[1]:].tolist()
+    k = max(i for i, t in enumerate(new) if t not in new[:i])  # the last token that is new at its position
+    r = generate(model, ids, max_new_tokens=6, eos_token_id=new[k], return_dict_in_generate=True)
+    assert r.finish_reasons == ["eos"] and r.tokens[0] == new[:k + 1]
+    stop = tok.decode(plain[0, ids.shape[1]:ids.shape[1] + 2].tolist()).strip()
+    r = generate(model, ids, max_new_tokens=6, stop_strings=[stop], tokenizer=tok, return_dict_in_generate=True)
+    assert r.finish_reasons == ["stop"] and stop in tok.decode(r.tokens[0])
+    assert stop not in tok.decode(r.tokens[0][:-1])  # the stop string is completed by the last token
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_logprobs_are_the_models_log_probabilities_of_the_chosen_tokens(tiny_pretrained, do_sample):
+    from lmlab.generate import generate
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder), load_tokenizer(folder)
+    ids = torch.tensor([tok.encode("the lord said unto", add_special_tokens=False)])
+    r = generate(model, ids, max_new_tokens=5, do_sample=do_sample, temperature=0.7, top_k=5, seed=3,
+                 return_dict_in_generate=True, output_logprobs=True)
+    seq = r.sequences
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)  # one teacher-forced pass
+    T = ids.shape[1]
+    expected = [float(full[T - 1 + k, t]) for k, t in enumerate(r.tokens[0])]
+    assert r.logprobs[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_complete_batches_prompts_and_stream_yields_the_same_text(tiny_pretrained):
+    from lmlab.generate import complete, stream
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder), load_tokenizer(folder)
+    prompts = ["and the lord said unto moses", "let my people"]
+    together = complete(model, tok, prompts, max_new_tokens=8)
+    alone = [complete(model, tok, p, max_new_tokens=8)[0] for p in prompts]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]  # left padding changes nothing
+    assert [c.prompt_tokens for c in together] == [len(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    s = stream(model, tok, prompts[0], max_new_tokens=8)
+    pieces = list(s)
+    assert len(pieces) > 1 and "".join(pieces) == together[0].text == s.text
+    assert s.finish_reason == together[0].finish_reason and s.tokens == together[0].tokens
+    stop = together[0].text.split()[1]
+    cut = complete(model, tok, prompts[0], max_new_tokens=8, stop_strings=[stop])[0]
+    s = stream(model, tok, prompts[0], max_new_tokens=8, stop_strings=[stop])
+    assert cut.finish_reason == "stop" and cut.text.endswith(stop) and "".join(s) == cut.text
+    assert s.finish_reason == "stop"

@@ -17,6 +17,8 @@ with transformers' `put(ids)` / `end()`, e.g. `TextStreamer` here or transformer
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,15 +142,39 @@ def _eos_list(eos: int | list[int] | None) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-@torch.no_grad()
-def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 20, do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
-             seed: int | None = None) -> torch.Tensor:
-    """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring."""
+@dataclass
+class GenerateResult:
+    """What `generate(..., return_dict_in_generate=True)` returns.
+
+    sequences: prompt + new ids, exactly what plain `generate` returns; per sequence, `tokens` are the new
+    ids up to and including the one that finished it (padding after it dropped), `finish_reasons` say
+    why it ended ("eos", "stop" for a stop string, "length" for max_new_tokens), and with
+    `output_logprobs=True` (greedy and sampling) `logprobs` holds the model's log-probability of each
+    chosen token, from its raw logits (before temperature, top-k / top-p and repetition penalty)."""
+
+    sequences: torch.Tensor
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None = None
+    prompt_length: int = 0  # columns of `sequences` before the new tokens (the decoder start for seq2seq)
+
+
+@dataclass
+class _Run:
+    dec: _Decoder
+    logits: torch.Tensor  # (rows, V) next-token logits after the prompt
+    seq: torch.Tensor  # (rows, L0) what the new tokens are appended to
+    eos: list[int]
+    pad: int
+    stops: list[str]
+    tokenizer: Any
+
+
+def _prepare(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+             do_sample: bool, num_beams: int, temperature: float, num_return_sequences: int,
+             eos_token_id: int | list[int] | None, pad_token_id: int | None, stop_strings: str | list[str] | None,
+             tokenizer: Any, streaming: bool) -> _Run:
+    """Check the request, copy prompts for beams / samples, and run the prompt through the model."""
     cfg = model.config
     if not cfg.has_decoder or model.lm_head is None:
         raise ConfigError(f"generate needs a model with an lm head (decoder, prefix-lm or encoder-decoder); this is "
@@ -163,15 +189,13 @@ def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ConfigError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
     if num_beams == 1 and num_return_sequences > 1 and not do_sample:
         raise ConfigError("greedy decoding returns one sequence per prompt: sample or use beams for more")
-    if streamer is not None and (num_beams > 1 or input_ids.shape[0] * num_return_sequences > 1):
+    if streaming and (num_beams > 1 or input_ids.shape[0] * num_return_sequences > 1):
         raise ConfigError("streaming works for one sequence with greedy decoding or sampling")
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stops and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer (generate(..., tokenizer=tok))")
-    was_training = model.training
-    model.eval()
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
                                                          else (eos[0] if eos else 0))
@@ -181,15 +205,76 @@ def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         attention_mask = attention_mask.repeat_interleave(copies, dim=0) if attention_mask is not None else None
     dec = _Decoder(model, input_ids, attention_mask, max_new_tokens)
     seq = dec.start_ids if dec.seq2seq else input_ids
+    return _Run(dec, dec.start(input_ids), seq, eos, pad, stops, tokenizer)
+
+
+@torch.no_grad()
+def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 20, do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
+             seed: int | None = None, return_dict_in_generate: bool = False,
+             output_logprobs: bool = False) -> torch.Tensor | GenerateResult:
+    """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring. With
+    `return_dict_in_generate`, a GenerateResult (finish reasons, and per-token log-probabilities
+    with `output_logprobs`)."""
+    if output_logprobs and num_beams > 1:
+        raise ConfigError("output_logprobs is offered for greedy decoding and sampling, not beam search")
+    was_training = model.training
+    model.eval()
     try:
-        logits = dec.start(input_ids)
+        run = _prepare(model, input_ids, attention_mask, max_new_tokens, do_sample, num_beams, temperature,
+                       num_return_sequences, eos_token_id, pad_token_id, stop_strings, tokenizer, streamer is not None)
+        start = run.seq.shape[1]
+        logprobs = None
         if num_beams > 1:
-            return _beam_search(dec, logits, seq, num_beams, max_new_tokens, repetition_penalty, length_penalty,
-                                early_stopping, num_return_sequences, eos, pad, stops, tokenizer)
-        return _sample(dec, logits, seq, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                       eos, pad, stops, tokenizer, streamer, seed)
+            seq = _beam_search(run.dec, run.logits, run.seq, num_beams, max_new_tokens, repetition_penalty,
+                               length_penalty, early_stopping, num_return_sequences, run.eos, run.pad, run.stops,
+                               run.tokenizer)
+        else:
+            seq, steps = run.seq, []
+            if streamer is not None:
+                streamer.put(seq.cpu())
+            for nxt, lp in _sample_steps(run, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                         repetition_penalty, seed, output_logprobs):
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                steps.append(lp)
+                if streamer is not None:
+                    streamer.put(nxt.cpu())
+            if streamer is not None:
+                streamer.end()
+            if output_logprobs:
+                logprobs = torch.stack(steps, dim=1).tolist()
+        if not return_dict_in_generate:
+            return seq
+        tokens, reasons = finish(seq[:, start:], run.eos, run.stops, run.tokenizer)
+        if logprobs is not None:
+            logprobs = [row[:len(t)] for row, t in zip(logprobs, tokens)]
+        return GenerateResult(seq, tokens, reasons, logprobs, start)
     finally:
         model.train(was_training)
+
+
+def finish(new: torch.Tensor, eos: list[int], stops: list[str], tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+    """Per row of new ids: the ids up to and including the one that ended it, and why it ended: "eos"
+    (an end-of-sequence id), "stop" (the text reached a stop string) or "length"."""
+    tokens, reasons = [], []
+    for row in new.tolist():
+        cut, reason = len(row), "length"
+        for i, t in enumerate(row):
+            if t in eos:
+                cut, reason = i + 1, "eos"
+                break
+        if stops:  # the first prefix whose text holds a stop string (generation stopped on that token)
+            for i in range(1, cut + 1):
+                if any(s in tokenizer.decode(row[:i]) for s in stops):
+                    cut, reason = i, "stop"
+                    break
+        tokens.append(row[:cut])
+        reasons.append(reason)
+    return tokens, reasons
 
 
 def _stopped_by_string(seq: torch.Tensor, start: int, stops: list[str], tokenizer: Any, rows: torch.Tensor
@@ -202,37 +287,36 @@ def _stopped_by_string(seq: torch.Tensor, start: int, stops: list[str], tokenize
     return hit
 
 
-def _sample(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, max_new_tokens: int, do_sample: bool,
-            temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, eos: list[int],
-            pad: int, stops: list[str], tokenizer: Any, streamer: Any, seed: int | None) -> torch.Tensor:
+def _sample_steps(run: _Run, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
+                  top_p: float | None, repetition_penalty: float, seed: int | None, want_logprobs: bool
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Greedy or sampled decoding, one step at a time: yields each step's new ids (rows,) (padding for
+    rows already finished) and, when wanted, their log-probabilities under the raw logits."""
+    dec, logits, seq, stops = run.dec, run.logits, run.seq, run.stops
     device = seq.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos_t = torch.tensor(eos, device=device)
+    eos_t = torch.tensor(run.eos, device=device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     start = seq.shape[1]
-    if streamer is not None:
-        streamer.put(seq.cpu())
     for i in range(max_new_tokens):
-        scores = repetition_penalty_(logits.float(), seq, repetition_penalty)
+        raw = logits.float()
+        scores = repetition_penalty_(raw, seq, repetition_penalty)
         if do_sample:
             scores = filter_logits(scores / temperature, top_k, top_p)
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         else:
             nxt = scores.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, run.pad), nxt)
+        lp = F.log_softmax(raw, -1).gather(1, nxt[:, None]).squeeze(1) if want_logprobs else None
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if streamer is not None:
-            streamer.put(nxt.cpu())
-        if len(eos):
+        if len(run.eos):
             done |= torch.isin(nxt, eos_t)
         if stops:
-            done |= _stopped_by_string(seq, start, stops, tokenizer, ~done)
+            done |= _stopped_by_string(seq, start, stops, run.tokenizer, ~done)
+        yield nxt, lp
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         logits = dec.step(nxt)
-    if streamer is not None:
-        streamer.end()
-    return seq
 
 
 def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int, max_new_tokens: int,
@@ -309,6 +393,125 @@ def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int,
         logits = dec.step(running[:, :, cur - 1].reshape(-1))
     out = finished[:, :R].reshape(B * R, max_len)
     return out[:, :L0 + int(finished_len[:, :R].max())]
+
+
+# ---- text in, text out: prompt encoding, stop-string trimming, streaming -------------------------------
+@dataclass
+class Completion:
+    """One generated continuation. `text` ends with the stop string that ended it, if one did (as
+    transformers keeps it); `tokens` are its new ids, the finishing one included."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # eos | stop | length
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+def encode_prompts(model: Model, tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the prompts, left-padded, and their attention mask. A decoder or prefix-LM continues
+    the raw text (no special tokens); an encoder-decoder's input is wrapped as in training (`... </s>`)."""
+    seq2seq = model.config.spec.seq2seq
+    rows = [tokenizer.encode(p, add_special_tokens=seq2seq) for p in prompts]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ConfigError(f"prompt {empty[0]} is empty after tokenization")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _trim_at_stop(text: str, stops: list[str]) -> str:
+    hits = [text.index(s) + len(s) for s in stops if s in text]
+    return text[:min(hits)] if hits else text
+
+
+def complete(model: Model, tokenizer: Any, prompt: str | list[str], **kwargs: Any) -> list[Completion]:
+    """Generate for one prompt or a batch (left-padded, one cached pass); returns num_return_sequences
+    completions per prompt, in prompt order. Takes `generate`'s keyword arguments (stop_strings,
+    num_beams, do_sample, output_logprobs, ...)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids, mask = encode_prompts(model, tokenizer, prompts)
+    kwargs.setdefault("tokenizer", tokenizer)
+    result = generate(model, ids, mask, return_dict_in_generate=True, **kwargs)
+    stops = kwargs.get("stop_strings") or []
+    stops = [stops] if isinstance(stops, str) else list(stops)
+    per = len(result.tokens) // len(prompts)
+    prompt_lengths = mask.sum(1).tolist()
+    out = []
+    for i, (tokens, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
+        text = tokenizer.decode(tokens)
+        out.append(Completion(_trim_at_stop(text, stops) if reason == "stop" else text, tokens, reason,
+                              prompt_lengths[i // per], result.logprobs[i] if result.logprobs else None))
+    return out
+
+
+class TextStream:
+    """`for piece in stream(model, tok, prompt): ...` yields text as it is generated (greedy or sampled,
+    one sequence); a piece is emitted when its characters are complete (no half UTF-8 character) and
+    never past a stop string. After the loop, `text`, `tokens` and `finish_reason` describe the whole."""
+
+    def __init__(self, model: Model, tokenizer: Any, prompt: str, **kwargs: Any) -> None:
+        self.model, self.tokenizer, self.prompt, self.kwargs = model, tokenizer, prompt, kwargs
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] = []
+
+    def __iter__(self) -> Iterator[str]:
+        kw = dict(self.kwargs)
+        stops = kw.pop("stop_strings", None) or []
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        for name in ("num_beams", "num_return_sequences"):
+            if kw.pop(name, 1) != 1:
+                raise ConfigError("streaming works for one sequence with greedy decoding or sampling")
+        ids, mask = encode_prompts(self.model, self.tokenizer, [self.prompt])
+        eos = _eos_list(kw.get("eos_token_id", self.model.config.eos_token_id))
+        printed = 0
+        for token, logprob in _stream_ids(self.model, ids, mask, stops, self.tokenizer, **kw):
+            self.tokens.append(token)
+            self.logprobs.append(logprob)
+            text = self.tokenizer.decode(self.tokens)
+            if stops and any(s in text for s in stops):
+                self.text, self.finish_reason = _trim_at_stop(text, stops), "stop"
+                break
+            if token in eos:
+                self.text, self.finish_reason = text, "eos"
+                break
+            self.text = text
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                continue
+            if len(text) > printed:
+                yield text[printed:]
+                printed = len(text)
+        else:
+            self.finish_reason = "length"
+        if len(self.text) > printed:
+            yield self.text[printed:]
+
+
+@torch.no_grad()
+def _stream_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, stops: list[str], tokenizer: Any,
+                max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, repetition_penalty: float = 1.0, eos_token_id: Any = None,
+                pad_token_id: int | None = None, seed: int | None = None) -> Iterator[tuple[int, float]]:
+    was_training = model.training
+    model.eval()
+    try:
+        run = _prepare(model, ids, mask, max_new_tokens, do_sample, 1, temperature, 1, eos_token_id, pad_token_id,
+                       stops, tokenizer, streaming=True)
+        for nxt, lp in _sample_steps(run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                                     seed, want_logprobs=True):
+            yield int(nxt[0]), float(lp[0])
+    finally:
+        model.train(was_training)
+
+
+def stream(model: Model, tokenizer: Any, prompt: str, **kwargs: Any) -> TextStream:
+    """An iterator over the text of one continuation as it is generated; see TextStream."""
+    return TextStream(model, tokenizer, prompt, **kwargs)
 
 
 @torch.no_grad()

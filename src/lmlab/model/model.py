@@ -23,8 +23,7 @@ from lmlab.errors import LmlabError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model.attention import KVCache, build_mask
 from lmlab.model.block import Block, make_norm
-from lmlab.model.ffn import activation_fn
-from lmlab.model.linear import linear
+from lmlab.model.heads import LMHead, MLMHead, Pooler, SequenceClassifier, SpanHead, TokenTagger, pool
 from lmlab.model.moe import RoutingRecord
 from lmlab.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_table
 
@@ -144,52 +143,6 @@ class Stack(nn.Module):
         return x, hidden
 
 
-class Pooler(nn.Module):
-    """BERT's pooler: tanh(W h_[CLS] + b), the input of the NSP and classification heads (BART's
-    classification head has the same dense + tanh, on the final </s> state: `transform`)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def transform(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(v))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.transform(h[:, 0])
-
-
-class MLMHead(nn.Module):
-    """BERT / RoBERTa masked-LM head: dense -> activation -> LayerNorm -> vocabulary (tied) + bias."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-        self.act = activation_fn(cfg.activation if cfg.activation in ("relu", "gelu", "gelu_tanh") else "gelu")
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-
-    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.act(self.dense(h)))
-        return linear(h, embedding if self.weight is None else self.weight, self.bias)
-
-
-class LMHead(nn.Module):
-    """Next-token head: hidden -> vocabulary, tied to the token embedding unless configured not to."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.scale = cfg.head_input_scale
-        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
-
-    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        if self.scale != 1.0:
-            h = h * self.scale
-        return linear(h, embedding if self.weight is None else self.weight, self.bias)
-
-
 class Model(nn.Module):
     """A Transformer of any family; see the module docstring."""
 
@@ -211,9 +164,9 @@ class Model(nn.Module):
         self.lm_head = LMHead(cfg) if "lm" in cfg.heads else None
         self.mlm_head = MLMHead(cfg) if "mlm" in cfg.heads else None
         self.nsp_head = nn.Linear(d, 2) if "nsp" in cfg.heads else None
-        self.classifier = nn.Linear(d, cfg.num_labels) if "classify" in cfg.heads else None
-        self.tagger = nn.Linear(d, cfg.num_labels) if "tag" in cfg.heads else None
-        self.span_head = nn.Linear(d, 2) if "span" in cfg.heads else None
+        self.classifier = SequenceClassifier(d, cfg.num_labels) if "classify" in cfg.heads else None
+        self.tagger = TokenTagger(d, cfg.num_labels) if "tag" in cfg.heads else None
+        self.span_head = SpanHead(d) if "span" in cfg.heads else None
         self.head_drop = nn.Dropout(cfg.dropout)
         self.init_weights()
 
@@ -282,22 +235,6 @@ class Model(nn.Module):
         shifted = labels.new_full(labels.shape, start)
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id if cfg.pad_token_id is not None else 0)
-
-    def _pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """One vector per sequence for the classifier: [CLS], the mean or the last real token, through
-        the pooler's dense + tanh where the model has one."""
-        how = self.config.pooling
-        if how == "cls":
-            v = h[:, 0]
-        elif attention_mask is None:
-            v = h[:, -1] if how == "last" else h.mean(dim=1)
-        elif how == "mean":
-            m = attention_mask.to(h.dtype)
-            v = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        else:  # last real token; works for left and right padding
-            last = (torch.arange(h.shape[1], device=h.device) * attention_mask.long()).argmax(dim=1)
-            v = h[torch.arange(h.shape[0], device=h.device), last]
-        return self.pooler.transform(v) if self.pooler is not None else v
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
@@ -409,46 +346,38 @@ class Model(nn.Module):
                      labels: torch.Tensor | None, next_sentence_label: torch.Tensor | None,
                      start_positions: torch.Tensor | None, end_positions: torch.Tensor | None,
                      sparse: bool = False) -> None:
-        cfg = self.config
+        """Each head the config names writes its outputs and returns its loss (lmlab.model.heads)."""
         losses = []
         if self.pooler is not None:
             out.pooler_output = self.pooler(h)
         if self.lm_head is not None:
             targets = labels
-            if labels is not None and cfg.spec.shifts_labels:  # position t predicts token t+1
+            if labels is not None and self.config.spec.shifts_labels:  # position t predicts token t+1
                 # shift the labels, not the logits: slicing logits would copy them in the backward pass
                 targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            loss = self._vocab_loss(out, self.lm_head, h, targets, sparse)
-            if loss is not None:
-                losses.append(loss)
+            losses.append(self._vocab_loss(out, self.lm_head, h, targets, sparse))
         if self.mlm_head is not None:
-            loss = self._vocab_loss(out, self.mlm_head, h, labels, sparse)
-            if loss is not None:
-                losses.append(loss)
+            losses.append(self._vocab_loss(out, self.mlm_head, h, labels, sparse))
         if self.nsp_head is not None:
             out.nsp_logits = self.nsp_head(out.pooler_output)
             if next_sentence_label is not None:
                 losses.append(F.cross_entropy(out.nsp_logits.float(), next_sentence_label.reshape(-1)))
         if self.classifier is not None:
-            out.logits = self.classifier(self.head_drop(self._pool(h, attention_mask)))
+            v = pool(h, attention_mask, self.config.pooling)
+            v = self.pooler.transform(v) if self.pooler is not None else v
+            out.logits = self.classifier(self.head_drop(v))
             if labels is not None:
-                if cfg.num_labels == 1:  # regression
-                    losses.append(F.mse_loss(out.logits.squeeze(-1).float(), labels.float()))
-                else:
-                    losses.append(F.cross_entropy(out.logits.float(), labels.reshape(-1)))
+                losses.append(self.classifier.loss(out.logits, labels))
         if self.tagger is not None:
             out.logits = self.tagger(self.head_drop(h))
             if labels is not None:
-                losses.append(F.cross_entropy(out.logits.reshape(-1, cfg.num_labels).float(), labels.reshape(-1),
-                                              ignore_index=IGNORE_INDEX))
+                losses.append(self.tagger.loss(out.logits, labels))
         if self.span_head is not None:
             out.logits = self.span_head(h)
-            out.start_logits, out.end_logits = (t.squeeze(-1) for t in out.logits.split(1, dim=-1))
+            out.start_logits, out.end_logits = self.span_head.split(out.logits)
             if start_positions is not None and end_positions is not None:
-                T = h.shape[1]  # positions outside the window are ignored, as in transformers
-                s, e = start_positions.clamp(0, T), end_positions.clamp(0, T)
-                losses.append((F.cross_entropy(out.start_logits.float(), s, ignore_index=T)
-                               + F.cross_entropy(out.end_logits.float(), e, ignore_index=T)) / 2)
+                losses.append(self.span_head.loss(out.start_logits, out.end_logits, start_positions, end_positions))
+        losses = [x for x in losses if x is not None]
         if losses:
             out.loss = torch.stack(losses).sum()
 

@@ -122,7 +122,7 @@ def test_qa_learns_to_point_at_the_answer_across_windows(family, tiny_pretrained
 
 
 def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
-    from lmlab.finetune import read_squad
+    from lmlab.tasks.qa import read_squad
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Moses went to Egypt", "qas": [
@@ -167,7 +167,7 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
 def test_glue_files_are_read_as_they_come():
-    from lmlab.finetune import is_regression
+    from lmlab.tasks.classify import is_regression
 
     sst, cols, label = read_table(FIXTURES / "sst2_tiny.tsv")
     assert cols == ["sentence"] and label == "label" and [e.label for e in sst] == ["1", "0", "1"]
@@ -179,7 +179,8 @@ def test_glue_files_are_read_as_they_come():
 
 
 def test_conll_and_squad_fixtures(tiny_pretrained):
-    from lmlab.finetune import encode_qa, encode_tagging, read_conll, read_squad
+    from lmlab.tasks.ner import encode_tagging, read_conll
+    from lmlab.tasks.qa import encode_qa, read_squad
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
@@ -219,3 +220,18 @@ def test_classification_pooling_can_be_chosen(tiny_pretrained):
         h = mean(input_ids=x, attention_mask=mask).last_hidden_state
         expected = torch.stack([h[0].mean(0), h[1, :4].mean(0)])
         assert torch.allclose(mean(input_ids=x, attention_mask=mask).logits, mean.classifier(expected), atol=1e-5)
+
+
+def test_a_task_head_beside_a_vocabulary_head_is_refused():
+    """The classifier and the LM head would both write `logits`: a config with both is refused."""
+    with pytest.raises(lmlab.ConfigError, match="a task head .classify. writes the same logits"):
+        lmlab.preset("gpt2-tiny", heads=("lm", "classify"))
+    with pytest.raises(lmlab.ConfigError, match="at most one task head"):
+        lmlab.preset("bert-tiny", heads=("tag", "span"), pooler=False)
+
+
+def test_every_registered_task_names_its_head_and_formats():
+    from lmlab.tasks import TASKS
+
+    assert set(TASKS) == {"classify", "ner", "qa"}
+    assert {t.head for t in TASKS.values()} == {"classify", "tag", "span"} and all(t.formats for t in TASKS.values())

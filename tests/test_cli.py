@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lmlab
+
 from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.info import model_stats
@@ -108,3 +110,47 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
                          env={**env, "LMLAB_MALLOC": "default"}).stdout
     expected = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
     assert on.split() == expected.split() and off.split() == ["False", "False"]
+
+
+def test_flags_are_generated_from_the_settings_dataclasses():
+    """A setting is one field: its flag, type, help and choices come from the dataclass."""
+    import dataclasses
+
+    from lmlab.cli import build_parser
+    from lmlab.settings import FinetuneConfig, TrainConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    pretrain = {a.dest: a for a in sub["pretrain"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        action = pretrain[f"train.{f.name}"]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")] and f.metadata["help"] in action.help
+    assert pretrain["train.schedule"].choices == ("cosine", "linear", "constant")
+    assert pretrain["model.moe_router"].choices == ("topk", "noisy", "dense", "expert-choice", "soft")
+    finetune = {a.dest: a for a in sub["finetune"]._actions}
+    assert set(finetune["task"].choices) == {"classify", "ner", "qa"}  # from the task registry
+    assert {f.name for f in dataclasses.fields(FinetuneConfig)} <= set(finetune)
+
+
+def test_help_starts_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from lmlab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_finetune_reads_a_yaml_config_and_flags_override_it(tmp_path):
+    from lmlab.cli import build_parser
+    from lmlab.cli.finetune import finetune_config
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("task: ner\nmodel: runs/bert\ntrain: train.conll\nout: runs/ner\nepochs: 2\nlr: 0.001\n")
+    fc = finetune_config(build_parser().parse_args(["finetune", "--config", str(cfg), "--lr", "3e-4"]))
+    assert (fc.task, fc.model, fc.epochs, fc.lr) == ("ner", "runs/bert", 2.0, 3e-4)
+    with pytest.raises(lmlab.ConfigError, match="fine-tuning needs --train, --out"):
+        finetune_config(build_parser().parse_args(["finetune", "--task", "qa", "--model", "m"]))
+    cfg.write_text("task: ner\nepoch: 2\n")
+    with pytest.raises(lmlab.ConfigError, match=r"ft.yaml: unknown setting\(s\) epoch"):
+        finetune_config(build_parser().parse_args(["finetune", "--config", str(cfg)]))

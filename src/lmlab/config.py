@@ -16,6 +16,15 @@ from lmlab.errors import ConfigError
 from lmlab.families import FAMILIES, FamilySpec
 
 FAMILY_NAMES = tuple(FAMILIES)
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: bool = True) -> Any:
+    """A dataclass field with its help text and choices, from which lmlab.cli builds a flag. A callable
+    default (list, dict, a dataclass) is a default factory; flag=False keeps it off the command line."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
@@ -91,29 +100,29 @@ class ModelConfig:
     ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS ("dense", "moe")
 
     # Mixture-of-Experts (ffn="moe"; see lmlab.model.moe)
-    moe_experts: int = 0  # FFN experts
-    moe_top_k: int = 2  # experts per token (expert-choice: average experts per token)
-    moe_every: int = 1  # MoE in every moe_every-th layer, dense FFNs between
-    moe_first_dense: int = 0  # the first N layers keep a dense FFN (DeepSeekMoE's first_k_dense_replace)
-    moe_d_ff: int | None = None  # expert FFN width; None = d_ff
-    moe_activation: str | None = None  # expert activation; None = activation
-    moe_router: str = "topk"  # topk | noisy | dense | expert-choice | soft
-    moe_renormalize: bool | None = None  # rescale the k chosen weights to sum to 1 (Mixtral); None: when k > 1
-    moe_capacity_factor: float | None = None  # None = dropless
-    moe_capacity: int | None = None  # fixed assignments per expert per sequence (Switch's expert_capacity)
-    moe_jitter: float = 0.0  # Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)
-    moe_slots: int = 1  # Soft MoE: slots per expert
-    moe_aux_weight: float = 0.01  # Switch load-balancing loss weight (alpha)
-    moe_z_weight: float = 0.0  # ST-MoE router z-loss weight
-    moe_importance_weight: float = 0.0  # Shazeer CV^2 importance loss weight
-    moe_load_weight: float = 0.0  # Shazeer CV^2 load loss weight (noisy router)
-    moe_shared_experts: int = 0  # experts every token passes through (DeepSeekMoE)
-    moe_shared_d_ff: int | None = None  # their total width; None = moe_d_ff * moe_shared_experts
-    moe_shared_gate: bool = False  # sigmoid gate on the shared experts' output (Qwen2-MoE)
-    moe_zero_experts: int = 0  # MoE++ zero-computation experts: output 0 ...
-    moe_copy_experts: int = 0  # ... output the input ...
-    moe_constant_experts: int = 0  # ... output a learned mix of the input and a constant vector
-    moe_gating_residual: bool = False  # MoE++: router logits add a projection of the previous MoE layer's
+    moe_experts: int = option(0, 'FFN experts per MoE layer (any --moe-* flag turns the FFNs into MoE layers)')
+    moe_top_k: int = option(2, 'experts per token (expert-choice: average experts per token)')
+    moe_every: int = option(1, 'MoE in every N-th layer, dense FFNs between')
+    moe_first_dense: int = option(0, "the first N layers keep a dense FFN (DeepSeekMoE's first_k_dense_replace)")
+    moe_d_ff: int | None = option(None, 'expert FFN width (default: d_ff)')
+    moe_activation: str | None = option(None, "expert activation, e.g. swiglu (default: the model's)")
+    moe_router: str = option("topk", 'router kind', choices=MOE_ROUTERS)
+    moe_renormalize: bool | None = option(None, 'rescale the k chosen weights to sum to 1 (Mixtral; default: when k > 1)')
+    moe_capacity_factor: float | None = option(None, 'expert capacity factor with token dropping (default: dropless)')
+    moe_capacity: int | None = option(None, "fixed assignments per expert per sequence (Switch's expert_capacity)")
+    moe_jitter: float = option(0.0, 'Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)')
+    moe_slots: int = option(1, 'Soft MoE: slots per expert')
+    moe_aux_weight: float = option(0.01, 'Switch load-balancing loss weight (alpha)')
+    moe_z_weight: float = option(0.0, 'ST-MoE router z-loss weight')
+    moe_importance_weight: float = option(0.0, 'Shazeer CV^2 importance loss weight')
+    moe_load_weight: float = option(0.0, 'Shazeer CV^2 load loss weight (noisy router)')
+    moe_shared_experts: int = option(0, 'experts every token passes through (DeepSeekMoE)')
+    moe_shared_d_ff: int | None = option(None, 'total width of the shared experts (default: moe_d_ff x their number)')
+    moe_shared_gate: bool = option(False, "sigmoid gate on the shared experts' output (Qwen2-MoE)")
+    moe_zero_experts: int = option(0, 'MoE++ zero experts (output 0)')
+    moe_copy_experts: int = option(0, 'MoE++ copy experts (output the input)')
+    moe_constant_experts: int = option(0, 'MoE++ constant experts (a learned mix of the input and a constant vector)')
+    moe_gating_residual: bool = option(False, "MoE++ gating residuals: router logits add a projection of the previous MoE layer's")
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None

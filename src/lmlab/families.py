@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # the label of a position that carries no loss (transformers' and torch's convention)
+OBJECTIVES = ("clm", "mlm-nsp", "mlm", "span", "infilling", "prefix-lm")  # lmlab.data.objectives
+TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")  # lmlab.tokenizer
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import torch
 from lmlab.data.objectives import Batches
 from lmlab.errors import ConfigError
 from lmlab.model import Model
-from lmlab.tasks import TASKS, get_task
+from lmlab.settings import FinetuneConfig
+from lmlab.tasks import REGISTRY, get_task
 from lmlab.tasks.base import pad_id
 from lmlab.tasks.classify import read_table  # noqa: F401  (the readers, where users found them before)
 from lmlab.tasks.ner import read_conll  # noqa: F401
@@ -40,7 +41,7 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
     see their whole input bidirectionally (see `Model.forward`)."""
     cfg = base.config
     num_labels = len(labels) if labels else 1
-    head = get_task(task).head if task in TASKS else task
+    head = get_task(task).head if task in REGISTRY else task
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
         how = pooling or cfg.spec.pooling
@@ -64,29 +65,6 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
 
 
 # ---- the run ------------------------------------------------------------------------------------
-@dataclass
-class FinetuneConfig:
-    task: str
-    model: str
-    train: str
-    out: str
-    eval: str | None = None
-    epochs: float = 3.0
-    lr: float = 5e-5
-    batch_size: int = 16
-    max_len: int = 128
-    text_columns: list[str] | None = None
-    pooling: str | None = None  # classification: cls | mean | last (default: cls for encoders, last for decoders)
-    label_column: str | None = None
-    doc_stride: int = 32  # QA: tokens shared by neighbouring windows of a long context
-    max_answer_len: int = 30  # QA: longest answer, in tokens
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-
-
 def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`."""
     from lmlab.io import load

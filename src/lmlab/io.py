@@ -95,6 +95,20 @@ def read_config(folder: Path) -> dict[str, Any]:
     return raw
 
 
+def load_config(name_or_folder: str | os.PathLike[str]) -> ModelConfig:
+    """A preset's config, or the config of a model folder (lmlab or transformers layout), without
+    reading any weights."""
+    from lmlab.config import PRESETS, preset
+
+    if str(name_or_folder) in PRESETS:
+        return preset(str(name_or_folder))
+    folder = resolve(name_or_folder)
+    raw = read_config(folder)
+    if "lmlab_format" in raw:
+        return ModelConfig.from_dict(raw.get("model", {}), source=str(folder / CONFIG))
+    return hf.config_from_hf(raw, str(folder / CONFIG))
+
+
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))

@@ -23,66 +23,18 @@ from lmlab.errors import ConfigError
 from lmlab.model import Model
 from lmlab.families import FAMILIES
 from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from lmlab.train.trainer import TrainConfig, Trainer
+from lmlab.settings import PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
+from lmlab.train.trainer import Trainer
 
 
 
-@dataclass
-class PretrainConfig:
-    out: str = "runs/run"
-    family: str | None = None
-    preset: str | None = None
-    objective: str | None = None  # default: the family's own (see lmlab.data.objectives)
-    data: list[str] = dataclasses.field(default_factory=list)  # empty: the built-in demo corpus
-    doc_sep: str = "line"
-    field: str = "text"
-    skip_bad_lines: bool = False
-    tokenizer: str | None = None  # tokenizer.json or folder; default: train one on the data
-    tokenizer_kind: str | None = None
-    vocab_size: int = 8192
-    seq_len: int = 128
-    val_fraction: float = 0.02
-    mask_prob: float = 0.15
-    whole_word: bool = False
-    cache_dir: str | None = None
-    resume: bool = False
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "PretrainConfig":
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        train = d.pop("train", {}) or {}
-        tnames = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(train) - tnames)
-        if bad:
-            raise ConfigError(f"{source}: unknown train setting(s) {', '.join(bad)}; known: {', '.join(sorted(tnames))}")
-        if isinstance(d.get("data"), str):
-            d["data"] = [d["data"]]
-        return cls(**d, train=TrainConfig(**train))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
-    return data
+def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:
+    """(family, preset, objective) the run will use, as `prepare` resolves them ("?" where a setting is
+    missing or unknown: `pretrain` itself refuses those with the reason)."""
+    family = pc.family or (preset(pc.preset).family if pc.preset in PRESETS else "?")
+    spec = FAMILIES.get(family)
+    return (family, pc.preset or (spec.default_preset if spec else "?"),
+            pc.objective or (spec.default_objective if spec else "?"))
 
 
 def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelConfig:

@@ -17,8 +17,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.families import TOKENIZER_KINDS
 
-KINDS = ("wordpiece", "bpe", "unigram")
+KINDS = TOKENIZER_KINDS
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 N_SENTINELS = 100
 # the special tokens each kind is trained with, by role; sentinels are extra for unigram (T5)

@@ -25,10 +25,9 @@ import torch
 
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
-from lmlab.families import FAMILIES, IGNORE_INDEX, families_for_objective
+from lmlab.families import FAMILIES, IGNORE_INDEX, OBJECTIVES, families_for_objective
 from lmlab.tokenizer import Tokenizer
 
-OBJECTIVES = ("clm", "mlm-nsp", "mlm", "span", "infilling", "prefix-lm")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "linear", "constant")
+from lmlab.settings import SCHEDULES
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

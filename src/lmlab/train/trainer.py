@@ -23,9 +23,9 @@ from lmlab.families import IGNORE_INDEX
 from lmlab.errors import ConfigError
 from lmlab.model import Model
 from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmlab.train.optim import SCHEDULES, make_optimizer, make_scheduler
+from lmlab.settings import PRECISIONS, TrainConfig
+from lmlab.train.optim import make_optimizer, make_scheduler
 
-PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = 1e-3
 POST_LN_LR = 5e-4
 
@@ -37,46 +37,6 @@ def default_lr(model_cfg) -> float:
     Post-LN's larger gradients near the output are why it needs warm-up and a smaller step size
     (Xiong et al., 2020)."""
     return POST_LN_LR if model_cfg.norm_placement == "post" else DEFAULT_LR
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int | None = None  # budgets: training stops at whichever comes first
-    max_tokens: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float | None = None  # None: DEFAULT_LR (lmlab pretrain: the model's default, see default_lr)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    eval_batches: int = 20
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    precision: str = "auto"
-    compile: bool = False
-    seed: int = 0
-    tensorboard: bool = False
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if not (self.max_steps or self.max_tokens or self.max_minutes):
-            raise ConfigError("give a budget: max_steps, max_tokens or max_minutes")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule {self.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
 
 
 def resolve_device(name: str) -> torch.device:

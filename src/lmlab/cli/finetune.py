@@ -1,0 +1,59 @@
+"""`lmlab finetune` (settings from defaults, a YAML file, then flags) and `lmlab predict`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmlab.cli.flags import add_fields, collect
+from lmlab.cli.output import TrainingProgress, console
+from lmlab.settings import FinetuneConfig, load_yaml
+from lmlab.tasks import TASK_NAMES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help=f"fine-tune a model folder for a task ({', '.join(TASK_NAMES)})")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--task", choices=TASK_NAMES, help="the task (lmlab.tasks)")
+    add_fields(p, FinetuneConfig, skip=("task",))
+    p.set_defaults(func=run_finetune)
+    p = sub.add_parser("predict", help="predictions of a fine-tuned folder, as JSONL")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="a file of the task's format (labels are not needed)")
+    p.add_argument("--out", help="JSONL file (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=run_predict)
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    settings = load_yaml(args.config) if args.config else {}
+    settings.update(collect(args, FinetuneConfig))
+    return FinetuneConfig.from_dict(settings, args.config or "command line")
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from lmlab.finetune import finetune
+
+    fc = finetune_config(args)
+    with TrainingProgress() as progress:
+        result = finetune(fc, progress.run(f"fine-tune {fc.task}"))
+    console.print(f"done: {result['steps']} steps on {result['train_examples']:,} examples in "
+                  f"{result['minutes']:.1f} min; model saved to [bold]{fc.out}[/]")
+    if result["eval"]:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
+        console.print(f"evaluation on {result['eval_examples']:,} examples: {shown}  "
+                      f"(also in {fc.out}/eval_results.json)")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from lmlab.finetune import predict
+
+    rows = predict(args.model, args.data, batch_size=args.batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.out:
+        Path(args.out).write_text(lines, encoding="utf-8")
+        console.print(f"{len(rows):,} predictions written to {args.out}")
+    else:
+        sys.stdout.write(lines)

@@ -1,0 +1,91 @@
+"""`lmlab generate` (continue or answer a prompt) and `lmlab fill-mask` (encoders)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.table import Table
+
+from lmlab.cli.output import console
+from lmlab.errors import LmlabError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (decoder / prefix-lm) or answer it (encoder-decoder)")
+    p.add_argument("--model", required=True, help="model folder with its tokenizer")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores / length**penalty")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy / beam decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-return", type=int, default=1, help="sequences to return (samples, or the n best beams)")
+    p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights and activations while decoding (default: as saved; scores are ranked in float32). "
+                        "bfloat16 reads half the bytes per token: one prompt decodes faster on a CPU, but without "
+                        "native bf16 matmuls batches decode slower (docs/benchmarks.md)")
+    p.set_defaults(func=run_generate)
+    p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
+    p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")
+    p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=run_fill_mask)
+
+
+def model_and_tokenizer(folder: str, dtype: str | None = None):
+    """The folder's model (in `dtype` if given, else as saved) and its tokenizer."""
+    import torch
+
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+
+    model = load(folder, dtype=getattr(torch, dtype) if dtype else None)
+    try:
+        tok = load_tokenizer(folder)
+    except LmlabError as e:
+        raise LmlabError(f"{folder}: the model folder has no usable tokenizer ({e})") from None
+    return model, tok
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from lmlab.generate import complete, stream
+
+    model, tok = model_and_tokenizer(args.model, args.dtype)
+    head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+              stop_strings=args.stop or None)
+    if args.stream and args.beams == 1 and args.num_return == 1:
+        pieces = stream(model, tok, args.prompt, **kw)
+        sys.stdout.write(head)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    outs = complete(model, tok, args.prompt, num_beams=args.beams, length_penalty=args.length_penalty,
+                    num_return_sequences=args.num_return, **kw)
+    for i, c in enumerate(outs):
+        if len(outs) > 1:
+            console.rule(f"{i + 1}")
+        console.print(f"[bold]{head}[/]{c.text}" if head else c.text, highlight=False)
+
+
+def run_fill_mask(args: argparse.Namespace) -> None:
+    from lmlab.generate import fill_mask
+
+    model, tok = model_and_tokenizer(args.model)
+    for i, candidates in enumerate(fill_mask(model, tok, args.text, top_k=args.top_k)):
+        table = Table(title=f"mask {i + 1}" if args.text.count("[MASK]") > 1 else None)
+        table.add_column("candidate")
+        table.add_column("probability", justify="right")
+        for token, p in candidates:
+            table.add_row(token, f"{p:.4f}")
+        console.print(table)

@@ -1,0 +1,71 @@
+"""`lmlab pretrain`: settings from defaults, then a YAML file, then the flags given."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from lmlab.cli.flags import add_fields, collect
+from lmlab.cli.output import TrainingProgress, console
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.settings import PretrainConfig, TrainConfig, load_yaml
+
+_MOE = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("moe_"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a model on text (default: the built-in demo corpus)")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_fields(p, PretrainConfig)
+    add_fields(p.add_argument_group("training (budgets, optimisation)"), TrainConfig, dest="train.")
+    p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
+                   help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)")
+    add_fields(p.add_argument_group("Mixture-of-Experts (any --moe-* flag turns the FFNs into MoE layers; see "
+                                    "lmlab.model.moe)"), ModelConfig, dest="model.", only=_MOE)
+    p.set_defaults(func=run)
+
+
+def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LmlabError(f"--model-set expects KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    settings = load_yaml(args.config) if args.config else {}
+    settings.update(collect(args, PretrainConfig))
+    settings["train"] = {**(settings.get("train") or {}), **collect(args, TrainConfig, "train.")}
+    model = {**(settings.get("model") or {}), **_model_overrides(args.model_set)}
+    moe = {k: v for k, v in collect(args, ModelConfig, "model.").items() if k in _MOE}
+    if moe:
+        model.update(moe)
+        model.setdefault("ffn", "moe")
+    settings["model"] = model
+    return PretrainConfig.from_dict(settings, args.config or "command line")
+
+
+def run(args: argparse.Namespace) -> None:
+    from lmlab.pretrain import pretrain, resolved_names
+
+    pc = pretrain_config(args)
+    family, preset, objective = resolved_names(pc)
+    console.print(f"[bold]lmlab pretrain[/]: family={family} preset={preset} objective={objective} out={pc.out}")
+    with TrainingProgress() as progress:
+        summary = pretrain(pc, progress.run("pretrain"))
+    console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "
+                  f"{summary['family']} model ({summary['parameters']:,} parameters, objective {summary['objective']}) "
+                  f"saved to [bold]{summary['out']}[/]; loss curves: {summary['plot']}")
+    if summary.get("routing_plot"):
+        console.print(f"expert load heat-map: {summary['routing_plot']}")
+    if summary["val"]:
+        v = summary["val"]
+        console.print(f"validation: loss {v['loss']:.4f}, perplexity {v['ppl']:.2f}")

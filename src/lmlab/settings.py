@@ -1,0 +1,156 @@
+"""The settings of a run, as dataclasses: training (TrainConfig), pre-training (PretrainConfig) and
+fine-tuning (FinetuneConfig). Each field's metadata carries its help text and choices, and the command
+line builds its flags from them (lmlab.cli.flags), so a new setting is one field here.
+
+This module imports no torch: `lmlab --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmlab.config import option
+from lmlab.errors import ConfigError
+from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    max_tokens: int | None = option(None, "stop after this many training tokens")
+    max_minutes: float | None = option(None, "stop after this many minutes")
+    batch_size: int = option(16, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float | None = option(None, "peak learning rate (default: 5e-4 for post-LN models such as BERT, "
+                                    "1e-3 otherwise)")
+    min_lr_ratio: float = option(0.1, "the schedule's final rate as a fraction of the peak")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    weight_decay: float = option(0.1, "AdamW weight decay (not on biases, norms, embeddings)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    eval_every: int = option(200, "validate every N steps")
+    eval_batches: int = option(20, "validation batches")
+    save_every: int = option(500, "checkpoint every N steps")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    log_every: int = option(10, "write a metrics record every N steps")
+    precision: str = option("auto", "auto: bf16 autocast on a CUDA GPU, fp32 elsewhere", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    seed: int = option(0, "seed of the initialisation and the data order")
+    tensorboard: bool = option(False, "also write TensorBoard logs")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+
+    def validate(self) -> None:
+        if not (self.max_steps or self.max_tokens or self.max_minutes):
+            raise ConfigError("give a budget: max_steps, max_tokens or max_minutes")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+def _check_names(cls: type, d: dict[str, Any], source: str, what: str = "setting") -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = option("runs/run", "output folder")
+    family: str | None = option(None, "model family (default: the preset's)", choices=FAMILY_NAMES)
+    preset: str | None = option(None, "model preset (default: the family's tiny preset; see `lmlab presets`)")
+    objective: str | None = option(None, "pre-training objective (default: the family's)", choices=OBJECTIVES)
+    data: list[str] = option(list, "text / jsonl files or folders (.gz too); default: the built-in demo corpus")
+    doc_sep: str = option("line", "one document per line, or blank-line separated", choices=("line", "blank"))
+    field: str = option("text", "JSONL field holding the text")
+    skip_bad_lines: bool = option(False, "skip (and count) lines that are not UTF-8 / JSON")
+    tokenizer: str | None = option(None, "tokenizer.json or folder (default: train one on the data)")
+    tokenizer_kind: str | None = option(None, "kind of tokenizer to train (default: the family's)",
+                                        choices=TOKENIZER_KINDS)
+    vocab_size: int = option(8192, "vocabulary of a trained tokenizer")
+    seq_len: int = option(128, "tokens per training example")
+    val_fraction: float = option(0.02, "documents held out for validation")
+    mask_prob: float = option(0.15, "masked-LM masking rate")
+    whole_word: bool = option(False, "whole-word masking (MLM)")
+    cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
+    resume: bool = option(False, "continue from the newest checkpoint in --out")
+    model: dict[str, Any] = option(dict, "ModelConfig overrides, e.g. {n_layers: 2}", flag=False)
+    train: TrainConfig = option(TrainConfig, "training settings", flag=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> PretrainConfig:
+        d = dict(d)
+        _check_names(cls, d, source)
+        train = d.pop("train", {}) or {}
+        _check_names(TrainConfig, train, source, "train setting")
+        if isinstance(d.get("data"), str):
+            d["data"] = [d["data"]]
+        return cls(**d, train=TrainConfig(**train))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = option("", "the task (lmlab.tasks)")
+    model: str = option("", "pre-trained folder (lmlab or transformers layout) with its tokenizer")
+    train: str = option("", "training file in the task's format")
+    out: str = option("", "output folder")
+    eval: str | None = option(None, "evaluation file of the same format")
+    epochs: float = option(3.0, "passes over the training file")
+    lr: float = option(5e-5, "peak learning rate")
+    batch_size: int = option(16, "examples per batch")
+    max_len: int = option(128, "tokens per example (window length for QA)")
+    text_columns: list[str] | None = option(None, "classification text column(s) (default: found by name)")
+    pooling: str | None = option(None, "classification: what the classifier reads (default: [CLS] for "
+                                       "encoders, last token otherwise)", choices=("cls", "mean", "last"))
+    label_column: str | None = option(None, "classification label column (default: found by name)")
+    doc_stride: int = option(32, "QA: tokens shared by neighbouring context windows")
+    max_answer_len: int = option(30, "QA: longest answer in tokens")
+    warmup_ratio: float = option(0.1, "fraction of the steps spent warming up")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    seed: int = option(0, "seed of the new head and the data order")
+    resume: bool = option(False, "continue from the newest checkpoint in --out")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> FinetuneConfig:
+        _check_names(cls, d, source)
+        fc = cls(**d)
+        missing = [f"--{n.replace('_', '-')}" for n in ("task", "model", "train", "out") if not getattr(fc, n)]
+        if missing:
+            raise ConfigError(f"{source}: fine-tuning needs {', '.join(missing)} (as flags or in the YAML file)")
+        return fc
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML mapping of settings, or a ConfigError naming the file and line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    return data

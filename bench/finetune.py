@@ -50,8 +50,8 @@ def main() -> None:
 
     import lmlab
     from lmlab.finetune import FinetuneConfig, finetune
-    from lmlab.tokenizer import load_tokenizer
     from lmlab.pretrain import PretrainConfig, pretrain
+    from lmlab.tokenizer import load_tokenizer
     from lmlab.train import TrainConfig
 
     sys.path.insert(0, str(ROOT / "scripts"))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import lmlab
-
 from lmlab.cli import main
 from lmlab.config import preset
 from lmlab.info import model_stats

@@ -15,7 +15,6 @@ from lmlab.cli import main
 from lmlab.finetune import FinetuneConfig, finetune, predict, read_table
 
 
-
 def _sst_like(path, n, seed):
     rng = random.Random(seed)
     lines = ["sentence\tlabel"]
@@ -179,9 +178,9 @@ def test_glue_files_are_read_as_they_come():
 
 
 def test_conll_and_squad_fixtures(tiny_pretrained):
+    from lmlab.io import load
     from lmlab.tasks.ner import encode_tagging, read_conll
     from lmlab.tasks.qa import encode_qa, read_squad
-    from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
     sentences = read_conll(FIXTURES / "conll2003_tiny.txt")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmlab.data.corpus import demo_corpus, read_documents
-from lmlab.data.objectives import (IGNORE_INDEX, Batches, ObjectiveConfig, make_objective, span_noise_mask, t5_lengths)
+from lmlab.data.objectives import IGNORE_INDEX, Batches, ObjectiveConfig, make_objective, span_noise_mask, t5_lengths
 from lmlab.data.store import TokenStore
 from lmlab.tokenizer import train_tokenizer
 

@@ -15,7 +15,7 @@ import collections
 import math
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 
 # ---- classification and regression ---------------------------------------------------------------

@@ -6,12 +6,11 @@ the run's record: run.json (the resolved settings), metrics.jsonl, loss.png and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,12 +19,11 @@ from lmlab.data.corpus import corpus_files, demo_corpus, read_corpus
 from lmlab.data.objectives import Batches, ObjectiveConfig, check_objective, make_objective
 from lmlab.data.store import build_store
 from lmlab.errors import ConfigError
-from lmlab.model import Model
 from lmlab.families import FAMILIES
-from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from lmlab.model import Model
 from lmlab.settings import PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
+from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.train.trainer import Trainer
-
 
 
 def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:

@@ -29,7 +29,6 @@ from lmlab.families import FAMILIES, IGNORE_INDEX, OBJECTIVES, families_for_obje
 from lmlab.tokenizer import Tokenizer
 
 
-
 @dataclass
 class ObjectiveConfig:
     name: str

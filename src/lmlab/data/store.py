@@ -55,7 +55,7 @@ class TokenStore:
     # ---- building ------------------------------------------------------------------------------
     @classmethod
     def build(cls, documents: Iterable[str], tokenizer: Tokenizer, folder: str | os.PathLike[str],
-              batch_docs: int = 2048, meta: dict | None = None) -> "TokenStore":
+              batch_docs: int = 2048, meta: dict | None = None) -> TokenStore:
         """Tokenize `documents` (no special tokens) into `folder`; written under a temp name, then renamed."""
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")

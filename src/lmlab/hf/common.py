@@ -10,8 +10,9 @@ both ways, so import and export cannot drift.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError

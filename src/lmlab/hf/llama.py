@@ -4,7 +4,8 @@ sparse MoE FFNs in the same frame."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError

@@ -3,7 +3,8 @@ position bias in the first layer of each stack, no biases) is shared with Switch
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError

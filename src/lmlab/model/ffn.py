@@ -7,7 +7,7 @@ An FFN module maps (B, T, C) -> (B, T, C); it may take `token_mask` (B, T), True
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

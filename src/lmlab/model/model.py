@@ -28,7 +28,6 @@ from lmlab.model.moe import RoutingRecord
 from lmlab.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_table
 
 
-
 @dataclass
 class ModelOutput:
     """What a forward pass returns; field names follow transformers' outputs."""
@@ -383,7 +382,7 @@ class Model(nn.Module):
 
     # ---- conveniences in transformers' style ---------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "Model":
+    def from_pretrained(cls, path: str, **kwargs: Any) -> Model:
         from lmlab.io import load
 
         return load(path, **kwargs)

@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from lmlab.settings import SCHEDULES
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; never biases, norm gains or embedding tables (nanoGPT and BERT do the same)."""

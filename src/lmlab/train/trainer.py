@@ -11,19 +11,20 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lmlab.data.objectives import Batches
-from lmlab.families import IGNORE_INDEX
 from lmlab.errors import ConfigError
+from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
+from lmlab.settings import TrainConfig
 from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmlab.settings import PRECISIONS, TrainConfig
 from lmlab.train.optim import make_optimizer, make_scheduler
 
 DEFAULT_LR = 1e-3

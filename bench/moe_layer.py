@@ -40,17 +40,34 @@ def build(experts: int, d_ff: int, k: int, a: argparse.Namespace, hf_experts: st
     from lmlab.model.moe import MoE
 
     torch.manual_seed(0)
-    hf_cfg = transformers.MixtralConfig(hidden_size=a.hidden, intermediate_size=d_ff, num_local_experts=experts,
-                                        num_experts_per_tok=k, hidden_act="silu", num_hidden_layers=1,
-                                        num_attention_heads=8, num_key_value_heads=8, vocab_size=128)
+    hf_cfg = transformers.MixtralConfig(
+        hidden_size=a.hidden,
+        intermediate_size=d_ff,
+        num_local_experts=experts,
+        num_experts_per_tok=k,
+        hidden_act="silu",
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=128,
+    )
     kwargs = {"experts_implementation": hf_experts} if hf_experts else {}
     hf_model = transformers.MixtralForCausalLM._from_config(hf_cfg, **kwargs)
     hf = hf_model.model.layers[0].mlp  # MixtralSparseMoeBlock with the kernel transformers chose
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    cfg = ModelConfig(d_model=a.hidden, n_heads=8, d_ff=d_ff, activation="swiglu", bias=False, ffn="moe",
-                      moe_experts=experts, moe_top_k=k, moe_aux_weight=0.01,
-                      moe_renormalize=True)  # Mixtral's code renormalises at k=1 too
+    cfg = ModelConfig(
+        d_model=a.hidden,
+        n_heads=8,
+        d_ff=d_ff,
+        activation="swiglu",
+        bias=False,
+        ffn="moe",
+        moe_experts=experts,
+        moe_top_k=k,
+        moe_aux_weight=0.01,
+        moe_renormalize=True,
+    )  # Mixtral's code renormalises at k=1 too
     ours = MoE(cfg)
     with torch.no_grad():
         ours.router.gate.weight.copy_(hf.gate.weight)
@@ -84,10 +101,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
-    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                    help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory); default: glibc's own")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)",
+    )
+    ap.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory); default: glibc's own",
+    )
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import lmlab
@@ -112,9 +137,11 @@ def main() -> None:
             for block in (hf, hf_eager):
                 err = (block(x.clone()) - ours(x)[0]).abs().max().item()
                 assert err < tol, f"lmlab and transformers disagree by {err}"
-        impls = {"lmlab": (ours, lambda t: ours(t)[0]),
-                 f"transformers ({default}, its default)": (hf, lambda t: hf(t.clone())),
-                 "dense SwiGLU, same active FLOPs": (dense, lambda t: dense(t))}
+        impls = {
+            "lmlab": (ours, lambda t: ours(t)[0]),
+            f"transformers ({default}, its default)": (hf, lambda t: hf(t.clone())),
+            "dense SwiGLU, same active FLOPs": (dense, lambda t: dense(t)),
+        }
         if default != "eager":
             impls["transformers (eager loop)"] = (hf_eager, lambda t: hf_eager(t.clone()))
         times: dict[str, list[float]] = {n: [] for n in impls}
@@ -126,15 +153,29 @@ def main() -> None:
         med = {n: statistics.median(t) for n, t in times.items()}
         dense_t = med["dense SwiGLU, same active FLOPs"]
         for n, t in med.items():
-            rows.append({"setting": name, "experts": experts, "d_ff": d_ff, "top_k": k, "impl": n, "ms": t * 1e3,
-                         "vs_dense": t / dense_t, "lmlab_speedup": t / med["lmlab"]})
-    print(f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, malloc={a.malloc}, "
-          f"median of {a.repeats}")
+            rows.append(
+                {
+                    "setting": name,
+                    "experts": experts,
+                    "d_ff": d_ff,
+                    "top_k": k,
+                    "impl": n,
+                    "ms": t * 1e3,
+                    "vs_dense": t / dense_t,
+                    "lmlab_speedup": t / med["lmlab"],
+                }
+            )
+    print(
+        f"\nMoE layer forward + backward, hidden {a.hidden}, {a.tokens} tokens, SwiGLU experts, {a.dtype} on {a.device}, malloc={a.malloc}, "
+        f"median of {a.repeats}"
+    )
     print(environment(a.device))
     print("| setting | implementation | ms | time / dense | lmlab speed-up |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} ({r['experts']} x {r['d_ff']}) | {r['impl']} | {r['ms']:.1f} | {r['vs_dense']:.2f}x | "
-              f"{r['lmlab_speedup']:.2f}x |")
+        print(
+            f"| {r['setting']} ({r['experts']} x {r['d_ff']}) | {r['impl']} | {r['ms']:.1f} | {r['vs_dense']:.2f}x | "
+            f"{r['lmlab_speedup']:.2f}x |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=2)

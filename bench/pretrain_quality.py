@@ -89,16 +89,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    pc = PretrainConfig(out=a.out, preset=a.preset, seq_len=a.seq_len,
-                        train=TrainConfig(max_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, warmup_steps=50,
-                                          eval_every=10**9, save_every=10**9, log_every=25, seed=a.seed))
+    pc = PretrainConfig(
+        out=a.out,
+        preset=a.preset,
+        seq_len=a.seq_len,
+        train=TrainConfig(
+            max_tokens=a.tokens,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_steps=50,
+            eval_every=10**9,
+            save_every=10**9,
+            log_every=25,
+            seed=a.seed,
+        ),
+    )
     t0 = time.perf_counter()
     summary = pretrain(pc)
     train_minutes = (time.perf_counter() - t0) / 60
 
     # the same store, split and windows the run used
-    pc2 = PretrainConfig(out=a.out, preset=a.preset, seq_len=a.seq_len, resume=True,
-                         train=TrainConfig(max_tokens=a.tokens, seed=a.seed))
+    pc2 = PretrainConfig(
+        out=a.out, preset=a.preset, seq_len=a.seq_len, resume=True, train=TrainConfig(max_tokens=a.tokens, seed=a.seed)
+    )
     pc2, tok, store, ocfg = prepare(pc2)
     splits = store.split(pc2.val_fraction, a.seed)
     ocfg = ObjectiveConfig("clm", a.seq_len)
@@ -119,19 +132,35 @@ def main() -> None:
     kn_minutes = (time.perf_counter() - t1) / 60
     assert n == result["tokens"], (n, result["tokens"])
 
-    print(f"\npre-training quality on the demo corpus (KJV), {a.preset}, seq_len {a.seq_len}, "
-          f"{summary['tokens']:,} training tokens, {tok.kind} tokenizer of {tok.vocab_size:,}")
+    print(
+        f"\npre-training quality on the demo corpus (KJV), {a.preset}, seq_len {a.seq_len}, "
+        f"{summary['tokens']:,} training tokens, {tok.kind} tokenizer of {tok.vocab_size:,}"
+    )
     print(f"validation: {len(splits['val'])} documents, {n:,} scored tokens (same targets for both)\n")
     print("| model | validation perplexity | training |\n|---|---|---|")
-    print(f"| lmlab {a.preset} ({summary['parameters']:,} parameters) | {result['ppl']:.2f} | "
-          f"{summary['steps']} steps, {train_minutes:.1f} min |")
-    print(f"| interpolated Kneser-Ney trigram | {kn_ppl:.2f} | counts over {len(train_stream):,} tokens, "
-          f"{kn_minutes:.1f} min |")
+    print(
+        f"| lmlab {a.preset} ({summary['parameters']:,} parameters) | {result['ppl']:.2f} | "
+        f"{summary['steps']} steps, {train_minutes:.1f} min |"
+    )
+    print(
+        f"| interpolated Kneser-Ney trigram | {kn_ppl:.2f} | counts over {len(train_stream):,} tokens, "
+        f"{kn_minutes:.1f} min |"
+    )
     verdict = "beats" if result["ppl"] < kn_ppl else "does NOT beat"
     print(f"\nthe transformer {verdict} the n-gram baseline ({result['ppl']:.2f} vs {kn_ppl:.2f})")
-    Path(a.out, "quality.json").write_text(json.dumps(
-        {"transformer_ppl": result["ppl"], "kn_trigram_ppl": kn_ppl, "scored_tokens": n, "summary": summary,
-         "args": vars(a)}, indent=2, default=str))
+    Path(a.out, "quality.json").write_text(
+        json.dumps(
+            {
+                "transformer_ppl": result["ppl"],
+                "kn_trigram_ppl": kn_ppl,
+                "scored_tokens": n,
+                "summary": summary,
+                "args": vars(a),
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,13 +53,29 @@ def hf_config(kind: str, a: argparse.Namespace):
     import transformers
 
     if kind == "gpt2":
-        return transformers.GPT2Config(vocab_size=a.vocab, n_embd=a.d_model, n_layer=a.layers, n_head=a.heads,
-                                       n_inner=4 * a.d_model, n_positions=a.seq_len, bos_token_id=0, eos_token_id=0,
-                                       resid_pdrop=a.dropout, embd_pdrop=a.dropout, attn_pdrop=a.dropout)
-    return transformers.BertConfig(vocab_size=a.vocab, hidden_size=a.d_model, num_hidden_layers=a.layers,
-                                   num_attention_heads=a.heads, intermediate_size=4 * a.d_model,
-                                   max_position_embeddings=a.seq_len, hidden_dropout_prob=a.dropout,
-                                   attention_probs_dropout_prob=a.dropout)
+        return transformers.GPT2Config(
+            vocab_size=a.vocab,
+            n_embd=a.d_model,
+            n_layer=a.layers,
+            n_head=a.heads,
+            n_inner=4 * a.d_model,
+            n_positions=a.seq_len,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=a.dropout,
+            embd_pdrop=a.dropout,
+            attn_pdrop=a.dropout,
+        )
+    return transformers.BertConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.d_model,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        intermediate_size=4 * a.d_model,
+        max_position_embeddings=a.seq_len,
+        hidden_dropout_prob=a.dropout,
+        attention_probs_dropout_prob=a.dropout,
+    )
 
 
 def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
@@ -89,7 +105,9 @@ def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
         model = torch.compile(model)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq_len), device=device)
     labels = ids if kind == "gpt2" else torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step() -> None:
         with autocast:  # each library as its trainer calls it: lmlab projects only labelled positions
@@ -110,7 +128,11 @@ def _measure(kind: str, impl: str, a: argparse.Namespace, queue) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    mem = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mem = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     queue.put({"tokens_per_s": a.steps * a.batch * a.seq_len / dt, "peak_bytes": mem})
 
 
@@ -138,9 +160,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.1, help="all dropout rates (transformers' default 0.1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                    help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory, as the lmlab "
-                         "command runs); default: glibc's own behaviour")
+    ap.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse (lmlab.keep_freed_memory, as the lmlab "
+        "command runs); default: glibc's own behaviour",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (compiled during the warm-up)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -166,19 +192,31 @@ def main() -> None:
         med = {impl: statistics.median(r["tokens_per_s"] for r in rs) for impl, rs in runs.items()}
         mem = {impl: max(r["peak_bytes"] for r in rs) for impl, rs in runs.items()}
         for impl in ("lmlab", "transformers"):
-            rows.append({"model": kind, "impl": impl, "tokens_per_s": med[impl], "peak_mb": mem[impl] / 2**20,
-                         "train_flops_per_token": needed,
-                         "ratio": med[impl] / med["transformers"], "params": stats.total_params})
+            rows.append(
+                {
+                    "model": kind,
+                    "impl": impl,
+                    "tokens_per_s": med[impl],
+                    "peak_mb": mem[impl] / 2**20,
+                    "train_flops_per_token": needed,
+                    "ratio": med[impl] / med["transformers"],
+                    "params": stats.total_params,
+                }
+            )
     for r in rows:  # against the best peak seen over the whole run
         r["mfu"] = r["tokens_per_s"] * r["train_flops_per_token"] / peak
-    print(f"\ntraining throughput, {a.device}, d_model={a.d_model} layers={a.layers} heads={a.heads} "
-          f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}{' compiled' if a.compile else ''} malloc={a.malloc}; median of {a.rounds} rounds x {a.steps} steps; "
-          f"peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"\ntraining throughput, {a.device}, d_model={a.d_model} layers={a.layers} heads={a.heads} "
+        f"vocab={a.vocab} seq_len={a.seq_len} batch={a.batch} dropout={a.dropout}{' compiled' if a.compile else ''} malloc={a.malloc}; median of {a.rounds} rounds x {a.steps} steps; "
+        f"peak {peak / 1e9:.1f} GFLOP/s"
+    )
     print(environment(a.device, "bf16 autocast" if a.device.startswith("cuda") else ""))
     print("| model | implementation | tokens/s | vs transformers | MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.3f}x | {r['mfu']:.1%} | "
-              f"{r['peak_mb']:,.0f} |")
+        print(
+            f"| {r['model']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.3f}x | {r['mfu']:.1%} | "
+            f"{r['peak_mb']:,.0f} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "peak_flops": peak, "rows": rows}, f, indent=2)

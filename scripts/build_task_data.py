@@ -27,9 +27,74 @@ import random
 from pathlib import Path
 
 # chapters per book, in canonical order (1,189 in all), and where each part of the Bible ends
-CHAPTERS = [50, 40, 27, 36, 34, 24, 21, 4, 31, 24, 22, 25, 29, 36, 10, 13, 10, 42, 150, 31, 12, 8, 66, 52, 5, 48,
-            12, 14, 3, 9, 1, 4, 7, 3, 3, 3, 2, 14, 4, 28, 16, 24, 21, 28, 16, 16, 13, 6, 6, 4, 4, 5, 3, 6, 4, 3, 1,
-            13, 5, 5, 3, 5, 1, 1, 1, 22]
+CHAPTERS = [
+    50,
+    40,
+    27,
+    36,
+    34,
+    24,
+    21,
+    4,
+    31,
+    24,
+    22,
+    25,
+    29,
+    36,
+    10,
+    13,
+    10,
+    42,
+    150,
+    31,
+    12,
+    8,
+    66,
+    52,
+    5,
+    48,
+    12,
+    14,
+    3,
+    9,
+    1,
+    4,
+    7,
+    3,
+    3,
+    3,
+    2,
+    14,
+    4,
+    28,
+    16,
+    24,
+    21,
+    28,
+    16,
+    16,
+    13,
+    6,
+    6,
+    4,
+    4,
+    5,
+    3,
+    6,
+    4,
+    3,
+    1,
+    13,
+    5,
+    5,
+    3,
+    5,
+    1,
+    1,
+    1,
+    22,
+]
 SECTIONS = [("law", 5), ("history", 17), ("wisdom", 22), ("prophets", 39), ("gospels", 44), ("letters", 66)]
 
 
@@ -74,8 +139,10 @@ def _hkcancor_wheel(cache: Path) -> Path:
     found = sorted(cache.glob("pycantonese-5.0.0-*.whl"))
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "pycantonese==5.0.0",
-                        "-d", str(cache)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "pycantonese==5.0.0", "-d", str(cache)],
+            check=True,
+        )
         found = sorted(cache.glob("pycantonese-5.0.0-*.whl"))
     if not found:
         raise SystemExit(f"no pycantonese 5.0.0 wheel in {cache}")

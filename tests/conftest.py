@@ -16,43 +16,129 @@ VOCAB = 99
 # every architecture lmlab imports, with the transformers config that builds a tiny one
 TINY = {
     "bert": lambda: transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, num_labels=3, pad_token_id=0),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+    ),
     "roberta": lambda: transformers.RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
     "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
     "t5": lambda: transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0),
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+    ),
     "t5-gated": lambda: transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0),
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+    ),
     "bart": lambda: transformers.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+    ),
     "switch": lambda: transformers.SwitchTransformersConfig(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
-        num_sparse_decoder_layers=1, num_heads=4, num_experts=4, expert_capacity=3, relative_attention_num_buckets=8,
-        relative_attention_max_distance=20, decoder_start_token_id=0),
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=40,
+        num_layers=2,
+        num_sparse_encoder_layers=1,
+        num_decoder_layers=2,
+        num_sparse_decoder_layers=1,
+        num_heads=4,
+        num_experts=4,
+        expert_capacity=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+    ),
     "mixtral": lambda: transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    ),
     "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    ),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2, num_hidden_layers=3,
-        mlp_only_layers=[0], num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=40,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=3,
+        mlp_only_layers=[0],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
 }
 ARCH_CONFIG = {
-    "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
-    "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta", "GPT2LMHeadModel": "gpt2",
-    "T5ForConditionalGeneration": "t5", "BartForConditionalGeneration": "bart",
+    "BertModel": "bert",
+    "BertForMaskedLM": "bert",
+    "BertForPreTraining": "bert",
+    "BertForSequenceClassification": "bert",
+    "RobertaForMaskedLM": "roberta",
+    "GPT2LMHeadModel": "gpt2",
+    "T5ForConditionalGeneration": "t5",
+    "BartForConditionalGeneration": "bart",
     "BartForSequenceClassification": "bart",
-    "SwitchTransformersForConditionalGeneration": "switch", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "SwitchTransformersForConditionalGeneration": "switch",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "LlamaForCausalLM": "llama",
 }
 
@@ -114,16 +200,30 @@ def tiny_pretrained(tmp_path_factory):
     from lmlab.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-pretrained")
-    text = [" ".join(random.Random(i).choices(TINY_WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
-            for i in range(200)]
+    text = [
+        " ".join(random.Random(i).choices(TINY_WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
+        for i in range(200)
+    ]
     text += [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
     out = {}
-    for name, kind, base in (("bert", "wordpiece", "bert-tiny"), ("gpt", "bpe", "gpt2-tiny"),
-                             ("t5", "unigram", "t5-tiny"), ("prefix", "bpe", "prefix-lm-tiny")):
+    for name, kind, base in (
+        ("bert", "wordpiece", "bert-tiny"),
+        ("gpt", "bpe", "gpt2-tiny"),
+        ("t5", "unigram", "t5-tiny"),
+        ("prefix", "bpe", "prefix-lm-tiny"),
+    ):
         tok = train_tokenizer(kind, text, 400)
         torch.manual_seed(0)
-        cfg = preset(base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64,
-                     **tok.model_ids())
+        cfg = preset(
+            base,
+            vocab_size=tok.vocab_size,
+            n_layers=2,
+            d_model=64,
+            n_heads=2,
+            d_ff=128,
+            max_seq_len=64,
+            **tok.model_ids(),
+        )
         lmlab.Model(cfg).save_pretrained(root / name)
         tok.save(root / name)
         out[name] = root / name

@@ -16,8 +16,10 @@ def test_info_gpt2_matches_transformers_parameter_count(capsys):
     assert "124,439,808" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name,count", [("gpt2", 124_439_808), ("bert-base", 110_106_428), ("t5-small", 60_506_624),
-                                        ("roberta-base", 124_697_433)])
+@pytest.mark.parametrize(
+    "name,count",
+    [("gpt2", 124_439_808), ("bert-base", 110_106_428), ("t5-small", 60_506_624), ("roberta-base", 124_697_433)],
+)
 def test_preset_parameter_counts_equal_transformers(name, count):
     # transformers' counts for GPT2LMHeadModel, BertForPreTraining, T5ForConditionalGeneration, RobertaForMaskedLM
     assert model_stats(preset(name)).total_params == count
@@ -49,7 +51,9 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "GPT: sampled continuation" in out and "And God said unto Moses," in out
     assert "BERT: fill-mask" in out and "probability" in out
     assert "The tiny BERT predicts" in out  # 3 steps: the note on the unigram plateau is shown
-    assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (tmp_path / "demo" / "bert" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "gpt" / "loss.png").is_file() and (
+        tmp_path / "demo" / "bert" / "model.safetensors"
+    ).is_file()
 
 
 def test_generate_command_greedy_beams_sampling_and_stop(tiny_pretrained, capsys):
@@ -57,11 +61,24 @@ def test_generate_command_greedy_beams_sampling_and_stop(tiny_pretrained, capsys
     assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5"]) == 0
     greedy = capsys.readouterr().out
     assert greedy.startswith("and the lord")
-    assert main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5", "--beams", "3",
-                 "--num-return", "2"]) == 0
+    assert (
+        main(["generate", "--model", gpt, "and the lord", "--max-new-tokens", "5", "--beams", "3", "--num-return", "2"])
+        == 0
+    )
     assert capsys.readouterr().out.count("and the lord") == 2
-    args = ["generate", "--model", gpt, "and the lord", "--max-new-tokens", "6", "--sample", "--top-k", "5",
-            "--seed", "3"]
+    args = [
+        "generate",
+        "--model",
+        gpt,
+        "and the lord",
+        "--max-new-tokens",
+        "6",
+        "--sample",
+        "--top-k",
+        "5",
+        "--seed",
+        "3",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0 and capsys.readouterr().out == first  # a seed makes sampling reproducible
@@ -105,8 +122,9 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
     code = "import lmlab; print(lmlab.keep_freed_memory(), lmlab.keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if k != "LMLAB_MALLOC"}
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**env, "LMLAB_MALLOC": "default"}).stdout
+    off = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, "LMLAB_MALLOC": "default"}
+    ).stdout
     expected = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
     assert on.split() == expected.split() and off.split() == ["False", "False"]
 

@@ -24,8 +24,9 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "BertForMaskedLM", "T5ForConditionalGeneration",
-                                  "MixtralForCausalLM"])
+@pytest.mark.parametrize(
+    "arch", ["GPT2LMHeadModel", "BertForMaskedLM", "T5ForConditionalGeneration", "MixtralForCausalLM"]
+)
 def test_same_logits_as_transformers_on_the_gpu(tmp_path, arch):
     hf = build_hf(arch)
     hf.save_pretrained(tmp_path)
@@ -54,7 +55,11 @@ def test_bf16_training_step_runs_on_flash_attention_and_tracks_float32(preset):
     torch.manual_seed(0)
     model = lmlab.Model(get_preset(preset, vocab_size=512, max_seq_len=128, dropout=0.0)).cuda()
     ids = torch.randint(5, 512, (4, 128), device="cuda")
-    labels = ids if model.config.family == "decoder" else torch.where(torch.rand_like(ids, dtype=torch.float) < 0.15, ids, -100)
+    labels = (
+        ids
+        if model.config.family == "decoder"
+        else torch.where(torch.rand_like(ids, dtype=torch.float) < 0.15, ids, -100)
+    )
     ref = model(input_ids=ids, labels=labels).loss
     with _flash_only(), torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=labels).loss
@@ -74,8 +79,9 @@ def test_grouped_gemm_is_used_for_bf16_experts_and_equals_the_loop(monkeypatch):
     real = moe._GROUPED_MM
     monkeypatch.setattr(moe, "_GROUPED_MM", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=256, n_heads=4, d_ff=512, activation="swiglu", bias=False, ffn="moe", moe_experts=16,
-                      moe_top_k=4)
+    cfg = ModelConfig(
+        d_model=256, n_heads=4, d_ff=512, activation="swiglu", bias=False, ffn="moe", moe_experts=16, moe_top_k=4
+    )
     layer = MoE(cfg).cuda().to(torch.bfloat16)
     x = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16)
     fast, _ = layer(x)
@@ -106,10 +112,24 @@ def test_pretrain_on_the_gpu_uses_bf16_and_compile_and_learns(tmp_path):
     from lmlab.pretrain import PretrainConfig, pretrain
     from lmlab.train import TrainConfig
 
-    cfg = PretrainConfig(out=str(tmp_path / "run"), family="decoder", vocab_size=1000, seq_len=128,
-                         cache_dir=str(tmp_path / "cache"),
-                         train=TrainConfig(max_steps=60, batch_size=16, lr=2e-3, warmup_steps=10, eval_every=30,
-                                           eval_batches=4, log_every=10, compile=True, device="cuda"))
+    cfg = PretrainConfig(
+        out=str(tmp_path / "run"),
+        family="decoder",
+        vocab_size=1000,
+        seq_len=128,
+        cache_dir=str(tmp_path / "cache"),
+        train=TrainConfig(
+            max_steps=60,
+            batch_size=16,
+            lr=2e-3,
+            warmup_steps=10,
+            eval_every=30,
+            eval_batches=4,
+            log_every=10,
+            compile=True,
+            device="cuda",
+        ),
+    )
     summary = pretrain(cfg)  # the built-in demo corpus
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if r["split"] == "train"]

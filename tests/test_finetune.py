@@ -43,8 +43,19 @@ def _conll(path, n, seed):
 def test_classification_learns_the_planted_word_and_predicts(family, tiny_pretrained, tmp_path):
     train, dev = _sst_like(tmp_path / "train.tsv", 300, 0), _sst_like(tmp_path / "dev.tsv", 100, 1)
     out = tmp_path / "cls"
-    result = finetune(FinetuneConfig(task="classify", model=str(tiny_pretrained[family]), train=str(train),
-                                     eval=str(dev), out=str(out), epochs=3, lr=2e-3, batch_size=16, max_len=32))
+    result = finetune(
+        FinetuneConfig(
+            task="classify",
+            model=str(tiny_pretrained[family]),
+            train=str(train),
+            eval=str(dev),
+            out=str(out),
+            epochs=3,
+            lr=2e-3,
+            batch_size=16,
+            max_len=32,
+        )
+    )
     assert result["eval"]["accuracy"] >= 0.9 and {"macro_f1", "mcc", "loss"} <= set(result["eval"])
     assert json.loads((out / "eval_results.json").read_text())["eval"]["accuracy"] == result["eval"]["accuracy"]
     model = lmlab.load(out)
@@ -60,8 +71,30 @@ def test_classification_learns_the_planted_word_and_predicts(family, tiny_pretra
 def test_ner_learns_names_and_places(family, tiny_pretrained, tmp_path):
     train, dev = _conll(tmp_path / "train.conll", 200, 0), _conll(tmp_path / "dev.conll", 60, 1)
     out = tmp_path / "ner"
-    assert main(["finetune", "--task", "ner", "--model", str(tiny_pretrained[family]), "--train", str(train), "--eval",
-                 str(dev), "--out", str(out), "--epochs", "3", "--lr", "3e-3", "--max-len", "32"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--task",
+                "ner",
+                "--model",
+                str(tiny_pretrained[family]),
+                "--train",
+                str(train),
+                "--eval",
+                str(dev),
+                "--out",
+                str(out),
+                "--epochs",
+                "3",
+                "--lr",
+                "3e-3",
+                "--max-len",
+                "32",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "eval_results.json").read_text())
     assert result["eval"]["f1"] >= 0.9 and result["labels"] == ["B-LOC", "B-PER", "O"]
     assert main(["predict", "--model", str(out), "--data", str(dev), "--out", str(tmp_path / "p.jsonl")]) == 0
@@ -78,8 +111,17 @@ def test_bad_files_name_file_and_line(tiny_pretrained, tmp_path):
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence\tlabel\nthe land\t7\n")
     with pytest.raises(lmlab.LmlabError, match=r"dev.tsv:2: label '7' is not one of the training labels"):
-        finetune(FinetuneConfig(task="classify", model=str(tiny_pretrained["bert"]), train=str(train), eval=str(dev),
-                                out=str(tmp_path / "x"), epochs=1, max_len=32))
+        finetune(
+            FinetuneConfig(
+                task="classify",
+                model=str(tiny_pretrained["bert"]),
+                train=str(train),
+                eval=str(dev),
+                out=str(tmp_path / "x"),
+                epochs=1,
+                max_len=32,
+            )
+        )
     assert main(["predict", "--model", str(tiny_pretrained["bert"]), "--data", str(dev)]) == 2
 
 
@@ -94,8 +136,19 @@ def _squad(path, n, seed, impossible=0.0):
         else:
             context = f"{filler} . Moses went to {place} . {filler}"
             answers = [{"text": place, "answer_start": context.index(" to ") + 4}]
-        paragraphs.append({"context": context, "qas": [{"id": f"q{k}", "question": "where did Moses go ?",
-                                                          "answers": answers, "is_impossible": not answers}]})
+        paragraphs.append(
+            {
+                "context": context,
+                "qas": [
+                    {
+                        "id": f"q{k}",
+                        "question": "where did Moses go ?",
+                        "answers": answers,
+                        "is_impossible": not answers,
+                    }
+                ],
+            }
+        )
     path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
     return path
 
@@ -108,13 +161,27 @@ def test_qa_learns_to_point_at_the_answer_across_windows(family, tiny_pretrained
     # T5 at lr 3e-3 sits on an edge (exact match 70-100 over 3 inits x 2 seeds, 26.7 on an Intel Xeon);
     # at 1e-3 all six runs reached 100 (docs/benchmarks.md, "T5 extractive QA")
     max_len, stride, lr = (24, 8, 3e-3) if family == "bert" else (64, 16, 1e-3)
-    result = finetune(FinetuneConfig(task="qa", model=str(tiny_pretrained[family]), train=str(train), eval=str(dev),
-                                     out=str(out), epochs=4 if family == "bert" else 8, lr=lr, batch_size=16,
-                                     max_len=max_len, doc_stride=stride))
+    result = finetune(
+        FinetuneConfig(
+            task="qa",
+            model=str(tiny_pretrained[family]),
+            train=str(train),
+            eval=str(dev),
+            out=str(out),
+            epochs=4 if family == "bert" else 8,
+            lr=lr,
+            batch_size=16,
+            max_len=max_len,
+            doc_stride=stride,
+        )
+    )
     assert result["eval"]["exact_match"] >= 80 and result["eval"]["f1"] >= result["eval"]["exact_match"]
     preds = {p["id"]: p["answer"] for p in predict(str(out), str(dev))}
-    gold = {q["id"]: [a["text"] for a in q["answers"]] for p in json.loads(dev.read_text())["data"][0]["paragraphs"]
-            for q in p["qas"]}
+    gold = {
+        q["id"]: [a["text"] for a in q["answers"]]
+        for p in json.loads(dev.read_text())["data"][0]["paragraphs"]
+        for q in p["qas"]
+    }
     from lmlab import metrics
 
     assert metrics.squad_scores(preds, gold)["exact_match"] == pytest.approx(result["eval"]["exact_match"])
@@ -124,8 +191,28 @@ def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
     from lmlab.tasks.qa import read_squad
 
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Moses went to Egypt", "qas": [
-        {"id": "q7", "question": "where?", "answers": [{"text": "Egypt", "answer_start": 3}]}]}]}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "paragraphs": [
+                            {
+                                "context": "Moses went to Egypt",
+                                "qas": [
+                                    {
+                                        "id": "q7",
+                                        "question": "where?",
+                                        "answers": [{"text": "Egypt", "answer_start": 3}],
+                                    }
+                                ],
+                            }
+                        ]
+                    }
+                ]
+            }
+        )
+    )
     with pytest.raises(lmlab.LmlabError, match=r"question q7: answer 'Egypt' does not match the context at offset 3"):
         read_squad(bad)
 
@@ -149,8 +236,12 @@ def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_pat
             lp = F.log_softmax(model(input_ids=x).logits[0].float(), -1)
         assert score == pytest.approx(sum(float(lp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont)), abs=1e-4)
     task = tmp_path / "task.jsonl"
-    task.write_text("\n".join(json.dumps({"query": f"q{i}: the", "choices": [" land", " river", " king"],
-                                          "gold": i % 3}) for i in range(12)))
+    task.write_text(
+        "\n".join(
+            json.dumps({"query": f"q{i}: the", "choices": [" land", " river", " king"], "gold": i % 3})
+            for i in range(12)
+        )
+    )
     r = evaluate_task(folder, str(task), shots=2)
     assert r["questions"] == 12 and r["chance"] == pytest.approx(1 / 3) and 0 <= r["accuracy"] <= 1
     assert main(["eval", "--model", folder, "--task", str(task), "--shots", "1", "--limit", "4"]) == 0
@@ -187,8 +278,13 @@ def test_conll_and_squad_fixtures(tiny_pretrained):
     assert [s.words for s in sentences][1] == ["The", "Holy", "Council", "met"]
     assert sentences[0].label == ["B-PER", "O", "O", "B-LOC", "I-LOC", "O"]
     model, tok = load(tiny_pretrained["bert"]), load_tokenizer(tiny_pretrained["bert"])
-    rows, firsts = encode_tagging(sentences, tok, model.config, 32, {t: i for i, t in enumerate(
-        ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "O"])})
+    rows, firsts = encode_tagging(
+        sentences,
+        tok,
+        model.config,
+        32,
+        {t: i for i, t in enumerate(["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "O"])},
+    )
     labelled = [int((r["labels"] != -100).sum()) for r in rows]
     assert labelled == [6, 4]  # one label per word, on its first sub-word
     assert all(rows[k]["labels"][p] != -100 for k in range(2) for p in firsts[k])
@@ -199,7 +295,7 @@ def test_conll_and_squad_fixtures(tiny_pretrained):
     for row, m in zip(windows, meta):
         s, e = row["start_positions"], row["end_positions"]
         if s:  # a window holding the answer points at its tokens; the text is recovered through the offsets
-            text = qa[m["example"]].context[m["offsets"][s - m["first"]][0]:m["offsets"][e - m["first"]][1]]
+            text = qa[m["example"]].context[m["offsets"][s - m["first"]][0] : m["offsets"][e - m["first"]][1]]
             assert text.lower() == "into the dead sea"
     assert any(row["start_positions"] > 0 for row in windows)  # some window does hold the answer
     assert all(row["start_positions"] == 0 for row, m in zip(windows, meta) if m["example"] == 1)

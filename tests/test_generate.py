@@ -11,15 +11,23 @@ from lmlab.generate import fill_mask, filter_logits
 
 
 # T5 with the gated, symmetric config: transformers' generate sizes its cache by the encoder depth
-@pytest.mark.parametrize("arch,config", [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated"),
-                                         ("BartForConditionalGeneration", None)])
+@pytest.mark.parametrize(
+    "arch,config",
+    [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated"), ("BartForConditionalGeneration", None)],
+)
 def test_greedy_matches_transformers_generate(arch, config, hf_folder):
     folder, theirs = hf_folder(arch, config)
     ours = lmlab.load(folder)
     ids = padded_batch([6, 6], pad_id=ours.config.pad_token_id or 0, seed=4)[0]
     kw = dict(max_new_tokens=8, do_sample=False)
-    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=None, min_new_tokens=8,
-                               pad_token_id=ours.config.pad_token_id or 0, **kw)
+    expected = theirs.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        eos_token_id=None,
+        min_new_tokens=8,
+        pad_token_id=ours.config.pad_token_id or 0,
+        **kw,
+    )
     got = ours.generate(ids, eos_token_id=-1, **kw)
     assert torch.equal(got, expected)
 
@@ -66,20 +74,27 @@ def test_fill_mask_returns_probabilities_per_mask():
     from lmlab.tokenizer import train_tokenizer
 
     tok = train_tokenizer("wordpiece", ["the cat sat on the mat"] * 20, 120)
-    model = lmlab.Model(lmlab.preset("bert-tiny", n_layers=1, vocab_size=tok.vocab_size, d_model=32, n_heads=2,
-                                     d_ff=64))
+    model = lmlab.Model(
+        lmlab.preset("bert-tiny", n_layers=1, vocab_size=tok.vocab_size, d_model=32, n_heads=2, d_ff=64)
+    )
     out = fill_mask(model, tok, "the [MASK] sat on the [MASK]", top_k=3)
     assert len(out) == 2 and all(len(c) == 3 for c in out)
     assert all(0 < p <= 1 for c in out for _, p in c) and out[0][0][1] >= out[0][1][1]
 
 
 # ---- beam search, repetition penalty, stop strings, streaming --------------------------------------
-BEAM_CASES = [dict(num_beams=3), dict(num_beams=4, num_return_sequences=3, length_penalty=0.6),
-              dict(num_beams=3, early_stopping=True, length_penalty=1.5), dict(num_beams=2, early_stopping="never")]
+BEAM_CASES = [
+    dict(num_beams=3),
+    dict(num_beams=4, num_return_sequences=3, length_penalty=0.6),
+    dict(num_beams=3, early_stopping=True, length_penalty=1.5),
+    dict(num_beams=2, early_stopping="never"),
+]
 
 
-@pytest.mark.parametrize("arch,config", [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated"),
-                                         ("BartForConditionalGeneration", None)])
+@pytest.mark.parametrize(
+    "arch,config",
+    [("GPT2LMHeadModel", None), ("T5ForConditionalGeneration", "t5-gated"), ("BartForConditionalGeneration", None)],
+)
 @pytest.mark.parametrize("kw", BEAM_CASES)
 def test_beam_search_equals_transformers(arch, config, kw, hf_folder):
     """Same token ids as transformers' beam search, with an EOS that really occurs (a token greedy
@@ -91,8 +106,9 @@ def test_beam_search_equals_transformers(arch, config, kw, hf_folder):
     greedy = ours.generate(ids, max_new_tokens=4, eos_token_id=-1)
     eos = int(greedy[0, -2])
     common = dict(max_new_tokens=9, eos_token_id=eos, pad_token_id=pad, **kw)
-    want = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, forced_eos_token_id=None,
-                           **common)  # BART's generation config would force EOS at the last step
+    want = theirs.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, forced_eos_token_id=None, **common
+    )  # BART's generation config would force EOS at the last step
     got = ours.generate(ids, **common)
     assert torch.equal(got, want)
 
@@ -114,8 +130,9 @@ def test_repetition_penalty_equals_transformers(arch, config, hf_folder):
     ids = padded_batch([6, 6], pad_id=ours.config.pad_token_id or 0, seed=4)[0]
     for kw in (dict(num_beams=1), dict(num_beams=3)):
         common = dict(max_new_tokens=10, repetition_penalty=1.8, eos_token_id=-1, **kw)
-        want = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=10,
-                               pad_token_id=0, **common)
+        want = theirs.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=10, pad_token_id=0, **common
+        )
         assert torch.equal(ours.generate(ids, **common), want)
     start = 1 if ours.config.family == "encoder-decoder" else 6  # after the start token / the prompt
     plain = ours.generate(ids[:1], max_new_tokens=12, eos_token_id=-1)[0, start:]
@@ -169,7 +186,7 @@ def test_stop_strings_end_generation_at_the_completing_token(hf_folder):
     stop = f"<{full[2]}>"  # the text of the third new token
     out = model.generate(prompt, max_new_tokens=8, eos_token_id=-1, stop_strings=stop, tokenizer=Tok())
     first = next(i for i, t in enumerate(full) if f"<{t}>" == stop)
-    assert out[0, 3:].tolist() == full[:first + 1]
+    assert out[0, 3:].tolist() == full[: first + 1]
     with pytest.raises(lmlab.ConfigError, match="tokenizer"):
         model.generate(prompt, stop_strings="x")
 
@@ -180,9 +197,13 @@ def test_sampling_n_sequences_and_bad_settings(hf_folder):
     prompt = torch.tensor([[5, 9, 14], [7, 8, 9]])
     out = model.generate(prompt, do_sample=True, num_return_sequences=3, max_new_tokens=4, seed=0, eos_token_id=-1)
     assert out.shape == (6, 7) and torch.equal(out[:3, :3], prompt[:1].expand(3, 3))
-    for kw, msg in ((dict(num_beams=2, do_sample=True), "not both"), (dict(num_beams=2, num_return_sequences=3),
-                    "num_return_sequences"), (dict(temperature=0.0, do_sample=True), "temperature"),
-                    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=100), "max_seq_len")):
+    for kw, msg in (
+        (dict(num_beams=2, do_sample=True), "not both"),
+        (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(temperature=0.0, do_sample=True), "temperature"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=100), "max_seq_len"),
+    ):
         with pytest.raises(lmlab.ConfigError, match=msg):
             model.generate(prompt, **kw)
 
@@ -192,7 +213,7 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     logits = torch.randn(1, 30)
     probs = logits.softmax(-1)[0]
     order = probs.argsort(descending=True)
-    nucleus = set(order[:int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist())
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist())
     g = torch.Generator().manual_seed(0)
     draws = {int(torch.multinomial(filter_logits(logits, top_p=0.6).softmax(-1), 1, generator=g)) for _ in range(300)}
     assert draws <= nucleus and len(draws) > 1
@@ -209,11 +230,11 @@ def test_generate_result_says_why_each_sequence_ended(tiny_pretrained):
     plain = generate(model, ids, max_new_tokens=6)
     r = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True)
     assert torch.equal(r.sequences, plain) and r.finish_reasons == ["length"] and len(r.tokens[0]) == 6
-    new = plain[0, ids.shape[1]:].tolist()
+    new = plain[0, ids.shape[1] :].tolist()
     k = max(i for i, t in enumerate(new) if t not in new[:i])  # the last token that is new at its position
     r = generate(model, ids, max_new_tokens=6, eos_token_id=new[k], return_dict_in_generate=True)
-    assert r.finish_reasons == ["eos"] and r.tokens[0] == new[:k + 1]
-    stop = tok.decode(plain[0, ids.shape[1]:ids.shape[1] + 2].tolist()).strip()
+    assert r.finish_reasons == ["eos"] and r.tokens[0] == new[: k + 1]
+    stop = tok.decode(plain[0, ids.shape[1] : ids.shape[1] + 2].tolist()).strip()
     r = generate(model, ids, max_new_tokens=6, stop_strings=[stop], tokenizer=tok, return_dict_in_generate=True)
     assert r.finish_reasons == ["stop"] and stop in tok.decode(r.tokens[0])
     assert stop not in tok.decode(r.tokens[0][:-1])  # the stop string is completed by the last token
@@ -227,8 +248,17 @@ def test_logprobs_are_the_models_log_probabilities_of_the_chosen_tokens(tiny_pre
     folder = tiny_pretrained["gpt"]
     model, tok = lmlab.load(folder), load_tokenizer(folder)
     ids = torch.tensor([tok.encode("the lord said unto", add_special_tokens=False)])
-    r = generate(model, ids, max_new_tokens=5, do_sample=do_sample, temperature=0.7, top_k=5, seed=3,
-                 return_dict_in_generate=True, output_logprobs=True)
+    r = generate(
+        model,
+        ids,
+        max_new_tokens=5,
+        do_sample=do_sample,
+        temperature=0.7,
+        top_k=5,
+        seed=3,
+        return_dict_in_generate=True,
+        output_logprobs=True,
+    )
     seq = r.sequences
     with torch.no_grad():
         full = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)  # one teacher-forced pass

@@ -50,10 +50,21 @@ def _compare(arch: str, ours, theirs, kw) -> None:
         assert _max_diff(a.logits, b.logits, mask) <= TOL
 
 
-ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification",
-         "RobertaForMaskedLM", "GPT2LMHeadModel", "T5ForConditionalGeneration", "BartForConditionalGeneration",
-         "BartForSequenceClassification", "SwitchTransformersForConditionalGeneration", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-         "LlamaForCausalLM"]
+ARCHS = [
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "RobertaForMaskedLM",
+    "GPT2LMHeadModel",
+    "T5ForConditionalGeneration",
+    "BartForConditionalGeneration",
+    "BartForSequenceClassification",
+    "SwitchTransformersForConditionalGeneration",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "LlamaForCausalLM",
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -126,20 +137,29 @@ def test_imported_gpt2_kv_cache_token_by_token_matches_transformers_full_forward
         out = ours(input_ids=ids[:, :1], use_cache=True)
         steps = [out.logits]
         for t in range(1, ids.shape[1]):
-            out = ours(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values)
+            out = ours(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values)
             steps.append(out.logits)
     assert _max_diff(torch.cat(steps, 1), reference) <= TOL
 
 
-@pytest.mark.parametrize("name,arch", [("mixtral-tiny", "MixtralForCausalLM"),
-                                       ("deepseekmoe-tiny", "Qwen2MoeForCausalLM")])
+@pytest.mark.parametrize(
+    "name,arch", [("mixtral-tiny", "MixtralForCausalLM"), ("deepseekmoe-tiny", "Qwen2MoeForCausalLM")]
+)
 def test_moe_presets_export_to_transformers_with_same_logits(name, arch, tmp_path):
     """lmlab-made MoE decoders open in transformers: Mixtral, and a shared-expert model as Qwen2-MoE."""
     from lmlab.config import preset
 
     torch.manual_seed(0)
-    cfg = preset(name, vocab_size=VOCAB_TINY, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, n_layers=3,
-                 **({"moe_d_ff": 16, "moe_shared_gate": True} if name.startswith("deepseek") else {}))
+    cfg = preset(
+        name,
+        vocab_size=VOCAB_TINY,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        n_layers=3,
+        **({"moe_d_ff": 16, "moe_shared_gate": True} if name.startswith("deepseek") else {}),
+    )
     ours = lmlab.Model(cfg).eval()
     ours.save_pretrained(tmp_path, format="hf")
     back = getattr(transformers, arch).from_pretrained(tmp_path).eval()
@@ -157,8 +177,9 @@ def test_imported_mixtral_greedy_generation_equals_transformers(hf_folder):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name,auto", [("gpt", "AutoModelForCausalLM"), ("bert", "AutoModelForMaskedLM"),
-                                       ("t5", "AutoModelForSeq2SeqLM")])
+@pytest.mark.parametrize(
+    "name,auto", [("gpt", "AutoModelForCausalLM"), ("bert", "AutoModelForMaskedLM"), ("t5", "AutoModelForSeq2SeqLM")]
+)
 def test_converted_folder_is_complete_for_transformers(name, auto, tiny_pretrained, tmp_path):
     """`lmlab convert DIR OUT --to hf` on a pre-trained folder: transformers' Auto classes load the model
     and the tokenizer, the tokenizer gives lmlab's ids, and the logits agree."""
@@ -187,12 +208,17 @@ def test_converted_folder_is_complete_for_transformers(name, auto, tiny_pretrain
 
 def test_llama_tiny_preset_exports_as_llama_for_causal_lm(tmp_path):
     torch.manual_seed(0)
-    ours = lmlab.Model(lmlab.preset("llama-tiny", vocab_size=VOCAB_TINY, n_layers=2, d_model=32, n_heads=4,
-                                    n_kv_heads=2, d_ff=40)).eval()
+    ours = lmlab.Model(
+        lmlab.preset("llama-tiny", vocab_size=VOCAB_TINY, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=40)
+    ).eval()
     ours.save_pretrained(tmp_path, format="hf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"
     ids, mask = padded_batch(LENGTHS, pad_id=0)
     with torch.no_grad():
-        assert _max_diff(ours(input_ids=ids, attention_mask=mask).logits,
-                         theirs(input_ids=ids, attention_mask=mask).logits, mask) <= TOL
+        assert (
+            _max_diff(
+                ours(input_ids=ids, attention_mask=mask).logits, theirs(input_ids=ids, attention_mask=mask).logits, mask
+            )
+            <= TOL
+        )

@@ -16,8 +16,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODULES = sorted(
-    ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
-    for p in (SRC / "lmlab").rglob("*.py"))
+    ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__") for p in (SRC / "lmlab").rglob("*.py")
+)
 
 
 def _file(module: str) -> Path:
@@ -46,7 +46,9 @@ def import_time_edges(module: str) -> set[str]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 if base.startswith("lmlab"):
                     for a in node.names:
                         target = _resolve(f"{base}.{a.name}")
@@ -72,7 +74,7 @@ def test_the_import_graph_has_no_cycle():
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return path[path.index(n) :] + [n]
             if n not in state and (cycle := dfs(n)):
                 return cycle
         state[m] = 2

@@ -57,7 +57,9 @@ def test_unknown_model_type_lists_supported_ones(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMultipleChoice"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertForMultipleChoice"]})
+    )
     with pytest.raises(CheckpointError, match="BertForMultipleChoice"):
         lmlab.load(tmp_path)
 
@@ -73,8 +75,11 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["n_embd"] = 48  # the weights are 32 wide
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'transformer\.wte\.weight' has shape "
-                                              r"\(99, 32\), but config\.json implies \(99, 48\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'transformer\.wte\.weight' has shape "
+        r"\(99, 32\), but config\.json implies \(99, 48\)",
+    ):
         lmlab.load(folder)
 
 
@@ -142,9 +147,15 @@ def test_convert_cli_round_trip(hf_folder, tmp_path):
 
 
 def test_config_rejects_bad_values_by_field():
-    for kw, field in [({"family": "gpt"}, "family"), ({"n_heads": 5}, "n_heads"), ({"activation": "tanh"}, "activation"),
-                      ({"heads": ("mlm",)}, "heads"), ({"n_kv_heads": 5, "n_heads": 4, "d_model": 32}, "n_kv_heads"),
-                      ({"dropout": 1.5}, "dropout"), ({"ffn": "moe-nope"}, "ffn")]:
+    for kw, field in [
+        ({"family": "gpt"}, "family"),
+        ({"n_heads": 5}, "n_heads"),
+        ({"activation": "tanh"}, "activation"),
+        ({"heads": ("mlm",)}, "heads"),
+        ({"n_kv_heads": 5, "n_heads": 4, "d_model": 32}, "n_kv_heads"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"ffn": "moe-nope"}, "ffn"),
+    ]:
         with pytest.raises(ConfigError, match=f"ModelConfig.{field}"):
             ModelConfig(**kw)
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):

@@ -16,8 +16,9 @@ stats = pytest.importorskip("scipy.stats")
 
 def _random_tags(rng: random.Random, n: int, scheme: str) -> list[str]:
     prefixes = "BIO" if scheme == "BIO" else "BIOES"
-    return [p if p == "O" else f"{p}-{rng.choice(['PER', 'LOC', 'ORG'])}"
-            for p in (rng.choice(prefixes) for _ in range(n))]
+    return [
+        p if p == "O" else f"{p}-{rng.choice(['PER', 'LOC', 'ORG'])}" for p in (rng.choice(prefixes) for _ in range(n))
+    ]
 
 
 @pytest.mark.parametrize("scheme", ["BIO", "IOBES"])

@@ -13,8 +13,21 @@ TOL = 1e-5
 
 def tiny(family: str, **kw) -> Model:
     heads = {"encoder": ("mlm",), "decoder": ("lm",), "prefix-lm": ("lm",), "encoder-decoder": ("lm",)}[family]
-    cfg = ModelConfig(family=family, vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=40,
-                      heads=heads, dropout=0.0, attn_dropout=0.0, pad_token_id=0, decoder_start_token_id=0, **kw)
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=61,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=48,
+        max_seq_len=40,
+        heads=heads,
+        dropout=0.0,
+        attn_dropout=0.0,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        **kw,
+    )
     torch.manual_seed(0)
     return Model(cfg).eval()
 
@@ -69,17 +82,20 @@ def _incremental(model: Model, x: torch.Tensor, first: int, step: int = 1, **kw)
         out = model(x[:, :first], use_cache=True, **kw)
         cache, outs = out.past_key_values, [out.logits]
         for t in range(first, x.shape[1], step):
-            out = model(x[:, t:t + step], past_key_values=cache)
+            out = model(x[:, t : t + step], past_key_values=cache)
             outs.append(out.logits)
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("variant", [
-    {},
-    {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False},
-    {"position": "sinusoidal", "n_kv_heads": 2},
-    {"position": "relative"},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False},
+        {"position": "sinusoidal", "n_kv_heads": 2},
+        {"position": "relative"},
+    ],
+)
 def test_decoder_kv_cache_matches_full_forward(variant):
     model, x = tiny("decoder", **variant), ids(2, 15)
     with torch.no_grad():
@@ -108,8 +124,12 @@ def test_kv_cache_with_left_padding_matches_full_forward():
         out = model(x[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], use_cache=True)
         logits = [out.logits]
         for t in range(6, 12):
-            out = model(x[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                        past_key_values=out.past_key_values)
+            out = model(
+                x[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                position_ids=pos[:, t : t + 1],
+                past_key_values=out.past_key_values,
+            )
             logits.append(out.logits)
     inc = torch.cat(logits, 1)
     assert (inc[mask.bool()] - full[mask.bool()]).abs().max() <= TOL
@@ -129,8 +149,12 @@ def test_encoder_decoder_kv_cache_matches_full_forward(arch, hf_folder):
         memory = enc.encoder_last_hidden_state
         cache, outs = KVCache(model.config.decoder_layers, cross=True), []
         for t in range(dec.shape[1]):
-            out = model(attention_mask=src_mask, decoder_input_ids=dec[:, t:t + 1], encoder_outputs=memory,
-                        past_key_values=cache)
+            out = model(
+                attention_mask=src_mask,
+                decoder_input_ids=dec[:, t : t + 1],
+                encoder_outputs=memory,
+                past_key_values=cache,
+            )
             outs.append(out.logits)
     assert (torch.cat(outs, 1) - full).abs().max() <= TOL
 
@@ -159,18 +183,41 @@ def test_heads_compute_losses():
         (("tag",), {"labels": torch.randint(0, 3, (2, 10))}),
         (("span",), {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}),
     ]:
-        cfg = ModelConfig(family="encoder", vocab_size=61, d_model=32, n_layers=1, n_heads=4, d_ff=48,
-                          heads=heads, num_labels=3, max_seq_len=16)
+        cfg = ModelConfig(
+            family="encoder",
+            vocab_size=61,
+            d_model=32,
+            n_layers=1,
+            n_heads=4,
+            d_ff=48,
+            heads=heads,
+            num_labels=3,
+            max_seq_len=16,
+        )
         out = Model(cfg)(x, **kw)
         assert out.loss is not None and out.loss.item() > 0 and out.loss.requires_grad
-    out = Model(ModelConfig(family="encoder", vocab_size=61, d_model=32, n_layers=1, n_heads=4, d_ff=48,
-                            heads=("span",), max_seq_len=16))(x)
+    out = Model(
+        ModelConfig(
+            family="encoder", vocab_size=61, d_model=32, n_layers=1, n_heads=4, d_ff=48, heads=("span",), max_seq_len=16
+        )
+    )(x)
     assert out.start_logits.shape == out.end_logits.shape == (2, 10)
 
 
 def test_decoder_classification_pools_last_real_token():
-    cfg = ModelConfig(family="decoder", vocab_size=61, d_model=32, n_layers=1, n_heads=4, d_ff=48,
-                      heads=("classify",), num_labels=3, max_seq_len=16, dropout=0.0, attn_dropout=0.0)
+    cfg = ModelConfig(
+        family="decoder",
+        vocab_size=61,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        d_ff=48,
+        heads=("classify",),
+        num_labels=3,
+        max_seq_len=16,
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     model = Model(cfg).eval()
     x = ids(1, 6)
     padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)
@@ -204,8 +251,9 @@ def test_training_step_reduces_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("family,heads", [("encoder", ("mlm",)), ("decoder", ("lm",)), ("prefix-lm", ("lm",)),
-                                          ("encoder-decoder", ("lm",))])
+@pytest.mark.parametrize(
+    "family,heads", [("encoder", ("mlm",)), ("decoder", ("lm",)), ("prefix-lm", ("lm",)), ("encoder-decoder", ("lm",))]
+)
 def test_labelled_logits_only_gives_the_same_loss_and_rows(family, heads):
     model = tiny(family)
     x = ids(2, 12)
@@ -218,7 +266,11 @@ def test_labelled_logits_only_gives_the_same_loss_and_rows(family, heads):
         full = model(x, labels=labels, **kw)
         sparse = model(x, labels=labels, labelled_logits_only=True, **kw)
     assert torch.allclose(full.loss, sparse.loss, atol=1e-6)
-    targets = labels if family in ("encoder", "encoder-decoder") else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    targets = (
+        labels
+        if family in ("encoder", "encoder-decoder")
+        else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    )
     assert torch.allclose(full.logits[targets != -100], sparse.logits, atol=1e-6)
 
 

@@ -11,8 +11,20 @@ from lmlab.model.moe import MOE_LAYERS, MoE, SoftMoE
 
 
 def moe_cfg(**kw) -> ModelConfig:
-    base = dict(family="decoder", vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=24, ffn="moe",
-                moe_experts=4, moe_top_k=2, max_seq_len=32, dropout=0.0, attn_dropout=0.0)
+    base = dict(
+        family="decoder",
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=24,
+        ffn="moe",
+        moe_experts=4,
+        moe_top_k=2,
+        max_seq_len=32,
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -23,16 +35,22 @@ def reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     weights, experts = r.weights_TK, r.experts_TK
     rows = []
     for t in range(x_TD.shape[0]):
-        y = sum(weights[t, j] * layer.expert(int(experts[t, j]), x_TD[t:t + 1])[0] for j in range(layer.top_k))
+        y = sum(weights[t, j] * layer.expert(int(experts[t, j]), x_TD[t : t + 1])[0] for j in range(layer.top_k))
         if layer.shared is not None:
-            y = y + layer.shared(x_TD[t:t + 1])[0]
+            y = y + layer.shared(x_TD[t : t + 1])[0]
         rows.append(y)
     return torch.stack(rows).reshape(x.shape)
 
 
-@pytest.mark.parametrize("kw", [dict(moe_top_k=1), dict(moe_top_k=2, activation="swiglu"),
-                                dict(moe_experts=8, moe_top_k=3, moe_shared_experts=1),
-                                dict(moe_top_k=2, activation="swiglu", moe_d_ff=8)])  # weight on the hidden
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(moe_top_k=1),
+        dict(moe_top_k=2, activation="swiglu"),
+        dict(moe_experts=8, moe_top_k=3, moe_shared_experts=1),
+        dict(moe_top_k=2, activation="swiglu", moe_d_ff=8),
+    ],
+)  # weight on the hidden
 def test_dispatch_equals_per_token_reference_in_forward_and_gradients(kw):
     torch.manual_seed(0)
     layer = MoE(moe_cfg(**kw))
@@ -117,9 +135,15 @@ def test_moe_model_saves_and_loads(tmp_path):
         assert torch.equal(model(x).logits, back(x).logits)  # noise only while training
 
 
-@pytest.mark.parametrize("kw,field", [(dict(moe_top_k=5), "moe_top_k"), (dict(moe_capacity_factor=0.0),
-                                      "moe_capacity_factor"), (dict(moe_router="hash"), "moe_router"),
-                                      (dict(moe_experts=0), "moe_experts")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(moe_top_k=5), "moe_top_k"),
+        (dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
+        (dict(moe_router="hash"), "moe_router"),
+        (dict(moe_experts=0), "moe_experts"),
+    ],
+)
 def test_bad_moe_config_is_refused(kw, field):
     with pytest.raises(lmlab.ConfigError, match=f"ModelConfig.{field}"):
         moe_cfg(**kw)
@@ -132,18 +156,23 @@ def test_info_counts_all_experts_as_parameters_but_only_k_in_flops():
     moe = model_stats(moe_cfg(moe_experts=4, moe_top_k=2), context=8)
     expert = 16 * 24 * 2  # up + down of one expert
     dense_bias = 24 + 16  # the dense FFN has biases, the experts have none
-    assert moe.total_params - dense.total_params == 2 * (3 * expert + 16 * 4 - dense_bias)  # per layer: 3 experts + router
+    assert moe.total_params - dense.total_params == 2 * (
+        3 * expert + 16 * 4 - dense_bias
+    )  # per layer: 3 experts + router
     assert moe.flops_per_token - dense.flops_per_token == 2 * 2 * (expert + 16 * 4)  # 1 extra active expert + router
 
 
 # ---- routers, MoE++ experts, fine-grained dispatch ------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    dict(moe_router="dense"),
-    dict(moe_top_k=2, moe_zero_experts=1, moe_copy_experts=1, moe_constant_experts=2),
-    dict(moe_top_k=1, moe_zero_experts=1, moe_constant_experts=1, moe_capacity_factor=4.0),
-    dict(moe_experts=64, moe_top_k=6, moe_d_ff=8, activation="swiglu", moe_shared_experts=2, moe_shared_gate=True),
-    dict(moe_activation="geglu", moe_router="noisy"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(moe_router="dense"),
+        dict(moe_top_k=2, moe_zero_experts=1, moe_copy_experts=1, moe_constant_experts=2),
+        dict(moe_top_k=1, moe_zero_experts=1, moe_constant_experts=1, moe_capacity_factor=4.0),
+        dict(moe_experts=64, moe_top_k=6, moe_d_ff=8, activation="swiglu", moe_shared_experts=2, moe_shared_gate=True),
+        dict(moe_activation="geglu", moe_router="noisy"),
+    ],
+)
 def test_every_token_choice_variant_equals_the_per_token_reference(kw):
     torch.manual_seed(0)
     layer = MoE(moe_cfg(**kw)).eval()  # eval: the noisy router is deterministic
@@ -165,11 +194,11 @@ def reference_any(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     weights, experts = r.weights_TK, r.experts_TK
     rows = []
     for t in range(x_TD.shape[0]):
-        y = sum(weights[t, j] * layer.expert(int(experts[t, j]), x_TD[t:t + 1])[0] for j in range(experts.shape[1]))
+        y = sum(weights[t, j] * layer.expert(int(experts[t, j]), x_TD[t : t + 1])[0] for j in range(experts.shape[1]))
         if layer.shared is not None:
-            s = layer.shared(x_TD[t:t + 1])[0]
+            s = layer.shared(x_TD[t : t + 1])[0]
             if layer.shared_gate is not None:
-                s = torch.sigmoid(layer.shared_gate(x_TD[t:t + 1]))[0] * s
+                s = torch.sigmoid(layer.shared_gate(x_TD[t : t + 1]))[0] * s
             y = y + s
         rows.append(y)
     return torch.stack(rows).reshape(x.shape)
@@ -207,9 +236,10 @@ def test_zero_copy_and_constant_experts_compute_what_they_claim():
         r = layer.route(xs)
         weights, experts = r.weights_TK, r.experts_TK
         assert (experts[:, 0] == e).all()
-        runner_up = torch.cat([layer.expert(int(experts[t, 1]), xs[t:t + 1]) for t in range(5)])
-        assert torch.allclose(layer(xs)[0], weights[:, :1] * layer.expert(e, xs) + weights[:, 1:] * runner_up,
-                              atol=1e-6)
+        runner_up = torch.cat([layer.expert(int(experts[t, 1]), xs[t : t + 1]) for t in range(5)])
+        assert torch.allclose(
+            layer(xs)[0], weights[:, :1] * layer.expert(e, xs) + weights[:, 1:] * runner_up, atol=1e-6
+        )
 
 
 def test_dense_gating_uses_every_expert_with_softmax_weights():
@@ -232,7 +262,7 @@ def test_expert_choice_gives_each_expert_its_top_tokens():
     expected = torch.zeros_like(x)
     for e in range(4):
         for t in chosen[e].tolist():
-            expected[t] += scores[t, e] * layer.expert(e, x[t:t + 1])[0]
+            expected[t] += scores[t, e] * layer.expert(e, x[t : t + 1])[0]
     assert torch.allclose(out, expected, atol=1e-6)
     assert ((record.expert_weights() > 0).sum(0) == capacity).all()  # every expert exactly at capacity
     # padding is picked last: with 8 real tokens and capacity 3 no expert takes a padding token
@@ -250,8 +280,9 @@ def test_soft_moe_slots_and_outputs_are_convex_combinations():
     logits = layer.slots(x)  # (B, T, E*S)
     dispatch, combine = logits.softmax(1), logits.softmax(-1)
     slots = torch.einsum("btx,btd->bxd", dispatch, x)
-    outs = torch.stack([torch.stack([layer.experts.one(i // 2, slots[b, i:i + 1])[0] for i in range(6)])
-                        for b in range(2)])
+    outs = torch.stack(
+        [torch.stack([layer.experts.one(i // 2, slots[b, i : i + 1])[0] for i in range(6)]) for b in range(2)]
+    )
     assert torch.allclose(out, torch.einsum("btx,bxd->btd", combine, outs), atol=1e-6)
     assert torch.allclose(dispatch.sum(1), torch.ones(2, 6)) and torch.allclose(combine.sum(-1), torch.ones(2, 5))
     # padding tokens feed no slot: changing them leaves the real tokens' outputs unchanged
@@ -265,8 +296,9 @@ def test_soft_moe_slots_and_outputs_are_convex_combinations():
 
 def test_importance_and_load_losses_follow_shazeer():
     torch.manual_seed(0)
-    layer = MoE(moe_cfg(moe_router="noisy", moe_top_k=1, moe_aux_weight=0.0, moe_importance_weight=0.1,
-                        moe_load_weight=0.1)).train()
+    layer = MoE(
+        moe_cfg(moe_router="noisy", moe_top_k=1, moe_aux_weight=0.0, moe_importance_weight=0.1, moe_load_weight=0.1)
+    ).train()
     x = torch.randn(30, 16)
     torch.manual_seed(1)
     _, record = layer(x)
@@ -284,8 +316,9 @@ def test_importance_and_load_losses_follow_shazeer():
     threshold = torch.where(noisy >= top2[:, :1], top2[:, 1:2], top2[:, :1])
     p = torch.distributions.Normal(0, 1).cdf((clean - threshold) / std)
     load = p.sum(0)
-    assert stats["load_loss"].item() == pytest.approx(0.1 * (load.var(correction=0) / load.mean() ** 2).item(),
-                                                      rel=1e-5)
+    assert stats["load_loss"].item() == pytest.approx(
+        0.1 * (load.var(correction=0) / load.mean() ** 2).item(), rel=1e-5
+    )
     assert record.aux_loss.requires_grad  # both are differentiable
     torch.autograd.grad(record.aux_loss, layer.router.noise.weight)
 
@@ -306,8 +339,13 @@ def test_gating_residual_adds_the_previous_layers_logits():
 
 def test_first_dense_layers_and_moe_every():
     model = lmlab.Model(moe_cfg(n_layers=5, moe_every=2, moe_first_dense=2))
-    assert [type(b.ffn).__name__ for b in model.decoder.layers] == ["DenseFFN", "DenseFFN", "DenseFFN", "MoE",
-                                                                     "DenseFFN"]
+    assert [type(b.ffn).__name__ for b in model.decoder.layers] == [
+        "DenseFFN",
+        "DenseFFN",
+        "DenseFFN",
+        "MoE",
+        "DenseFFN",
+    ]
     model = lmlab.Model(moe_cfg(n_layers=3, moe_first_dense=1))
     assert [type(b.ffn).__name__ for b in model.decoder.layers] == ["DenseFFN", "MoE", "MoE"]
 
@@ -322,20 +360,33 @@ def test_jitter_only_while_training():
     assert not torch.equal(layer.router.logits(x), layer.router.gate(x))
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(moe_router="soft"), "moe_router"),  # a decoder would see the future
-    (dict(moe_load_weight=0.1), "moe_load_weight"),
-    (dict(moe_router="expert-choice", moe_zero_experts=1), "moe_router"),
-    (dict(moe_jitter=1.5), "moe_jitter"),
-    (dict(moe_activation="tanh"), "moe_activation"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(moe_router="soft"), "moe_router"),  # a decoder would see the future
+        (dict(moe_load_weight=0.1), "moe_load_weight"),
+        (dict(moe_router="expert-choice", moe_zero_experts=1), "moe_router"),
+        (dict(moe_jitter=1.5), "moe_jitter"),
+        (dict(moe_activation="tanh"), "moe_activation"),
+    ],
+)
 def test_incompatible_moe_settings_are_refused(kw, field):
     with pytest.raises(lmlab.ConfigError, match=f"ModelConfig.{field}"):
         moe_cfg(**kw)
 
 
-MOE_PRESETS = ["switch-tiny", "gshard-tiny", "mixtral-tiny", "moepp-tiny", "deepseekmoe-tiny", "softmoe-tiny",
-               "bert-tiny-moe", "t5-tiny-moe", "bart-tiny-moe", "prefix-lm-tiny-moe"]
+MOE_PRESETS = [
+    "switch-tiny",
+    "gshard-tiny",
+    "mixtral-tiny",
+    "moepp-tiny",
+    "deepseekmoe-tiny",
+    "softmoe-tiny",
+    "bert-tiny-moe",
+    "t5-tiny-moe",
+    "bart-tiny-moe",
+    "prefix-lm-tiny-moe",
+]
 
 
 @pytest.mark.parametrize("name", MOE_PRESETS)
@@ -343,9 +394,17 @@ def test_moe_presets_train_a_step_with_their_aux_loss(name):
     from lmlab.config import preset
 
     torch.manual_seed(0)
-    cfg = preset(name, vocab_size=64, n_layers=2, d_model=32, n_heads=2, n_kv_heads=None, d_ff=64,
-                 moe_d_ff=16 if name == "deepseekmoe-tiny" else None, **({"n_decoder_layers": 2} if "t5" in name
-                                                                         or "bart" in name else {}))
+    cfg = preset(
+        name,
+        vocab_size=64,
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=None,
+        d_ff=64,
+        moe_d_ff=16 if name == "deepseekmoe-tiny" else None,
+        **({"n_decoder_layers": 2} if "t5" in name or "bart" in name else {}),
+    )
     model = lmlab.Model(cfg)
     x = torch.randint(5, 64, (2, 16))
     labels = x if cfg.family != "encoder" else torch.where(torch.rand(2, 16) < 0.3, x, -100)
@@ -379,10 +438,42 @@ def test_pretrain_logs_routing_draws_the_heat_map_and_route_shows_experts(tmp_pa
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(f"line {i} of the little corpus about experts and routers" for i in range(200)))
     out = tmp_path / "run"
-    assert main(["pretrain", "--preset", "gpt2-tiny", "--data", str(data), "--out", str(out), "--max-steps", "4",
-                 "--log-every", "2", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "300",
-                 "--moe-experts", "4", "--moe-top-k", "1", "--moe-capacity-factor", "1.0", "--moe-zero-experts",
-                 "1", "--moe-z-weight", "0.001", "--model-set", "n_layers=2"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "gpt2-tiny",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-steps",
+                "4",
+                "--log-every",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--vocab-size",
+                "300",
+                "--moe-experts",
+                "4",
+                "--moe-top-k",
+                "1",
+                "--moe-capacity-factor",
+                "1.0",
+                "--moe-zero-experts",
+                "1",
+                "--moe-z-weight",
+                "0.001",
+                "--model-set",
+                "n_layers=2",
+            ]
+        )
+        == 0
+    )
     header = capsys.readouterr().out.split("\n")[0]  # what the run uses, resolved from the preset
     assert "family=decoder preset=gpt2-tiny objective=clm" in " ".join(header.split()), header
     cfg = json.loads((out / "config.json").read_text())["model"]
@@ -438,8 +529,9 @@ def hf_folder_switch(hf_folder):
     folder, theirs = hf_folder("SwitchTransformersForConditionalGeneration")
     ids, mask = padded_batch([10, 7, 4], pad_id=0)
     dec, dmask = padded_batch([6, 8, 3], pad_id=0, seed=1)
-    return lmlab.load(folder), dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
-                                    decoder_attention_mask=dmask)
+    return lmlab.load(folder), dict(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask
+    )
 
 
 def test_bf16_autocast_runs_the_experts_in_bf16_and_stays_close():
@@ -461,11 +553,23 @@ def test_activation_checkpointing_keeps_loss_gradients_and_routing_statistics(na
     previous layer's logits."""
     from lmlab.config import preset
 
-    cfg = preset(name, vocab_size=64, n_layers=2, d_model=32, n_heads=2, n_kv_heads=None, d_ff=64,
-                 moe_z_weight=0.01, moe_jitter=0.0)
+    cfg = preset(
+        name,
+        vocab_size=64,
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=None,
+        d_ff=64,
+        moe_z_weight=0.01,
+        moe_jitter=0.0,
+    )
     x = torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    labels = torch.where(torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) < 0.3, x, -100) \
-        if cfg.family == "encoder" else x
+    labels = (
+        torch.where(torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) < 0.3, x, -100)
+        if cfg.family == "encoder"
+        else x
+    )
     runs = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -476,8 +580,7 @@ def test_activation_checkpointing_keeps_loss_gradients_and_routing_statistics(na
         runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain, grads), (ckpt, ckpt_grads) = runs
     assert torch.equal(plain.loss, ckpt.loss)
-    assert grads.keys() == ckpt_grads.keys() and all(torch.allclose(grads[k], ckpt_grads[k], atol=1e-6)
-                                                      for k in grads)
+    assert grads.keys() == ckpt_grads.keys() and all(torch.allclose(grads[k], ckpt_grads[k], atol=1e-6) for k in grads)
     assert [r.layer for r in plain.routing] == [r.layer for r in ckpt.routing]  # one record per layer, not two
     for a, b in zip(plain.routing, ckpt.routing):
         sa, sb = a.stats(), b.stats()

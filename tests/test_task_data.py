@@ -27,8 +27,10 @@ def test_kjv_sections_is_a_six_way_task_split_by_chapter(tmp_path):
 
 
 def test_hkcancor_names_become_entities(tmp_path):
-    cha = ("@UTF8\n*XXA:\t陳 生 去咗 香港 同 九龍 .\n%mor:\tnr|can4 nr|saang1 v|heoi3zo2 ns|hoeng1gong2\n"
-           "\tc|tung4 ns|gau2lung4 .\n*XXB:\t好 啊 .\n%mor:\ta|hou2 y|aa3 .\n")
+    cha = (
+        "@UTF8\n*XXA:\t陳 生 去咗 香港 同 九龍 .\n%mor:\tnr|can4 nr|saang1 v|heoi3zo2 ns|hoeng1gong2\n"
+        "\tc|tung4 ns|gau2lung4 .\n*XXB:\t好 啊 .\n%mor:\ta|hou2 y|aa3 .\n"
+    )
     with zipfile.ZipFile(tmp_path / "pycantonese-5.0.0-test.whl", "w") as z:
         for k in range(10):  # file 0 goes to test, file 5 to dev, the rest to train
             z.writestr(f"pycantonese/data/hkcancor/F{k}.cha", cha)

@@ -21,8 +21,11 @@ def tok(request):
 
 
 def test_family_special_tokens_present(tok):
-    expected = {"wordpiece": {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"},
-                "bpe": {"<|endoftext|>", "<pad>", "<mask>"}, "unigram": {"<pad>", "</s>", "<unk>", "<mask>"}}[tok.kind]
+    expected = {
+        "wordpiece": {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"},
+        "bpe": {"<|endoftext|>", "<pad>", "<mask>"},
+        "unigram": {"<pad>", "</s>", "<unk>", "<mask>"},
+    }[tok.kind]
     assert set(tok.specials.values()) == expected
     assert all(tok.backend.token_to_id(t) is not None for t in expected)
     if tok.kind == "unigram":
@@ -98,5 +101,5 @@ def test_wordpiece_and_unigram_ids_are_renumbered_canonically():
     assert [t for t, _ in ordered[:5]] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert [t for t, _ in ordered[5:]] == sorted(t for t, _ in ordered[5:])
     uni = json.loads(train_tokenizer("unigram", EN, 2000).backend.to_str())["model"]["vocab"]
-    rest = uni[4 + 100:]
+    rest = uni[4 + 100 :]
     assert rest == sorted(rest, key=lambda p: (-p[1], p[0]))

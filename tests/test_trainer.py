@@ -30,13 +30,23 @@ def corpus(tmp_path):
 def _config(tmp_path, corpus, out="run", family="decoder", **train) -> PretrainConfig:
     t = dict(max_steps=6, batch_size=4, eval_every=3, save_every=3, log_every=1, warmup_steps=2, eval_batches=2)
     t.update(train)
-    return PretrainConfig(out=str(tmp_path / out), family=family, data=[str(corpus)], doc_sep="blank",
-                          vocab_size=400, seq_len=32, cache_dir=str(tmp_path / "cache"), model=dict(TINY),
-                          train=TrainConfig(**t))
+    return PretrainConfig(
+        out=str(tmp_path / out),
+        family=family,
+        data=[str(corpus)],
+        doc_sep="blank",
+        vocab_size=400,
+        seq_len=32,
+        cache_dir=str(tmp_path / "cache"),
+        model=dict(TINY),
+        train=TrainConfig(**t),
+    )
 
 
 def _losses(run) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    return [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
 
 
 class _Interrupt(Exception):
@@ -50,7 +60,9 @@ def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
     from lmlab.tokenizer import train_tokenizer
 
     # one tokenizer for both runs: the property under test is the trainer's, not the tokenizer trainer's
-    train_tokenizer(FAMILIES[family].tokenizer_kind, read_documents(corpus, doc_sep="blank"), 400).save(tmp_path / "tok")
+    train_tokenizer(FAMILIES[family].tokenizer_kind, read_documents(corpus, doc_sep="blank"), 400).save(
+        tmp_path / "tok"
+    )
 
     def config(out):
         pc = _config(tmp_path, corpus, out, family)
@@ -64,6 +76,7 @@ def test_resume_continues_with_identical_losses(tmp_path, corpus, family):
     def stop_after_four(kind, info):  # dies after step 4, past the step-3 checkpoint
         if kind == "step" and info["step"] == 4:
             raise _Interrupt
+
     with pytest.raises(_Interrupt):
         pretrain(config("interrupted"), on_event=stop_after_four)
     resumed = config("interrupted")
@@ -146,10 +159,13 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
     model = lmlab.Model(lmlab.preset("gpt2-tiny", n_layers=1))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] and "embed" not in names[id(p)]
-               for p in decay["params"])
+    assert all(
+        names[id(p)].endswith("weight") and "norm" not in names[id(p)] and "embed" not in names[id(p)]
+        for p in decay["params"]
+    )
     assert {"tok_embed.weight", "decoder.pos_embed.weight", "decoder.final_norm.weight"} <= {
-        names[id(p)] for p in no_decay["params"]}
+        names[id(p)] for p in no_decay["params"]
+    }
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -165,23 +181,42 @@ def test_cli_pretrain_with_yaml_and_flags(tmp_path, corpus, capsys):
     from lmlab.cli import main
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"family: decoder\ndata: {corpus}\ndoc_sep: blank\nvocab_size: 400\nseq_len: 32\n"
-                   f"cache_dir: {tmp_path / 'cache'}\nmodel: {{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}}\n"
-                   "train: {batch_size: 4, eval_every: 2, eval_batches: 1, max_steps: 50}\n")
+    cfg.write_text(
+        f"family: decoder\ndata: {corpus}\ndoc_sep: blank\nvocab_size: 400\nseq_len: 32\n"
+        f"cache_dir: {tmp_path / 'cache'}\nmodel: {{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}}\n"
+        "train: {batch_size: 4, eval_every: 2, eval_batches: 1, max_steps: 50}\n"
+    )
     assert main(["pretrain", "--config", str(cfg), "--max-steps", "2", "--out", str(tmp_path / "cli")]) == 0
     assert "done: 2 steps" in capsys.readouterr().out
     run = json.loads((tmp_path / "cli" / "run.json").read_text())
     assert run["pretrain"]["train"]["max_steps"] == 2 and run["model"]["n_layers"] == 1
-    assert main(["eval", "--model", str(tmp_path / "cli"), "--data", str(corpus), "--doc-sep", "blank",
-                 "--seq-len", "32", "--max-tokens", "500"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "cli"),
+                "--data",
+                str(corpus),
+                "--doc-sep",
+                "blank",
+                "--seq-len",
+                "32",
+                "--max-tokens",
+                "500",
+            ]
+        )
+        == 0
+    )
     assert "perplexity" in capsys.readouterr().out
     cfg.write_text("family: decoder\ntrain: {batch_sise: 4}\n")
     assert main(["pretrain", "--config", str(cfg), "--max-steps", "1"]) == 2
     assert "unknown train setting(s) batch_sise" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family,norm,lr", [("encoder", "post", 5e-4), ("decoder", "pre", 1e-3),
-                                            ("encoder", "pre", 1e-3)])
+@pytest.mark.parametrize(
+    "family,norm,lr", [("encoder", "post", 5e-4), ("decoder", "pre", 1e-3), ("encoder", "pre", 1e-3)]
+)
 def test_default_learning_rate_is_halved_for_post_ln_models(tmp_path, corpus, family, norm, lr):
     pc = _config(tmp_path, corpus, family=family, max_steps=1)
     pc.model["norm_placement"] = norm

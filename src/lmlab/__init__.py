@@ -13,12 +13,26 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "PRESETS": "lmlab.config", "ModelConfig": "lmlab.config", "preset": "lmlab.config",
-    "CheckpointError": "lmlab.errors", "ConfigError": "lmlab.errors", "DataError": "lmlab.errors",
-    "LmlabError": "lmlab.errors", "load": "lmlab.io", "save": "lmlab.io", "convert": "lmlab.io",
-    "KVCache": "lmlab.model", "Model": "lmlab.model", "ModelOutput": "lmlab.model", "register_ffn": "lmlab.model",
-    "RoutingRecord": "lmlab.model", "keep_freed_memory": "lmlab.runtime", "FamilySpec": "lmlab.families",
-    "FAMILIES": "lmlab.families", "complete": "lmlab.generate", "stream": "lmlab.generate",
+    "PRESETS": "lmlab.config",
+    "ModelConfig": "lmlab.config",
+    "preset": "lmlab.config",
+    "CheckpointError": "lmlab.errors",
+    "ConfigError": "lmlab.errors",
+    "DataError": "lmlab.errors",
+    "LmlabError": "lmlab.errors",
+    "load": "lmlab.io",
+    "save": "lmlab.io",
+    "convert": "lmlab.io",
+    "KVCache": "lmlab.model",
+    "Model": "lmlab.model",
+    "ModelOutput": "lmlab.model",
+    "register_ffn": "lmlab.model",
+    "RoutingRecord": "lmlab.model",
+    "keep_freed_memory": "lmlab.runtime",
+    "FamilySpec": "lmlab.families",
+    "FAMILIES": "lmlab.families",
+    "complete": "lmlab.generate",
+    "stream": "lmlab.generate",
 }
 __all__ = sorted(_EXPORTS)
 

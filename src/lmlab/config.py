@@ -25,6 +25,8 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
+
+
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
@@ -100,29 +102,33 @@ class ModelConfig:
     ffn: str = "dense"  # the FFN slot: a name registered in lmlab.model.ffn.FFN_KINDS ("dense", "moe")
 
     # Mixture-of-Experts (ffn="moe"; see lmlab.model.moe)
-    moe_experts: int = option(0, 'FFN experts per MoE layer (any --moe-* flag turns the FFNs into MoE layers)')
-    moe_top_k: int = option(2, 'experts per token (expert-choice: average experts per token)')
-    moe_every: int = option(1, 'MoE in every N-th layer, dense FFNs between')
+    moe_experts: int = option(0, "FFN experts per MoE layer (any --moe-* flag turns the FFNs into MoE layers)")
+    moe_top_k: int = option(2, "experts per token (expert-choice: average experts per token)")
+    moe_every: int = option(1, "MoE in every N-th layer, dense FFNs between")
     moe_first_dense: int = option(0, "the first N layers keep a dense FFN (DeepSeekMoE's first_k_dense_replace)")
-    moe_d_ff: int | None = option(None, 'expert FFN width (default: d_ff)')
+    moe_d_ff: int | None = option(None, "expert FFN width (default: d_ff)")
     moe_activation: str | None = option(None, "expert activation, e.g. swiglu (default: the model's)")
-    moe_router: str = option("topk", 'router kind', choices=MOE_ROUTERS)
-    moe_renormalize: bool | None = option(None, 'rescale the k chosen weights to sum to 1 (Mixtral; default: when k > 1)')
-    moe_capacity_factor: float | None = option(None, 'expert capacity factor with token dropping (default: dropless)')
+    moe_router: str = option("topk", "router kind", choices=MOE_ROUTERS)
+    moe_renormalize: bool | None = option(
+        None, "rescale the k chosen weights to sum to 1 (Mixtral; default: when k > 1)"
+    )
+    moe_capacity_factor: float | None = option(None, "expert capacity factor with token dropping (default: dropless)")
     moe_capacity: int | None = option(None, "fixed assignments per expert per sequence (Switch's expert_capacity)")
-    moe_jitter: float = option(0.0, 'Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)')
-    moe_slots: int = option(1, 'Soft MoE: slots per expert')
-    moe_aux_weight: float = option(0.01, 'Switch load-balancing loss weight (alpha)')
-    moe_z_weight: float = option(0.0, 'ST-MoE router z-loss weight')
-    moe_importance_weight: float = option(0.0, 'Shazeer CV^2 importance loss weight')
-    moe_load_weight: float = option(0.0, 'Shazeer CV^2 load loss weight (noisy router)')
-    moe_shared_experts: int = option(0, 'experts every token passes through (DeepSeekMoE)')
-    moe_shared_d_ff: int | None = option(None, 'total width of the shared experts (default: moe_d_ff x their number)')
+    moe_jitter: float = option(0.0, "Switch: multiplicative router-input noise in training, U(1-eps, 1+eps)")
+    moe_slots: int = option(1, "Soft MoE: slots per expert")
+    moe_aux_weight: float = option(0.01, "Switch load-balancing loss weight (alpha)")
+    moe_z_weight: float = option(0.0, "ST-MoE router z-loss weight")
+    moe_importance_weight: float = option(0.0, "Shazeer CV^2 importance loss weight")
+    moe_load_weight: float = option(0.0, "Shazeer CV^2 load loss weight (noisy router)")
+    moe_shared_experts: int = option(0, "experts every token passes through (DeepSeekMoE)")
+    moe_shared_d_ff: int | None = option(None, "total width of the shared experts (default: moe_d_ff x their number)")
     moe_shared_gate: bool = option(False, "sigmoid gate on the shared experts' output (Qwen2-MoE)")
-    moe_zero_experts: int = option(0, 'MoE++ zero experts (output 0)')
-    moe_copy_experts: int = option(0, 'MoE++ copy experts (output the input)')
-    moe_constant_experts: int = option(0, 'MoE++ constant experts (a learned mix of the input and a constant vector)')
-    moe_gating_residual: bool = option(False, "MoE++ gating residuals: router logits add a projection of the previous MoE layer's")
+    moe_zero_experts: int = option(0, "MoE++ zero experts (output 0)")
+    moe_copy_experts: int = option(0, "MoE++ copy experts (output the input)")
+    moe_constant_experts: int = option(0, "MoE++ constant experts (a learned mix of the input and a constant vector)")
+    moe_gating_residual: bool = option(
+        False, "MoE++ gating residuals: router logits add a projection of the previous MoE layer's"
+    )
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -175,8 +181,10 @@ class ModelConfig:
         """ConfigError when `n` tokens cannot run through this model's position table; `what` names the
         setting or input that asked for them ("seq_len=512")."""
         if self.has_absolute_positions and n > self.max_seq_len:
-            raise ConfigError(f"{what or f'a sequence of {n} tokens'} is longer than the model's "
-                              f"max_seq_len={self.max_seq_len} ({self.position} positions have no row for it)")
+            raise ConfigError(
+                f"{what or f'a sequence of {n} tokens'} is longer than the model's "
+                f"max_seq_len={self.max_seq_len} ({self.position} positions have no row for it)"
+            )
 
     @property
     def task_head(self) -> str | None:
@@ -186,8 +194,11 @@ class ModelConfig:
     # ---- Mixture-of-Experts, resolved once ---------------------------------------------------
     def is_moe_layer(self, layer_index: int) -> bool:
         """MoE in every moe_every-th layer (the last of each group) after the first moe_first_dense layers."""
-        return (self.ffn == "moe" and layer_index >= self.moe_first_dense
-                and layer_index % self.moe_every == self.moe_every - 1)
+        return (
+            self.ffn == "moe"
+            and layer_index >= self.moe_first_dense
+            and layer_index % self.moe_every == self.moe_every - 1
+        )
 
     @property
     def expert_d_ff(self) -> int:
@@ -261,8 +272,11 @@ class ModelConfig:
                 need = [f.name for f in FAMILIES.values() if head in f.lm_heads]
                 raise bad("heads", f"head {head!r} needs family {' or '.join(need)}, not {self.family!r}")
         if self.task_head and any(h in VOCAB_HEADS for h in self.heads):
-            raise bad("heads", f"{self.heads}: a task head ({self.task_head}) writes the same logits as a "
-                               "vocabulary head; a model carries one or the other")
+            raise bad(
+                "heads",
+                f"{self.heads}: a task head ({self.task_head}) writes the same logits as a "
+                "vocabulary head; a model carries one or the other",
+            )
         if sum(h in TASK_HEADS for h in self.heads) > 1:
             raise bad("heads", f"{self.heads}: at most one task head (classify, tag or span)")
         if len(set(self.heads)) != len(self.heads):
@@ -289,8 +303,10 @@ class ModelConfig:
         if self.moe_router not in MOE_ROUTERS:
             raise bad("moe_router", f"unknown router {self.moe_router!r}, expected one of {', '.join(MOE_ROUTERS)}")
         if self.moe_router != "dense" and not 1 <= self.moe_top_k <= self.moe_total_experts:
-            raise bad("moe_top_k", f"top-k={self.moe_top_k} must be between 1 and the number of experts "
-                                   f"({self.moe_total_experts})")
+            raise bad(
+                "moe_top_k",
+                f"top-k={self.moe_top_k} must be between 1 and the number of experts ({self.moe_total_experts})",
+            )
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise bad("moe_capacity_factor", f"must be > 0 (or None for dropless), got {self.moe_capacity_factor}")
         if self.moe_capacity is not None and self.moe_capacity < 1:
@@ -309,14 +325,20 @@ class ModelConfig:
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.moe_load_weight and self.moe_router != "noisy":
-            raise bad("moe_load_weight", "the CV^2 load loss is defined through the router noise: "
-                                         "it needs moe_router='noisy'")
+            raise bad(
+                "moe_load_weight", "the CV^2 load loss is defined through the router noise: it needs moe_router='noisy'"
+            )
         if self.moe_router in ("expert-choice", "soft") and self.moe_total_experts != self.moe_experts:
-            raise bad("moe_router", f"{self.moe_router!r} routing takes FFN experts only, not MoE++ "
-                                    "zero/copy/constant experts")
+            raise bad(
+                "moe_router",
+                f"{self.moe_router!r} routing takes FFN experts only, not MoE++ zero/copy/constant experts",
+            )
         if self.moe_router == "soft" and self.spec.has_decoder:
-            raise bad("moe_router", "Soft MoE mixes every token of a sequence into each slot, so a causal "
-                                    f"{self.family!r} model would see the future; use it with family='encoder'")
+            raise bad(
+                "moe_router",
+                "Soft MoE mixes every token of a sequence into each slot, so a causal "
+                f"{self.family!r} model would see the future; use it with family='encoder'",
+            )
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -339,27 +361,59 @@ class ModelConfig:
 # ---- presets --------------------------------------------------------------------------------
 def _bert(**kw: Any) -> ModelConfig:
     base = dict(
-        family="encoder", vocab_size=30522, max_seq_len=512, norm_placement="post", embed_norm=True,
-        final_norm=False, norm_eps=1e-12, activation="gelu", type_vocab_size=2, heads=("mlm", "nsp"),
-        pooler=True, pad_token_id=0, unk_token_id=100, cls_token_id=101, sep_token_id=102, mask_token_id=103,
+        family="encoder",
+        vocab_size=30522,
+        max_seq_len=512,
+        norm_placement="post",
+        embed_norm=True,
+        final_norm=False,
+        norm_eps=1e-12,
+        activation="gelu",
+        type_vocab_size=2,
+        heads=("mlm", "nsp"),
+        pooler=True,
+        pad_token_id=0,
+        unk_token_id=100,
+        cls_token_id=101,
+        sep_token_id=102,
+        mask_token_id=103,
     )
     return ModelConfig(**{**base, **kw})
 
 
 def _roberta(**kw: Any) -> ModelConfig:
     base = dict(
-        family="encoder", vocab_size=50265, max_seq_len=512, position_offset=2, position_from_padding=True,
-        norm_placement="post", embed_norm=True, final_norm=False, activation="gelu", type_vocab_size=1,
-        heads=("mlm",), pad_token_id=1, bos_token_id=0, eos_token_id=2, unk_token_id=3, cls_token_id=0,
-        sep_token_id=2, mask_token_id=50264,
+        family="encoder",
+        vocab_size=50265,
+        max_seq_len=512,
+        position_offset=2,
+        position_from_padding=True,
+        norm_placement="post",
+        embed_norm=True,
+        final_norm=False,
+        activation="gelu",
+        type_vocab_size=1,
+        heads=("mlm",),
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        unk_token_id=3,
+        cls_token_id=0,
+        sep_token_id=2,
+        mask_token_id=50264,
     )
     return ModelConfig(**{**base, **kw})
 
 
 def _gpt2(**kw: Any) -> ModelConfig:
     base = dict(
-        family="decoder", vocab_size=50257, max_seq_len=1024, activation="gelu_tanh", heads=("lm",),
-        bos_token_id=50256, eos_token_id=50256,
+        family="decoder",
+        vocab_size=50257,
+        max_seq_len=1024,
+        activation="gelu_tanh",
+        heads=("lm",),
+        bos_token_id=50256,
+        eos_token_id=50256,
     )
     return ModelConfig(**{**base, **kw})
 
@@ -367,9 +421,21 @@ def _gpt2(**kw: Any) -> ModelConfig:
 def _t5(**kw: Any) -> ModelConfig:
     d_model = kw.get("d_model", 512)
     base = dict(
-        family="encoder-decoder", vocab_size=32128, max_seq_len=512, position="relative", norm="rmsnorm",
-        norm_eps=1e-6, activation="relu", bias=False, attn_scale=1.0, head_dim=64, heads=("lm",),
-        head_input_scale=d_model**-0.5, pad_token_id=0, eos_token_id=1, unk_token_id=2,
+        family="encoder-decoder",
+        vocab_size=32128,
+        max_seq_len=512,
+        position="relative",
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        activation="relu",
+        bias=False,
+        attn_scale=1.0,
+        head_dim=64,
+        heads=("lm",),
+        head_input_scale=d_model**-0.5,
+        pad_token_id=0,
+        eos_token_id=1,
+        unk_token_id=2,
         decoder_start_token_id=0,
     )
     return ModelConfig(**{**base, **kw})
@@ -377,9 +443,21 @@ def _t5(**kw: Any) -> ModelConfig:
 
 def _bart(**kw: Any) -> ModelConfig:
     base = dict(
-        family="encoder-decoder", vocab_size=50265, max_seq_len=1024, position_offset=2,
-        norm_placement="post", embed_norm=True, final_norm=False, activation="gelu", lm_head_bias=True,
-        heads=("lm",), pad_token_id=1, bos_token_id=0, eos_token_id=2, unk_token_id=3, mask_token_id=50264,
+        family="encoder-decoder",
+        vocab_size=50265,
+        max_seq_len=1024,
+        position_offset=2,
+        norm_placement="post",
+        embed_norm=True,
+        final_norm=False,
+        activation="gelu",
+        lm_head_bias=True,
+        heads=("lm",),
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        unk_token_id=3,
+        mask_token_id=50264,
         decoder_start_token_id=2,
     )
     return ModelConfig(**{**base, **kw})
@@ -387,6 +465,7 @@ def _bart(**kw: Any) -> ModelConfig:
 
 # no dropout: CPU-sized runs see each token about once, and dropout's random masks cost ~30% of a CPU step
 _TINY = dict(vocab_size=8192, d_model=256, n_heads=4, d_ff=1024, max_seq_len=512, dropout=0.0, attn_dropout=0.0)
+
 
 def _moe(base: str, **kw: Any) -> ModelConfig:
     """An MoE variant of a preset: 8 experts as wide as its FFN, Switch load-balancing loss 0.01."""
@@ -404,46 +483,113 @@ PRESETS: dict[str, Any] = {
     "t5-base": lambda: _t5(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
     "bart-base": lambda: _bart(d_model=768, n_layers=6, n_heads=12, d_ff=3072),
     # tiny variants for CPU experiments (pre-training resizes the vocabulary to its tokenizer)
-    "bert-tiny": lambda: _bert(**_TINY, n_layers=4, pad_token_id=0, unk_token_id=1, cls_token_id=2,
-                               sep_token_id=3, mask_token_id=4),
+    "bert-tiny": lambda: _bert(
+        **_TINY, n_layers=4, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4
+    ),
     "gpt2-tiny": lambda: _gpt2(**_TINY, n_layers=4, bos_token_id=0, eos_token_id=0),
     "t5-tiny": lambda: _t5(**{**_TINY, "d_model": 256}, n_layers=4, head_dim=64),
     "bart-tiny": lambda: _bart(**_TINY, n_layers=3, mask_token_id=4),
     # LLaMA / Mixtral layout: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head
-    "llama-tiny": lambda: _gpt2(**{**_TINY, "d_ff": 704}, n_layers=4, n_kv_heads=2, position="rope", norm="rmsnorm",
-                                norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False, bos_token_id=0,
-                                eos_token_id=0),
+    "llama-tiny": lambda: _gpt2(
+        **{**_TINY, "d_ff": 704},
+        n_layers=4,
+        n_kv_heads=2,
+        position="rope",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        activation="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     "prefix-lm-tiny": lambda: ModelConfig(
-        family="prefix-lm", **{**_TINY, "d_ff": 704}, n_layers=4, position="rope", norm="rmsnorm",
-        activation="swiglu", bias=False, heads=("lm",), bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        family="prefix-lm",
+        **{**_TINY, "d_ff": 704},
+        n_layers=4,
+        position="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        bias=False,
+        heads=("lm",),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     ),
     # ---- Mixture-of-Experts: one word per routing scheme (see lmlab.model.moe) ----
     # CPU-sized: GPT-2-tiny or LLaMA-style tiny decoders, 8 experts the size of the dense FFN unless noted
-    "switch-tiny": lambda: _moe("gpt2-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
-                                moe_z_weight=0.001),
+    "switch-tiny": lambda: _moe(
+        "gpt2-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01, moe_z_weight=0.001
+    ),
     "gshard-tiny": lambda: _moe("gpt2-tiny", moe_top_k=2, moe_capacity_factor=1.0, moe_every=2),
     "mixtral-tiny": lambda: _moe("llama-tiny", moe_top_k=2),
-    "moepp-tiny": lambda: _moe("llama-tiny", moe_top_k=2, moe_zero_experts=1, moe_copy_experts=1,
-                               moe_constant_experts=2, moe_gating_residual=True),
+    "moepp-tiny": lambda: _moe(
+        "llama-tiny",
+        moe_top_k=2,
+        moe_zero_experts=1,
+        moe_copy_experts=1,
+        moe_constant_experts=2,
+        moe_gating_residual=True,
+    ),
     # fine-grained: 16 experts of a quarter width, 3 routed + 1 shared = the dense FFN's active width
-    "deepseekmoe-tiny": lambda: _moe("llama-tiny", moe_experts=16, moe_d_ff=176, moe_top_k=3, moe_shared_experts=1,
-                                     moe_renormalize=False, moe_first_dense=1),
+    "deepseekmoe-tiny": lambda: _moe(
+        "llama-tiny",
+        moe_experts=16,
+        moe_d_ff=176,
+        moe_top_k=3,
+        moe_shared_experts=1,
+        moe_renormalize=False,
+        moe_first_dense=1,
+    ),
     # Soft MoE mixes tokens across a sequence, so it is an encoder: 8 experts x 16 slots = 128 tokens
     "softmoe-tiny": lambda: _moe("bert-tiny", moe_router="soft", moe_slots=16, moe_every=2),
     "bert-tiny-moe": lambda: _moe("bert-tiny", moe_top_k=2, moe_every=2),
-    "t5-tiny-moe": lambda: _moe("t5-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
-                                moe_z_weight=0.001),  # Switch Transformer's own layout
+    "t5-tiny-moe": lambda: _moe(
+        "t5-tiny", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01, moe_z_weight=0.001
+    ),  # Switch Transformer's own layout
     "bart-tiny-moe": lambda: _moe("bart-tiny", moe_top_k=2, moe_every=2),
     "prefix-lm-tiny-moe": lambda: _moe("prefix-lm-tiny", moe_top_k=2, moe_every=2),
     # published shapes (for `lmlab info`; training them needs far more than a CPU)
-    "switch-base-8": lambda: _moe("t5-base", moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_jitter=0.01,
-                                  moe_z_weight=0.001, moe_aux_weight=0.001),
-    "mixtral-8x7b": lambda: _moe("llama-tiny", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                                 d_ff=14336, max_seq_len=32768, rope_theta=1e6, moe_top_k=2, moe_aux_weight=0.001),
-    "deepseek-moe-16b": lambda: _moe("llama-tiny", vocab_size=102400, d_model=2048, n_layers=28, n_heads=16,
-                                     n_kv_heads=None, d_ff=10944, max_seq_len=4096, norm_eps=1e-6, moe_experts=64,
-                                     moe_d_ff=1408, moe_top_k=6, moe_shared_experts=2, moe_renormalize=False,
-                                     moe_first_dense=1, moe_aux_weight=0.001),
+    "switch-base-8": lambda: _moe(
+        "t5-base",
+        moe_top_k=1,
+        moe_capacity_factor=1.25,
+        moe_every=2,
+        moe_jitter=0.01,
+        moe_z_weight=0.001,
+        moe_aux_weight=0.001,
+    ),
+    "mixtral-8x7b": lambda: _moe(
+        "llama-tiny",
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        moe_top_k=2,
+        moe_aux_weight=0.001,
+    ),
+    "deepseek-moe-16b": lambda: _moe(
+        "llama-tiny",
+        vocab_size=102400,
+        d_model=2048,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=None,
+        d_ff=10944,
+        max_seq_len=4096,
+        norm_eps=1e-6,
+        moe_experts=64,
+        moe_d_ff=1408,
+        moe_top_k=6,
+        moe_shared_experts=2,
+        moe_renormalize=False,
+        moe_first_dense=1,
+        moe_aux_weight=0.001,
+    ),
 }
 
 
@@ -456,4 +602,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if "d_model" in overrides and "head_input_scale" not in overrides and cfg.head_input_scale == cfg.d_model**-0.5:
         overrides["head_input_scale"] = overrides["d_model"] ** -0.5  # T5's d_model**-0.5 follows the new width
     return cfg.replace(**overrides) if overrides else cfg
-

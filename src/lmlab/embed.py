@@ -11,14 +11,21 @@ from lmlab.tokenizer import encode_batch
 
 
 @torch.no_grad()
-def sentence_embeddings(model: Model, tokenizer: Tokenizer, texts: list[str], pooling: str = "mean",
-                        normalize: bool = True, batch_size: int = 32) -> torch.Tensor:
+def sentence_embeddings(
+    model: Model,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    pooling: str = "mean",
+    normalize: bool = True,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """(N, d_model) embeddings, as sentence-transformers computes them for mean-pooling models."""
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        ids, mask = encode_batch(tokenizer, texts[start:start + batch_size], model.config.max_seq_len,
-                                 model.config.pad_token_id)
+        ids, mask = encode_batch(
+            tokenizer, texts[start : start + batch_size], model.config.max_seq_len, model.config.pad_token_id
+        )
         h = model(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         if pooling == "cls":
             pooled = h[:, 0]

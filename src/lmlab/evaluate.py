@@ -28,9 +28,17 @@ from lmlab.train.trainer import evaluate, resolve_device
 
 
 @torch.no_grad()
-def evaluate_text(model_dir: str | os.PathLike[str], data: list[str], seq_len: int = 128, batch_size: int = 8,
-                  max_tokens: int | None = 20_000, doc_sep: str = "line", field: str = "text",
-                  cache_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+def evaluate_text(
+    model_dir: str | os.PathLike[str],
+    data: list[str],
+    seq_len: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = 20_000,
+    doc_sep: str = "line",
+    field: str = "text",
+    cache_dir: str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
     model = load(model_dir)
     if not (Path(model_dir) / "tokenizer.json").is_file():
         raise ConfigError(f"{model_dir}: has no tokenizer.json; evaluation on text needs the model's tokenizer")
@@ -58,10 +66,19 @@ def evaluate_text(model_dir: str | os.PathLike[str], data: list[str], seq_len: i
             b["prefix_lengths"][:] = half
             b["labels"][:, :half] = IGNORE_INDEX
     result = evaluate(model, batches, dev)
-    method = {"clm": "perplexity", "prefix-lm": "perplexity of the second half given the first as prefix",
-              "span": "span-corruption loss (seed 0)", "infilling": "text-infilling loss (seed 0)"}[name]
-    return {"loss": result["loss"], "ppl": result["ppl"], "tokens": result["tokens"], "method": method,
-            "family": cfg.family}
+    method = {
+        "clm": "perplexity",
+        "prefix-lm": "perplexity of the second half given the first as prefix",
+        "span": "span-corruption loss (seed 0)",
+        "infilling": "text-infilling loss (seed 0)",
+    }[name]
+    return {
+        "loss": result["loss"],
+        "ppl": result["ppl"],
+        "tokens": result["tokens"],
+        "method": method,
+        "family": cfg.family,
+    }
 
 
 def _pseudo_perplexity(model, store, docs, tok, seq_len: int, limit: int, dev: torch.device) -> dict[str, Any]:
@@ -73,7 +90,7 @@ def _pseudo_perplexity(model, store, docs, tok, seq_len: int, limit: int, dev: t
     body = seq_len - 2
     total, count = 0.0, 0
     for s in range(0, min(len(stream), limit), body):
-        window = torch.as_tensor(np.asarray(stream[s:s + body], dtype=np.int64))
+        window = torch.as_tensor(np.asarray(stream[s : s + body], dtype=np.int64))
         ids = torch.cat([torch.tensor([start]), window, torch.tensor([end])]) if start is not None else window
         positions = torch.arange(1 if start is not None else 0, len(ids) - (1 if start is not None else 0))
         batch = ids.repeat(len(positions), 1)
@@ -85,5 +102,9 @@ def _pseudo_perplexity(model, store, docs, tok, seq_len: int, limit: int, dev: t
         if count >= limit:
             break
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count,
-            "method": "pseudo-perplexity (each token masked in turn, Salazar et al. 2020)"}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "tokens": count,
+        "method": "pseudo-perplexity (each token masked in turn, Salazar et al. 2020)",
+    }

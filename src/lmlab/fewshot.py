@@ -63,27 +63,30 @@ def choice_logprobs(model: Any, tok: Any, prompt: str, choices: list[str]) -> li
         cont = tok.encode(choice, add_special_tokens=False)
         if not cont:
             raise DataError(f"choice {choice!r} is empty after tokenization")
-        ids = (context + cont)[-cfg.max_seq_len:]  # drop the oldest prompt tokens when too long
+        ids = (context + cont)[-cfg.max_seq_len :]  # drop the oldest prompt tokens when too long
         if len(ids) <= len(cont):
-            raise ConfigError(f"a choice of {len(cont)} tokens leaves no room for the prompt "
-                              f"(max_seq_len={cfg.max_seq_len})")
+            raise ConfigError(
+                f"a choice of {len(cont)} tokens leaves no room for the prompt (max_seq_len={cfg.max_seq_len})"
+            )
         x = torch.tensor([ids])
         logp = F.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)  # position t predicts t+1
         targets = x[0, 1:]
         token_lp = logp.gather(1, targets[:, None])[:, 0]
-        scores.append(float(token_lp[-len(cont):].sum()))
+        scores.append(float(token_lp[-len(cont) :].sum()))
     return scores
 
 
-def evaluate_task(model_dir: str, task_file: str, shots: int = 0, seed: int = 0, limit: int | None = None
-                  ) -> dict[str, Any]:
+def evaluate_task(
+    model_dir: str, task_file: str, shots: int = 0, seed: int = 0, limit: int | None = None
+) -> dict[str, Any]:
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
     model, tok = load(model_dir).eval(), load_tokenizer(model_dir)
     if model.config.family not in ("decoder", "prefix-lm") or model.lm_head is None:
-        raise ConfigError(f"few-shot scoring needs a decoder with an lm head; {model_dir} is a "
-                          f"{model.config.family} model")
+        raise ConfigError(
+            f"few-shot scoring needs a decoder with an lm head; {model_dir} is a {model.config.family} model"
+        )
     items = read_task(task_file)
     if shots >= len(items):
         raise ConfigError(f"{shots} shots need more than {len(items)} questions in {task_file}")
@@ -101,5 +104,10 @@ def evaluate_task(model_dir: str, task_file: str, shots: int = 0, seed: int = 0,
         correct_norm += best_norm == item["gold"]
     n = len(evaluated)
     chance = sum(1 / len(it["choices"]) for it in evaluated) / n
-    return {"questions": n, "shots": shots, "accuracy": correct / n, "accuracy_norm": correct_norm / n,
-            "chance": chance}
+    return {
+        "questions": n,
+        "shots": shots,
+        "accuracy": correct / n,
+        "accuracy_norm": correct_norm / n,
+        "chance": chance,
+    }

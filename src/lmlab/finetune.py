@@ -62,7 +62,6 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
     return model
 
 
-
 # ---- the run ------------------------------------------------------------------------------------
 def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`."""
@@ -82,13 +81,28 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     model = task_model(base, fc.task, labels, fc.pooling)
     pad, segments = pad_id(tok), model.config.type_vocab_size > 0
     train = Batches(task.data(train_rows, pad, segments), fc.batch_size, fc.seed)
-    val = Batches(task.data(eval_rows, pad, segments), fc.batch_size, fc.seed, shuffle=False).fixed(
-        math.ceil(len(eval_rows) / fc.batch_size)) if eval_rows else None
+    val = (
+        Batches(task.data(eval_rows, pad, segments), fc.batch_size, fc.seed, shuffle=False).fixed(
+            math.ceil(len(eval_rows) / fc.batch_size)
+        )
+        if eval_rows
+        else None
+    )
     steps = math.ceil(fc.epochs * len(train_rows) / fc.batch_size)
-    tc = TrainConfig(max_steps=steps, batch_size=fc.batch_size, lr=fc.lr, warmup_steps=int(fc.warmup_ratio * steps),
-                     schedule="linear", min_lr_ratio=0.0, weight_decay=fc.weight_decay, eval_every=max(steps, 1),
-                     save_every=max(steps // 2, 1), log_every=max(1, min(50, steps // 20)), seed=fc.seed,
-                     device=fc.device)
+    tc = TrainConfig(
+        max_steps=steps,
+        batch_size=fc.batch_size,
+        lr=fc.lr,
+        warmup_steps=int(fc.warmup_ratio * steps),
+        schedule="linear",
+        min_lr_ratio=0.0,
+        weight_decay=fc.weight_decay,
+        eval_every=max(steps, 1),
+        save_every=max(steps // 2, 1),
+        log_every=max(1, min(50, steps // 20)),
+        seed=fc.seed,
+        device=fc.device,
+    )
     out = Path(fc.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(fc.seed)
@@ -97,9 +111,16 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     summary = trainer.fit()
     model.save_pretrained(out)
     tok.save(out)
-    result = {"task": fc.task, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
-              "steps": summary["steps"], "minutes": summary["minutes"], "resumed": resumed, "eval": summary["val"],
-              "labels": labels}
+    result = {
+        "task": fc.task,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "steps": summary["steps"],
+        "minutes": summary["minutes"],
+        "resumed": resumed,
+        "eval": summary["val"],
+        "labels": labels,
+    }
     (out / "finetune.json").write_text(json.dumps({**info, "config": dataclasses.asdict(fc)}, indent=2) + "\n")
     (out / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

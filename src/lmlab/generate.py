@@ -71,12 +71,12 @@ class TextStreamer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             return
-        print(text[self.printed:], end="", flush=True, file=self.file)
+        print(text[self.printed :], end="", flush=True, file=self.file)
         self.printed = len(text)
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.ids)
-        print(text[self.printed:], file=self.file, flush=True)
+        print(text[self.printed :], file=self.file, flush=True)
 
 
 class _Decoder:
@@ -84,16 +84,18 @@ class _Decoder:
     cache, or an encoder-decoder whose encoder runs once. `start` runs the prompt, `step` feeds one new
     token per row, `reorder` keeps rows (beam search)."""
 
-    def __init__(self, model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 max_new_tokens: int) -> None:
+    def __init__(
+        self, model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> None:
         self.model, self.cfg = model, model.config
         self.seq2seq = self.cfg.spec.seq2seq
         # a mask of all ones is no mask: attention then takes its fast paths
         self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         B, T = input_ids.shape
         if self.seq2seq:
-            self.start_ids = torch.full((B, 1), self.cfg.decoder_start_token_id, dtype=torch.long,
-                                        device=input_ids.device)
+            self.start_ids = torch.full(
+                (B, 1), self.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+            )
         else:
             self.cfg.check_length(T + max_new_tokens, f"a prompt of {T} tokens + {max_new_tokens} new tokens")
 
@@ -108,8 +110,11 @@ class _Decoder:
             positions = torch.arange(T, device=input_ids.device).expand(input_ids.shape[0], -1)
         else:  # left padding: count real tokens only
             positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
-        extra = {"prefix_lengths": torch.full((input_ids.shape[0],), T, device=input_ids.device)} \
-            if self.cfg.spec.self_attention == "prefix" else {}
+        extra = (
+            {"prefix_lengths": torch.full((input_ids.shape[0],), T, device=input_ids.device)}
+            if self.cfg.spec.self_attention == "prefix"
+            else {}
+        )
         out = m(input_ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **extra)
         self.cache, self.next_pos = out.past_key_values, positions[:, -1:] + 1
         return out.logits[:, -1]
@@ -117,12 +122,17 @@ class _Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         if self.seq2seq:
-            return m(attention_mask=self.mask, decoder_input_ids=tokens[:, None], encoder_outputs=self.memory,
-                     past_key_values=self.cache).logits[:, -1]
+            return m(
+                attention_mask=self.mask,
+                decoder_input_ids=tokens[:, None],
+                encoder_outputs=self.memory,
+                past_key_values=self.cache,
+            ).logits[:, -1]
         if self.mask is not None:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = m(tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos,
-                   past_key_values=self.cache).logits[:, -1]
+        logits = m(
+            tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos, past_key_values=self.cache
+        ).logits[:, -1]
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -170,15 +180,28 @@ class _Run:
     tokenizer: Any
 
 
-def _prepare(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-             do_sample: bool, num_beams: int, temperature: float, num_return_sequences: int,
-             eos_token_id: int | list[int] | None, pad_token_id: int | None, stop_strings: str | list[str] | None,
-             tokenizer: Any, streaming: bool) -> _Run:
+def _prepare(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    do_sample: bool,
+    num_beams: int,
+    temperature: float,
+    num_return_sequences: int,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
+    stop_strings: str | list[str] | None,
+    tokenizer: Any,
+    streaming: bool,
+) -> _Run:
     """Check the request, copy prompts for beams / samples, and run the prompt through the model."""
     cfg = model.config
     if not cfg.has_decoder or model.lm_head is None:
-        raise ConfigError(f"generate needs a model with an lm head (decoder, prefix-lm or encoder-decoder); this is "
-                          f"a {cfg.family} model with heads {cfg.heads}")
+        raise ConfigError(
+            f"generate needs a model with an lm head (decoder, prefix-lm or encoder-decoder); this is "
+            f"a {cfg.family} model with heads {cfg.heads}"
+        )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1 or num_return_sequences < 1:
@@ -197,8 +220,11 @@ def _prepare(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if stops and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer (generate(..., tokenizer=tok))")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                         else (eos[0] if eos else 0))
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    )
     copies = num_beams if num_beams > 1 else num_return_sequences
     if copies > 1:  # every beam / returned sample starts from its own copy of the prompt
         input_ids = input_ids.repeat_interleave(copies, dim=0)
@@ -209,14 +235,29 @@ def _prepare(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 @torch.no_grad()
-def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 20, do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
-             seed: int | None = None, return_dict_in_generate: bool = False,
-             output_logprobs: bool = False) -> torch.Tensor | GenerateResult:
+def generate(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    num_beams: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+    seed: int | None = None,
+    return_dict_in_generate: bool = False,
+    output_logprobs: bool = False,
+) -> torch.Tensor | GenerateResult:
     """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring. With
     `return_dict_in_generate`, a GenerateResult (finish reasons, and per-token log-probabilities
     with `output_logprobs`)."""
@@ -225,20 +266,46 @@ def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        run = _prepare(model, input_ids, attention_mask, max_new_tokens, do_sample, num_beams, temperature,
-                       num_return_sequences, eos_token_id, pad_token_id, stop_strings, tokenizer, streamer is not None)
+        run = _prepare(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            num_beams,
+            temperature,
+            num_return_sequences,
+            eos_token_id,
+            pad_token_id,
+            stop_strings,
+            tokenizer,
+            streamer is not None,
+        )
         start = run.seq.shape[1]
         logprobs = None
         if num_beams > 1:
-            seq = _beam_search(run.dec, run.logits, run.seq, num_beams, max_new_tokens, repetition_penalty,
-                               length_penalty, early_stopping, num_return_sequences, run.eos, run.pad, run.stops,
-                               run.tokenizer)
+            seq = _beam_search(
+                run.dec,
+                run.logits,
+                run.seq,
+                num_beams,
+                max_new_tokens,
+                repetition_penalty,
+                length_penalty,
+                early_stopping,
+                num_return_sequences,
+                run.eos,
+                run.pad,
+                run.stops,
+                run.tokenizer,
+            )
         else:
             seq, steps = run.seq, []
             if streamer is not None:
                 streamer.put(seq.cpu())
-            for nxt, lp in _sample_steps(run, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                         repetition_penalty, seed, output_logprobs):
+            for nxt, lp in _sample_steps(
+                run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, output_logprobs
+            ):
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 steps.append(lp)
                 if streamer is not None:
@@ -251,7 +318,7 @@ def generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             return seq
         tokens, reasons = finish(seq[:, start:], run.eos, run.stops, run.tokenizer)
         if logprobs is not None:
-            logprobs = [row[:len(t)] for row, t in zip(logprobs, tokens)]
+            logprobs = [row[: len(t)] for row, t in zip(logprobs, tokens)]
         return GenerateResult(seq, tokens, reasons, logprobs, start)
     finally:
         model.train(was_training)
@@ -277,8 +344,9 @@ def finish(new: torch.Tensor, eos: list[int], stops: list[str], tokenizer: Any) 
     return tokens, reasons
 
 
-def _stopped_by_string(seq: torch.Tensor, start: int, stops: list[str], tokenizer: Any, rows: torch.Tensor
-                       ) -> torch.Tensor:
+def _stopped_by_string(
+    seq: torch.Tensor, start: int, stops: list[str], tokenizer: Any, rows: torch.Tensor
+) -> torch.Tensor:
     """Rows (among `rows`) whose generated text now contains a stop string."""
     hit = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     for r in rows.nonzero().flatten().tolist():
@@ -287,9 +355,17 @@ def _stopped_by_string(seq: torch.Tensor, start: int, stops: list[str], tokenize
     return hit
 
 
-def _sample_steps(run: _Run, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
-                  top_p: float | None, repetition_penalty: float, seed: int | None, want_logprobs: bool
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def _sample_steps(
+    run: _Run,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    seed: int | None,
+    want_logprobs: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Greedy or sampled decoding, one step at a time: yields each step's new ids (rows,) (padding for
     rows already finished) and, when wanted, their log-probabilities under the raw logits."""
     dec, logits, seq, stops = run.dec, run.logits, run.seq, run.stops
@@ -319,9 +395,21 @@ def _sample_steps(run: _Run, max_new_tokens: int, do_sample: bool, temperature: 
         logits = dec.step(nxt)
 
 
-def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int, max_new_tokens: int,
-                 repetition_penalty: float, length_penalty: float, early_stopping: bool | str, R: int,
-                 eos: list[int], pad: int, stops: list[str], tokenizer: Any) -> torch.Tensor:
+def _beam_search(
+    dec: _Decoder,
+    logits: torch.Tensor,
+    seq: torch.Tensor,
+    N: int,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    length_penalty: float,
+    early_stopping: bool | str,
+    R: int,
+    eos: list[int],
+    pad: int,
+    stops: list[str],
+    tokenizer: Any,
+) -> torch.Tensor:
     """Beam search as transformers 5 runs it (vectorised, `beams_to_keep` candidates per step), so the
     same hypotheses, scores and stopping decisions come out. seq: (B*N, L0) prompt copies."""
     device = seq.device
@@ -358,9 +446,10 @@ def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int,
         candidates[:, :, cur] = token
         hits = torch.isin(token, eos_t) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
         if stops:
-            flat = candidates[:, :, :cur + 1].reshape(B * K, cur + 1)
-            hits |= _stopped_by_string(flat, L0, stops, tokenizer, torch.ones(B * K, dtype=torch.bool,
-                                                                                 device=device)).view(B, K)
+            flat = candidates[:, :, : cur + 1].reshape(B * K, cur + 1)
+            hits |= _stopped_by_string(
+                flat, L0, stops, tokenizer, torch.ones(B * K, dtype=torch.bool, device=device)
+            ).view(B, K)
         if cur + 1 >= max_len:
             hits = torch.ones_like(hits)
         # the best N candidates that did not stop keep running
@@ -383,7 +472,7 @@ def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int,
         cur += 1
         # could a running beam still beat the worst finished one? (transformers' heuristic)
         best_length = (max_len - L0) if (early_stopping == "never" and length_penalty > 0) else (cur - L0)
-        best_running = running_scores[:, :1] / (best_length ** length_penalty)
+        best_running = running_scores[:, :1] / (best_length**length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
         open_beams = not (bool(is_finished.all()) and early_stopping is True)
@@ -392,7 +481,7 @@ def _beam_search(dec: _Decoder, logits: torch.Tensor, seq: torch.Tensor, N: int,
         dec.reorder((source + offsets).reshape(-1))
         logits = dec.step(running[:, :, cur - 1].reshape(-1))
     out = finished[:, :R].reshape(B * R, max_len)
-    return out[:, :L0 + int(finished_len[:, :R].max())]
+    return out[:, : L0 + int(finished_len[:, :R].max())]
 
 
 # ---- text in, text out: prompt encoding, stop-string trimming, streaming -------------------------------
@@ -425,7 +514,7 @@ def encode_prompts(model: Model, tokenizer: Any, prompts: list[str]) -> tuple[to
 
 def _trim_at_stop(text: str, stops: list[str]) -> str:
     hits = [text.index(s) + len(s) for s in stops if s in text]
-    return text[:min(hits)] if hits else text
+    return text[: min(hits)] if hits else text
 
 
 def complete(model: Model, tokenizer: Any, prompt: str | list[str], **kwargs: Any) -> list[Completion]:
@@ -443,8 +532,15 @@ def complete(model: Model, tokenizer: Any, prompt: str | list[str], **kwargs: An
     out = []
     for i, (tokens, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
         text = tokenizer.decode(tokens)
-        out.append(Completion(_trim_at_stop(text, stops) if reason == "stop" else text, tokens, reason,
-                              prompt_lengths[i // per], result.logprobs[i] if result.logprobs else None))
+        out.append(
+            Completion(
+                _trim_at_stop(text, stops) if reason == "stop" else text,
+                tokens,
+                reason,
+                prompt_lengths[i // per],
+                result.logprobs[i] if result.logprobs else None,
+            )
+        )
     return out
 
 
@@ -493,17 +589,43 @@ class TextStream:
 
 
 @torch.no_grad()
-def _stream_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, stops: list[str], tokenizer: Any,
-                max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, repetition_penalty: float = 1.0, eos_token_id: Any = None,
-                pad_token_id: int | None = None, seed: int | None = None) -> Iterator[tuple[int, float]]:
+def _stream_ids(
+    model: Model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    stops: list[str],
+    tokenizer: Any,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Any = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[tuple[int, float]]:
     was_training = model.training
     model.eval()
     try:
-        run = _prepare(model, ids, mask, max_new_tokens, do_sample, 1, temperature, 1, eos_token_id, pad_token_id,
-                       stops, tokenizer, streaming=True)
-        for nxt, lp in _sample_steps(run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                                     seed, want_logprobs=True):
+        run = _prepare(
+            model,
+            ids,
+            mask,
+            max_new_tokens,
+            do_sample,
+            1,
+            temperature,
+            1,
+            eos_token_id,
+            pad_token_id,
+            stops,
+            tokenizer,
+            streaming=True,
+        )
+        for nxt, lp in _sample_steps(
+            run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, want_logprobs=True
+        ):
             yield int(nxt[0]), float(lp[0])
     finally:
         model.train(was_training)

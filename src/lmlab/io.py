@@ -31,10 +31,15 @@ CONFIG = "config.json"
 
 def _v1_to_v2(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """MoE tensors moved into the layer's parts; every other key is unchanged."""
-    renames = {"router.weight": "slots.weight" if cfg.moe_router == "soft" else "router.gate.weight",
-               "noise.weight": "router.noise.weight", "gate_residual.weight": "router.residual.weight",
-               "w_up": "experts.w_up", "w_down": "experts.w_down", "const_vec": "zero_compute.const_vec",
-               "const_gate.weight": "zero_compute.const_gate.weight"}
+    renames = {
+        "router.weight": "slots.weight" if cfg.moe_router == "soft" else "router.gate.weight",
+        "noise.weight": "router.noise.weight",
+        "gate_residual.weight": "router.residual.weight",
+        "w_up": "experts.w_up",
+        "w_down": "experts.w_down",
+        "const_vec": "zero_compute.const_vec",
+        "const_gate.weight": "zero_compute.const_gate.weight",
+    }
     out = {}
     for key, value in state.items():
         head, sep, tail = key.partition(".ffn.")
@@ -49,8 +54,10 @@ MIGRATIONS = {1: _v1_to_v2}
 def migrate(state: dict[str, torch.Tensor], cfg: ModelConfig, version: int, source: str) -> dict[str, torch.Tensor]:
     """A state dict saved in format `version`, brought to FORMAT_VERSION key by key (nothing is dropped)."""
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{source}: lmlab_format {version!r} is not one this lmlab reads (1 to "
-                              f"{FORMAT_VERSION}); a newer lmlab wrote it, upgrade to load it")
+        raise CheckpointError(
+            f"{source}: lmlab_format {version!r} is not one this lmlab reads (1 to "
+            f"{FORMAT_VERSION}); a newer lmlab wrote it, upgrade to load it"
+        )
     for v in range(version, FORMAT_VERSION):
         state = MIGRATIONS[v](state, cfg)
     return state
@@ -69,23 +76,29 @@ def resolve(path_or_id: str | os.PathLike[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{name}: no such folder, and huggingface_hub is not installed to fetch it as a "
-                              "Hub id (pip install huggingface_hub)") from None
+        raise CheckpointError(
+            f"{name}: no such folder, and huggingface_hub is not installed to fetch it as a "
+            "Hub id (pip install huggingface_hub)"
+        ) from None
     try:
-        return Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]))
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"])
+        )
     except Exception as e:  # network errors, unknown repo, offline mode: all end the same way for the user
         raise CheckpointError(
             f"{name}: no such folder, and fetching it from the Hugging Face Hub failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, download the model "
-            "elsewhere and pass its folder") from None
+            "elsewhere and pass its folder"
+        ) from None
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     file = folder / CONFIG
     if not file.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG}; a model folder needs config.json plus model.safetensors "
-                              f"(found: {', '.join(sorted(p.name for p in folder.iterdir())) or 'nothing'})")
+        raise CheckpointError(
+            f"{folder}: no {CONFIG}; a model folder needs config.json plus model.safetensors "
+            f"(found: {', '.join(sorted(p.name for p in folder.iterdir())) or 'nothing'})"
+        )
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -118,7 +131,11 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The folder's tensors and the name of the file(s) they came from."""
-    single, index, binary = folder / "model.safetensors", folder / "model.safetensors.index.json", folder / "pytorch_model.bin"
+    single, index, binary = (
+        folder / "model.safetensors",
+        folder / "model.safetensors.index.json",
+        folder / "pytorch_model.bin",
+    )
     if single.is_file():
         return _load_safetensors(single), str(single)
     if index.is_file():
@@ -137,14 +154,16 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(
                 f"{binary}: not a weights-only checkpoint: it pickles objects other than tensors, which lmlab "
                 f"refuses to unpickle because unpickling can run code ({str(e).splitlines()[0]}). Re-save it as "
-                "safetensors from a trusted environment") from None
+                "safetensors from a trusted environment"
+            ) from None
         except Exception as e:
             raise CheckpointError(f"{binary}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{binary}: expected a dict of tensors (a state dict), found {type(state).__name__}")
         return state, str(binary)
-    raise CheckpointError(f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json or "
-                          "pytorch_model.bin")
+    raise CheckpointError(
+        f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
 
 
 def _build(cfg: ModelConfig) -> Model:
@@ -162,8 +181,9 @@ def _adopt(model: Model, state: dict[str, torch.Tensor], source: str) -> Model:
         if k not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {k!r}; the folder's config.json does not describe it")
         if v.shape != expected[k].shape:
-            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, but config.json implies "
-                                  f"{tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, but config.json implies {tuple(expected[k].shape)}"
+            )
     # tensors read from a file can start anywhere in its buffer; BLAS kernels pick their code path by
     # alignment, so a misaligned weight computes (slightly) differently from the one that was saved
     state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
@@ -172,8 +192,9 @@ def _adopt(model: Model, state: dict[str, torch.Tensor], source: str) -> Model:
     return model
 
 
-def load(path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None) -> Model:
+def load(
+    path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> Model:
     """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES) or a Hub id."""
     folder = resolve(path_or_id)
     raw = read_config(folder)
@@ -193,8 +214,13 @@ def load(path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None
         expected = {k: v.shape for k, v in model.state_dict().items()}
         converted, unexpected = hf.hf_to_lmlab(state, cfg, raw["model_type"], expected, source)
         if unexpected:
-            log.warning("%s: %d tensor(s) not used by %s, e.g. %s", source, len(unexpected),
-                        (raw.get("architectures") or ["?"])[0], unexpected[:3])
+            log.warning(
+                "%s: %d tensor(s) not used by %s, e.g. %s",
+                source,
+                len(unexpected),
+                (raw.get("architectures") or ["?"])[0],
+                unexpected[:3],
+            )
         model = _adopt(model, converted, source)
     model.eval()
     if dtype is not None or device is not None:
@@ -250,8 +276,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = 
         tok = None
     if tok is not None:
         tok.save(folder)
-    return {"out": folder, "format": to, "tokenizer": tok is not None, "family": model.config.family,
-            "heads": model.config.heads}
+    return {
+        "out": folder,
+        "format": to,
+        "tokenizer": tok is not None,
+        "family": model.config.family,
+        "heads": model.config.heads,
+    }
 
 
 def load_weights_into(model: Model, folder: str | os.PathLike[str]) -> None:

@@ -89,13 +89,19 @@ def _split_tag(tag: str) -> tuple[str, str]:
 
 
 def _ends(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
-    return (prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
-            or (prev_tag not in ("O", ".") and prev_type != type_))
+    return (
+        prev_tag in ("E", "S")
+        or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+        or (prev_tag not in ("O", ".") and prev_type != type_)
+    )
 
 
 def _starts(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
-    return (tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
-            or (tag not in ("O", ".") and prev_type != type_))
+    return (
+        tag in ("B", "S")
+        or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
+        or (tag not in ("O", ".") and prev_type != type_)
+    )
 
 
 def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:

@@ -68,7 +68,7 @@ def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
     plt = _pyplot()
     import numpy as np
 
-    tail = train[-max(1, len(train) // 4):]
+    tail = train[-max(1, len(train) // 4) :]
     names = [layer["layer"] for layer in tail[-1]["moe"]]
     load = np.array([[layer["load"] for layer in r["moe"]] for r in tail]).mean(0)  # (layers, experts)
     n_layers, n_experts = load.shape
@@ -77,8 +77,10 @@ def expert_load(metrics: str | Path, out: str | Path) -> Path | None:
     left.set_yticks(range(n_layers), [_short(n) for n in names], fontsize=8)
     left.set_xticks(range(n_experts), range(n_experts), fontsize=7 if n_experts > 16 else 9)
     left.set_xlabel("expert")
-    left.set_title(f"share of routed assignments, steps {tail[0]['step']}-{tail[-1]['step']} "
-                   f"(uniform = {1 / n_experts:.3f})", fontsize=9)
+    left.set_title(
+        f"share of routed assignments, steps {tail[0]['step']}-{tail[-1]['step']} (uniform = {1 / n_experts:.3f})",
+        fontsize=9,
+    )
     fig.colorbar(image, ax=left, fraction=0.04)
     steps = [r["step"] for r in train]
     for i, name in enumerate(names):

@@ -31,8 +31,11 @@ def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:
     missing or unknown: `pretrain` itself refuses those with the reason)."""
     family = pc.family or (preset(pc.preset).family if pc.preset in PRESETS else "?")
     spec = FAMILIES.get(family)
-    return (family, pc.preset or (spec.default_preset if spec else "?"),
-            pc.objective or (spec.default_objective if spec else "?"))
+    return (
+        family,
+        pc.preset or (spec.default_preset if spec else "?"),
+        pc.objective or (spec.default_objective if spec else "?"),
+    )
 
 
 def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelConfig:
@@ -48,8 +51,13 @@ def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelCon
     start = ids["pad_token_id"] if ids["pad_token_id"] is not None else ids["eos_token_id"]
     # a learned position table only needs seq_len rows; other schemes keep the preset's limit (or more)
     max_len = pc.seq_len if base.position == "learned" else max(pc.seq_len, base.max_seq_len)
-    changes: dict[str, Any] = {**heads, **ids, "vocab_size": tok.vocab_size, "decoder_start_token_id": start,
-                               "max_seq_len": max_len}
+    changes: dict[str, Any] = {
+        **heads,
+        **ids,
+        "vocab_size": tok.vocab_size,
+        "decoder_start_token_id": start,
+        "max_seq_len": max_len,
+    }
     try:
         cfg = base.replace(**{**changes, **pc.model})
     except TypeError as e:
@@ -86,7 +94,9 @@ def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, Objecti
         kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
         tok = train_tokenizer(kind, read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines), pc.vocab_size)
     tok.save(out)
-    cache = Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+    cache = (
+        Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+    )
     store, _ = build_store(files, tok, cache, pc.doc_sep, pc.field, pc.skip_bad_lines)
     ocfg = ObjectiveConfig(pc.objective, pc.seq_len, mask_prob=pc.mask_prob, whole_word=pc.whole_word)
     return pc, tok, store, ocfg
@@ -105,10 +115,22 @@ def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None]
     train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
     val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
     out = Path(pc.out)
-    (out / "run.json").write_text(json.dumps({"pretrain": pc.to_dict(), "model": cfg.to_dict(),
-                                              "data": {"documents": store.n_docs, "tokens": store.n_tokens,
-                                                       "train_documents": len(splits["train"]),
-                                                       "val_documents": len(splits["val"])}}, indent=2) + "\n")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "pretrain": pc.to_dict(),
+                "model": cfg.to_dict(),
+                "data": {
+                    "documents": store.n_docs,
+                    "tokens": store.n_tokens,
+                    "train_documents": len(splits["train"]),
+                    "val_documents": len(splits["val"]),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     torch.manual_seed(pc.train.seed)
     model = Model(cfg)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
@@ -122,6 +144,13 @@ def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None]
 
     png = loss_curves(out / "metrics.jsonl", out / "loss.png")
     routing_png = expert_load(out / "metrics.jsonl", out / "expert_load.png")
-    return {**summary, "resumed": resumed, "out": str(out), "plot": str(png) if png else None,
-            "routing_plot": str(routing_png) if routing_png else None,
-            "objective": pc.objective, "family": pc.family, "parameters": model.num_parameters()}
+    return {
+        **summary,
+        "resumed": resumed,
+        "out": str(out),
+        "plot": str(png) if png else None,
+        "routing_plot": str(routing_png) if routing_png else None,
+        "objective": pc.objective,
+        "family": pc.family,
+        "parameters": model.num_parameters(),
+    }

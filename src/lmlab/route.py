@@ -30,7 +30,9 @@ def route_text(model_dir: str, text: str, top: int | None = None) -> tuple[list[
     if not ids:
         raise LmlabError("the text is empty after tokenization")
     if len(ids) > model.config.max_seq_len:
-        raise LmlabError(f"the text is {len(ids)} tokens, longer than the model's max_seq_len={model.config.max_seq_len}")
+        raise LmlabError(
+            f"the text is {len(ids)} tokens, longer than the model's max_seq_len={model.config.max_seq_len}"
+        )
     x = torch.tensor([ids])
     with torch.no_grad():
         out = model(input_ids=x, labels=x) if model.config.spec.seq2seq else model(input_ids=x)

@@ -28,8 +28,9 @@ class TrainConfig:
     max_minutes: float | None = option(None, "stop after this many minutes")
     batch_size: int = option(16, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float | None = option(None, "peak learning rate (default: 5e-4 for post-LN models such as BERT, "
-                                    "1e-3 otherwise)")
+    lr: float | None = option(
+        None, "peak learning rate (default: 5e-4 for post-LN models such as BERT, 1e-3 otherwise)"
+    )
     min_lr_ratio: float = option(0.1, "the schedule's final rate as a fraction of the peak")
     warmup_steps: int = option(100, "linear warm-up steps")
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
@@ -80,8 +81,9 @@ class PretrainConfig:
     field: str = option("text", "JSONL field holding the text")
     skip_bad_lines: bool = option(False, "skip (and count) lines that are not UTF-8 / JSON")
     tokenizer: str | None = option(None, "tokenizer.json or folder (default: train one on the data)")
-    tokenizer_kind: str | None = option(None, "kind of tokenizer to train (default: the family's)",
-                                        choices=TOKENIZER_KINDS)
+    tokenizer_kind: str | None = option(
+        None, "kind of tokenizer to train (default: the family's)", choices=TOKENIZER_KINDS
+    )
     vocab_size: int = option(8192, "vocabulary of a trained tokenizer")
     seq_len: int = option(128, "tokens per training example")
     val_fraction: float = option(0.02, "documents held out for validation")
@@ -118,8 +120,11 @@ class FinetuneConfig:
     batch_size: int = option(16, "examples per batch")
     max_len: int = option(128, "tokens per example (window length for QA)")
     text_columns: list[str] | None = option(None, "classification text column(s) (default: found by name)")
-    pooling: str | None = option(None, "classification: what the classifier reads (default: [CLS] for "
-                                       "encoders, last token otherwise)", choices=("cls", "mean", "last"))
+    pooling: str | None = option(
+        None,
+        "classification: what the classifier reads (default: [CLS] for encoders, last token otherwise)",
+        choices=("cls", "mean", "last"),
+    )
     label_column: str | None = option(None, "classification label column (default: found by name)")
     doc_stride: int = option(32, "QA: tokens shared by neighbouring context windows")
     max_answer_len: int = option(30, "QA: longest answer in tokens")

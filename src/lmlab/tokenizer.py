@@ -85,9 +85,15 @@ class Tokenizer:
 
     def model_ids(self) -> dict[str, int | None]:
         """Special ids in ModelConfig's field names."""
-        return {"pad_token_id": self.pad_id, "unk_token_id": self.unk_id, "cls_token_id": self.cls_id,
-                "sep_token_id": self.sep_id, "mask_token_id": self.mask_id, "bos_token_id": self.bos_id,
-                "eos_token_id": self.eos_id}
+        return {
+            "pad_token_id": self.pad_id,
+            "unk_token_id": self.unk_id,
+            "cls_token_id": self.cls_id,
+            "sep_token_id": self.sep_id,
+            "mask_token_id": self.mask_id,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+        }
 
     # ---- text --------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -108,8 +114,11 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "lmlab_kind": self.kind,
-               "additional_special_tokens": self.sentinels}
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "lmlab_kind": self.kind,
+            "additional_special_tokens": self.sentinels,
+        }
         cfg.update({_HF_ROLE[r]: t for r, t in self.specials.items()})
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
@@ -119,8 +128,9 @@ def _backend(kind: str, lowercase: bool) -> Backend:
     if kind == "wordpiece":
         tok = Backend(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
         # BERT's normaliser puts spaces around every CJK character, so each becomes its own word
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                    lowercase=lowercase)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         return tok
@@ -136,8 +146,16 @@ def _backend(kind: str, lowercase: bool) -> Backend:
     return tok
 
 
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowercase: bool | None = None,
-                    min_frequency: int = 2, n_sentinels: int = N_SENTINELS, length: int | None = None) -> Tokenizer:
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    lowercase: bool | None = None,
+    min_frequency: int = 2,
+    n_sentinels: int = N_SENTINELS,
+    length: int | None = None,
+) -> Tokenizer:
     """Train a tokenizer of `kind` on an iterable of documents.
 
     wordpiece: BERT's (lower-cased by default, CJK characters split one by one, [CLS] x [SEP] template);
@@ -151,34 +169,46 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, *, lowerca
     specials = list(dict.fromkeys(roles.values())) + sentinels
     lower = (kind == "wordpiece") if lowercase is None else lowercase
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
-        raise ConfigError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer with {len(specials)} "
-                          "special tokens")
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for a {kind} tokenizer with {len(specials)} special tokens"
+        )
     backend = _backend(kind, lower)
     if kind == "wordpiece":
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+        )
     elif kind == "bpe":
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
     else:
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                                          show_progress=False, max_piece_length=16)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False, max_piece_length=16
+        )
     try:
         backend.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
     except Exception as e:  # the Rust trainer raises bare Exceptions
         if "not large enough to contain all chars" in str(e):
-            raise ConfigError(f"vocab_size={vocab_size} is smaller than the number of distinct characters in the "
-                              "corpus (CJK text has thousands); raise the vocabulary size") from None
+            raise ConfigError(
+                f"vocab_size={vocab_size} is smaller than the number of distinct characters in the "
+                "corpus (CJK text has thousands); raise the vocabulary size"
+            ) from None
         raise
     backend = _canonical(backend, len(specials))
     if kind == "wordpiece":
         cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
     elif kind == "unigram":
         eos = backend.token_to_id("</s>")
         backend.post_processor = processors.TemplateProcessing(
-            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", eos)])
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", eos)]
+        )
     return Tokenizer(backend, kind, roles, sentinels)
 
 
@@ -216,8 +246,15 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
             yield t
 
 
-_GUESS = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"),
-          "mask": ("[MASK]", "<mask>"), "bos": ("<s>", "<|endoftext|>"), "eos": ("</s>", "<|endoftext|>")}
+_GUESS = {
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]", "<s>"),
+    "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"),
+    "bos": ("<s>", "<|endoftext|>"),
+    "eos": ("</s>", "<|endoftext|>"),
+}
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
@@ -258,8 +295,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     sentinels = [t if isinstance(t, str) else t.get("content") for t in cfg.get("additional_special_tokens", [])]
     sentinels = [t for t in sentinels if t and t.startswith("<extra_id_")]
     if not sentinels:
-        sentinels = sorted((t for t in backend.get_vocab() if t.startswith("<extra_id_")),
-                           key=lambda t: int(t[10:-1]) if t[10:-1].isdigit() else 0)
+        sentinels = sorted(
+            (t for t in backend.get_vocab() if t.startswith("<extra_id_")),
+            key=lambda t: int(t[10:-1]) if t[10:-1].isdigit() else 0,
+        )
     return Tokenizer(backend, kind, specials, sentinels)
 
 
@@ -268,8 +307,9 @@ def _kind_of(backend: Backend) -> str:
     return {"WordPiece": "wordpiece", "BPE": "bpe", "Unigram": "unigram"}.get(model, model.lower())
 
 
-def encode_batch(tokenizer: Tokenizer, texts: list[str], max_length: int,
-                 pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(
+    tokenizer: Tokenizer, texts: list[str], max_length: int, pad_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and attention mask, (B, T), with the tokenizer's special tokens, cut at max_length."""
     rows = [e.ids[:max_length] for e in tokenizer.backend.encode_batch(texts)]
     pad = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer.pad_id is not None else 0)

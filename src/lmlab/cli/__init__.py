@@ -16,8 +16,9 @@ COMMANDS = (info, generate, finetune, route, convert, demo, pretrain, tokenizer,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab", description="Pre-train, fine-tune and compare Transformer "
-                                     "language models of every family.")
+    parser = argparse.ArgumentParser(
+        prog="lmlab", description="Pre-train, fine-tune and compare Transformer language models of every family."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)

@@ -25,8 +25,10 @@ def run(args: argparse.Namespace) -> None:
     with TrainingProgress() as progress:
         results = train_demo_models(args.out, args.steps, lambda name: progress.run(name, "tokenizer + data"))
     for name, r in results.items():
-        console.print(f"{name}: {r['parameters']:,} parameters, {r['tokens']:,} training tokens in "
-                      f"{r['minutes']:.1f} min, objective {r['objective']}; folder {r['out']}, curves {r['plot']}")
+        console.print(
+            f"{name}: {r['parameters']:,} parameters, {r['tokens']:,} training tokens in "
+            f"{r['minutes']:.1f} min, objective {r['objective']}; folder {r['out']}, curves {r['plot']}"
+        )
     used = use_demo_models(args.out)
     console.rule("[bold]GPT: sampled continuation (top-k 40, temperature 0.8, seed 0)")
     console.print(f"[bold]{used['prompt']}[/]{used['continuation']}", highlight=False)
@@ -41,11 +43,13 @@ def run(args: argparse.Namespace) -> None:
     accuracy = (results["bert"].get("val") or {}).get("accuracy")
     if accuracy is not None and accuracy < 0.2:
         # say what the table shows rather than let it pass for a finding about BERT
-        console.print(f"[dim]The tiny BERT predicts {accuracy:.0%} of masked tokens right. Masked LM learns only from "
-                      "the 15% of tokens it masks, so after this few steps it still proposes the corpus's most "
-                      "frequent words, where a tiny GPT learns from every token. It climbs slowly with more steps "
-                      "(--steps 400: 12% measured); docs/benchmarks.md (fine-tuning) has the measurements.[/]",
-                      highlight=False)
+        console.print(
+            f"[dim]The tiny BERT predicts {accuracy:.0%} of masked tokens right. Masked LM learns only from "
+            "the 15% of tokens it masks, so after this few steps it still proposes the corpus's most "
+            "frequent words, where a tiny GPT learns from every token. It climbs slowly with more steps "
+            "(--steps 400: 12% measured); docs/benchmarks.md (fine-tuning) has the measurements.[/]",
+            highlight=False,
+        )
     if not args.skip_minilm:
         _minilm()
 

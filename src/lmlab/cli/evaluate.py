@@ -9,8 +9,11 @@ from lmlab.errors import LmlabError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity (pseudo-perplexity for encoders) on text, or zero-/few-shot "
-                                    "multiple-choice accuracy of a decoder")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity (pseudo-perplexity for encoders) on text, or zero-/few-shot "
+        "multiple-choice accuracy of a decoder",
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--data", nargs="+", help="text files: loss and perplexity")
     p.add_argument("--task", help="JSONL of {query, choices, gold}: log-likelihood multiple choice")
@@ -30,15 +33,26 @@ def run(args: argparse.Namespace) -> None:
         from lmlab.fewshot import evaluate_task
 
         r = evaluate_task(args.model, args.task, shots=args.shots, seed=args.seed, limit=args.limit)
-        console.print(f"{args.model} on {args.task}, {r['shots']}-shot, {r['questions']} questions: accuracy "
-                      f"{r['accuracy']:.4f}, accuracy per character {r['accuracy_norm']:.4f} (chance {r['chance']:.4f})")
+        console.print(
+            f"{args.model} on {args.task}, {r['shots']}-shot, {r['questions']} questions: accuracy "
+            f"{r['accuracy']:.4f}, accuracy per character {r['accuracy_norm']:.4f} (chance {r['chance']:.4f})"
+        )
         return
     if not args.data:
         raise LmlabError("give --data (perplexity on text) or --task (multiple-choice scoring)")
     from lmlab.evaluate import evaluate_text
 
-    r = evaluate_text(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                      max_tokens=args.max_tokens, doc_sep=args.doc_sep, field=args.field)
-    console.print(f"{args.model} ({r['family']}) on {', '.join(args.data)}: loss {r['loss']:.4f}, "
-                  f"{'pseudo-' if 'pseudo' in r['method'] else ''}perplexity {r['ppl']:.2f} over "
-                  f"{r['tokens']:,} tokens\nmethod: {r['method']}")
+    r = evaluate_text(
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        doc_sep=args.doc_sep,
+        field=args.field,
+    )
+    console.print(
+        f"{args.model} ({r['family']}) on {', '.join(args.data)}: loss {r['loss']:.4f}, "
+        f"{'pseudo-' if 'pseudo' in r['method'] else ''}perplexity {r['ppl']:.2f} over "
+        f"{r['tokens']:,} tokens\nmethod: {r['method']}"
+    )

@@ -39,12 +39,15 @@ def run_finetune(args: argparse.Namespace) -> None:
     fc = finetune_config(args)
     with TrainingProgress() as progress:
         result = finetune(fc, progress.run(f"fine-tune {fc.task}"))
-    console.print(f"done: {result['steps']} steps on {result['train_examples']:,} examples in "
-                  f"{result['minutes']:.1f} min; model saved to [bold]{fc.out}[/]")
+    console.print(
+        f"done: {result['steps']} steps on {result['train_examples']:,} examples in "
+        f"{result['minutes']:.1f} min; model saved to [bold]{fc.out}[/]"
+    )
     if result["eval"]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
-        console.print(f"evaluation on {result['eval_examples']:,} examples: {shown}  "
-                      f"(also in {fc.out}/eval_results.json)")
+        console.print(
+            f"evaluation on {result['eval_examples']:,} examples: {shown}  (also in {fc.out}/eval_results.json)"
+        )
 
 
 def run_predict(args: argparse.Namespace) -> None:

@@ -18,8 +18,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_fields(parser: Any, cls: type, dest: str = "", skip: tuple[str, ...] = (),
-               only: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> None:
+def add_fields(
+    parser: Any,
+    cls: type,
+    dest: str = "",
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    required: tuple[str, ...] = (),
+) -> None:
     """One flag per field of `cls` (those with flag metadata, not in `skip`, in `only` if given). `dest`
     prefixes where the value lands in the namespace ("train." -> args.train.max_steps is read back by
     `collect`)."""

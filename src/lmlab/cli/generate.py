@@ -27,10 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weights and activations while decoding (default: as saved; scores are ranked in float32). "
-                        "bfloat16 reads half the bytes per token: one prompt decodes faster on a CPU, but without "
-                        "native bf16 matmuls batches decode slower (docs/benchmarks.md)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="weights and activations while decoding (default: as saved; scores are ranked in float32). "
+        "bfloat16 reads half the bytes per token: one prompt decodes faster on a CPU, but without "
+        "native bf16 matmuls batches decode slower (docs/benchmarks.md)",
+    )
     p.set_defaults(func=run_generate)
     p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
     p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")
@@ -59,9 +63,16 @@ def run_generate(args: argparse.Namespace) -> None:
 
     model, tok = model_and_tokenizer(args.model, args.dtype)
     head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-              stop_strings=args.stop or None)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_strings=args.stop or None,
+    )
     if args.stream and args.beams == 1 and args.num_return == 1:
         pieces = stream(model, tok, args.prompt, **kw)
         sys.stdout.write(head)
@@ -70,8 +81,15 @@ def run_generate(args: argparse.Namespace) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    outs = complete(model, tok, args.prompt, num_beams=args.beams, length_penalty=args.length_penalty,
-                    num_return_sequences=args.num_return, **kw)
+    outs = complete(
+        model,
+        tok,
+        args.prompt,
+        num_beams=args.beams,
+        length_penalty=args.length_penalty,
+        num_return_sequences=args.num_return,
+        **kw,
+    )
     for i, c in enumerate(outs):
         if len(outs) > 1:
             console.rule(f"{i + 1}")

@@ -29,8 +29,14 @@ class TrainingProgress:
     when reported, tokens per second; validations are printed above the bars."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
 
     def __enter__(self) -> TrainingProgress:
         self.progress.__enter__()
@@ -49,8 +55,7 @@ class TrainingProgress:
             if kind == "start":
                 if state["task"] is None:
                     state["task"] = self.progress.add_task(name, total=info["total_steps"], status="")
-                self.progress.update(state["task"], description=name, total=info["total_steps"],
-                                     completed=info["step"])
+                self.progress.update(state["task"], description=name, total=info["total_steps"], completed=info["step"])
             elif kind == "step":
                 state["tps"] = info.get("tokens_per_s", state["tps"])
                 status = f"loss {info['loss']:.4f}  lr {info['lr']:.2e}"
@@ -59,7 +64,9 @@ class TrainingProgress:
                 self.progress.update(state["task"], completed=info["step"], status=status)
             elif kind == "eval" and "ppl" in info:
                 extra = f", accuracy {info['accuracy']:.3f}" if "accuracy" in info else ""
-                self.progress.console.print(f"{name} step {info['step']}: validation loss {info['loss']:.4f}, "
-                                            f"perplexity {info['ppl']:.2f}{extra}")
+                self.progress.console.print(
+                    f"{name} step {info['step']}: validation loss {info['loss']:.4f}, "
+                    f"perplexity {info['ppl']:.2f}{extra}"
+                )
 
         return on_event

@@ -20,10 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     add_fields(p, PretrainConfig)
     add_fields(p.add_argument_group("training (budgets, optimisation)"), TrainConfig, dest="train.")
-    p.add_argument("--model-set", action="append", metavar="KEY=VALUE",
-                   help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)")
-    add_fields(p.add_argument_group("Mixture-of-Experts (any --moe-* flag turns the FFNs into MoE layers; see "
-                                    "lmlab.model.moe)"), ModelConfig, dest="model.", only=_MOE)
+    p.add_argument(
+        "--model-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a ModelConfig field, e.g. --model-set n_layers=2 (repeatable)",
+    )
+    add_fields(
+        p.add_argument_group(
+            "Mixture-of-Experts (any --moe-* flag turns the FFNs into MoE layers; see lmlab.model.moe)"
+        ),
+        ModelConfig,
+        dest="model.",
+        only=_MOE,
+    )
     p.set_defaults(func=run)
 
 
@@ -61,9 +71,11 @@ def run(args: argparse.Namespace) -> None:
     console.print(f"[bold]lmlab pretrain[/]: family={family} preset={preset} objective={objective} out={pc.out}")
     with TrainingProgress() as progress:
         summary = pretrain(pc, progress.run("pretrain"))
-    console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "
-                  f"{summary['family']} model ({summary['parameters']:,} parameters, objective {summary['objective']}) "
-                  f"saved to [bold]{summary['out']}[/]; loss curves: {summary['plot']}")
+    console.print(
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['minutes']:.1f} min; "
+        f"{summary['family']} model ({summary['parameters']:,} parameters, objective {summary['objective']}) "
+        f"saved to [bold]{summary['out']}[/]; loss curves: {summary['plot']}"
+    )
     if summary.get("routing_plot"):
         console.print(f"expert load heat-map: {summary['routing_plot']}")
     if summary["val"]:

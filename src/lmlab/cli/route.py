@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> None:
     for name in names:
         table.add_column(name.replace(".layers.", " ").replace(".ffn", ""))
     for i, row in enumerate(rows):
-        table.add_row(str(i), repr(row.token)[1:-1],
-                      *[" ".join(f"{e}:{w:.2f}" for e, w in layer) or "-" for layer in row.layers])
+        table.add_row(
+            str(i), repr(row.token)[1:-1], *[" ".join(f"{e}:{w:.2f}" for e, w in layer) or "-" for layer in row.layers]
+        )
     console.print(table)

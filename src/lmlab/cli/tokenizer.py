@@ -26,8 +26,11 @@ def run_train(args: argparse.Namespace) -> None:
     from lmlab.data.corpus import read_corpus
     from lmlab.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.kind, read_corpus(args.data, args.doc_sep, args.field, args.skip_bad_lines),
-                          args.vocab_size)
+    tok = train_tokenizer(
+        args.kind, read_corpus(args.data, args.doc_sep, args.field, args.skip_bad_lines), args.vocab_size
+    )
     tok.save(args.out)
-    console.print(f"trained a {args.kind} tokenizer of {tok.vocab_size:,} tokens; saved to [bold]{args.out}[/] "
-                  f"(special: {', '.join(f'{r}={t}' for r, t in tok.specials.items())})")
+    console.print(
+        f"trained a {args.kind} tokenizer of {tok.vocab_size:,} tokens; saved to [bold]{args.out}[/] "
+        f"(special: {', '.join(f'{r}={t}' for r, t in tok.specials.items())})"
+    )

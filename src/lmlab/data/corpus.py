@@ -75,7 +75,8 @@ def _lines(path: Path, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple
                     raise DataError(
                         f"{path}: line {number}, {where} {offset + e.start}: not valid UTF-8 (byte "
                         f"0x{raw[e.start]:02x}); convert the file to UTF-8 or pass --skip-bad-lines to skip such "
-                        "lines") from None
+                        "lines"
+                    ) from None
                 offset += len(raw)
                 yield number, text.rstrip("\r\n")
     except (OSError, EOFError) as e:
@@ -84,8 +85,13 @@ def _lines(path: Path, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple
         raise DataError(f"{path}: cannot be read ({e})") from None
 
 
-def read_documents(path: str | os.PathLike[str], doc_sep: str = "line", field: str = "text",
-                   skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
+def read_documents(
+    path: str | os.PathLike[str],
+    doc_sep: str = "line",
+    field: str = "text",
+    skip_bad_lines: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[str]:
     """Yield the documents of one file. Raises DataError naming the file and line for bad input."""
     path = Path(path)
     if doc_sep not in DOC_SEPS:
@@ -108,8 +114,9 @@ def read_documents(path: str | os.PathLike[str], doc_sep: str = "line", field: s
                     stats.skipped_lines += 1
                     continue
                 fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else f"a {type(obj).__name__}"
-                raise DataError(f"{path}: line {number}: no field {field!r} (found: {fields}); "
-                                "name the text field with --field")
+                raise DataError(
+                    f"{path}: line {number}: no field {field!r} (found: {fields}); name the text field with --field"
+                )
             text = obj[field]
             if not isinstance(text, str):
                 raise DataError(f"{path}: line {number}: field {field!r} holds {type(text).__name__}, expected text")
@@ -141,8 +148,13 @@ def read_documents(path: str | os.PathLike[str], doc_sep: str = "line", field: s
         raise DataError(f"{path}: no documents: the file {what}")
 
 
-def read_corpus(paths: list[str | os.PathLike[str]], doc_sep: str = "line", field: str = "text",
-                skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
+def read_corpus(
+    paths: list[str | os.PathLike[str]],
+    doc_sep: str = "line",
+    field: str = "text",
+    skip_bad_lines: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[str]:
     """Documents of several files or folders, in order."""
     for path in corpus_files(paths):
         yield from read_documents(path, doc_sep, field, skip_bad_lines, stats)

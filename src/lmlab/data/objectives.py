@@ -45,8 +45,9 @@ def check_objective(name: str, family: str) -> None:
     if name not in OBJECTIVES:
         raise ConfigError(f"objective {name!r} is unknown; expected one of {', '.join(OBJECTIVES)}")
     if name not in FAMILIES[family].objectives:
-        raise ConfigError(f"objective {name!r} trains {' or '.join(families_for_objective(name))} models, "
-                          f"not {family!r}")
+        raise ConfigError(
+            f"objective {name!r} trains {' or '.join(families_for_objective(name))} models, not {family!r}"
+        )
 
 
 def _need(tok: Tokenizer, role: str, objective: str) -> int:
@@ -64,8 +65,15 @@ def _separator(tok: Tokenizer) -> int | None:
 
 
 # ---- masking ---------------------------------------------------------------------------------------
-def mask_tokens(ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generator, mask_prob: float, mask_id: int,
-                random_pool: np.ndarray, word_start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    ids: np.ndarray,
+    candidates: np.ndarray,
+    rng: np.random.Generator,
+    mask_prob: float,
+    mask_id: int,
+    random_pool: np.ndarray,
+    word_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking. candidates: positions that may be masked (never special tokens).
 
     round(mask_prob * len(candidates)) positions are chosen (at least 1); of them 80% become
@@ -117,13 +125,14 @@ def span_noise_mask(length: int, density: float, mean_span: float, rng: np.rando
     pos = 0
     for k, z in zip(keep, noise):  # alternate kept and noise spans, starting with kept tokens
         pos += k
-        mask[pos:pos + z] = True
+        mask[pos : pos + z] = True
         pos += z
     return mask
 
 
 def t5_lengths(inputs_length: int, density: float, mean_span: float) -> tuple[int, int]:
     """(raw tokens per example, target length) so that corrupted inputs fit inputs_length (T5's helper)."""
+
     def lengths(raw: int) -> tuple[int, int]:
         n_noise = int(round(raw * density))
         n_spans = int(round(n_noise / mean_span))
@@ -162,15 +171,17 @@ class _Stream(Objective):
 
     def __init__(self, stream: np.ndarray, window: int) -> None:
         if len(stream) < window:
-            raise ConfigError(f"the split has {len(stream)} tokens, fewer than one example needs ({window}); "
-                              "use more data or a shorter --seq-len")
+            raise ConfigError(
+                f"the split has {len(stream)} tokens, fewer than one example needs ({window}); "
+                "use more data or a shorter --seq-len"
+            )
         self.stream, self.window = stream, window
 
     def __len__(self) -> int:
         return len(self.stream) // self.window
 
     def chunk(self, unit: int) -> np.ndarray:
-        return np.asarray(self.stream[unit * self.window:(unit + 1) * self.window], dtype=np.int64)
+        return np.asarray(self.stream[unit * self.window : (unit + 1) * self.window], dtype=np.int64)
 
 
 class CausalLM(_Stream):
@@ -276,11 +287,11 @@ class BertMLMNSP(Objective, _Masking):
             d = int(self.docs[rng.integers(len(self.docs))])
         doc = self.store.doc(d)
         start = int(rng.integers(0, max(len(doc) - length, 0) + 1))
-        return np.asarray(doc[start:start + length], dtype=np.int64)
+        return np.asarray(doc[start : start + length], dtype=np.int64)
 
     def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d, start = int(self.unit_doc[unit]), int(self.unit_start[unit])
-        window = np.asarray(self.store.doc(d)[start:start + self.body], dtype=np.int64)
+        window = np.asarray(self.store.doc(d)[start : start + self.body], dtype=np.int64)
         if len(window) >= 2:
             cut = int(rng.integers(1, len(window)))
             a = window[:cut]
@@ -302,11 +313,12 @@ class BertMLMNSP(Objective, _Masking):
         }
 
 
-def _seq2seq_example(inputs: np.ndarray, targets: np.ndarray, seq_len: int, target_len: int,
-                     pad: int) -> dict[str, np.ndarray]:
+def _seq2seq_example(
+    inputs: np.ndarray, targets: np.ndarray, seq_len: int, target_len: int, pad: int
+) -> dict[str, np.ndarray]:
     """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with IGNORE_INDEX."""
     labels = np.full(target_len, IGNORE_INDEX, dtype=np.int64)
-    labels[:len(targets)] = targets[:target_len]
+    labels[: len(targets)] = targets[:target_len]
     return {
         "input_ids": np.pad(inputs, (0, seq_len - len(inputs)), constant_values=pad),
         "attention_mask": np.pad(np.ones(len(inputs), dtype=np.int64), (0, seq_len - len(inputs))),
@@ -327,8 +339,10 @@ class SpanCorruption(_Stream):
         self.eos, self.pad = _need(tok, "eos", cfg.name), _need(tok, "pad", cfg.name)
         n_spans = int(round(int(round(raw * cfg.noise_density)) / cfg.mean_span))
         if len(self.sentinels) < max(n_spans, 1):
-            raise ConfigError(f"span corruption of {raw} tokens makes {n_spans} spans, but the tokenizer has "
-                              f"{len(self.sentinels)} sentinel tokens (<extra_id_N>)")
+            raise ConfigError(
+                f"span corruption of {raw} tokens makes {n_spans} spans, but the tokenizer has "
+                f"{len(self.sentinels)} sentinel tokens (<extra_id_N>)"
+            )
 
     @property
     def tokens_per_example(self) -> int:
@@ -383,7 +397,7 @@ class TextInfilling(_Stream):
             if ln == 0:
                 insert[s] = True
             else:
-                masked[s:s + ln] = True
+                masked[s : s + ln] = True
         out: list[int] = []
         for i in range(n):
             if insert[i]:
@@ -399,8 +413,9 @@ class TextInfilling(_Stream):
         return _seq2seq_example(inputs, target, self.seq_len, self.seq_len, self.pad)
 
 
-def make_objective(cfg: ObjectiveConfig, store: TokenStore, docs: np.ndarray, tok: Tokenizer,
-                   split_name: str) -> Objective:
+def make_objective(
+    cfg: ObjectiveConfig, store: TokenStore, docs: np.ndarray, tok: Tokenizer, split_name: str
+) -> Objective:
     """The objective `cfg.name` over the documents `docs` of `store`."""
     if cfg.name == "mlm-nsp":
         return BertMLMNSP(store, docs, tok, cfg)
@@ -435,7 +450,9 @@ class Batches:
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             n = len(self.objective)
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            )
         return self._order
 
     def example(self, unit: int, epoch: int) -> dict[str, np.ndarray]:
@@ -464,5 +481,5 @@ class Batches:
         units = np.arange(min(len(self.objective), n_batches * self.batch_size))
         out = []
         for s in range(0, len(units), self.batch_size):
-            out.append(self.objective.collate([self.example(int(u), 0) for u in units[s:s + self.batch_size]]))
+            out.append(self.objective.collate([self.example(int(u), 0) for u in units[s : s + self.batch_size]]))
         return out

@@ -35,8 +35,11 @@ class TokenStore:
         self.dtype = np.dtype(self.meta["dtype"])
         self.offsets = np.load(self.folder / "offsets.npy")
         n = int(self.offsets[-1])
-        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.dtype, mode="r", shape=(n,)) if n else \
-            np.zeros(0, dtype=self.dtype)
+        self.tokens = (
+            np.memmap(self.folder / "tokens.bin", dtype=self.dtype, mode="r", shape=(n,))
+            if n
+            else np.zeros(0, dtype=self.dtype)
+        )
 
     @property
     def n_docs(self) -> int:
@@ -47,15 +50,21 @@ class TokenStore:
         return int(self.offsets[-1])
 
     def doc(self, d: int) -> np.ndarray:
-        return self.tokens[self.offsets[d]:self.offsets[d + 1]]
+        return self.tokens[self.offsets[d] : self.offsets[d + 1]]
 
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
     # ---- building ------------------------------------------------------------------------------
     @classmethod
-    def build(cls, documents: Iterable[str], tokenizer: Tokenizer, folder: str | os.PathLike[str],
-              batch_docs: int = 2048, meta: dict | None = None) -> TokenStore:
+    def build(
+        cls,
+        documents: Iterable[str],
+        tokenizer: Tokenizer,
+        folder: str | os.PathLike[str],
+        batch_docs: int = 2048,
+        meta: dict | None = None,
+    ) -> TokenStore:
         """Tokenize `documents` (no special tokens) into `folder`; written under a temp name, then renamed."""
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -75,8 +84,14 @@ class TokenStore:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(tmp / "offsets.npy", offsets)
-        info = {"version": STORE_VERSION, "dtype": dtype.name, "n_docs": len(lengths), "n_tokens": int(offsets[-1]),
-                "vocab_size": tokenizer.vocab_size, **(meta or {})}
+        info = {
+            "version": STORE_VERSION,
+            "dtype": dtype.name,
+            "n_docs": len(lengths),
+            "n_tokens": int(offsets[-1]),
+            "vocab_size": tokenizer.vocab_size,
+            **(meta or {}),
+        }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -93,8 +108,10 @@ class TokenStore:
         """Deterministic document-level split: {"train": doc ids, "val": doc ids}, each sorted."""
         n = self.n_docs
         if n < 2:
-            raise DataError(f"the corpus has {n} document(s); a train/validation split needs at least 2 "
-                            "(one document per line, or documents separated by blank lines with --doc-sep blank)")
+            raise DataError(
+                f"the corpus has {n} document(s); a train/validation split needs at least 2 "
+                "(one document per line, or documents separated by blank lines with --doc-sep blank)"
+            )
         # at least 2 validation documents where possible: next-sentence prediction draws from another document
         n_val = min(n - 1, max(2 if n >= 4 else 1, round(n * val_fraction)))
         perm = np.random.default_rng(seed).permutation(n)
@@ -127,8 +144,14 @@ def _fingerprint(files: list[Path], tokenizer: Tokenizer, options: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def build_store(paths: list[str | os.PathLike[str]], tokenizer: Tokenizer, cache_dir: str | os.PathLike[str],
-                doc_sep: str = "line", field: str = "text", skip_bad_lines: bool = False) -> tuple[TokenStore, ReadStats]:
+def build_store(
+    paths: list[str | os.PathLike[str]],
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike[str],
+    doc_sep: str = "line",
+    field: str = "text",
+    skip_bad_lines: bool = False,
+) -> tuple[TokenStore, ReadStats]:
     """The cached store of these files under this tokenizer, building it on first use."""
     files = corpus_files(paths)
     options = {"doc_sep": doc_sep, "field": field, "skip_bad_lines": skip_bad_lines}
@@ -139,8 +162,9 @@ def build_store(paths: list[str | os.PathLike[str]], tokenizer: Tokenizer, cache
         stats.documents = store.n_docs
         return store, stats
     docs = read_corpus(files, doc_sep, field, skip_bad_lines, stats)
-    store = TokenStore.build(docs, tokenizer, folder, meta={"files": [str(f) for f in files], **options,
-                                                             "skipped_lines": 0})
+    store = TokenStore.build(
+        docs, tokenizer, folder, meta={"files": [str(f) for f in files], **options, "skipped_lines": 0}
+    )
     meta = store.meta | {"skipped_lines": stats.skipped_lines}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return store, stats

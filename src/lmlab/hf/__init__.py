@@ -18,15 +18,30 @@ from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.hf import bart, bert, gpt2, llama, mixtral, qwen2_moe, roberta, switch_transformers, t5
 from lmlab.hf.common import Adapter, Entry
 
-ADAPTERS: dict[str, Adapter] = {m.ADAPTER.model_type: m.ADAPTER for m in (
-    bert, roberta, gpt2, t5, bart, switch_transformers, llama, mixtral, qwen2_moe)}
+ADAPTERS: dict[str, Adapter] = {
+    m.ADAPTER.model_type: m.ADAPTER
+    for m in (bert, roberta, gpt2, t5, bart, switch_transformers, llama, mixtral, qwen2_moe)
+}
 MODEL_TYPES = tuple(ADAPTERS)
 # transformers architecture -> (model_type, heads, pooler)
 ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    arch: (a.model_type, heads, pooler) for a in ADAPTERS.values() for arch, (heads, pooler) in a.architectures.items()}
+    arch: (a.model_type, heads, pooler) for a in ADAPTERS.values() for arch, (heads, pooler) in a.architectures.items()
+}
 
-__all__ = ["ADAPTERS", "ARCHITECTURES", "MODEL_TYPES", "Adapter", "Entry", "architecture", "config_from_hf",
-           "hf_model_type", "hf_to_lmlab", "lmlab_to_hf", "to_hf_config", "weight_table"]
+__all__ = [
+    "ADAPTERS",
+    "ARCHITECTURES",
+    "MODEL_TYPES",
+    "Adapter",
+    "Entry",
+    "architecture",
+    "config_from_hf",
+    "hf_model_type",
+    "hf_to_lmlab",
+    "lmlab_to_hf",
+    "to_hf_config",
+    "weight_table",
+]
 
 
 def _labels(raw: dict[str, Any]) -> tuple[int, list[str] | None]:
@@ -39,8 +54,9 @@ def _labels(raw: dict[str, Any]) -> tuple[int, list[str] | None]:
 
 def _adapter(model_type: Any, source: str) -> Adapter:
     if model_type not in ADAPTERS:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; lmlab reads "
-                              f"{', '.join(MODEL_TYPES)}")
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported; lmlab reads {', '.join(MODEL_TYPES)}"
+        )
     return ADAPTERS[model_type]
 
 
@@ -50,13 +66,21 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     adapter = _adapter(raw.get("model_type"), source)
     arch = (raw.get("architectures") or [adapter.default_architecture])[0]
     if arch not in adapter.architectures:
-        raise CheckpointError(f"{source}: architecture {arch!r} is not supported; for {adapter.model_type} lmlab "
-                              f"reads {', '.join(adapter.architectures)}")
+        raise CheckpointError(
+            f"{source}: architecture {arch!r} is not supported; for {adapter.model_type} lmlab "
+            f"reads {', '.join(adapter.architectures)}"
+        )
     heads, pooler = adapter.architectures[arch]
     num_labels, labels = _labels(raw)
-    common: dict[str, Any] = dict(heads=heads, pooler=pooler, num_labels=num_labels, labels=labels,
-                                  pad_token_id=raw.get("pad_token_id"), bos_token_id=raw.get("bos_token_id"),
-                                  eos_token_id=raw.get("eos_token_id"))
+    common: dict[str, Any] = dict(
+        heads=heads,
+        pooler=pooler,
+        num_labels=num_labels,
+        labels=labels,
+        pad_token_id=raw.get("pad_token_id"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+    )
     try:
         return adapter.config_in(raw, source, common)
     except KeyError as e:
@@ -67,9 +91,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
 
 def to_hf_config(cfg: ModelConfig, model_type: str, arch: str) -> dict[str, Any]:
     """A config.json that transformers' Auto classes read back as this model."""
-    c: dict[str, Any] = {"model_type": model_type, "architectures": [arch], "vocab_size": cfg.vocab_size,
-                         "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
-                         "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": cfg.tie_embeddings}
+    c: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [arch],
+        "vocab_size": cfg.vocab_size,
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
     if cfg.labels:
         c["id2label"] = {str(i): lab for i, lab in enumerate(cfg.labels)}
         c["label2id"] = {lab: i for i, lab in enumerate(cfg.labels)}
@@ -81,17 +111,35 @@ def to_hf_config(cfg: ModelConfig, model_type: str, arch: str) -> dict[str, Any]
 
 
 # fields that do not change what the model computes, so an export need not carry them exactly
-_NOT_COMPUTED = ("name", "labels", "dropout", "attn_dropout", "init_std", "unk_token_id", "mask_token_id",
-                 "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
-                 "pad_token_id", "num_labels")
+_NOT_COMPUTED = (
+    "name",
+    "labels",
+    "dropout",
+    "attn_dropout",
+    "init_std",
+    "unk_token_id",
+    "mask_token_id",
+    "cls_token_id",
+    "sep_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "pad_token_id",
+    "num_labels",
+)
 
 
 def _effective(cfg: ModelConfig, name: str) -> Any:
     """A field's value with its None default resolved, so that equivalent configs compare equal."""
-    resolved = {"qkv_bias": lambda: cfg.use_qkv_bias, "moe_renormalize": lambda: cfg.moe_renormalizes,
-                "moe_d_ff": lambda: cfg.expert_d_ff, "moe_shared_d_ff": lambda: cfg.shared_d_ff,
-                "n_decoder_layers": lambda: cfg.decoder_layers if cfg.spec.seq2seq else None,
-                "n_kv_heads": lambda: cfg.kv_heads, "head_dim": lambda: cfg.dim_head}
+    resolved = {
+        "qkv_bias": lambda: cfg.use_qkv_bias,
+        "moe_renormalize": lambda: cfg.moe_renormalizes,
+        "moe_d_ff": lambda: cfg.expert_d_ff,
+        "moe_shared_d_ff": lambda: cfg.shared_d_ff,
+        "n_decoder_layers": lambda: cfg.decoder_layers if cfg.spec.seq2seq else None,
+        "n_kv_heads": lambda: cfg.kv_heads,
+        "head_dim": lambda: cfg.dim_head,
+    }
     return resolved[name]() if name in resolved else getattr(cfg, name)
 
 
@@ -99,15 +147,20 @@ def _round_trip_differences(cfg: ModelConfig, model_type: str) -> list[str]:
     """The computation-relevant fields that an export to `model_type` and back would change."""
     back = config_from_hf(to_hf_config(cfg, model_type, architecture(cfg, model_type)), "export")
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_COMPUTED]
-    return [f"{f}={getattr(cfg, f)!r} (transformers' {model_type} would give {getattr(back, f)!r})"
-            for f in fields if _effective(cfg, f) != _effective(back, f)]
+    return [
+        f"{f}={getattr(cfg, f)!r} (transformers' {model_type} would give {getattr(back, f)!r})"
+        for f in fields
+        if _effective(cfg, f) != _effective(back, f)
+    ]
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """Which transformers model type can hold this lmlab model, or a ConfigError saying why none."""
     if cfg.spec.self_attention == "prefix":
-        raise ConfigError("a prefix-lm model has no transformers counterpart (no transformers class mixes a "
-                          "bidirectional prefix with a causal suffix in one stack); save it in lmlab format")
+        raise ConfigError(
+            "a prefix-lm model has no transformers counterpart (no transformers class mixes a "
+            "bidirectional prefix with a causal suffix in one stack); save it in lmlab format"
+        )
     held = [a.model_type for a in ADAPTERS.values() if a.holds(cfg)]
     if held:
         differ = _round_trip_differences(cfg, held[0])
@@ -124,11 +177,14 @@ def hf_model_type(cfg: ModelConfig) -> str:
         if config_from_hf(to_hf_config(cfg, mt, architecture(cfg, mt)), "export").family == cfg.family:
             nearest.append((len(differ), mt, differ))
     if not nearest:
-        raise ConfigError(f"no transformers model type lmlab exports holds this {cfg.family} model with heads "
-                          f"{cfg.heads}; save it in lmlab format")
+        raise ConfigError(
+            f"no transformers model type lmlab exports holds this {cfg.family} model with heads "
+            f"{cfg.heads}; save it in lmlab format"
+        )
     _, mt, differ = min(nearest)
-    raise ConfigError(f"this model has no exact transformers counterpart; the nearest, {mt}, would change: "
-                      + "; ".join(differ))
+    raise ConfigError(
+        f"this model has no exact transformers counterpart; the nearest, {mt}, would change: " + "; ".join(differ)
+    )
 
 
 def architecture(cfg: ModelConfig, model_type: str) -> str:
@@ -137,8 +193,10 @@ def architecture(cfg: ModelConfig, model_type: str) -> str:
         if heads == cfg.heads and pooler == cfg.pooler:
             return arch
     known = ", ".join(f"{a} (heads={h}, pooler={pl})" for a, (h, pl) in adapter.architectures.items())
-    raise ConfigError(f"heads={cfg.heads} with pooler={cfg.pooler} match no transformers {model_type} class "
-                      f"lmlab exports; known: {known}")
+    raise ConfigError(
+        f"heads={cfg.heads} with pooler={cfg.pooler} match no transformers {model_type} class "
+        f"lmlab exports; known: {known}"
+    )
 
 
 # ---- weights --------------------------------------------------------------------------------------
@@ -151,9 +209,18 @@ def weight_table(cfg: ModelConfig, model_type: str, prefix: str | None = None) -
 
 
 # tensors transformers may store that lmlab derives or does not need
-_IGNORABLE = ("position_ids", "attn.bias", "attn.masked_bias", "cls.predictions.decoder.", "lm_head.decoder.",
-              "embed_tokens.weight", "lm_head.weight", "token_type_ids", "EncDecAttention.relative_attention_bias",
-              "rotary_emb.inv_freq")
+_IGNORABLE = (
+    "position_ids",
+    "attn.bias",
+    "attn.masked_bias",
+    "cls.predictions.decoder.",
+    "lm_head.decoder.",
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "token_type_ids",
+    "EncDecAttention.relative_attention_bias",
+    "rotary_emb.inv_freq",
+)
 
 
 def _detect_prefix(cfg: ModelConfig, model_type: str, keys: set[str]) -> str:
@@ -166,8 +233,9 @@ def _detect_prefix(cfg: ModelConfig, model_type: str, keys: set[str]) -> str:
     return default
 
 
-def hf_to_lmlab(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str, expected: dict[str, torch.Size],
-                source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def hf_to_lmlab(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str, expected: dict[str, torch.Size], source: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Convert a transformers state dict. Returns (lmlab state, unexpected keys that were left over)."""
     prefix = _detect_prefix(cfg, model_type, set(state))
     out: dict[str, torch.Tensor] = {}
@@ -175,8 +243,10 @@ def hf_to_lmlab(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: st
     for entry in weight_table(cfg, model_type, prefix):
         missing = [k for k in entry.hf if k not in state]
         if missing:
-            raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing; a {model_type} model with this "
-                                  f"config.json needs it (for lmlab's {entry.ours})")
+            raise CheckpointError(
+                f"{source}: tensor {missing[0]!r} is missing; a {model_type} model with this "
+                f"config.json needs it (for lmlab's {entry.ours})"
+            )
         parts = [state[k] for k in entry.hf]
         used.update(entry.hf)
         want = expected[entry.ours]
@@ -185,27 +255,32 @@ def hf_to_lmlab(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: st
         elif entry.op == "cat":
             for k, part, rows in zip(entry.hf, parts, entry.sizes):
                 if part.shape[0] != rows or tuple(part.shape[1:]) != tuple(want[1:]):
-                    raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(part.shape)}, but config.json "
-                                          f"implies {(rows, *want[1:])}")
+                    raise CheckpointError(
+                        f"{source}: tensor {k!r} has shape {tuple(part.shape)}, but config.json "
+                        f"implies {(rows, *want[1:])}"
+                    )
             tensor = torch.cat(parts, dim=0)
         elif entry.op == "row":
             tensor = parts[0].reshape(-1)
         elif entry.op == "experts":  # per expert: (out, in) Linears -> one (in, out) slice, gate then up
             per = entry.sizes[0]
-            experts = [torch.cat([w.t() for w in parts[j:j + per]], dim=1) for j in range(0, len(parts), per)]
+            experts = [torch.cat([w.t() for w in parts[j : j + per]], dim=1) for j in range(0, len(parts), per)]
             bad = [k for k, w in zip(entry.hf, parts) if w.shape[1] != want[1]]
             if bad or any(x.shape != want[1:] for x in experts):
                 k = bad[0] if bad else entry.hf[0]
-                raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, but config.json "
-                                      f"implies {want[1]} inputs and {want[2] // per} outputs per expert")
+                raise CheckpointError(
+                    f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, but config.json "
+                    f"implies {want[1]} inputs and {want[2] // per} outputs per expert"
+                )
             tensor = torch.stack(experts)
         else:
             tensor = parts[0]
         if tensor.shape != want:
             shown = tuple(parts[0].shape)
             implied = tuple(want) if entry.op != "T" else tuple(reversed(want))
-            raise CheckpointError(f"{source}: tensor {entry.hf[0]!r} has shape {shown}, but config.json implies "
-                                  f"{implied}")
+            raise CheckpointError(
+                f"{source}: tensor {entry.hf[0]!r} has shape {shown}, but config.json implies {implied}"
+            )
         out[entry.ours] = tensor.contiguous()
     unexpected = [k for k in state if k not in used and not any(s in k for s in _IGNORABLE)]
     return out, unexpected

@@ -13,29 +13,55 @@ from lmlab.hf.common import ACTS_OUT, Adapter, Entry, act, fused, linear, norm, 
 def _config_in(raw: dict[str, Any], source: str, common: dict[str, Any]) -> ModelConfig:
     for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
         if raw.get(a) != raw.get(b):
-            raise CheckpointError(f"{source}: {a}={raw.get(a)} differs from {b}={raw.get(b)}; "
-                                  "lmlab's encoder and decoder share these sizes")
+            raise CheckpointError(
+                f"{source}: {a}={raw.get(a)} differs from {b}={raw.get(b)}; "
+                "lmlab's encoder and decoder share these sizes"
+            )
     if raw.get("normalize_before") or raw.get("add_final_layer_norm"):
         raise CheckpointError(f"{source}: pre-norm BART variants (mBART) are not supported")
     return ModelConfig(
-        family="encoder-decoder", vocab_size=raw["vocab_size"], d_model=raw["d_model"], n_layers=raw["encoder_layers"],
-        n_decoder_layers=raw["decoder_layers"], n_heads=raw["encoder_attention_heads"], d_ff=raw["encoder_ffn_dim"],
-        max_seq_len=raw.get("max_position_embeddings", 1024), position_offset=2, norm_placement="post",
-        embed_norm=True, final_norm=False, activation=act(raw.get("activation_function", "gelu"), source),
-        scale_embeddings=bool(raw.get("scale_embedding", False)), lm_head_bias="lm" in common["heads"],
-        dropout=raw.get("dropout", 0.1), attn_dropout=raw.get("attention_dropout", 0.0),
-        init_std=raw.get("init_std", 0.02), decoder_start_token_id=raw.get("decoder_start_token_id", 2), **common,
+        family="encoder-decoder",
+        vocab_size=raw["vocab_size"],
+        d_model=raw["d_model"],
+        n_layers=raw["encoder_layers"],
+        n_decoder_layers=raw["decoder_layers"],
+        n_heads=raw["encoder_attention_heads"],
+        d_ff=raw["encoder_ffn_dim"],
+        max_seq_len=raw.get("max_position_embeddings", 1024),
+        position_offset=2,
+        norm_placement="post",
+        embed_norm=True,
+        final_norm=False,
+        activation=act(raw.get("activation_function", "gelu"), source),
+        scale_embeddings=bool(raw.get("scale_embedding", False)),
+        lm_head_bias="lm" in common["heads"],
+        dropout=raw.get("dropout", 0.1),
+        attn_dropout=raw.get("attention_dropout", 0.0),
+        init_std=raw.get("init_std", 0.02),
+        decoder_start_token_id=raw.get("decoder_start_token_id", 2),
+        **common,
     )
 
 
 def _config_out(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(d_model=cfg.d_model, encoder_layers=cfg.n_layers, decoder_layers=cfg.decoder_layers,
-                encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-                encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, max_position_embeddings=cfg.max_seq_len,
-                activation_function=ACTS_OUT.get(cfg.activation, cfg.activation), scale_embedding=cfg.scale_embeddings,
-                dropout=cfg.dropout, attention_dropout=cfg.attn_dropout, init_std=cfg.init_std,
-                is_encoder_decoder=True, decoder_start_token_id=cfg.decoder_start_token_id,
-                forced_eos_token_id=cfg.eos_token_id)
+    return dict(
+        d_model=cfg.d_model,
+        encoder_layers=cfg.n_layers,
+        decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.n_heads,
+        decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.d_ff,
+        max_position_embeddings=cfg.max_seq_len,
+        activation_function=ACTS_OUT.get(cfg.activation, cfg.activation),
+        scale_embedding=cfg.scale_embeddings,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attn_dropout,
+        init_std=cfg.init_std,
+        is_encoder_decoder=True,
+        decoder_start_token_id=cfg.decoder_start_token_id,
+        forced_eos_token_id=cfg.eos_token_id,
+    )
 
 
 def _weights(cfg: ModelConfig, p: str) -> list[Entry]:
@@ -71,10 +97,14 @@ def _weights(cfg: ModelConfig, p: str) -> list[Entry]:
 
 ADAPTER = Adapter(
     model_type="bart",
-    architectures={"BartForConditionalGeneration": (("lm",), False),
-                   "BartForSequenceClassification": (("classify",), True)},
+    architectures={
+        "BartForConditionalGeneration": (("lm",), False),
+        "BartForSequenceClassification": (("classify",), True),
+    },
     default_architecture="BartForConditionalGeneration",
-    config_in=_config_in, config_out=_config_out, weights=_weights,
+    config_in=_config_in,
+    config_out=_config_out,
+    weights=_weights,
     holds=lambda cfg: cfg.spec.seq2seq and cfg.position != "relative",
     prefix="model.",
 )

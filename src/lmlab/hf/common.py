@@ -43,8 +43,15 @@ class Adapter:
         return self.prefix if heads else ""
 
 
-ACTS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-           "relu": "relu", "silu": "silu", "swish": "silu"}
+ACTS_IN = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
 ACTS_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
@@ -85,6 +92,7 @@ def rope_theta(raw: dict[str, Any], source: str) -> float:
     """The default-RoPE base of a LLaMA-style config (transformers 4.x `rope_theta`, 5.x `rope_parameters`)."""
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{source}: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                              "(only the default RoPE)")
+        raise CheckpointError(
+            f"{source}: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported (only the default RoPE)"
+        )
     return float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))

@@ -14,21 +14,39 @@ def _config_in(raw: dict[str, Any], source: str, common: dict[str, Any]) -> Mode
         raise CheckpointError(f"{source}: scale_attn_by_inverse_layer_idx=true is not supported")
     d = raw.get("n_embd", 768)
     return ModelConfig(
-        family="decoder", vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["n_layer"], n_heads=raw["n_head"],
-        d_ff=raw.get("n_inner") or 4 * d, max_seq_len=raw.get("n_positions", 1024),
-        norm_eps=raw.get("layer_norm_epsilon", 1e-5), activation=act(raw.get("activation_function", "gelu_new"), source),
-        attn_scale=None if raw.get("scale_attn_weights", True) else 1.0, dropout=raw.get("resid_pdrop", 0.1),
-        attn_dropout=raw.get("attn_pdrop", 0.1), init_std=raw.get("initializer_range", 0.02),
-        tie_embeddings=raw.get("tie_word_embeddings", True), **common,
+        family="decoder",
+        vocab_size=raw["vocab_size"],
+        d_model=d,
+        n_layers=raw["n_layer"],
+        n_heads=raw["n_head"],
+        d_ff=raw.get("n_inner") or 4 * d,
+        max_seq_len=raw.get("n_positions", 1024),
+        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        activation=act(raw.get("activation_function", "gelu_new"), source),
+        attn_scale=None if raw.get("scale_attn_weights", True) else 1.0,
+        dropout=raw.get("resid_pdrop", 0.1),
+        attn_dropout=raw.get("attn_pdrop", 0.1),
+        init_std=raw.get("initializer_range", 0.02),
+        tie_embeddings=raw.get("tie_word_embeddings", True),
+        **common,
     )
 
 
 def _config_out(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
-                n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
-                activation_function=ACTS_OUT.get(cfg.activation, cfg.activation), resid_pdrop=cfg.dropout,
-                embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout, initializer_range=cfg.init_std,
-                scale_attn_weights=cfg.attn_scale is None)
+    return dict(
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        n_positions=cfg.max_seq_len,
+        layer_norm_epsilon=cfg.norm_eps,
+        activation_function=ACTS_OUT.get(cfg.activation, cfg.activation),
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attn_dropout,
+        initializer_range=cfg.init_std,
+        scale_attn_weights=cfg.attn_scale is None,
+    )
 
 
 def _weights(cfg: ModelConfig, p: str) -> list[Entry]:
@@ -51,7 +69,9 @@ ADAPTER = Adapter(
     model_type="gpt2",
     architectures={"GPT2Model": ((), False), "GPT2LMHeadModel": (("lm",), False)},
     default_architecture="GPT2LMHeadModel",
-    config_in=_config_in, config_out=_config_out, weights=_weights,
+    config_in=_config_in,
+    config_out=_config_out,
+    weights=_weights,
     holds=lambda cfg: cfg.spec.self_attention == "causal" and not cfg.spec.seq2seq and cfg.position == "learned",
     prefix="transformer.",
 )

@@ -152,7 +152,9 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,

@@ -91,8 +91,9 @@ class TokenTagger(nn.Linear):
     """Every token state -> tag logits (a Linear); positions labelled IGNORE_INDEX carry no loss."""
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, self.out_features).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.reshape(-1, self.out_features).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
 
 class SpanHead(nn.Linear):
@@ -108,8 +109,9 @@ class SpanHead(nn.Linear):
         return start, end
 
     @staticmethod
-    def loss(start: torch.Tensor, end: torch.Tensor, start_positions: torch.Tensor,
-             end_positions: torch.Tensor) -> torch.Tensor:
+    def loss(
+        start: torch.Tensor, end: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
+    ) -> torch.Tensor:
         T = start.shape[1]
         s, e = start_positions.clamp(0, T), end_positions.clamp(0, T)
         return (F.cross_entropy(start.float(), s, ignore_index=T) + F.cross_entropy(end.float(), e, ignore_index=T)) / 2

@@ -20,8 +20,13 @@ SKINNY_ROWS = 256  # above this the two orientations run at the same speed
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), computed as (weight @ x^T)^T when x has few rows on the CPU."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (1 < rows <= SKINNY_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+    if (
+        1 < rows <= SKINNY_ROWS
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    ):
         xt = x.reshape(rows, x.shape[-1]).t()
         y = torch.addmm(bias[:, None], weight, xt) if bias is not None else weight @ xt
         return y.t().contiguous().view(*x.shape[:-1], weight.shape[0])

@@ -57,8 +57,9 @@ class ModelOutput:
 class Stack(nn.Module):
     """Embedded tokens -> hidden states: positions, segments, embedding norm, N Blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig, n_layers: int, policy: str, cross: bool, segments: bool,
-                 name: str = "decoder") -> None:
+    def __init__(
+        self, cfg: ModelConfig, n_layers: int, policy: str, cross: bool, segments: bool, name: str = "decoder"
+    ) -> None:
         super().__init__()
         self.cfg, self.policy, self.name = cfg, policy, name
         self.checkpointing = False  # recompute each Block's activations in the backward (Model.gradient_checkpointing)
@@ -69,7 +70,8 @@ class Stack(nn.Module):
         self.rope = RotaryEmbedding(cfg.dim_head, cfg.rope_theta) if cfg.position == "rope" else None
         self.rel_bias = (
             RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_heads, bidirectional=policy != "causal")
-            if cfg.position == "relative" else None
+            if cfg.position == "relative"
+            else None
         )
         self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if segments and cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
@@ -120,12 +122,18 @@ class Stack(nn.Module):
         previous = None  # the last MoE layer's router logits, for MoE++'s gating residual
         checkpoint = self.checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            kw = dict(cache=cache.layers[i] if cache is not None else None, memory=memory, memory_mask=memory_mask,
-                      cross_cache=cache.cross[i] if cache is not None and cache.cross else None,
-                      token_mask=token_mask, previous=previous)
+            kw = dict(
+                cache=cache.layers[i] if cache is not None else None,
+                memory=memory,
+                memory_mask=memory_mask,
+                cross_cache=cache.cross[i] if cache is not None and cache.cross else None,
+                token_mask=token_mask,
+                previous=previous,
+            )
             if checkpoint:  # the record comes from this forward only; the recomputation's is discarded
-                x, record = torch.utils.checkpoint.checkpoint(layer, x, mask, is_causal, rope, use_reentrant=False,
-                                                              **kw)
+                x, record = torch.utils.checkpoint.checkpoint(
+                    layer, x, mask, is_causal, rope, use_reentrant=False, **kw
+                )
             else:
                 x, record = layer(x, mask, is_causal, rope, **kw)
             if record is not None:
@@ -151,8 +159,11 @@ class Model(nn.Module):
         d = cfg.d_model
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
         spec = cfg.spec
-        self.encoder = Stack(cfg, cfg.n_layers, "bidirectional", cross=False, segments=True, name="encoder") \
-            if spec.has_encoder else None
+        self.encoder = (
+            Stack(cfg, cfg.n_layers, "bidirectional", cross=False, segments=True, name="encoder")
+            if spec.has_encoder
+            else None
+        )
         self.decoder = None
         if spec.seq2seq:
             self.decoder = Stack(cfg, cfg.decoder_layers, spec.self_attention, cross=True, segments=False)
@@ -265,14 +276,21 @@ class Model(nn.Module):
         routing: list[RoutingRecord] = []
         if not spec.has_decoder:  # encoder
             h, hidden = self.encoder(
-                self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
-                token_type_ids, attention_mask, output_hidden_states=output_hidden_states, routing=routing,
+                self.embed(input_ids),
+                position_ids if position_ids is not None else self.default_positions(input_ids),
+                token_type_ids,
+                attention_mask,
+                output_hidden_states=output_hidden_states,
+                routing=routing,
             )
         elif spec.seq2seq:
             if encoder_outputs is None:
                 memory, _ = self.encoder(
-                    self.embed(input_ids), position_ids if position_ids is not None else self.default_positions(input_ids),
-                    None, attention_mask, routing=routing,
+                    self.embed(input_ids),
+                    position_ids if position_ids is not None else self.default_positions(input_ids),
+                    None,
+                    attention_mask,
+                    routing=routing,
                 )
             else:
                 memory = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
@@ -289,20 +307,28 @@ class Model(nn.Module):
                     if labels is None:
                         raise LmlabError("an encoder-decoder forward needs decoder_input_ids or labels")
                     decoder_input_ids = self.shift_right(labels)
-                cache = past_key_values if past_key_values is not None else (
-                    KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
+                cache = (
+                    past_key_values
+                    if past_key_values is not None
+                    else (KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
+                )
                 past = cache.seen if cache is not None else 0
                 h, hidden = self.decoder(
-                    self.embed(decoder_input_ids), self.default_positions(decoder_input_ids, past), None,
-                    decoder_attention_mask, cache=cache, memory=memory, memory_padding=attention_mask,
-                    output_hidden_states=output_hidden_states, routing=routing,
+                    self.embed(decoder_input_ids),
+                    self.default_positions(decoder_input_ids, past),
+                    None,
+                    decoder_attention_mask,
+                    cache=cache,
+                    memory=memory,
+                    memory_padding=attention_mask,
+                    output_hidden_states=output_hidden_states,
+                    routing=routing,
                 )
                 out.past_key_values = cache
                 mask_for_heads = decoder_attention_mask
             out.encoder_last_hidden_state = memory
         else:  # decoder, prefix-lm
-            cache = past_key_values if past_key_values is not None else (
-                KVCache(cfg.n_layers) if use_cache else None)
+            cache = past_key_values if past_key_values is not None else (KVCache(cfg.n_layers) if use_cache else None)
             past = cache.seen if cache is not None else 0
             if position_ids is None:
                 position_ids = self.default_positions(input_ids, past)
@@ -310,14 +336,21 @@ class Model(nn.Module):
                 # a task head (UniLM's NLU fine-tuning): the whole input is the bidirectional prefix
                 prefix_lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
             h, hidden = self.decoder(
-                self.embed(input_ids), position_ids, token_type_ids, attention_mask, prefix_lengths, cache=cache,
-                output_hidden_states=output_hidden_states, routing=routing,
+                self.embed(input_ids),
+                position_ids,
+                token_type_ids,
+                attention_mask,
+                prefix_lengths,
+                cache=cache,
+                output_hidden_states=output_hidden_states,
+                routing=routing,
             )
             out.past_key_values = cache
         out.last_hidden_state = h
         out.hidden_states = tuple(hidden) if hidden is not None else None
-        self._apply_heads(out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions,
-                          labelled_logits_only)
+        self._apply_heads(
+            out, h, mask_for_heads, labels, next_sentence_label, start_positions, end_positions, labelled_logits_only
+        )
         out.routing = tuple(routing) if routing else None
         aux = [r.aux_loss for r in routing if r.aux_loss is not None]
         if aux:
@@ -326,8 +359,9 @@ class Model(nn.Module):
                 out.loss = out.loss + out.aux_loss
         return out
 
-    def _vocab_loss(self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None,
-                    sparse: bool) -> torch.Tensor | None:
+    def _vocab_loss(
+        self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None, sparse: bool
+    ) -> torch.Tensor | None:
         """Logits of an lm / mlm head and their loss; `sparse`: project only the labelled positions.
         Not under torch.compile: the selection's data-dependent shape would break the graph in two, and
         the compiled dense projection + loss is faster than both halves."""
@@ -338,13 +372,21 @@ class Model(nn.Module):
         out.logits = head(h, self.tok_embed.weight)
         if targets is None:
             return None
-        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
-    def _apply_heads(self, out: ModelOutput, h: torch.Tensor, attention_mask: torch.Tensor | None,
-                     labels: torch.Tensor | None, next_sentence_label: torch.Tensor | None,
-                     start_positions: torch.Tensor | None, end_positions: torch.Tensor | None,
-                     sparse: bool = False) -> None:
+    def _apply_heads(
+        self,
+        out: ModelOutput,
+        h: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        next_sentence_label: torch.Tensor | None,
+        start_positions: torch.Tensor | None,
+        end_positions: torch.Tensor | None,
+        sparse: bool = False,
+    ) -> None:
         """Each head the config names writes its outputs and returns its loss (lmlab.model.heads)."""
         losses = []
         if self.pooler is not None:
@@ -393,7 +435,9 @@ class Model(nn.Module):
 
         return save(self, path, format=format)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Prompt + new token ids, as transformers returns them (see lmlab.generate.generate)."""
         from lmlab.generate import generate
 

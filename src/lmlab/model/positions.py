@@ -30,8 +30,9 @@ class RotaryEmbedding(nn.Module):
     def init_buffers(self) -> None:
         """Compute the frequencies (again: a model built on the meta device has none)."""
         device = None if self.inv_freq.is_meta else self.inv_freq.device
-        self.inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32,
-                                                          device=device) / self.head_dim)
+        self.inv_freq = 1.0 / self.theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        )
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin of shape (B, 1, T, head_dim), broadcast over heads."""
@@ -61,9 +62,14 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     is_small = distance < max_exact
     # clamp to 1 before the log: small distances take the exact branch anyway
-    large = max_exact + (
-        torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).long()
+    large = (
+        max_exact
+        + (
+            torch.log(distance.clamp(min=1).float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(is_small, distance, large)
 

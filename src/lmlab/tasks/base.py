@@ -45,8 +45,9 @@ class Task:
     def data(self, rows: list[dict[str, Any]], pad_id: int, segments: bool) -> TaskData:
         return TaskData(rows, pad_id, segments)
 
-    def predict(self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int,
-                max_len: int) -> list[dict[str, Any]]:
+    def predict(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__} must implement this")
 
 
@@ -121,9 +122,10 @@ def outputs(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.
         model.train(was)
 
 
-def batches_of(task: Task, rows: list[dict[str, Any]], tok: Tokenizer, cfg: ModelConfig, batch_size: int
-               ) -> Iterator[dict[str, torch.Tensor]]:
+def batches_of(
+    task: Task, rows: list[dict[str, Any]], tok: Tokenizer, cfg: ModelConfig, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Rows collated into batches of `batch_size`, in order (prediction)."""
     data = task.data(rows, pad_id(tok), cfg.type_vocab_size > 0)
     for s in range(0, len(rows), batch_size):
-        yield data.collate(rows[s:s + batch_size])
+        yield data.collate(rows[s : s + batch_size])

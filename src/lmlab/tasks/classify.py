@@ -23,11 +23,16 @@ from lmlab.model import Model
 from lmlab.tasks.base import Setup, Task, batches_of, outputs, specials
 from lmlab.tokenizer import Tokenizer
 
-_TEXT_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
-                 ("premise", "hypothesis"), ("#1 String", "#2 String"), ("sentence",), ("text",))
+_TEXT_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+    ("#1 String", "#2 String"),
+    ("sentence",),
+    ("text",),
+)
 _LABEL_COLUMNS = ("label", "Quality", "gold_label", "score")
-
-
 
 
 @dataclass
@@ -38,8 +43,9 @@ class Example:
     where: str = ""  # file:line, for errors
 
 
-def read_table(path: str | Path, text_columns: list[str] | None = None, label_column: str | None = None,
-               need_labels: bool = True) -> tuple[list[Example], list[str], str | None]:
+def read_table(
+    path: str | Path, text_columns: list[str] | None = None, label_column: str | None = None, need_labels: bool = True
+) -> tuple[list[Example], list[str], str | None]:
     """Rows of a TSV / CSV (header row) or JSONL file -> examples, with the columns that were used."""
     path = Path(path)
     if not path.is_file():
@@ -55,7 +61,9 @@ def read_table(path: str | Path, text_columns: list[str] | None = None, label_co
     else:
         delimiter = "," if path.suffix == ".csv" else "\t"
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+            reader = csv.reader(
+                f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            )
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the file is empty (expected a header row)")
@@ -63,8 +71,9 @@ def read_table(path: str | Path, text_columns: list[str] | None = None, label_co
                 if not row:
                     continue
                 if len(row) != len(header):
-                    raise DataError(f"{path}:{n}: {len(row)} columns, but the header has {len(header)} "
-                                    f"({', '.join(header)})")
+                    raise DataError(
+                        f"{path}:{n}: {len(row)} columns, but the header has {len(header)} ({', '.join(header)})"
+                    )
                 rows.append((n, dict(zip(header, row))))
     if not rows:
         raise DataError(f"{path}: no data rows")
@@ -72,8 +81,10 @@ def read_table(path: str | Path, text_columns: list[str] | None = None, label_co
     if text_columns is None:
         text_columns = next((list(c) for c in _TEXT_COLUMNS if all(x in columns for x in c)), None)
         if text_columns is None:
-            raise DataError(f"{path}: cannot tell which columns hold the text among {', '.join(columns)}; "
-                            "name them with --text-columns")
+            raise DataError(
+                f"{path}: cannot tell which columns hold the text among {', '.join(columns)}; "
+                "name them with --text-columns"
+            )
     if label_column is None:
         label_column = next((c for c in _LABEL_COLUMNS if c in columns), None)
         if label_column is None and need_labels:
@@ -96,8 +107,9 @@ def is_regression(labels: list[Any]) -> bool:
     return any(v != int(v) for v in values)
 
 
-def encode_classification(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int,
-                          label_ids: dict[str, int] | None) -> list[dict[str, Any]]:
+def encode_classification(
+    examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int, label_ids: dict[str, int] | None
+) -> list[dict[str, Any]]:
     head, tail = specials(tok, cfg)
     rows = []
     for ex in examples:
@@ -116,8 +128,9 @@ def encode_classification(examples: list[Example], tok: Tokenizer, cfg: ModelCon
         if ex.label is not None and label_ids is not None:
             if label_ids:  # classification
                 if str(ex.label) not in label_ids:
-                    raise DataError(f"{ex.where}: label {ex.label!r} is not one of the training labels "
-                                    f"({', '.join(label_ids)})")
+                    raise DataError(
+                        f"{ex.where}: label {ex.label!r} is not one of the training labels ({', '.join(label_ids)})"
+                    )
                 row["labels"] = label_ids[str(ex.label)]
             else:  # regression
                 row["labels"] = float(ex.label)
@@ -126,8 +139,9 @@ def encode_classification(examples: list[Example], tok: Tokenizer, cfg: ModelCon
 
 
 def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
-    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
-            ) -> dict[str, Any]:
+    def run(
+        model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+    ) -> dict[str, Any]:
         gold, pred, loss, n = [], [], 0.0, 0
         for batch, out in outputs(model, batches, device):
             loss += float(out.loss) * len(batch["labels"])
@@ -136,10 +150,14 @@ def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
             pred += (out.logits.squeeze(-1) if regression else out.logits.argmax(-1)).tolist()
         if regression:
             return {"loss": loss / n, "pearson": metrics.pearson(gold, pred), "spearman": metrics.spearman(gold, pred)}
-        return {"loss": loss / n, "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred),
-                "mcc": metrics.matthews_corrcoef(gold, pred)}
-    return run
+        return {
+            "loss": loss / n,
+            "accuracy": metrics.accuracy(gold, pred),
+            "macro_f1": metrics.macro_f1(gold, pred),
+            "mcc": metrics.matthews_corrcoef(gold, pred),
+        }
 
+    return run
 
 
 class Classify(Task):
@@ -153,13 +171,17 @@ class Classify(Task):
         labels = None if regression else sorted({str(v) for v in raw_labels})
         label_ids = {} if regression else {v: i for i, v in enumerate(labels)}
         eval_ex = read_table(fc.eval, text_cols, label_col)[0] if fc.eval else []
-        return Setup(encode_classification(train_ex, tok, cfg, fc.max_len, label_ids),
-                     encode_classification(eval_ex, tok, cfg, fc.max_len, label_ids), labels,
-                     classification_eval(regression),
-                     {"text_columns": text_cols, "label_column": label_col, "regression": regression})
+        return Setup(
+            encode_classification(train_ex, tok, cfg, fc.max_len, label_ids),
+            encode_classification(eval_ex, tok, cfg, fc.max_len, label_ids),
+            labels,
+            classification_eval(regression),
+            {"text_columns": text_cols, "label_column": label_col, "regression": regression},
+        )
 
-    def predict(self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int,
-                max_len: int) -> list[dict[str, Any]]:
+    def predict(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
         cfg = model.config
         examples = read_table(data, info["text_columns"], None, need_labels=False)[0]
         rows = encode_classification(examples, tok, cfg, max_len, None)
@@ -171,6 +193,11 @@ class Classify(Task):
                     out.append({"text": ex.texts, "score": float(logits[0])})
                 else:
                     probs = F.softmax(logits, -1)
-                    out.append({"text": ex.texts, "label": cfg.labels[int(probs.argmax())],
-                                "probabilities": {lab: round(float(p), 6) for lab, p in zip(cfg.labels, probs)}})
+                    out.append(
+                        {
+                            "text": ex.texts,
+                            "label": cfg.labels[int(probs.argmax())],
+                            "probabilities": {lab: round(float(p), 6) for lab, p in zip(cfg.labels, probs)},
+                        }
+                    )
         return out

@@ -44,8 +44,9 @@ def read_conll(path: str | Path, need_labels: bool = True) -> list[Example]:
     return sentences
 
 
-def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int,
-                   label_ids: dict[str, int] | None) -> tuple[list[dict[str, Any]], list[list[int]]]:
+def encode_tagging(
+    examples: list[Example], tok: Tokenizer, cfg: ModelConfig, max_len: int, label_ids: dict[str, int] | None
+) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """Rows, and for each sentence the position of every word's first sub-word (-1 when truncated away)."""
     head, tail = specials(tok, cfg)
     byte_level = tok.kind == "bpe"
@@ -64,10 +65,14 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
             first.append(len(ids) + skip)
             tag = ex.label[i] if ex.label is not None and label_ids is not None else None
             if tag is not None and tag not in label_ids:
-                raise DataError(f"{ex.where}: tag {tag!r} of word {i + 1} is not one of the training tags "
-                                f"({', '.join(label_ids)})")
-            labels += [IGNORE_INDEX] * skip + [label_ids[tag] if tag is not None else IGNORE_INDEX] \
+                raise DataError(
+                    f"{ex.where}: tag {tag!r} of word {i + 1} is not one of the training tags ({', '.join(label_ids)})"
+                )
+            labels += (
+                [IGNORE_INDEX] * skip
+                + [label_ids[tag] if tag is not None else IGNORE_INDEX]
                 + [IGNORE_INDEX] * (len(pieces) - 1 - skip)
+            )
             ids += pieces
         ids += tail
         labels += [IGNORE_INDEX] * len(tail)
@@ -80,8 +85,9 @@ def encode_tagging(examples: list[Example], tok: Tokenizer, cfg: ModelConfig, ma
 
 
 def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
-    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
-            ) -> dict[str, Any]:
+    def run(
+        model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+    ) -> dict[str, Any]:
         gold, pred, loss, n = [], [], 0.0, 0
         for batch, out in outputs(model, batches, device):
             loss += float(out.loss)
@@ -92,10 +98,13 @@ def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
                 gold.append([tags[i] for i in g_row[keep].tolist()])
                 pred.append([tags[i] for i in p_row[keep].tolist()])
         flat_gold, flat_pred = [t for s in gold for t in s], [t for s in pred for t in s]
-        return {"loss": loss / max(n, 1), **metrics.entity_scores(gold, pred),
-                "token_accuracy": metrics.accuracy(flat_gold, flat_pred)}
-    return run
+        return {
+            "loss": loss / max(n, 1),
+            **metrics.entity_scores(gold, pred),
+            "token_accuracy": metrics.accuracy(flat_gold, flat_pred),
+        }
 
+    return run
 
 
 class NER(Task):
@@ -107,11 +116,16 @@ class NER(Task):
         labels = sorted({t for e in train_ex for t in e.label})
         label_ids = {v: i for i, v in enumerate(labels)}
         eval_ex = read_conll(fc.eval) if fc.eval else []
-        return Setup(encode_tagging(train_ex, tok, cfg, fc.max_len, label_ids)[0],
-                     encode_tagging(eval_ex, tok, cfg, fc.max_len, label_ids)[0], labels, tagging_eval(labels))
+        return Setup(
+            encode_tagging(train_ex, tok, cfg, fc.max_len, label_ids)[0],
+            encode_tagging(eval_ex, tok, cfg, fc.max_len, label_ids)[0],
+            labels,
+            tagging_eval(labels),
+        )
 
-    def predict(self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int,
-                max_len: int) -> list[dict[str, Any]]:
+    def predict(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
         cfg = model.config
         examples = read_conll(data, need_labels=False)
         rows, firsts = encode_tagging(examples, tok, cfg, max_len, None)
@@ -120,6 +134,7 @@ class NER(Task):
             for logits in model(**batch).logits.float():
                 k = len(out)
                 guess = logits.argmax(-1).tolist()
-                out.append({"tokens": examples[k].words,
-                            "tags": [cfg.labels[guess[p]] if p >= 0 else "O" for p in firsts[k]]})
+                out.append(
+                    {"tokens": examples[k].words, "tags": [cfg.labels[guess[p]] if p >= 0 else "O" for p in firsts[k]]}
+                )
         return out

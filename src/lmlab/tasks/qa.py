@@ -52,13 +52,16 @@ def read_squad(path: str | Path) -> list[QAExample]:
                     answers = []
                     for a in qa.get("answers", []):
                         start, text = int(a["answer_start"]), a["text"]
-                        if context[start:start + len(text)] != text:
-                            raise DataError(f"{path}: question {qa['id']}: answer {text!r} does not match the "
-                                            f"context at offset {start} (found {context[start:start + len(text)]!r})")
+                        if context[start : start + len(text)] != text:
+                            raise DataError(
+                                f"{path}: question {qa['id']}: answer {text!r} does not match the "
+                                f"context at offset {start} (found {context[start : start + len(text)]!r})"
+                            )
                         answers.append((text, start))
                     impossible = bool(qa.get("is_impossible", False)) or not answers
-                    out.append(QAExample(str(qa["id"]), qa["question"], context, [] if impossible else answers,
-                                         impossible))
+                    out.append(
+                        QAExample(str(qa["id"]), qa["question"], context, [] if impossible else answers, impossible)
+                    )
     except (KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD JSON (missing {e})") from None
     if not out:
@@ -66,13 +69,14 @@ def read_squad(path: str | Path) -> list[QAExample]:
     return out
 
 
-def encode_qa(examples: list[QAExample], tok: Tokenizer, cfg: ModelConfig, max_len: int, doc_stride: int,
-              with_labels: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def encode_qa(
+    examples: list[QAExample], tok: Tokenizer, cfg: ModelConfig, max_len: int, doc_stride: int, with_labels: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Windows (rows for the model) and, per window, its question index and token -> character offsets."""
     head, tail = specials(tok, cfg)
     rows, meta = [], []
     for qi, ex in enumerate(examples):
-        q = tok.encode(ex.question, add_special_tokens=False)[:max_len // 2]
+        q = tok.encode(ex.question, add_special_tokens=False)[: max_len // 2]
         enc = tok.backend.encode(ex.context, add_special_tokens=False)
         ctx_ids, offsets = enc.ids, enc.offsets
         prefix = head + q + tail
@@ -82,32 +86,43 @@ def encode_qa(examples: list[QAExample], tok: Tokenizer, cfg: ModelConfig, max_l
         step = max(room - doc_stride, 1)
         start = 0
         while True:
-            chunk = ctx_ids[start:start + room]
+            chunk = ctx_ids[start : start + room]
             ids = prefix + chunk + tail
             first = len(prefix)
-            row: dict[str, Any] = {"input_ids": np.array(ids),
-                                   "token_type_ids": np.array([0] * len(prefix) + [1] * (len(chunk) + len(tail)))}
+            row: dict[str, Any] = {
+                "input_ids": np.array(ids),
+                "token_type_ids": np.array([0] * len(prefix) + [1] * (len(chunk) + len(tail))),
+            }
             if with_labels:
                 s_pos = e_pos = 0  # no answer in this window: position 0
                 for text, char_start in ex.answers[:1]:
                     char_end = char_start + len(text)
-                    toks = [i for i in range(start, start + len(chunk))
-                            if offsets[i][0] < char_end and offsets[i][1] > char_start]
+                    toks = [
+                        i
+                        for i in range(start, start + len(chunk))
+                        if offsets[i][0] < char_end and offsets[i][1] > char_start
+                    ]
                     inside = toks and offsets[toks[0]][0] <= char_start and offsets[toks[-1]][1] >= char_end
                     if inside:
                         s_pos, e_pos = first + toks[0] - start, first + toks[-1] - start
                 row["start_positions"], row["end_positions"] = s_pos, e_pos
             rows.append(row)
-            meta.append({"example": qi, "first": first, "offsets": offsets[start:start + len(chunk)]})
+            meta.append({"example": qi, "first": first, "offsets": offsets[start : start + len(chunk)]})
             if start + room >= len(ctx_ids):
                 break
             start += step
     return rows, meta
 
 
-def best_answers(examples: list[QAExample], meta: list[dict[str, Any]], start_logits: list[torch.Tensor],
-                 end_logits: list[torch.Tensor], max_answer_len: int = 30, allow_empty: bool = False,
-                 n_best: int = 20) -> dict[str, str]:
+def best_answers(
+    examples: list[QAExample],
+    meta: list[dict[str, Any]],
+    start_logits: list[torch.Tensor],
+    end_logits: list[torch.Tensor],
+    max_answer_len: int = 30,
+    allow_empty: bool = False,
+    n_best: int = 20,
+) -> dict[str, str]:
     """The best-scoring span (start + end logit) per question over all its windows."""
     best: dict[int, tuple[float, str]] = {}
     null: dict[int, float] = {}
@@ -115,14 +130,14 @@ def best_answers(examples: list[QAExample], meta: list[dict[str, Any]], start_lo
         qi, first, offsets = m["example"], m["first"], m["offsets"]
         null[qi] = min(null.get(qi, float("inf")), float(s[0] + e[0]))
         n = len(offsets)
-        s_ctx, e_ctx = s[first:first + n], e[first:first + n]
+        s_ctx, e_ctx = s[first : first + n], e[first : first + n]
         for i in s_ctx.topk(min(n_best, n)).indices.tolist():
             for j in e_ctx.topk(min(n_best, n)).indices.tolist():
                 if j < i or j - i + 1 > max_answer_len:
                     continue
                 score = float(s_ctx[i] + e_ctx[j])
                 if qi not in best or score > best[qi][0]:
-                    best[qi] = (score, examples[qi].context[offsets[i][0]:offsets[j][1]])
+                    best[qi] = (score, examples[qi].context[offsets[i][0] : offsets[j][1]])
     out = {}
     for qi, ex in enumerate(examples):
         score, text = best.get(qi, (float("-inf"), ""))
@@ -130,10 +145,12 @@ def best_answers(examples: list[QAExample], meta: list[dict[str, Any]], start_lo
     return out
 
 
-def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: bool, max_answer_len: int
-            ) -> Callable[..., dict[str, Any]]:
-    def run(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
-            ) -> dict[str, Any]:
+def qa_eval(
+    examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: bool, max_answer_len: int
+) -> Callable[..., dict[str, Any]]:
+    def run(
+        model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: Any = None
+    ) -> dict[str, Any]:
         starts, ends, loss, n = [], [], 0.0, 0
         for _, out in outputs(model, batches, device):
             if out.loss is not None:
@@ -144,8 +161,8 @@ def qa_eval(examples: list[QAExample], meta: list[dict[str, Any]], allow_empty: 
         golds = {ex.id: [a for a, _ in ex.answers] for ex in examples}
         scores = metrics.squad_scores(preds, golds)
         return {"loss": loss / max(n, 1), "exact_match": scores["exact_match"], "f1": scores["f1"]}
-    return run
 
+    return run
 
 
 class QA(Task):
@@ -157,11 +174,17 @@ class QA(Task):
         eval_qa = read_squad(fc.eval) if fc.eval else []
         allow_empty = any(ex.impossible for ex in train_qa)  # SQuAD v2: learn to abstain
         eval_rows, eval_meta = encode_qa(eval_qa, tok, cfg, fc.max_len, fc.doc_stride)
-        return Setup(encode_qa(train_qa, tok, cfg, fc.max_len, fc.doc_stride)[0], eval_rows, None,
-                     qa_eval(eval_qa, eval_meta, allow_empty, fc.max_answer_len), {"allow_empty": allow_empty})
+        return Setup(
+            encode_qa(train_qa, tok, cfg, fc.max_len, fc.doc_stride)[0],
+            eval_rows,
+            None,
+            qa_eval(eval_qa, eval_meta, allow_empty, fc.max_answer_len),
+            {"allow_empty": allow_empty},
+        )
 
-    def predict(self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int,
-                max_len: int) -> list[dict[str, Any]]:
+    def predict(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
         qa = read_squad(data)
         rows, meta = encode_qa(qa, tok, model.config, max_len, info["config"]["doc_stride"], with_labels=False)
         starts, ends = [], []

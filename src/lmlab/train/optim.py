@@ -19,8 +19,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8
+) -> torch.optim.AdamW:
     # the fused kernel (one pass over each tensor) exists for CUDA and, since torch 2.4, for the CPU
     devices = {p.device.type for p in model.parameters()}
     fused = devices <= {"cuda", "cpu"} and len(devices) == 1
@@ -39,7 +40,9 @@ def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_rati
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int | None, schedule: str,
-                   min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int | None, schedule: str, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total, schedule, min_ratio))
+        optimizer, lambda step: lr_factor(step, warmup, total, schedule, min_ratio)
+    )

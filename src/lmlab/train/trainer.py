@@ -58,8 +58,9 @@ def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
-def evaluate(model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device,
-             autocast: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(
+    model: Model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast: torch.dtype | None = None
+) -> dict[str, float]:
     """Token-level loss and perplexity of the language-model head over fixed batches (plus accuracies).
 
     For masked LMs the loss is over masked positions only and `accuracy` is masked-token accuracy;
@@ -97,9 +98,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 class Trainer:
-    def __init__(self, model: Model, train: Batches, val: list[dict[str, torch.Tensor]] | None, cfg: TrainConfig,
-                 run_dir: str | Path, on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 evaluate_fn: Callable[..., dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        train: Batches,
+        val: list[dict[str, torch.Tensor]] | None,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        evaluate_fn: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
         cfg.validate()
         self.cfg, self.train, self.val, self.run_dir = cfg, train, val or [], Path(run_dir)
         self.on_event = on_event or (lambda kind, info: None)
@@ -113,11 +121,13 @@ class Trainer:
         if cfg.max_tokens:
             by_tokens = math.ceil(cfg.max_tokens / self.tokens_per_step)
             self.total_steps = min(self.total_steps or by_tokens, by_tokens)
-        self.optimizer = make_optimizer(self.model, cfg.lr if cfg.lr is not None else DEFAULT_LR, cfg.weight_decay,
-                                        (cfg.beta1, cfg.beta2))
+        self.optimizer = make_optimizer(
+            self.model, cfg.lr if cfg.lr is not None else DEFAULT_LR, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+        )
         # with only a time budget the length is unknown: the rate stays at its peak after warm-up
-        self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule,
-                                        cfg.min_lr_ratio)
+        self.scheduler = make_scheduler(
+            self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio
+        )
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = None
@@ -152,9 +162,15 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                 "scheduler": self.scheduler.state_dict(), "batches": self.train.state_dict(),
-                 "rng_torch": torch.get_rng_state(), "train_config": asdict(self.cfg)}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.train.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "train_config": asdict(self.cfg),
+        }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -197,8 +213,9 @@ class Trainer:
     def _done(self, started: float) -> bool:
         cfg = self.cfg
         minutes = (self.elapsed + time.perf_counter() - started) / 60
-        return bool((self.total_steps and self.step >= self.total_steps)
-                    or (cfg.max_minutes and minutes >= cfg.max_minutes))
+        return bool(
+            (self.total_steps and self.step >= self.total_steps) or (cfg.max_minutes and minutes >= cfg.max_minutes)
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -207,13 +224,16 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+                raise ConfigError(
+                    "tensorboard logging needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         if self.step == 0:  # a resumed run restores the RNG state instead
             torch.manual_seed(cfg.seed)
         self.model.train()
-        self.on_event("start", {"total_steps": self.total_steps, "step": self.step,
-                                "tokens_per_step": self.tokens_per_step})
+        self.on_event(
+            "start", {"total_steps": self.total_steps, "step": self.step, "tokens_per_step": self.tokens_per_step}
+        )
         started = time.perf_counter()
         window_loss, window_steps, window_time, last_eval = 0.0, 0, 0.0, None
         while not self._done(started):
@@ -239,10 +259,16 @@ class Trainer:
             window_time += time.perf_counter() - step_start  # training time only: evals and saves excluded
             info = {"step": self.step, "loss": step_loss, "lr": lr, "tokens": self.tokens}
             if self.step % cfg.log_every == 0 or self._done(started):
-                record = {"step": self.step, "split": "train", "loss": window_loss / window_steps, "lr": lr,
-                          "grad_norm": grad_norm, "tokens": self.tokens,
-                          "tokens_per_s": window_steps * self.tokens_per_step / window_time,
-                          "elapsed_s": self.elapsed + time.perf_counter() - started}
+                record = {
+                    "step": self.step,
+                    "split": "train",
+                    "loss": window_loss / window_steps,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": self.tokens,
+                    "tokens_per_s": window_steps * self.tokens_per_step / window_time,
+                    "elapsed_s": self.elapsed + time.perf_counter() - started,
+                }
                 routing = self._routing_record()
                 if routing:
                     record["moe"] = routing
@@ -257,8 +283,9 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self._done(started):
                 self.elapsed += time.perf_counter() - started
                 started = time.perf_counter()
-                path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._state(),
-                                       cfg.keep_checkpoints)
+                path = save_checkpoint(
+                    self.run_dir, self.step, self.model, self.optimizer, self._state(), cfg.keep_checkpoints
+                )
                 self.on_event("save", {"step": self.step, "path": str(path)})
         self.elapsed += time.perf_counter() - started
         if self._tb is not None:

@@ -55,8 +55,9 @@ def apply_capacity(d: Dispatch, capacity: int, seq_len: int, n_ffn: int, K: int)
     kept_TK = torch.zeros(T * K, dtype=torch.bool, device=d.order_A.device)
     kept_TK[d.order_A[keep_A]] = True
     expert_A = d.expert_A[keep_A]
-    return Dispatch(d.order_A[keep_A], d.token_A[keep_A], expert_A, count(expert_A, n_experts), d.routed_E,
-                    kept_TK.view(T, K))
+    return Dispatch(
+        d.order_A[keep_A], d.token_A[keep_A], expert_A, count(expert_A, n_experts), d.routed_E, kept_TK.view(T, K)
+    )
 
 
 def combine(y_AD: torch.Tensor, token_A: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,11 @@ _GROUPED_MM = getattr(F, "grouped_mm", None)
 
 def _aligned(t: torch.Tensor) -> bool:
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) \
+    return (
+        t.data_ptr() % 16 == 0
+        and all(s * size % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
         and t.stride(-1) == 1
+    )
 
 
 def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,7 @@ def grouped_matmul(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
         return _GROUPED_MM(x_AD, w_EDF, offs=torch.cumsum(counts_E, 0).to(torch.int32))
     out, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
-        out.append(x_AD[start:start + n] @ w_EDF[e])
+        out.append(x_AD[start : start + n] @ w_EDF[e])
         start += n
     return torch.cat(out) if out else x_AD.new_zeros(0, w_EDF.shape[-1])
 

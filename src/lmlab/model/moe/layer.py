@@ -35,16 +35,18 @@ class MoE(nn.Module):
         self.n_experts = cfg.moe_total_experts  # ... then zero, copy and constant experts
         self.top_k = self.n_experts if self.kind == "dense" else cfg.moe_top_k
         self.capacity_factor, self.capacity = cfg.moe_capacity_factor, cfg.moe_capacity
-        self.weights = dict(lb=cfg.moe_aux_weight, z=cfg.moe_z_weight, importance=cfg.moe_importance_weight,
-                            load=cfg.moe_load_weight)
+        self.weights = dict(
+            lb=cfg.moe_aux_weight, z=cfg.moe_z_weight, importance=cfg.moe_importance_weight, load=cfg.moe_load_weight
+        )
         self.router = ExpertChoiceRouter(cfg) if self.kind == "expert-choice" else TokenChoiceRouter(cfg, has_previous)
         self.experts = GroupedExperts(cfg)
         self.zero_compute = ZeroComputeExperts(cfg) if self.n_copy or self.n_const else None
         self.shared = None
         if cfg.moe_shared_experts:
             self.shared = DenseFFN(cfg.replace(activation=cfg.expert_activation, bias=False), d_ff=cfg.shared_d_ff)
-        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.moe_shared_experts and cfg.moe_shared_gate \
-            else None
+        self.shared_gate = (
+            nn.Linear(cfg.d_model, 1, bias=False) if cfg.moe_shared_experts and cfg.moe_shared_gate else None
+        )
 
     def expert_name(self, e: int) -> str:
         """e3 for FFN expert 3; zero0, copy0, const1 for MoE++ experts."""
@@ -66,8 +68,9 @@ class MoE(nn.Module):
         return self.router(x_TD, previous_TE)
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
-                previous: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingRecord]:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoutingRecord]:
         """(B, T, D) or (T, D) -> the same shape, and the routing record. `previous` is the previous MoE
         layer's router logits (MoE++ gating residual)."""
         shape = x.shape
@@ -85,8 +88,9 @@ class MoE(nn.Module):
             y = y + shared
         return y, record
 
-    def _token_choice(self, x_TD: torch.Tensor, real_T: torch.Tensor | None, previous: torch.Tensor | None,
-                      seq_len: int) -> tuple[torch.Tensor, RoutingRecord]:
+    def _token_choice(
+        self, x_TD: torch.Tensor, real_T: torch.Tensor | None, previous: torch.Tensor | None, seq_len: int
+    ) -> tuple[torch.Tensor, RoutingRecord]:
         K = self.top_k
         r = self.router(x_TD, previous)
         d = dispatch.sort_by_expert(r.experts_TK, self.n_experts)
@@ -94,26 +98,34 @@ class MoE(nn.Module):
             capacity = self.capacity or math.ceil(self.capacity_factor * seq_len * K / self.n_ffn)
             d = dispatch.apply_capacity(d, capacity, seq_len, self.n_ffn, K)
         w_A = r.weights_TK.reshape(-1)[d.order_A].to(x_TD.dtype)
-        n_ffn = int(d.counts_E[:self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(d.order_A)
+        n_ffn = int(d.counts_E[: self.n_ffn].sum()) if self.n_experts > self.n_ffn else len(d.order_A)
         tok = d.token_A[:n_ffn]
-        y_AD = self.experts(x_TD.index_select(0, tok), d.counts_E[:self.n_ffn], w_A[:n_ffn])
+        y_AD = self.experts(x_TD.index_select(0, tok), d.counts_E[: self.n_ffn], w_A[:n_ffn])
         y_TD = dispatch.combine(y_AD, tok, torch.zeros_like(x_TD))
         if self.zero_compute is not None:  # after the FFN experts; zero experts (first) add nothing
-            start = n_ffn + int(d.counts_E[self.n_ffn:self.n_ffn + self.n_zero].sum())
+            start = n_ffn + int(d.counts_E[self.n_ffn : self.n_ffn + self.n_zero].sum())
             tok = d.token_A[start:]
             y_ZD = self.zero_compute(x_TD[tok], d.expert_A[start:] - self.n_ffn) * w_A[start:, None]
             y_TD = dispatch.combine(y_ZD, tok, y_TD)
         kept_TK = r.weights_TK if d.kept_TK is None else r.weights_TK * d.kept_TK
         return y_TD, self._token_choice_record(r, d, real_T, kept_TK.detach())
 
-    def _token_choice_record(self, r: TokenRouting, d: dispatch.Dispatch, real_T: torch.Tensor | None,
-                             kept_weights_TK: torch.Tensor) -> RoutingRecord:
+    def _token_choice_record(
+        self, r: TokenRouting, d: dispatch.Dispatch, real_T: torch.Tensor | None, kept_weights_TK: torch.Tensor
+    ) -> RoutingRecord:
         logits_TE, chosen_TE, noise_TE, weights_TK, experts_TK, kept_TK = (
-            r.logits_TE, r.chosen_TE, r.noise_TE, r.weights_TK, r.experts_TK, d.kept_TK)
+            r.logits_TE,
+            r.chosen_TE,
+            r.noise_TE,
+            r.weights_TK,
+            r.experts_TK,
+            d.kept_TK,
+        )
         routed_E = d.routed_E
         if real_T is not None:  # padding tokens count in neither the losses nor the statistics
-            logits_TE, chosen_TE, weights_TK, experts_TK = (t[real_T] for t in (logits_TE, chosen_TE, weights_TK,
-                                                                                 experts_TK))
+            logits_TE, chosen_TE, weights_TK, experts_TK = (
+                t[real_T] for t in (logits_TE, chosen_TE, weights_TK, experts_TK)
+            )
             noise_TE = noise_TE[real_T] if noise_TE is not None else None
             kept_TK = kept_TK[real_T] if kept_TK is not None else None
             routed_E = dispatch.count(experts_TK.reshape(-1), self.n_experts)
@@ -129,12 +141,19 @@ class MoE(nn.Module):
             gates_TE = torch.zeros_like(probs_TE).scatter_(1, experts_TK, weights_TK)
             out["importance"] = w["importance"] * losses.cv_squared(gates_TE.sum(0))
         if w["load"] and noise_TE is not None and logits_TE.shape[0]:
-            out["load"] = w["load"] * losses.cv_squared(losses.smooth_load(logits_TE, chosen_TE, noise_TE,
-                                                                           self.top_k).sum(0))
+            out["load"] = w["load"] * losses.cv_squared(
+                losses.smooth_load(logits_TE, chosen_TE, noise_TE, self.top_k).sum(0)
+            )
         dropped = 1.0 - kept_TK.float().mean() if kept_TK is not None and kept_TK.numel() else 0.0
-        return RoutingRecord(kept_weights_TK, probs_TE, load_E, dropped,
-                             {k: v for k, v in out.items() if v is not None}, router_logits_TE=r.logits_TE,
-                             experts_TK=r.experts_TK)
+        return RoutingRecord(
+            kept_weights_TK,
+            probs_TE,
+            load_E,
+            dropped,
+            {k: v for k, v in out.items() if v is not None},
+            router_logits_TE=r.logits_TE,
+            experts_TK=r.experts_TK,
+        )
 
     def _expert_choice(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> tuple[torch.Tensor, RoutingRecord]:
         E = self.n_ffn
@@ -146,12 +165,19 @@ class MoE(nn.Module):
         y_TD = dispatch.combine(y_AD, token_A, torch.zeros_like(x_TD))
         chosen_TE = torch.zeros_like(scores_TE).index_put_(
             (token_A, torch.arange(E, device=x_TD.device).repeat_interleave(capacity)),
-            torch.ones_like(token_A, dtype=scores_TE.dtype))
+            torch.ones_like(token_A, dtype=scores_TE.dtype),
+        )
         weights_TE = (chosen_TE * scores_TE).detach()
         if real_T is not None:
             logits_TE, chosen_TE = logits_TE[real_T], chosen_TE[real_T]
         n = max(logits_TE.shape[0], 1)
         load_E = chosen_TE.sum(0) / chosen_TE.sum().clamp(min=1)
         z = self.weights["z"] * losses.z_loss(logits_TE) if self.weights["z"] and logits_TE.shape[0] else None
-        return y_TD, RoutingRecord(weights_TE, logits_TE.softmax(-1), load_E, (chosen_TE.sum(-1) == 0).sum() / n,
-                                   {"z": z} if z is not None else {}, router_logits_TE=logits_TE)
+        return y_TD, RoutingRecord(
+            weights_TE,
+            logits_TE.softmax(-1),
+            load_E,
+            (chosen_TE.sum(-1) == 0).sum() / n,
+            {"z": z} if z is not None else {},
+            router_logits_TE=logits_TE,
+        )

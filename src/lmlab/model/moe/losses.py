@@ -31,9 +31,9 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
 def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Shazeer's differentiable load: P(expert i stays in the top k if its noise were drawn again)."""
     top_TK1 = noisy_TE.topk(min(k + 1, noisy_TE.shape[-1]), dim=-1).values
-    in_top_TE = noisy_TE >= top_TK1[:, k - 1:k]
+    in_top_TE = noisy_TE >= top_TK1[:, k - 1 : k]
     threshold_if_in = top_TK1[:, -1:]  # (k+1)-th largest: what i must beat when it is in the top k
-    threshold_if_out = top_TK1[:, k - 1:k]  # k-th largest otherwise
+    threshold_if_out = top_TK1[:, k - 1 : k]  # k-th largest otherwise
     threshold_TE = torch.where(in_top_TE, threshold_if_in, threshold_if_out)
     return torch.distributions.Normal(0.0, 1.0).cdf((clean_TE - threshold_TE) / noise_TE)
 
@@ -75,6 +75,10 @@ class RoutingRecord:
         with torch.no_grad():
             probs, load = self.probs_TE.detach(), self.load_E.detach()
             entropy = -(probs * probs.clamp(min=1e-9).log()).sum(-1).mean() if probs.shape[0] else probs.new_zeros(())
-            return {"load": load, "cv": load.std() / load.mean().clamp(min=1e-9), "entropy": entropy,
-                    "dropped": torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device).detach(),
-                    **{f"{k}_loss": v.detach() for k, v in self.losses.items()}}
+            return {
+                "load": load,
+                "cv": load.std() / load.mean().clamp(min=1e-9),
+                "entropy": entropy,
+                "dropped": torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device).detach(),
+                **{f"{k}_loss": v.detach() for k, v in self.losses.items()},
+            }

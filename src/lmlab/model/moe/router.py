@@ -45,8 +45,9 @@ class TokenChoiceRouter(nn.Module):
         self.jitter = cfg.moe_jitter
         self.gate = nn.Linear(cfg.d_model, self.n_experts, bias=False)
         self.noise = nn.Linear(cfg.d_model, self.n_experts, bias=False) if self.kind == "noisy" else None
-        self.residual = nn.Linear(self.n_experts, self.n_experts, bias=False) \
-            if cfg.moe_gating_residual and has_previous else None
+        self.residual = (
+            nn.Linear(self.n_experts, self.n_experts, bias=False) if cfg.moe_gating_residual and has_previous else None
+        )
 
     def logits(self, x_TD: torch.Tensor, previous_TE: torch.Tensor | None = None) -> torch.Tensor:
         """Clean router logits (T, E), float32, the gating residual included."""
@@ -80,8 +81,9 @@ class ExpertChoiceRouter(nn.Module):
         self.capacity_factor = cfg.moe_capacity_factor or 1.0
         self.gate = nn.Linear(cfg.d_model, self.n_experts, bias=False)
 
-    def forward(self, x_TD: torch.Tensor, real_T: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_TD: torch.Tensor, real_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(clean logits TE, softmax scores TE, each expert's tokens EC, their scores EC). Padding
         tokens are picked last."""
         T = x_TD.shape[0]

@@ -23,8 +23,9 @@ class SoftMoE(nn.Module):
     def expert_name(self, e: int) -> str:
         return f"e{e}"
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
-                previous: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingRecord]:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoutingRecord]:
         shape = x.shape
         x_BTD = x.reshape(-1, shape[-2], shape[-1])
         B, T, D = x_BTD.shape

@@ -189,22 +189,33 @@ def hf_folder(tmp_path):
 TINY_WORDS = "the a land people lord king city river house field water stone".split()
 
 
+def tiny_config(base: str, tok):
+    """A preset shrunk to 2 layers of width 64 with the tokenizer's vocabulary and special ids."""
+    from lmlab.config import preset
+
+    return preset(
+        base, vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64, **tok.model_ids()
+    )
+
+
+def tiny_text() -> list[str]:
+    """A few hundred lines the tiny tokenizers are trained on: random words, then a refrain."""
+    import random
+
+    words = [*TINY_WORDS, "good", "bad", "Moses", "Aaron", "Egypt"]
+    text = [" ".join(random.Random(i).choices(words, k=12)) for i in range(200)]
+    return text + [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
     """Tiny random decoder ("gpt"), encoder ("bert"), encoder-decoder ("t5") and prefix-LM ("prefix") folders, each with a tokenizer trained on a few
     hundred lines: what `lmlab pretrain` leaves behind, in a second."""
-    import random
-
     import lmlab
-    from lmlab.config import preset
     from lmlab.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-pretrained")
-    text = [
-        " ".join(random.Random(i).choices(TINY_WORDS + ["good", "bad", "Moses", "Aaron", "Egypt"], k=12))
-        for i in range(200)
-    ]
-    text += [f"and the lord said unto moses {i} let my people go into the land" for i in range(50)]
+    text = tiny_text()
     out = {}
     for name, kind, base in (
         ("bert", "wordpiece", "bert-tiny"),
@@ -214,17 +225,7 @@ def tiny_pretrained(tmp_path_factory):
     ):
         tok = train_tokenizer(kind, text, 400)
         torch.manual_seed(0)
-        cfg = preset(
-            base,
-            vocab_size=tok.vocab_size,
-            n_layers=2,
-            d_model=64,
-            n_heads=2,
-            d_ff=128,
-            max_seq_len=64,
-            **tok.model_ids(),
-        )
-        lmlab.Model(cfg).save_pretrained(root / name)
+        lmlab.Model(tiny_config(base, tok)).save_pretrained(root / name)
         tok.save(root / name)
         out[name] = root / name
     return out

@@ -4,9 +4,8 @@
 fresh mmap()s and hands them back to the OS on free(), so every training step's large activations
 and every MoE layer's gathered tokens land on new pages that the kernel must fault in and zero
 before PyTorch writes them. Serving every block from the heap, and keeping freed memory there,
-lets the next step reuse the same pages. Measured on this project's 2-core CPU
-(docs/benchmarks.md): gathering 32k rows of 512 floats 33 -> 8 ms; a GPT-2-shaped training step
-12% faster, transformers' as much; an MoE layer with 64 fine-grained experts 1.6x faster. The price:
+lets the next step reuse the same pages (what that gains for training steps, gathers and MoE layers
+is measured in docs/benchmarks.md, "Memory reuse"). The price:
 the process keeps its peak heap until it exits (PyTorch's CUDA allocator behaves the same way),
 which is what a training or serving process wants. Intel's PyTorch CPU tuning guide reaches the
 same end by preloading jemalloc or tcmalloc; this needs no extra library.

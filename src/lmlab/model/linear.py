@@ -2,8 +2,8 @@
 
 `F.linear(x, W)` asks the BLAS for x @ W^T. With few rows (a decode step: one token per sequence)
 MKL runs that orientation far below the memory bandwidth the weights need; asked for the same
-product as (W @ x^T)^T it is 1.3-2.7x faster for 2-64 rows, and the same for one row or for thousands
-(bench/linear_orientation.py; docs/benchmarks.md, "Decoding speed"). Only float32 on the CPU outside autocast takes
+product as (W @ x^T)^T it runs faster for a few rows and the same for one row or for thousands
+(bench/linear_orientation.py; the measurements are in docs/benchmarks.md, "Decoding speed"). Only float32 on the CPU outside autocast takes
 the other orientation; everything else is `F.linear` unchanged. The result equals F.linear's up to
 the summation order of the GEMM (float32 rounding).
 """

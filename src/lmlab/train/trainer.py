@@ -34,7 +34,7 @@ POST_LN_LR = 5e-4
 def default_lr(model_cfg) -> float:
     """The peak learning rate `lmlab pretrain` uses when none is given. Post-LN stacks (BERT, BART) get
     half the pre-LN one: the tiny post-LN BERT at 2e-3 collapsed, every position's state becoming the
-    same vector (MLM accuracy 7%, NSP at chance), while at 5e-4 it learned (docs/benchmarks.md).
+    same vector, while at 5e-4 it learned (the runs are in docs/benchmarks.md).
     Post-LN's larger gradients near the output are why it needs warm-up and a smaller step size
     (Xiong et al., 2020)."""
     return POST_LN_LR if model_cfg.norm_placement == "post" else DEFAULT_LR

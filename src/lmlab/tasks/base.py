@@ -3,6 +3,7 @@ trainer, the special tokens around a text, and evaluation passes over fixed batc
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,25 +31,27 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Task:
+class Task(ABC):
     """One fine-tuning task. `setup` reads and encodes the files (read, encode, evaluate), `head` names the
     model head it trains, `data` wraps encoded rows for the trainer (collate), `predict` turns a file into
-    prediction records. Register a new task in lmlab.tasks.TASKS."""
+    prediction records. Register a new task in lmlab.tasks.REGISTRY."""
 
     name: str = ""
     head: str = ""  # classify | tag | span
     formats: str = ""  # what the files look like, for help texts
 
+    @abstractmethod
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:
-        raise NotImplementedError(f"{type(self).__name__} must implement this")
+        """Read the training (and evaluation) files of `fc`, encode them for `cfg`, say how to evaluate."""
 
     def data(self, rows: list[dict[str, Any]], pad_id: int, segments: bool) -> TaskData:
         return TaskData(rows, pad_id, segments)
 
+    @abstractmethod
     def predict(
         self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
     ) -> list[dict[str, Any]]:
-        raise NotImplementedError(f"{type(self).__name__} must implement this")
+        """Prediction records (JSON-ready dicts) for a file of the task's format."""
 
 
 def pad_id(tok: Tokenizer) -> int:

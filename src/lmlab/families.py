@@ -31,7 +31,7 @@ class FamilySpec:
     # special-token roles a task's input is wrapped in: (before, after), e.g. [CLS] text [SEP]
     wrap: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     pooling: str = "last"  # default classification pooling: cls | last | mean
-    tasks: tuple[str, ...] = ("classify", "ner", "qa")
+    tasks: tuple[str, ...] = ("classify", "ner", "qa")  # the fine-tuning tasks (lmlab.tasks) it can learn
     # the model shifts labels itself: position t's logits are scored against token t+1
     shifts_labels: bool = False
 
@@ -77,6 +77,7 @@ FAMILIES: dict[str, FamilySpec] = {
         tokenizer_kind="bpe",
         eval_method="clm",
         lm_heads=("lm",),
+        tasks=("classify", "ner", "qa", "seq2seq", "chat"),
         shifts_labels=True,
     ),
     "encoder-decoder": FamilySpec(
@@ -90,6 +91,7 @@ FAMILIES: dict[str, FamilySpec] = {
         eval_method="span",
         lm_heads=("lm",),
         wrap=((), ("eos",)),
+        tasks=("classify", "ner", "qa", "seq2seq"),
     ),
     "prefix-lm": FamilySpec(
         name="prefix-lm",
@@ -101,6 +103,7 @@ FAMILIES: dict[str, FamilySpec] = {
         tokenizer_kind="bpe",
         eval_method="prefix-lm",
         lm_heads=("lm",),
+        tasks=("classify", "ner", "qa", "seq2seq", "chat"),
         shifts_labels=True,
     ),
 }

@@ -22,6 +22,7 @@ import torch
 
 from lmlab.data.objectives import Batches
 from lmlab.errors import ConfigError
+from lmlab.families import FAMILIES
 from lmlab.model import Model
 from lmlab.settings import FinetuneConfig
 from lmlab.tasks import REGISTRY, get_task
@@ -39,8 +40,12 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
     says otherwise. Encoder-decoders tag and extract spans from their encoder's states; prefix-LMs
     see their whole input bidirectionally (see `Model.forward`)."""
     cfg = base.config
-    num_labels = len(labels) if labels else 1
     head = get_task(task).head if task in REGISTRY else task
+    if head == "lm":  # generation tasks train the pre-trained lm head itself
+        if base.lm_head is None:
+            raise ConfigError(f"the {task} task needs a model with an lm head; this one has heads {cfg.heads}")
+        return base
+    num_labels = len(labels) if labels else 1
     changes: dict[str, Any] = {"heads": (head,), "num_labels": num_labels, "labels": labels}
     if head == "classify":
         how = pooling or cfg.spec.pooling
@@ -73,12 +78,22 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     base = load(fc.model)
     tok = load_tokenizer(fc.model)
     cfg = base.config
+    if fc.task not in cfg.spec.tasks:
+        able = [name for name, spec in FAMILIES.items() if fc.task in spec.tasks]
+        raise ConfigError(
+            f"{fc.model}: a {cfg.family} model cannot be fine-tuned for {fc.task} (only {', '.join(able)})"
+        )
     cfg.check_length(fc.max_len, f"--max-len {fc.max_len}")
     setup = task.setup(fc, tok, cfg)
+    for note in setup.notes:
+        if on_event is not None:
+            on_event("note", {"text": note})
     info: dict[str, Any] = {"task": fc.task, **setup.info}
     labels, train_rows, eval_rows, evaluate_fn = setup.labels, setup.train_rows, setup.eval_rows, setup.evaluate
     torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed
     model = task_model(base, fc.task, labels, fc.pooling)
+    if tok.vocab_size > model.config.vocab_size:  # the task added tokens (chat templates)
+        model.resize_token_embeddings(tok.vocab_size)
     pad, segments = pad_id(tok), model.config.type_vocab_size > 0
     train = Batches(task.data(train_rows, pad, segments), fc.batch_size, fc.seed)
     val = (
@@ -111,6 +126,8 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     summary = trainer.fit()
     model.save_pretrained(out)
     tok.save(out)
+    if setup.files is not None:
+        setup.files(out)
     result = {
         "task": fc.task,
         "train_examples": len(train_rows),
@@ -120,6 +137,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         "resumed": resumed,
         "eval": summary["val"],
         "labels": labels,
+        "notes": setup.notes,
     }
     (out / "finetune.json").write_text(json.dumps({**info, "config": dataclasses.asdict(fc)}, indent=2) + "\n")
     (out / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -6,7 +6,13 @@
   `seqeval` does in its default mode (an I- after O, or after another type, opens an entity);
 - extractive QA: SQuAD's exact match and token F1 with the official answer normalisation
   (lower case, no punctuation, no articles a / an / the, single spaces), maximised over the gold
-  answers; for SQuAD v2 an unanswerable question scores 1 only for an empty prediction.
+  answers; for SQuAD v2 an unanswerable question scores 1 only for an empty prediction;
+- generation (seq2seq): corpus BLEU and chrF from sacreBLEU (with their signatures, so a score can be
+  compared with a published one), ROUGE-1 / 2 / L / Lsum F-measures from Google's rouge-score (the
+  mean over examples, in %), and exact match after stripping white space. rougeLsum scores a summary
+  sentence by sentence, and rouge-score finds the sentences only at newlines: a text without
+  newlines is split into sentences first (`sentences`), so a one-line multi-sentence summary is not
+  scored as one long sentence. sacrebleu and rouge-score come with the `seq2seq` extra.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import re
 import string
 from collections.abc import Sequence
+from typing import Any
 
 
 # ---- classification and regression ---------------------------------------------------------------
@@ -174,3 +181,59 @@ def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> di
     em = sum(exact_match(predictions[q], g) if q in predictions else 0.0 for q, g in golds.items())
     f1 = sum(token_f1(predictions[q], g) if q in predictions else 0.0 for q, g in golds.items())
     return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": len(golds)}
+
+
+# ---- generation ------------------------------------------------------------------------------------
+# a sentence ends at . ! ? (or one of them then a closing quote / bracket) before white space and a
+# character that is not a lower-case letter ("Why?" he asked. stays one sentence)
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[^\sa-z])")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a summary for rougeLsum: its lines when it has several, else the pieces after
+    sentence-final . ! ? (and a closing quote or bracket) followed by white space and anything but a
+    lower-case letter."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines
+    text = lines[0] if lines else ""
+    return [piece.strip() for piece in _SENTENCE_END.split(text) if piece.strip()]
+
+
+def _need(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"seq2seq metrics need {module.split('.')[0]}: pip install 'lmlab[seq2seq]' (sacrebleu, rouge-score)"
+        ) from None
+
+
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """BLEU, chrF, ROUGE-1/2/L/Lsum and exact match (all in %) of predictions against one reference each,
+    with sacreBLEU's signatures."""
+    _same_length(references, predictions)
+    if not references:
+        raise ValueError("no references to score against")
+    sacrebleu = _need("sacrebleu")
+    rouge_scorer = _need("rouge_score.rouge_scorer")
+    preds, refs = [str(p) for p in predictions], [str(r) for r in references]
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    out: dict[str, Any] = {
+        "bleu": bleu.corpus_score(preds, [refs]).score,
+        "chrf": chrf.corpus_score(preds, [refs]).score,
+    }
+    types = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    totals = dict.fromkeys(types, 0.0)
+    for p, r in zip(preds, refs):
+        scores = scorer.score("\n".join(sentences(r)), "\n".join(sentences(p)))  # (target, prediction)
+        for t in types:
+            totals[t] += scores[t].fmeasure
+    out.update({t: 100 * totals[t] / len(refs) for t in types})
+    out["exact_match"] = 100 * sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / len(refs)
+    out["bleu_signature"] = str(bleu.get_signature())
+    out["chrf_signature"] = str(chrf.get_signature())
+    return out

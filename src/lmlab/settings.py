@@ -118,7 +118,9 @@ class FinetuneConfig:
     epochs: float = option(3.0, "passes over the training file")
     lr: float = option(5e-5, "peak learning rate")
     batch_size: int = option(16, "examples per batch")
-    max_len: int = option(128, "tokens per example (window length for QA)")
+    max_len: int = option(
+        128, "tokens per example (QA: the window; seq2seq: the encoder's source, or the whole sequence of a decoder)"
+    )
     text_columns: list[str] | None = option(None, "classification text column(s) (default: found by name)")
     pooling: str | None = option(
         None,
@@ -128,6 +130,18 @@ class FinetuneConfig:
     label_column: str | None = option(None, "classification label column (default: found by name)")
     doc_stride: int = option(32, "QA: tokens shared by neighbouring context windows")
     max_answer_len: int = option(30, "QA: longest answer in tokens")
+    source_field: str = option("source", "seq2seq: the JSONL field / table column of the input text")
+    target_field: str = option("target", "seq2seq: the JSONL field / table column of the output text")
+    source_prefix: str = option("", 'seq2seq: text put before every source, e.g. "translate: " for T5')
+    separator: str = option("\n\n###\n\n", "seq2seq, decoders and prefix-LMs: the text between source and target")
+    max_target_len: int = option(64, "seq2seq: target tokens (end token included); also the generation limit")
+    truncate: bool = option(
+        False, "seq2seq / chat: cut over-long sources, targets and conversations (and say how many) instead of failing"
+    )
+    beams: int = option(1, "seq2seq evaluation and prediction: beam search with this many beams (1: greedy)")
+    chat_template: str | None = option(
+        None, "chat: a Jinja chat template file (default: the tokenizer's own, else lmlab's ChatML template)"
+    )
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming up")
     weight_decay: float = option(0.01, "AdamW weight decay")
     seed: int = option(0, "seed of the new head and the data order")

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.families import TOKENIZER_KINDS
@@ -35,9 +35,17 @@ _HF_ROLE = {r: f"{r}_token" for r in ROLES}
 class Tokenizer:
     """A trained tokenizer plus the roles of its special tokens."""
 
-    def __init__(self, backend: Backend, kind: str, specials: dict[str, str], sentinels: list[str] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        kind: str,
+        specials: dict[str, str],
+        sentinels: list[str] | None = None,
+        chat_template: str | None = None,
+    ):
         self.backend, self.kind, self.specials = backend, kind, dict(specials)
         self.sentinels = list(sentinels or [])
+        self.chat_template = chat_template  # Jinja source (lmlab.chat), saved in tokenizer_config.json
         for role, tok in self.specials.items():
             if backend.token_to_id(tok) is None:
                 raise CheckpointError(f"tokenizer: the {role} token {tok!r} is not in the vocabulary")
@@ -95,6 +103,19 @@ class Tokenizer:
             "eos_token_id": self.eos_id,
         }
 
+    def add_special_tokens(self, tokens: list[str]) -> int:
+        """Add tokens the text can never split (e.g. a chat template's markers) at the end of the
+        vocabulary; returns how many were new. A model reading the ids needs as many embedding rows
+        (`Model.resize_token_embeddings(tok.vocab_size)`)."""
+        new = [t for t in tokens if self.backend.token_to_id(t) is None]
+        if new:
+            self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        return len(new)
+
+    def template_variables(self) -> dict[str, str]:
+        """The special tokens a chat template may use, named as transformers passes them (bos_token, ...)."""
+        return {_HF_ROLE[r]: t for r, t in self.specials.items()}
+
     # ---- text --------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -120,6 +141,8 @@ class Tokenizer:
             "additional_special_tokens": self.sentinels,
         }
         cfg.update({_HF_ROLE[r]: t for r, t in self.specials.items()})
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -299,7 +322,19 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             (t for t in backend.get_vocab() if t.startswith("<extra_id_")),
             key=lambda t: int(t[10:-1]) if t[10:-1].isdigit() else 0,
         )
-    return Tokenizer(backend, kind, specials, sentinels)
+    return Tokenizer(backend, kind, specials, sentinels, _chat_template(cfg, folder))
+
+
+def _chat_template(cfg: dict, folder: Path) -> str | None:
+    """A folder's chat template: tokenizer_config.json's `chat_template` (a string, or transformers' list
+    of named templates, of which "default" is taken), else a chat_template.jinja file beside it."""
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
 
 
 def _kind_of(backend: Backend) -> str:

@@ -37,7 +37,8 @@ def add_fields(
         default = f.default if f.default is not dataclasses.MISSING else None
         text = meta.get("help") or ""
         if default not in (None, "", False) and not kind.startswith("list"):
-            text += f" (default: {default})"
+            shown = repr(default) if isinstance(default, str) and default != default.strip() else default
+            text += f" (default: {shown})"
         kw: dict[str, Any] = {"dest": dest + f.name, "default": None, "help": text}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]

@@ -62,6 +62,8 @@ class TrainingProgress:
                 if state["tps"]:
                     status += f"  {state['tps']:,.0f} tok/s"
                 self.progress.update(state["task"], completed=info["step"], status=status)
+            elif kind == "note":
+                self.progress.console.print(f"{name}: {info['text']}")
             elif kind == "eval" and "ppl" in info:
                 extra = f", accuracy {info['accuracy']:.3f}" if "accuracy" in info else ""
                 self.progress.console.print(

@@ -221,6 +221,34 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_buffers"):
                 module.init_buffers()
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, n: int) -> None:
+        """Give the vocabulary `n` rows (e.g. after adding a chat template's special tokens), as
+        transformers' method of that name: the token embedding, an untied lm / mlm head weight and their
+        biases keep their first rows; new rows start at the mean of the old ones (their biases at the
+        mean bias), so a new token begins as an average token instead of a random one."""
+        old = self.config.vocab_size
+        if n == old:
+            return
+        if n < 1:
+            raise LmlabError(f"resize_token_embeddings needs a positive size, got {n}")
+
+        def resized(p: nn.Parameter) -> nn.Parameter:
+            new = p.new_empty((n, *p.shape[1:]))
+            keep = min(n, old)
+            new[:keep] = p[:keep]
+            if n > old:
+                new[old:] = p.mean(0)
+            return nn.Parameter(new, requires_grad=p.requires_grad)
+
+        self.tok_embed.weight = resized(self.tok_embed.weight)
+        self.tok_embed.num_embeddings = n
+        for head in (self.lm_head, self.mlm_head):
+            for name in ("weight", "bias"):
+                if head is not None and getattr(head, name, None) is not None:
+                    setattr(head, name, resized(getattr(head, name)))
+        self.config = self.config.replace(vocab_size=n)
+
     # ---- pieces -----------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_embed(input_ids)

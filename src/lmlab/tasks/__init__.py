@@ -4,6 +4,8 @@
   classify  sequence classification / regression (tables, JSONL)     head: classify
   ner       token classification (CoNLL)                             head: tag
   qa        extractive question answering (SQuAD v1.1 / v2.0)        head: span
+  seq2seq   text -> text: translation, summarization (JSONL / TSV)    head: lm (generative families)
+  chat      instruction tuning on conversations (messages JSONL)     head: lm (decoders, prefix-LMs)
 
 The registry names each task's class by module path, so listing the tasks (the CLI's choices)
 imports none of them; a new task is one module and one line here.
@@ -23,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "classify": "lmlab.tasks.classify:Classify",
     "ner": "lmlab.tasks.ner:NER",
     "qa": "lmlab.tasks.qa:QA",
+    "seq2seq": "lmlab.tasks.seq2seq:Seq2Seq",
+    "chat": "lmlab.tasks.chat:Chat",
 }
 TASK_NAMES = tuple(REGISTRY)
 _loaded: dict[str, Task] = {}

@@ -3,15 +3,19 @@ trainer, the special tokens around a text, and evaluation passes over fixed batc
 
 from __future__ import annotations
 
+import csv
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from lmlab.config import ModelConfig
+from lmlab.errors import DataError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
 from lmlab.tokenizer import Tokenizer
@@ -29,6 +33,8 @@ class Setup:
     labels: list[str] | None
     evaluate: Evaluate
     info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said to the user before training (e.g. what --truncate cut)
+    files: Callable[[Path], None] | None = None  # writes the task's own files into the output folder at the end
 
 
 class Task(ABC):
@@ -37,7 +43,7 @@ class Task(ABC):
     prediction records. Register a new task in lmlab.tasks.REGISTRY."""
 
     name: str = ""
-    head: str = ""  # classify | tag | span
+    head: str = ""  # classify | tag | span | lm (generation tasks keep the pre-trained lm head)
     formats: str = ""  # what the files look like, for help texts
 
     @abstractmethod
@@ -132,3 +138,43 @@ def batches_of(
     data = task.data(rows, pad_id(tok), cfg.type_vocab_size > 0)
     for s in range(0, len(rows), batch_size):
         yield data.collate(rows[s : s + batch_size])
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every row of a JSONL file (one object per line) or a TSV / CSV file with
+    a header row (by suffix: .csv is comma-separated, anything else tab-separated). Errors name the file
+    and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, found {type(record).__name__}")
+                rows.append((n, record))
+    else:
+        delimiter = "," if path.suffix == ".csv" else "\t"
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(
+                f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            )
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the file is empty (expected a header row)")
+            for n, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{n}: {len(row)} columns, but the header has {len(header)} ({', '.join(header)})"
+                    )
+                rows.append((n, dict(zip(header, row))))
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows

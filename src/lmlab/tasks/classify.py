@@ -5,8 +5,6 @@ regression. Metrics: accuracy, macro-F1 and MCC (Pearson and Spearman for regres
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from lmlab import metrics
 from lmlab.config import ModelConfig
 from lmlab.errors import DataError
 from lmlab.model import Model
-from lmlab.tasks.base import Setup, Task, batches_of, outputs, specials
+from lmlab.tasks.base import Setup, Task, batches_of, outputs, read_rows, specials
 from lmlab.tokenizer import Tokenizer
 
 _TEXT_COLUMNS = (
@@ -48,35 +46,7 @@ def read_table(
 ) -> tuple[list[Example], list[str], str | None]:
     """Rows of a TSV / CSV (header row) or JSONL file -> examples, with the columns that were used."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    else:
-        delimiter = "," if path.suffix == ".csv" else "\t"
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(
-                f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-            )
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: the file is empty (expected a header row)")
-            for n, row in enumerate(reader, 2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}:{n}: {len(row)} columns, but the header has {len(header)} ({', '.join(header)})"
-                    )
-                rows.append((n, dict(zip(header, row))))
-    if not rows:
-        raise DataError(f"{path}: no data rows")
+    rows = read_rows(path)
     columns = list(rows[0][1])
     if text_columns is None:
         text_columns = next((list(c) for c in _TEXT_COLUMNS if all(x in columns for x in c)), None)

@@ -181,3 +181,87 @@ def stop_ids(folder: Any, tok: Any) -> list[int]:
     if eot is not None:
         ids.append(tok.backend.token_to_id(eot))
     return list(dict.fromkeys(ids))
+
+
+class ChatSession:
+    """A conversation with a chat model, kept within its context window: `reply(text)` adds a user turn,
+    yields the assistant's answer as it is generated and keeps it in the history. Before generating,
+    the oldest turns are dropped (the system message stays) until the prompt and `max_new_tokens` fit
+    the model's `max_seq_len`; `dropped` says how many were dropped for the last answer. `ask` streams
+    an answer (then `remember` it), `reply` returns it whole."""
+
+    def __init__(
+        self,
+        model: Any,
+        tok: Any,
+        stops: list[int],
+        system: str | None = None,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ) -> None:
+        if not tok.chat_template:
+            raise ConfigError(
+                "the model folder has no chat template (tokenizer_config.json has no chat_template); "
+                "fine-tune it with `lmlab finetune --task chat` first"
+            )
+        self.model, self.tok, self.stops = model, tok, stops
+        self.system, self.max_new_tokens, self.sampling = system, max_new_tokens, sampling
+        self.history: list[Message] = []
+        self.dropped = 0
+
+    @property
+    def window(self) -> int:
+        return self.model.config.max_seq_len
+
+    def reset(self) -> None:
+        self.history = []
+
+    def messages(self) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def prompt(self) -> tuple[str, int]:
+        """The rendered prompt for the next reply and its length in tokens, after trimming the history."""
+        self.dropped = 0
+        while True:
+            text = render(
+                self.tok.chat_template, self.messages(), add_generation_prompt=True, **self.tok.template_variables()
+            )
+            n = len(self.tok.encode(text, add_special_tokens=False))
+            if n + self.max_new_tokens <= self.window:
+                return text, n
+            if len(self.history) <= 1:
+                raise ConfigError(
+                    f"the message needs {n} tokens, and {self.max_new_tokens} new tokens must follow it: more than "
+                    f"the model's context window of {self.window} tokens (shorten it, or lower --max-new-tokens)"
+                )
+            # drop the oldest exchange: a user turn and the answer to it
+            cut = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1
+            self.history = self.history[cut:]
+            self.dropped += cut
+
+    def ask(self, text: str) -> Any:
+        """Add the user turn `text` and return the answer's stream (lmlab.generate.TextStream), to iterate
+        and then hand to `remember`. A message that cannot fit is refused (ConfigError) and not kept."""
+        from lmlab.generate import stream
+
+        self.history.append({"role": "user", "content": text})
+        try:
+            prompt, _ = self.prompt()
+        except ConfigError:
+            self.history.pop()
+            raise
+        return stream(
+            self.model, self.tok, prompt, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops, **self.sampling
+        )
+
+    def remember(self, answer: Any) -> None:
+        """Keep a streamed answer in the history."""
+        self.history.append({"role": "assistant", "content": answer.text.strip()})
+
+    def reply(self, text: str) -> str:
+        """The whole answer to `text` (not streamed), kept in the history."""
+        answer = self.ask(text)
+        for _ in answer:
+            pass
+        self.remember(answer)
+        return answer.text.strip()

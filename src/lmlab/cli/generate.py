@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
     p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message: render it with the folder's chat template and print the answer",
+    )
+    p.add_argument("--system", default=None, help="with --chat: the system message")
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default=None,
@@ -63,6 +69,16 @@ def run_generate(args: argparse.Namespace) -> None:
 
     model, tok = model_and_tokenizer(args.model, args.dtype)
     head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
+    prompt, stops = args.prompt, None
+    if args.chat:
+        from lmlab.chat import ChatSession, stop_ids
+
+        session = ChatSession(model, tok, stop_ids(args.model, tok), args.system, max_new_tokens=args.max_new_tokens)
+        session.history.append({"role": "user", "content": args.prompt})
+        prompt, _ = session.prompt()
+        head, stops = "", session.stops
+    elif args.system:
+        raise LmlabError("--system goes with --chat")
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
@@ -72,9 +88,10 @@ def run_generate(args: argparse.Namespace) -> None:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop_strings=args.stop or None,
+        eos_token_id=stops,
     )
     if args.stream and args.beams == 1 and args.num_return == 1:
-        pieces = stream(model, tok, args.prompt, **kw)
+        pieces = stream(model, tok, prompt, **kw)
         sys.stdout.write(head)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -84,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> None:
     outs = complete(
         model,
         tok,
-        args.prompt,
+        prompt,
         num_beams=args.beams,
         length_penalty=args.length_penalty,
         num_return_sequences=args.num_return,

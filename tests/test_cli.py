@@ -145,7 +145,7 @@ def test_flags_are_generated_from_the_settings_dataclasses():
     assert pretrain["train.schedule"].choices == ("cosine", "linear", "constant")
     assert pretrain["model.moe_router"].choices == ("topk", "noisy", "dense", "expert-choice", "soft")
     finetune = {a.dest: a for a in sub["finetune"]._actions}
-    assert set(finetune["task"].choices) == {"classify", "ner", "qa"}  # from the task registry
+    assert set(finetune["task"].choices) == {"classify", "ner", "qa", "seq2seq", "chat"}  # from the task registry
     assert {f.name for f in dataclasses.fields(FinetuneConfig)} <= set(finetune)
 
 

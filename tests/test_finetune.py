@@ -329,5 +329,7 @@ def test_every_registered_task_names_its_head_and_formats():
     from lmlab.tasks import TASK_NAMES, all_tasks
 
     tasks = all_tasks()
-    assert set(TASK_NAMES) == set(tasks) == {"classify", "ner", "qa"}
-    assert {t.head for t in tasks.values()} == {"classify", "tag", "span"} and all(t.formats for t in tasks.values())
+    assert set(TASK_NAMES) == set(tasks) == {"classify", "ner", "qa", "seq2seq", "chat"}
+    assert {t.head for t in tasks.values()} == {"classify", "tag", "span", "lm"} and all(
+        t.formats for t in tasks.values()
+    )

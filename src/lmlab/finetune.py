@@ -81,7 +81,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     if fc.task not in cfg.spec.tasks:
         able = [name for name, spec in FAMILIES.items() if fc.task in spec.tasks]
         raise ConfigError(
-            f"{fc.model}: a {cfg.family} model cannot be fine-tuned for {fc.task} (only {', '.join(able)})"
+            f"{fc.model}: the {cfg.family} model cannot be fine-tuned for {fc.task} (families that can: {', '.join(able)})"
         )
     cfg.check_length(fc.max_len, f"--max-len {fc.max_len}")
     setup = task.setup(fc, tok, cfg)

@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/seq2seq-bench")
     a = ap.parse_args()
     import torch
-
     from common import environment
+
     from lmlab import metrics
     from lmlab.finetune import FinetuneConfig, finetune
     from lmlab.pretrain import PretrainConfig, pretrain

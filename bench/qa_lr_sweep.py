@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--inits", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=float, default=8)
+    ap.add_argument("--init", choices=("normal", "t5"), default="normal", help="ModelConfig.init of the tiny T5s")
     a = ap.parse_args()
     from common import environment
     from conftest import tiny_config, tiny_text
@@ -42,7 +43,7 @@ def main() -> None:
     rows = []
     for init in a.inits:
         torch.manual_seed(init)
-        cfg = tiny_config("t5-tiny", tok)
+        cfg = tiny_config("t5-tiny", tok).replace(init=a.init)
         lmlab.Model(cfg).save_pretrained(root / f"t5-{init}")
         tok.save(root / f"t5-{init}")
         for lr in a.lr:

@@ -2,7 +2,9 @@
 verse by verse; built by scripts/build_task_data.py --kjv-web, split by chapter). Four tiny models,
 one per generative layout: t5-tiny and bart-tiny (encoder-decoders), gpt2-tiny (decoder: source,
 separator, target in one sequence) and prefix-lm-tiny (the source as a bidirectional prefix). Each is
-pre-trained on the built-in demo corpus with its family's objective and the same budget, then
+pre-trained on the built-in demo corpus with its family's objective and the same budget (T5 with
+transformers' T5 initialisation, `init="t5"`: with lmlab's default 0.02 everywhere its unscaled
+attention learns several times slower), then
 fine-tuned on the same training pairs with the same budget, and scored on the same test verses by
 greedy generation: sacreBLEU, chrF, ROUGE-L and exact match, beside the baseline of copying the
 source (strong here: the two translations share most of their words), with the fine-tuning time
@@ -76,6 +78,8 @@ def main() -> None:
                 preset=preset,
                 objective=objective,
                 seq_len=128,
+                # decoders read source + separator + target as one sequence; T5 gets transformers' T5 init
+                model={"max_seq_len": 256, **({"init": "t5"} if preset.startswith("t5") else {})},
                 train=TrainConfig(max_steps=a.pretrain_steps, batch_size=16, warmup_steps=30, eval_batches=4),
             )
         )

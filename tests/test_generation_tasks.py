@@ -356,6 +356,9 @@ def test_chat_finetune_saves_template_and_stops_and_chats(tiny_pretrained, tmp_p
     end = tok.backend.token_to_id("<|im_end|>")
     assert chat.stop_ids(out, tok) == [tok.eos_id, end]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    replies = predict(str(out), str(dev))
+    evaluated = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reply"] for r in replies] == evaluated  # the reply to the context of the last assistant turn
     # one answer
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--chat", "the king", "--max-new-tokens", "8"]) == 0
@@ -402,3 +405,20 @@ def test_prefix_lm_chat_sees_the_context_bidirectionally(tiny_pretrained, tmp_pa
         encode_all(read_conversations(FIXTURES / "chat.jsonl"), tok, 20, prefix=True, truncate=False)
     rows, kept, counts = encode_all(read_conversations(FIXTURES / "chat.jsonl"), tok, 20, prefix=True, truncate=True)
     assert counts["conversations cut"] == 2 and counts["conversations dropped"] + len(rows) == 2
+
+
+def test_seq2seq_from_the_command_line(tiny_pretrained, tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    rng = random.Random(0)
+    rows = ["archaic\tmodern"] + [" ".join(rng.choices(TINY_WORDS, k=3)) + "\tx" for _ in range(32)]
+    train.write_text("\n".join(row.replace("\tx", "\t" + row.split("\t")[0]) for row in rows) + "\n")
+    out = tmp_path / "ft"
+    args = ["finetune", "--task", "seq2seq", "--model", str(tiny_pretrained["gpt"]), "--train", str(train)]
+    args += ["--eval", str(train), "--out", str(out), "--source-field", "archaic", "--target-field", "modern"]
+    assert main([*args, "--epochs", "1", "--max-len", "48", "--max-target-len", "16", "--separator", " = "]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bleu" in text and "BLEU signature: nrefs:1|case:mixed" in text and "predictions.jsonl" in text
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["layout"] == "decoder" and saved["config"]["separator"] == " = "
+    assert main([*args, "--max-len", "48", "--max-target-len", "16", "--source-field", "nope"]) == 2
+    assert "train.tsv:2: no 'nope' field" in " ".join(capsys.readouterr().err.split())

@@ -312,3 +312,34 @@ def test_gated_activation_equals_autograd_of_the_plain_expression(act, scaled):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
     if act != "relu":  # the hand-written backward is the derivative (relu's kink aside)
         assert torch.autograd.gradcheck(lambda h, s: gated_activation(h, act, s), (h, scale))
+
+
+def test_t5_init_gives_transformers_t5_standard_deviations():
+    """init="t5": Mesh TensorFlow's fan-in init (transformers' T5 with initializer_factor 1), checked by
+    the sample standard deviation of every kind of weight; task heads keep init_std."""
+    import lmlab
+
+    torch.manual_seed(0)
+    cfg = lmlab.preset("t5-tiny", init="t5", vocab_size=4000)
+    m = lmlab.Model(cfg)
+    d, hd, f = cfg.d_model, cfg.dim_head, cfg.d_ff
+    q_rows = cfg.n_heads * hd
+    p = {name: w.detach() for name, w in m.named_parameters()}
+    assert float(p["encoder.rel_bias.weight"].std()) == pytest.approx(d**-0.5, rel=0.3)  # only 128 values
+    want = {
+        "tok_embed.weight": 1.0,
+        "encoder.layers.0.attn.out.weight": q_rows**-0.5,
+        "encoder.layers.0.ffn.up.weight": d**-0.5,
+        "encoder.layers.0.ffn.down.weight": f**-0.5,
+        "decoder.layers.1.cross_attn.q.weight": (d * hd) ** -0.5,
+        "decoder.layers.1.cross_attn.kv.weight": d**-0.5,
+    }
+    for name, std in want.items():
+        assert float(p[name].std()) == pytest.approx(std, rel=0.1), name
+    qkv = p["decoder.layers.0.attn.qkv.weight"]
+    assert float(qkv[:q_rows].std()) == pytest.approx((d * hd) ** -0.5, rel=0.1)
+    assert float(qkv[q_rows:].std()) == pytest.approx(d**-0.5, rel=0.1)
+    normal = lmlab.Model(lmlab.preset("t5-tiny", vocab_size=4000))  # the default stays GPT-style
+    assert float(normal.tok_embed.weight.detach().std()) == pytest.approx(cfg.init_std, rel=0.1)
+    with pytest.raises(lmlab.ConfigError, match="ModelConfig.init: got 'xavier'"):
+        lmlab.preset("t5-tiny", init="xavier").validate()

@@ -28,6 +28,7 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag
 
 
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "none")
+INITS = ("normal", "t5")
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
 # name -> (element-wise function, gated?). Gated FFNs compute act(x W_gate) * (x W_up).
@@ -94,6 +95,10 @@ class ModelConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     init_std: float = 0.02
+    # "normal": N(0, init_std) with GPT-2's depth-scaled residual projections (every preset); "t5": Mesh
+    # TensorFlow's fan-in scaled init, as transformers initialises T5 (Model._init_t5; docs/benchmarks.md
+    # measures both on tiny T5s: faster seq2seq learning from scratch, worse extractive QA)
+    init: str = "normal"  # one of INITS
 
     heads: tuple[str, ...] = ("lm",)
     pooler: bool = False  # BERT pooler: tanh(W h_[CLS]) feeds nsp / classify
@@ -248,6 +253,7 @@ class ModelConfig:
             ("position", POSITIONS),
             ("norm", NORMS),
             ("norm_placement", PLACEMENTS),
+            ("init", INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"got {getattr(self, name)!r}, expected one of {', '.join(allowed)}")

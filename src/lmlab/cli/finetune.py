@@ -48,6 +48,11 @@ def run_finetune(args: argparse.Namespace) -> None:
         console.print(
             f"evaluation on {result['eval_examples']:,} examples: {shown}  (also in {fc.out}/eval_results.json)"
         )
+        for key, name in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF")):
+            if key in result["eval"]:
+                console.print(f"{name} signature: {result['eval'][key]}", highlight=False)
+        if (Path(fc.out) / "predictions.jsonl").is_file():
+            console.print(f"predictions: {fc.out}/predictions.jsonl")
 
 
 def run_predict(args: argparse.Namespace) -> None:

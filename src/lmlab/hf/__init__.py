@@ -117,6 +117,7 @@ _NOT_COMPUTED = (
     "dropout",
     "attn_dropout",
     "init_std",
+    "init",
     "unk_token_id",
     "mask_token_id",
     "cls_token_id",

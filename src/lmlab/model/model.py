@@ -187,13 +187,49 @@ class Model(nn.Module):
         cfg = self.config
         for module in self.modules():
             self._init_module(module)
-        # GPT-2: scale the init of projections that write into the residual stream by
-        # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
-        n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.spec.seq2seq else 0))
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "ffn.down.weight", "ffn.experts.w_down", "ffn.shared.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(n_residual))
+        if cfg.init == "t5":
+            self._init_t5()
+        else:
+            # GPT-2: scale the init of projections that write into the residual stream by
+            # 1/sqrt(2 * depth), so the residual's variance does not grow with depth.
+            n_residual = 2 * (cfg.n_layers + (cfg.decoder_layers if cfg.spec.seq2seq else 0))
+            for name, p in self.named_parameters():
+                if name.endswith(
+                    ("attn.out.weight", "ffn.down.weight", "ffn.experts.w_down", "ffn.shared.down.weight")
+                ):
+                    nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(n_residual))
         self.init_buffers()
+
+    def _init_t5(self) -> None:
+        """Mesh TensorFlow's fan-in init, as transformers initialises T5 (initializer_factor 1): the
+        embedding (and an untied lm head) N(0, 1); queries N(0, (d_model * head_dim)^-1/2), keys, values,
+        FFN inputs and relative-position biases N(0, d_model^-1/2); attention outputs
+        N(0, (heads * head_dim)^-1/2) and FFN outputs N(0, d_ff^-1/2). T5 neither scales its attention
+        logits nor its embeddings, so its signal sizes rest on this init. Task heads keep `init_std`.
+        Opt-in (`init="t5"`): measured on tiny T5s it speeds up seq2seq learning from scratch but hurts
+        extractive QA (docs/benchmarks.md)."""
+        cfg = self.config
+        d, hd = cfg.d_model, cfg.dim_head
+        q_rows, kv_rows = cfg.n_heads * hd, cfg.kv_heads * hd
+        fan_in = d**-0.5
+        for name, p in self.named_parameters():
+            if name == "tok_embed.weight" or name == "lm_head.weight":
+                nn.init.normal_(p, std=1.0)
+            elif name.endswith("rel_bias.weight"):
+                nn.init.normal_(p, std=fan_in)
+            elif name.endswith("attn.qkv.weight"):
+                nn.init.normal_(p[:q_rows], std=(d * hd) ** -0.5)
+                nn.init.normal_(p[q_rows : q_rows + 2 * kv_rows], std=fan_in)
+            elif name.endswith("attn.q.weight"):
+                nn.init.normal_(p, std=(d * hd) ** -0.5)
+            elif name.endswith("attn.kv.weight"):
+                nn.init.normal_(p, std=fan_in)
+            elif name.endswith("attn.out.weight"):
+                nn.init.normal_(p, std=q_rows**-0.5)
+            elif name.endswith(("ffn.up.weight", "ffn.gate.weight", "ffn.shared.up.weight", "ffn.experts.w_up")):
+                nn.init.normal_(p, std=fan_in)
+            elif name.endswith(("ffn.down.weight", "ffn.shared.down.weight", "ffn.experts.w_down")):
+                nn.init.normal_(p, std=p.shape[-1 if p.dim() == 2 else -2] ** -0.5)
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.init_std

@@ -102,6 +102,11 @@ def encode_all(
     return rows, kept, counts
 
 
+def last_assistant(messages: list[chat.Message]) -> int:
+    """The index of a conversation's last assistant turn (read_conversations guarantees one)."""
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
 def reply_prompts(
     conversations: list[tuple[str, list[chat.Message]]], tok: Tokenizer, max_len: int, max_new: int
 ) -> tuple[list[list[int]], list[int]]:
@@ -109,7 +114,7 @@ def reply_prompts(
     prompt (those that fit with `max_new` new tokens), and their indices."""
     prompts, kept = [], []
     for k, (_, messages) in enumerate(conversations):
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = last_assistant(messages)
         text = chat.render(tok.chat_template, messages[:last], add_generation_prompt=True, **tok.template_variables())
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) + max_new <= max_len:
@@ -148,9 +153,7 @@ class Chat(Task):
             out = {"loss": result["loss"], "ppl": result["ppl"], "token_accuracy": result["accuracy"]}
             if prompts:
                 texts, speed = generate_all(model, tok, prompts, fc.max_target_len, stops, fc.batch_size, 1, device)
-                refs = [
-                    evals[k][1][max(i for i, m in enumerate(evals[k][1]) if m["role"] == "assistant")] for k in kept
-                ]
+                refs = [evals[k][1][last_assistant(evals[k][1])] for k in kept]
                 scores = metrics.generation_scores(texts, [m["content"].strip() for m in refs])
                 out.update(
                     {k: v for k, v in scores.items() if k in ("bleu", "chrf", "rouge1", "rougeL", "bleu_signature")}

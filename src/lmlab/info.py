@@ -28,6 +28,34 @@ class ModelStats:
         return 3 * self.flops_per_token
 
 
+def _matmul_weights(module: nn.Module, context: int) -> tuple[int, int]:
+    """(weights a token multiplies in `module`'s Linears and active experts, weights of experts it skips)."""
+    matmul = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    inactive = 0
+    for m in module.modules():  # an MoE layer multiplies each token by its k chosen experts only
+        if isinstance(m, MOE_LAYERS):
+            per_expert = m.experts.w_up[0].numel() + m.experts.w_down[0].numel()
+            # Soft MoE: E*S slots per sequence of `context` tokens; zero-computation picks counted as FFN
+            active = m.n_ffn * m.n_slots / context if isinstance(m, SoftMoE) else min(m.top_k, m.n_ffn)
+            matmul += round(active * per_expert)
+            inactive += round((m.n_ffn - min(active, m.n_ffn)) * per_expert)
+    return matmul, inactive
+
+
+def stack_matmul_weights(cfg: ModelConfig, context: int | None = None) -> dict[str, int]:
+    """Weights one token multiplies in each stack ("encoder", "decoder": blocks, embeddings' Linears
+    excluded) and in the vocabulary projection ("head"), MoE layers counting their active experts."""
+    context = context or cfg.max_seq_len
+    with torch.device("meta"):
+        model = Model(cfg)
+    out = {}
+    for name in ("encoder", "decoder"):
+        stack = getattr(model, name)
+        out[name] = _matmul_weights(stack, context)[0] if stack is not None else 0
+    out["head"] = cfg.vocab_size * cfg.d_model if (model.lm_head is not None or model.mlm_head is not None) else 0
+    return out
+
+
 def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
     """Count parameters and FLOPs of `cfg` without allocating it (the model is built on the meta device).
 
@@ -50,15 +78,7 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
         for table in (stack.pos_embed, stack.type_embed):
             if table is not None:
                 embedding += table.weight.numel()
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    inactive = 0
-    for m in model.modules():  # an MoE layer multiplies each token by its k chosen experts only
-        if isinstance(m, MOE_LAYERS):
-            per_expert = m.experts.w_up[0].numel() + m.experts.w_down[0].numel()
-            # Soft MoE: E*S slots per sequence of `context` tokens; zero-computation picks counted as FFN
-            active = m.n_ffn * m.n_slots / context if isinstance(m, SoftMoE) else min(m.top_k, m.n_ffn)
-            matmul += round(active * per_expert)
-            inactive += round((m.n_ffn - min(active, m.n_ffn)) * per_expert)
+    matmul, inactive = _matmul_weights(model, context)
     if model.lm_head is not None or model.mlm_head is not None:
         matmul += cfg.vocab_size * cfg.d_model
     d_attn = cfg.n_heads * cfg.dim_head

@@ -28,6 +28,10 @@ SPECIALS = {
     "bpe": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>"},
     "unigram": {"pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"},
 }
+# one vocabulary for every family (lmlab compare): byte-level BPE with RoBERTa / BART's role tokens
+# (<s> starts an encoder's input and pools it, </s> ends segments and documents, <mask> for MLM)
+# and T5's sentinels, so all contenders read the same ids
+SHARED_SPECIALS = {"pad": "<pad>", "cls": "<s>", "bos": "<s>", "sep": "</s>", "eos": "</s>", "mask": "<mask>"}
 # role names as transformers' tokenizer_config.json writes them
 _HF_ROLE = {r: f"{r}_token" for r in ROLES}
 
@@ -233,6 +237,32 @@ def train_tokenizer(
             single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", eos)]
         )
     return Tokenizer(backend, kind, roles, sentinels)
+
+
+def train_shared_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, n_sentinels: int = N_SENTINELS, min_frequency: int = 2
+) -> Tokenizer:
+    """One byte-level BPE vocabulary that holds every family's special tokens (SHARED_SPECIALS and
+    T5's <extra_id_N> sentinels), so an encoder, a decoder, an encoder-decoder and a prefix-LM trained
+    on the same text read the same ids. Encoding adds no special tokens; each objective and task
+    places them itself."""
+    sentinels = [f"<extra_id_{i}>" for i in range(n_sentinels)]
+    specials = list(dict.fromkeys(SHARED_SPECIALS.values())) + sentinels
+    if vocab_size <= len(specials) + 256:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for a shared tokenizer: 256 bytes and {len(specials)} "
+            "special tokens need more"
+        )
+    backend = _backend("bpe", False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_nonempty(texts), trainer=trainer)
+    return Tokenizer(backend, "bpe", SHARED_SPECIALS, sentinels)
 
 
 def _canonical(backend: Backend, n_special: int) -> Backend:

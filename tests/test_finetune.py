@@ -218,19 +218,20 @@ def test_squad_answer_that_does_not_match_its_offset_is_refused(tmp_path):
 
 
 def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_path, capsys):
-    """The score of a choice is the sum of its tokens' log-probabilities after the prompt (checked against
-    a direct forward pass), and `lmlab eval --task` reports accuracy against chance."""
+    """The score of a choice is the summed log-probability of its continuation tokens (target delimiter
+    " " + choice, encoded jointly with the prompt as lm-eval does), checked against a direct forward
+    pass; `lmlab eval --task` reports accuracy against chance."""
     import torch.nn.functional as F
 
-    from lmlab.fewshot import choice_logprobs, evaluate_task
+    from lmlab.fewshot import choice_logprobs, encode_pair, evaluate_task
     from lmlab.tokenizer import load_tokenizer
 
     folder = str(tiny_pretrained["gpt"])
     model, tok = lmlab.load(folder), load_tokenizer(folder)
-    prompt, choices = "the lord said unto", [" Moses", " the land"]
+    prompt, choices = "the lord said unto", ["Moses", "the land"]
     got = choice_logprobs(model, tok, prompt, choices)
     for choice, score in zip(choices, got):
-        ctx, cont = tok.encode(prompt, add_special_tokens=False), tok.encode(choice, add_special_tokens=False)
+        ctx, cont = encode_pair(tok, prompt, " " + choice)
         x = torch.tensor([ctx + cont])
         with torch.no_grad():
             lp = F.log_softmax(model(input_ids=x).logits[0].float(), -1)
@@ -238,8 +239,7 @@ def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_pat
     task = tmp_path / "task.jsonl"
     task.write_text(
         "\n".join(
-            json.dumps({"query": f"q{i}: the", "choices": [" land", " river", " king"], "gold": i % 3})
-            for i in range(12)
+            json.dumps({"query": f"q{i}: the", "choices": ["land", "river", "king"], "gold": i % 3}) for i in range(12)
         )
     )
     r = evaluate_task(folder, str(task), shots=2)
@@ -250,6 +250,75 @@ def test_few_shot_scoring_sums_choice_log_probabilities(tiny_pretrained, tmp_pat
     bad.write_text('{"query": "x", "choices": ["a", "b"], "gold": "c"}\n')
     with pytest.raises(lmlab.LmlabError, match=r"bad.jsonl:1: gold 'c' is not one of the choices"):
         evaluate_task(folder, str(bad))
+
+
+def test_pairs_are_encoded_as_lm_eval_encodes_them(tiny_pretrained):
+    """lm-eval's _encode_pair: a context's trailing spaces move onto the continuation and the pair is
+    encoded jointly, so 'were ' + 'thy' gives the tokens of ' thy', not ' ' then 'thy'; an empty
+    context is the end-of-text token alone."""
+    from lmlab.fewshot import encode_pair
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_pretrained["gpt"])
+    ctx, cont = encode_pair(tok, "the lord said ", "unto")
+    assert ctx == tok.encode("the lord said", add_special_tokens=False)
+    assert ctx + cont == tok.encode("the lord said unto", add_special_tokens=False)
+    assert tok.token(cont[0]).startswith("Ġ")  # the space travelled with the word
+    naive = tok.encode("the lord said ", add_special_tokens=False)
+    assert naive != ctx  # encoded apart, the trailing space is a token of its own (what lmlab did before)
+    assert encode_pair(tok, "", "unto") == ([tok.bos_id], tok.encode("unto", add_special_tokens=False))
+
+
+def test_long_requests_keep_lm_evals_window():
+    """(context + continuation)[-(max_len + 1):][:-1]: max_len tokens in, the continuation never cut."""
+    from lmlab.fewshot import window
+
+    w = window(list(range(10)), [10, 11, 12], max_len=8)
+    assert w.inputs == list(range(4, 12))  # the last 9 of 0..12, all but the last
+    w = window(list(range(20)), [20, 21, 22], max_len=8)
+    assert w.inputs == list(range(14, 22))
+    assert w.context_in_inputs == 6  # 14..19: the context tokens the model still reads
+    w = window([1, 2], [3], max_len=8)
+    assert w.inputs == [1, 2] and w.context_in_inputs == 2  # short requests are not cut
+    with pytest.raises(lmlab.LmlabError, match="does not fit"):
+        window([1, 2], list(range(9)), max_len=8)
+
+
+def test_acc_norm_divides_by_the_choice_without_the_delimiter(monkeypatch):
+    """acc picks the best summed log-likelihood; acc_norm the best per character of the choice alone
+    (lm-eval's completion_len = len(choice)), here a case where counting the delimiter flips it."""
+    import lmlab.fewshot as fs
+
+    scores = {" ab": -2.0, " abcdef": -5.0}
+    monkeypatch.setattr(fs, "loglikelihood", lambda model, tok, ctx, cont: scores[cont])
+
+    class Stub:
+        class config:
+            class spec:
+                has_decoder = True
+
+    items = [{"query": "q", "choices": ["ab", "abcdef"], "gold": 1}] * 2
+    r = fs.score_items(Stub(), None, items)
+    assert r["accuracy"] == 0.0  # -2 beats -5
+    assert r["accuracy_norm"] == 1.0  # -5/6 beats -2/2 (with the space: -2/3 would beat -5/7)
+    assert fs.fewshot_prompt([{"query": "q1", "choices": ["a", "b"], "gold": 1}], "q2") == "q1 b\n\nq2"
+
+
+def test_every_family_scores_multiple_choice(tiny_pretrained, tmp_path):
+    """Decoders, prefix-LMs, encoder-decoders (the span after a sentinel) and encoders
+    (pseudo-log-likelihood) all give finite choice scores; the method is named."""
+    from lmlab.fewshot import evaluate_task
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        "\n".join(
+            json.dumps({"query": f"q{i}: the", "choices": ["land", "river", "king"], "gold": i % 3}) for i in range(6)
+        )
+    )
+    for name in ("gpt", "prefix", "t5", "bert"):
+        r = evaluate_task(str(tiny_pretrained[name]), str(task), shots=1)
+        assert r["questions"] == 6 and 0 <= r["accuracy"] <= 1
+        assert r["method"] == ("pseudo-log-likelihood" if name == "bert" else "log-likelihood")
 
 
 # ---- the real formats, as tiny fixtures -----------------------------------------------------------

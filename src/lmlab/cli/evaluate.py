@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="perplexity (pseudo-perplexity for encoders) on text, or zero-/few-shot "
-        "multiple-choice accuracy of a decoder",
+        "multiple-choice accuracy (lm-evaluation-harness's conventions)",
     )
     p.add_argument("--model", required=True)
     p.add_argument("--data", nargs="+", help="text files: loss and perplexity")

@@ -1,0 +1,396 @@
+"""The comparison lab: the families side by side on one text, under one budget.
+
+`compare(cc)` trains one shared tokenizer, plans every contender's budget, builds the held-out
+measurements that do not depend on a model (the Kneser-Ney baseline, the unigram baseline, the
+multiple-choice questions, the fine-tuning tasks), runs each (contender, seed) unit in its own process
+(lmlab.compare.unit), and writes results.json, report.md and report.html (lmlab.compare.report).
+Rerunning the same command skips every unit whose result.json carries the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.compare import measure
+from lmlab.compare.contenders import Contender, batch_tokens, contenders, model_config, train_flops_per_step
+from lmlab.compare.settings import CompareConfig
+from lmlab.compare.unit import write_json
+from lmlab.data.corpus import corpus_files, demo_corpus, read_corpus
+from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
+from lmlab.data.store import build_store
+from lmlab.errors import ConfigError, DataError
+from lmlab.info import model_stats, stack_matmul_weights
+from lmlab.tokenizer import load_tokenizer, train_shared_tokenizer
+
+# the demo's budget: equal training FLOPs, enough for the encoder's masked LM to leave the unigram
+# plateau (about 140 steps of the default body; docs/benchmarks.md, lmlab compare); --quick: a quarter
+DEMO_FLOPS = 1.0e12
+MIN_STEPS = 20  # fewer optimizer steps than this train nothing worth comparing
+EVENT = Callable[[str, dict[str, Any]], None]
+
+
+def _cache(cc: CompareConfig) -> Path:
+    return Path(cc.cache_dir) if cc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+
+
+def machine() -> dict[str, Any]:
+    import tokenizers
+    import transformers  # noqa: F401  (only its version, when it is installed)
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    info["tokenizers"] = tokenizers.__version__
+    from lmlab import __version__
+
+    info["lmlab"] = __version__
+    info["cpu"], info["flags"] = _cpu()
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
+                break
+    except OSError:
+        pass
+    return model, flags
+
+
+class Plan:
+    """What a comparison will run: the contenders with their configs, FLOPs per step and steps."""
+
+    def __init__(self, cc: CompareConfig, tok: Any, store: Any, splits: dict[str, np.ndarray]) -> None:
+        self.cc, self.rows = cc, []
+        budget = cc.budget_value
+        if budget is None:
+            budget = {"flops": DEMO_FLOPS, "tokens": 1.0e6, "minutes": 0.75}[cc.budget]
+            if cc.quick:
+                budget /= 4
+        self.budget = budget
+        for c in contenders(cc):
+            cfg = model_config(cc, c, tok)
+            ocfg = ObjectiveConfig(c.objective, cc.seq_len, mask_prob=cc.mask_prob)
+            obj = make_objective(ocfg, store, splits["train"], tok, "train")
+            sample = Batches(obj, cc.batch_size, 0)
+            counts = [
+                batch_tokens({k: v.numpy() for k, v in sample.next_batch().items()}, cfg, tok.pad_id) for _ in range(8)
+            ]
+            tokens = {k: float(np.mean([t[k] for t in counts])) for k in counts[0]}
+            flops = train_flops_per_step(cfg, stack_matmul_weights(cfg, cc.seq_len), tokens)
+            stats = model_stats(cfg, cc.seq_len)
+            tokens_per_step = cc.batch_size * obj.tokens_per_example
+            steps = minutes = None
+            if cc.budget == "flops":
+                steps = int(budget // flops)
+            elif cc.budget == "tokens":
+                steps = int(budget // tokens_per_step)
+            else:
+                minutes = budget
+            self.rows.append(
+                {
+                    "contender": c,
+                    "cfg": cfg,
+                    "flops_per_step": flops,
+                    "steps": steps,
+                    "minutes": minutes,
+                    "tokens_per_step": tokens_per_step,
+                    "stack_tokens_per_step": tokens,
+                    "params": stats.total_params,
+                    "active_params": stats.active_params,
+                    "non_embedding_params": stats.non_embedding_params,
+                }
+            )
+        short = [r for r in self.rows if r["steps"] is not None and r["steps"] < MIN_STEPS]
+        if short:
+            need = max(r["flops_per_step"] if cc.budget == "flops" else r["tokens_per_step"] for r in self.rows)
+            unit = "training FLOPs" if cc.budget == "flops" else "training tokens"
+            raise ConfigError(
+                f"a budget of {budget:.3g} {unit} gives {short[0]['contender'].name} only {short[0]['steps']} steps; "
+                f"the smallest useful budget is {need * MIN_STEPS:.3g} {unit} ({MIN_STEPS} steps of the costliest contender)"
+            )
+
+
+def build_tasks(cc: CompareConfig, out: Path, builtin_corpus: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """The fine-tuning tasks: kjv-sections from the built-in corpus, and the user's files (a file is
+    split 80/20 by line unless given as TRAIN:EVAL). Returns (tasks, notes)."""
+    tasks, notes = [], []
+    for entry in cc.tasks:
+        if entry == "builtin":
+            if not builtin_corpus:
+                notes.append(
+                    "builtin: kjv-sections is built from the built-in corpus; this comparison reads other text"
+                )
+                continue
+            from lmlab.data.kjv import build_kjv_sections
+
+            folder = out / "tasks"
+            if not (folder / "kjv-sections" / "test.tsv").is_file():
+                build_kjv_sections(folder, per_chapter=3)
+            tasks.append(
+                _limit(
+                    {
+                        "name": "kjv-sections",
+                        "task": "classify",
+                        "train": str(folder / "kjv-sections" / "train.tsv"),
+                        "eval": str(folder / "kjv-sections" / "test.tsv"),
+                    },
+                    cc,
+                    out,
+                )
+            )
+            continue
+        train, _, evaluation = entry.partition(":")
+        path = Path(train)
+        if not path.is_file():
+            raise DataError(f"--tasks {entry}: {train}: no such file")
+        task = _task_of(path)
+        name = path.stem if path.stem not in ("train", "dev", "test") else path.parent.name or path.stem
+        if evaluation:
+            if not Path(evaluation).is_file():
+                raise DataError(f"--tasks {entry}: {evaluation}: no such file")
+            spec = {"name": name, "task": task, "train": str(path), "eval": evaluation}
+        else:
+            spec = _split_file(name, task, path, out / "tasks" / name)
+        tasks.append(_limit(spec, cc, out))
+    return tasks, notes
+
+
+def _task_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".conll" or suffix == ".txt":
+        return "ner"
+    if suffix == ".json":
+        return "qa"
+    if suffix == ".jsonl":
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:1: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and "messages" in row or "prompt" in row and "completion" in row:
+            return "chat"
+        if isinstance(row, dict) and "source" in row and "target" in row:
+            return "seq2seq"
+    return "classify"
+
+
+def _split_file(name: str, task: str, path: Path, folder: Path) -> dict[str, Any]:
+    """Split one task file 80/20 into train / eval, by record (CoNLL: by sentence; SQuAD: by article)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    text = path.read_text(encoding="utf-8")
+    if task == "qa":
+        data = json.loads(text)
+        articles = list(data.get("data", []))
+        rng.shuffle(articles)
+        cut = max(1, len(articles) // 5)
+        parts = {"eval": {**data, "data": articles[:cut]}, "train": {**data, "data": articles[cut:]}}
+        for k, v in parts.items():
+            (folder / f"{k}.json").write_text(json.dumps(v))
+        return {"name": name, "task": task, "train": str(folder / "train.json"), "eval": str(folder / "eval.json")}
+    if task == "ner":
+        records = [r for r in text.split("\n\n") if r.strip()]
+        joiner, header, suffix = "\n\n", "", ".conll"
+    elif path.suffix.lower() in (".tsv", ".csv"):
+        lines = text.splitlines()
+        header, records, joiner, suffix = (
+            lines[0] + "\n",
+            [line for line in lines[1:] if line.strip()],
+            "\n",
+            path.suffix,
+        )
+    else:
+        records, joiner, header, suffix = [line for line in text.splitlines() if line.strip()], "\n", "", ".jsonl"
+    if len(records) < 10:
+        raise DataError(f"{path}: {len(records)} records; a task needs at least 10 to split into train and eval")
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    cut = max(2, len(records) // 5)
+    for part, idx in (("eval", sorted(order[:cut])), ("train", sorted(order[cut:]))):
+        (folder / f"{part}{suffix}").write_text(header + joiner.join(records[i] for i in idx) + "\n", encoding="utf-8")
+    return {"name": name, "task": task, "train": str(folder / f"train{suffix}"), "eval": str(folder / f"eval{suffix}")}
+
+
+def _limit(spec: dict[str, Any], cc: CompareConfig, out: Path) -> dict[str, Any]:
+    """Keep at most cc.max_task_examples training records of a line-per-record file."""
+    path = Path(spec["train"])
+    if path.suffix.lower() not in (".tsv", ".csv", ".jsonl"):
+        return spec
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[:1] if path.suffix.lower() in (".tsv", ".csv") else []
+    body = lines[len(header) :]
+    if len(body) <= cc.max_task_examples:
+        return spec
+    folder = out / "tasks" / spec["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"train-{cc.max_task_examples}{path.suffix}"
+    kept.write_text("\n".join(header + body[: cc.max_task_examples]) + "\n", encoding="utf-8")
+    return {**spec, "train": str(kept), "train_full": str(path)}
+
+
+def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
+    """Run (or resume) the comparison `cc`; returns the results written to results.json."""
+    from lmlab.compare.report import aggregate, write_reports
+
+    emit = on_event or (lambda kind, info: None)
+    cc.validate()
+    if cc.quick:  # a quarter of the budget (Plan), two seeds, fewer held-out measurements
+        cc.seeds = min(cc.seeds, 2)
+        cc.questions, cc.eval_windows = min(cc.questions, 24), min(cc.eval_windows, 16)
+        cc.max_task_examples, cc.samples = min(cc.max_task_examples, 200), min(cc.samples, 4)
+    out = Path(cc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    builtin = not cc.data
+    data = [str(demo_corpus("kjv"))] if builtin else list(cc.data)
+    if builtin:
+        cc.doc_sep = "blank"
+    files = corpus_files(data)
+    cache = _cache(cc)
+
+    # one tokenizer for every contender
+    emit("stage", {"text": "shared tokenizer"})
+    tok_dir = out / "tokenizer"
+    tok_key = cc.fingerprint({"only": "tokenizer", "files": [str(f) for f in files]})
+    if not (tok_dir / "tokenizer.json").is_file() or _read(tok_dir / "key.json").get("key") != tok_key:
+        tok = train_shared_tokenizer(read_corpus(files, cc.doc_sep, cc.field), cc.vocab_size)
+        tok.save(tok_dir)
+        write_json(tok_dir / "key.json", {"key": tok_key})
+    tok = load_tokenizer(tok_dir)
+    store, _ = build_store(files, tok, cache, cc.doc_sep, cc.field)
+    splits = store.split(cc.val_fraction, 0)
+    val_stream = store.stream(splits["val"], tok.eos_id, "val")
+    train_stream = store.stream(splits["train"], tok.eos_id, "train")
+    need = cc.seq_len * 8
+    if len(val_stream) < need:
+        raise DataError(
+            f"the held-out split ({len(splits['val'])} of {store.n_docs} documents, {len(val_stream):,} tokens) is "
+            f"smaller than the {need:,} tokens (8 windows of seq_len={cc.seq_len}) the measurements need; "
+            "give more text, more documents, or a larger --val-fraction"
+        )
+    plan = Plan(cc, tok, store, splits)
+    emit("plan", {"rows": [_plan_row(r) for r in plan.rows], "seeds": cc.seeds})
+
+    # what does not depend on a model
+    emit("stage", {"text": "baselines and questions"})
+    wins = measure.windows(val_stream, cc.seq_len, cc.eval_windows)
+    base_key = cc.fingerprint({"only": "baselines", "tok": tok_key})
+    baselines = _read(out / "baselines.json")
+    if baselines.get("key") != base_key:
+        baselines = {
+            "key": base_key,
+            "kneser_ney": measure.kneser_ney_bpb(tok, train_stream, wins),
+            "unigram_top": measure.unigram_top(tok, train_stream),
+        }
+        baselines["unigram_token"] = tok.decode([baselines["unigram_top"]])
+        write_json(out / "baselines.json", baselines)
+    questions_path = out / "questions.jsonl"
+    questions = measure.build_questions(tok, val_stream, cc.questions, seed=0)
+    if len(questions) < 8:
+        raise DataError(
+            f"the held-out text yields {len(questions)} multiple-choice questions; at least 8 are needed "
+            "(give more text or a larger --val-fraction)"
+        )
+    questions_path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    tasks, notes = build_tasks(cc, out, builtin)
+
+    # the units, one process at a time
+    results: dict[str, list[dict[str, Any]]] = {}
+    for row in plan.rows:
+        c: Contender = row["contender"]
+        results[c.name] = []
+        for seed in range(cc.seeds):
+            unit_dir = out / "runs" / c.name / f"seed{seed}"
+            spec = {
+                "compare": cc.to_dict(),
+                "contender": c.__dict__,
+                "seed": seed,
+                "dir": str(unit_dir),
+                "tokenizer": str(tok_dir),
+                "data": [str(f) for f in files],
+                "cache": str(cache),
+                "steps": row["steps"],
+                "minutes": row["minutes"],
+                "questions": str(questions_path),
+                "unigram_top": baselines["unigram_top"],
+                "tasks": tasks,
+            }
+            spec["fingerprint"] = cc.fingerprint(
+                {"contender": c.__dict__, "seed": seed, "steps": row["steps"], "tasks": tasks, "tok": tok_key}
+            )
+            done = _read(unit_dir / "result.json")
+            if done.get("fingerprint") == spec["fingerprint"]:
+                emit("unit", {"contender": c.name, "seed": seed, "status": "done (kept)", "result": done})
+                results[c.name].append(done)
+                continue
+            results[c.name].append(_run_unit(spec, unit_dir, emit))
+    summary = aggregate(cc, plan, results, baselines, tasks, notes, machine())
+    write_reports(out, summary)
+    emit("end", {"out": str(out)})
+    return summary
+
+
+def _plan_row(r: dict[str, Any]) -> dict[str, Any]:
+    c = r["contender"]
+    return {"contender": c.name, "family": c.family, "steps": r["steps"], "flops_per_step": r["flops_per_step"]}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> dict[str, Any]:
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    (unit_dir / "result.json").unlink(missing_ok=True)
+    spec_path = unit_dir / "spec.json"
+    write_json(spec_path, spec)
+    name, seed = spec["contender"]["name"], spec["seed"]
+    log = open(unit_dir / "unit.log", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.compare.unit", str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    started = time.perf_counter()
+    while proc.poll() is None:
+        time.sleep(0.5)
+        stage = _read(unit_dir / "stage.json")
+        emit(
+            "unit",
+            {
+                "contender": name,
+                "seed": seed,
+                "status": "running",
+                "stage": stage,
+                "elapsed": time.perf_counter() - started,
+            },
+        )
+    log.close()
+    if proc.returncode != 0:
+        tail = (unit_dir / "unit.log").read_text(errors="replace").strip().splitlines()[-8:]
+        raise ConfigError(
+            f"the unit {name} seed {seed} failed (exit {proc.returncode}); its log is {unit_dir / 'unit.log'}:\n"
+            + "\n".join(tail)
+        )
+    result = _read(unit_dir / "result.json")
+    emit("unit", {"contender": name, "seed": seed, "status": "done", "result": result})
+    return result

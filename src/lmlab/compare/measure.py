@@ -1,0 +1,347 @@
+"""What a comparison measures on held-out text, for any family.
+
+bits per byte (generative families): every held-out window of seq_len tokens is cut in half; the
+    second half is scored given the first. A decoder reads the window causally, a prefix-LM with the
+    first half as its bidirectional prefix, an encoder-decoder (span corruption) reads the first half and
+    a sentinel in its encoder and the second half as the span after that sentinel. Nats are summed over
+    the second half's tokens and divided by ln 2 x the UTF-8 bytes of its text, so tokenizers of any
+    kind would compare (here all contenders share one). Special tokens (document separators) are scored
+    by nobody.
+pseudo-log-likelihood bits per byte (encoders): each second-half token masked in turn, everything
+    else visible (both halves): a different and easier question, so it is reported apart and never ranked.
+masked-token accuracy (encoders): every 7th token of each held-out window masked at once, predicted;
+    beside the unigram baseline (always the training split's most frequent token) on the same positions.
+Kneser-Ney: a trigram model of the training split scores the same second halves (lmlab.ngram).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.ngram import KneserNeyTrigram
+
+LN2 = math.log(2)
+MASK_EVERY = 7
+
+
+def windows(stream: np.ndarray, seq_len: int, n: int) -> list[np.ndarray]:
+    """Up to n consecutive, non-overlapping windows of seq_len tokens from a held-out stream."""
+    count = min(n, len(stream) // seq_len)
+    return [np.asarray(stream[i * seq_len : (i + 1) * seq_len], dtype=np.int64) for i in range(count)]
+
+
+def _scored(tok: Any, ids: np.ndarray) -> np.ndarray:
+    specials = np.array(sorted(tok.special_ids), dtype=np.int64)
+    return ~np.isin(ids, specials)
+
+
+def _bytes(tok: Any, ids: np.ndarray) -> int:
+    keep = ids[_scored(tok, ids)]
+    return len(tok.decode(keep.tolist(), skip_special_tokens=True).encode("utf-8"))
+
+
+@torch.no_grad()
+def second_half_nats(model: Any, tok: Any, win: np.ndarray) -> np.ndarray:
+    """Per-token negative log-likelihood of the window's second half given its first half."""
+    cfg = model.config
+    half = len(win) // 2
+    first, second = win[:half].tolist(), win[half:].tolist()
+    if cfg.spec.seq2seq:
+        sentinel = tok.sentinel_ids[0]
+        enc = torch.tensor([first + [sentinel, tok.eos_id]])
+        start = cfg.decoder_start_token_id
+        dec_in = torch.tensor([[start, sentinel] + second[:-1]])
+        logits = model(input_ids=enc, decoder_input_ids=dec_in).logits[0, 1:].float()
+    else:
+        x = torch.tensor([win.tolist()])
+        kw = {"prefix_lengths": torch.tensor([half])} if cfg.family == "prefix-lm" else {}
+        logits = model(input_ids=x, **kw).logits[0, half - 1 : -1].float()  # position t predicts t+1
+    logp = F.log_softmax(logits, -1)
+    return -logp.gather(1, torch.tensor(second)[:, None])[:, 0].numpy()
+
+
+@torch.no_grad()
+def pseudo_second_half_nats(model: Any, tok: Any, win: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Each second-half token masked in turn (the rest visible): its negative log-likelihood."""
+    body = win.tolist()[-(model.config.max_seq_len - 2) :]  # room for <s> and </s>: the first half gives way
+    n_second = len(win) - len(win) // 2
+    ids = torch.tensor([tok.cls_id] + body + [tok.sep_id])
+    positions = torch.arange(len(ids) - 1 - n_second, len(ids) - 1)
+    out = []
+    for s in range(0, len(positions), batch):
+        pos = positions[s : s + batch]
+        x = ids.repeat(len(pos), 1)
+        x[torch.arange(len(pos)), pos] = tok.mask_id
+        logp = F.log_softmax(model(input_ids=x).logits[torch.arange(len(pos)), pos].float(), -1)
+        out.append(-logp[torch.arange(len(pos)), ids[pos]])
+    return torch.cat(out).numpy()
+
+
+def bits_per_byte(tok: Any, wins: list[np.ndarray], nats_of) -> dict[str, float]:
+    nats, nbytes, tokens = 0.0, 0, 0
+    for win in wins:
+        second = win[len(win) // 2 :]
+        keep = _scored(tok, second)
+        nats += float(nats_of(win)[keep].sum())
+        nbytes += _bytes(tok, second)
+        tokens += int(keep.sum())
+    return {
+        "bpb": nats / LN2 / max(nbytes, 1),
+        "nats_per_token": nats / max(tokens, 1),
+        "tokens": tokens,
+        "bytes": nbytes,
+    }
+
+
+def kneser_ney_bpb(tok: Any, train_stream: np.ndarray, wins: list[np.ndarray]) -> dict[str, float]:
+    """A Kneser-Ney trigram of the training stream on the same second halves (contexts from the window)."""
+    kn = KneserNeyTrigram(np.asarray(train_stream), tok.vocab_size)
+
+    def nats(win: np.ndarray) -> np.ndarray:
+        w, half = win.tolist(), len(win) // 2
+        return np.array([-kn.logprob(w[t - 2], w[t - 1], w[t]) for t in range(half, len(w))])
+
+    return bits_per_byte(tok, wins, nats)
+
+
+def unigram_top(tok: Any, train_stream: np.ndarray) -> int:
+    counts = np.bincount(np.asarray(train_stream, dtype=np.int64), minlength=tok.vocab_size)
+    counts[sorted(tok.special_ids)] = 0
+    return int(counts.argmax())
+
+
+@torch.no_grad()
+def masked_accuracy(model: Any, tok: Any, wins: list[np.ndarray], top_token: int) -> dict[str, float]:
+    """Every MASK_EVERY-th token masked (from position 3), predicted with the rest visible; and the
+    unigram baseline (always `top_token`) on the same positions."""
+    right = base = n = 0
+    for win in wins:
+        ids = torch.tensor([tok.cls_id] + win.tolist()[: model.config.max_seq_len - 2] + [tok.sep_id])
+        pos = torch.arange(1 + 3, len(ids) - 1, MASK_EVERY)
+        pos = pos[torch.from_numpy(_scored(tok, ids[pos].numpy()))]
+        x = ids.clone()
+        x[pos] = tok.mask_id
+        pred = model(input_ids=x[None]).logits[0, pos].argmax(-1)
+        right += int((pred == ids[pos]).sum())
+        base += int((ids[pos] == top_token).sum())
+        n += len(pos)
+    return {"accuracy": right / max(n, 1), "unigram_accuracy": base / max(n, 1), "positions": n}
+
+
+# ---- multiple choice built from held-out text ----------------------------------------------------------
+def build_questions(tok: Any, stream: np.ndarray, n: int, seed: int, query_tokens: int = 14, choice_tokens: int = 6):
+    """Pick-the-true-continuation questions: a held-out passage of `query_tokens` tokens, its true next
+    `choice_tokens` tokens and three continuations taken from other passages, cut at word starts."""
+    starts_word = _word_starts(tok)
+    rng = np.random.default_rng(seed)
+    span = query_tokens + choice_tokens
+    passages = []
+    for s in range(0, len(stream) - span - 1, span + 7):
+        ids = np.asarray(stream[s : s + span + 8], dtype=np.int64)
+        first = next((k for k in range(4) if starts_word[ids[k]]), None)  # begin at a word
+        if first is None:
+            continue
+        ids = ids[first:]
+        if not _scored(tok, ids).all():
+            continue
+        cut = next((k for k in range(query_tokens, query_tokens + 4) if starts_word[ids[k]]), None)
+        end = next((k for k in range(cut + choice_tokens, len(ids)) if starts_word[ids[k]]), None) if cut else None
+        if cut is None or end is None:
+            continue
+        query = tok.decode(ids[:cut].tolist()).strip()
+        choice = tok.decode(ids[cut:end].tolist()).strip()
+        if query and choice:
+            passages.append((query, choice))
+    order = rng.permutation(len(passages))
+    questions = []
+    for i in order[:n]:
+        query, right = passages[i]
+        others = [passages[j][1] for j in rng.choice(len(passages), 8, replace=False) if j != i]
+        wrong = list(dict.fromkeys(o for o in others if o != right))[:3]
+        if len(wrong) < 3:
+            continue
+        choices = wrong + [right]
+        rng.shuffle(choices)
+        questions.append({"query": query, "choices": choices, "gold": choices.index(right)})
+    return questions
+
+
+def _word_starts(tok: Any) -> np.ndarray:
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    out = np.zeros(tok.vocab_size, dtype=bool)
+    for t, i in vocab.items():
+        out[i] = t.startswith(("Ġ", "▁")) or tok.kind == "wordpiece" and not t.startswith("##")
+    return out
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+def distinct_n(texts: list[list[int]], n: int) -> float:
+    grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def repetition_rate(texts: list[list[int]], n: int = 4) -> float:
+    """Share of each continuation's n-grams that already occurred earlier in the same continuation."""
+    repeated = total = 0
+    for t in texts:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(t) - n + 1):
+            g = tuple(t[i : i + n])
+            repeated += g in seen
+            total += 1
+            seen.add(g)
+    return repeated / max(total, 1)
+
+
+@torch.no_grad()
+def sample_continuations(model: Any, tok: Any, wins: list[np.ndarray], n: int, seed: int, new_tokens: int = 32):
+    """Sampled continuations (top-k 40, temperature 0.8) of the first 16 tokens of n held-out windows;
+    distinct-1/2, 4-gram repetition rate and decoding tokens/s."""
+    cfg = model.config
+    prompts = [w[:16].tolist() for w in wins[:n]]
+    eos = [tok.eos_id]
+    if cfg.spec.seq2seq:
+        sentinels = tok.sentinel_ids
+        inputs = [p + [sentinels[0], tok.eos_id] for p in prompts]
+        eos = [tok.eos_id, sentinels[1]]
+    else:
+        inputs = prompts
+    made, texts, generated, elapsed = [], [], 0, 0.0
+    for i, ids in enumerate(inputs):
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        r = model.generate(
+            x,
+            max_new_tokens=new_tokens,
+            do_sample=True,
+            top_k=40,
+            temperature=0.8,
+            seed=seed * 1000 + i,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+        )
+        elapsed += time.perf_counter() - t0
+        new = [t for t in r.tokens[0] if t not in tok.special_ids]
+        generated += len(r.tokens[0])
+        made.append(new)
+        texts.append({"prompt": tok.decode(prompts[i]), "continuation": tok.decode(new)})
+    return {
+        "distinct_1": distinct_n(made, 1),
+        "distinct_2": distinct_n(made, 2),
+        "repetition_4": repetition_rate(made, 4),
+        "decode_tokens_per_s": generated / max(elapsed, 1e-9),
+        "samples": texts,
+    }
+
+
+@torch.no_grad()
+def fill_mask_candidates(model: Any, tok: Any, sentences: list[tuple[str, str]], top_k: int = 5):
+    """For (text with [MASK], the word it hides): the top candidates, as the encoder sees <s> text </s>."""
+    out = []
+    for text, answer in sentences:
+        left, right = text.split("[MASK]", 1)
+        ids = [tok.cls_id] + tok.encode(left.rstrip(), add_special_tokens=False)
+        where = len(ids)
+        ids += [tok.mask_id] + tok.encode(right, add_special_tokens=False) + [tok.sep_id]
+        probs = F.softmax(model(input_ids=torch.tensor([ids])).logits[0, where].float(), -1)
+        top = torch.topk(probs, top_k)
+        cands = [(tok.decode([int(i)]).strip(), round(float(p), 4)) for p, i in zip(top.values, top.indices)]
+        out.append({"text": text, "answer": answer, "candidates": cands})
+    return out
+
+
+# ---- routing ------------------------------------------------------------------------------------------------
+def token_kind(text: str, function_words: frozenset[str]) -> str:
+    t = text.strip()
+    if not t:
+        return "space"
+    if all(not c.isalnum() for c in t):
+        return "punctuation"
+    if any(c.isdigit() for c in t):
+        return "number"
+    if t.lower() in function_words:
+        return "function word"
+    if t[0].isupper():
+        return "capitalised"
+    return "other word"
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but nor for so yet of in on at to from by with without into unto upon over under "
+    "is are was were be been am art shall will would should may might must can could have hath had has "
+    "do did doth not no he she it they them his her its their i me my we us our you ye thee thou thy "
+    "that this these those which who whom whose what when where there then than as if".split()
+)
+
+
+def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """I(A; B) in bits from paired samples of two discrete variables."""
+    n = len(a)
+    joint = Counter(zip(a.tolist(), b.tolist()))
+    pa, pb = Counter(a.tolist()), Counter(b.tolist())
+    return sum(c / n * math.log2(c * n / (pa[x] * pb[y])) for (x, y), c in joint.items())
+
+
+@torch.no_grad()
+def routing_report(model: Any, tok: Any, wins: list[np.ndarray], seed: int, top: int = 6) -> dict[str, Any]:
+    """Per MoE layer: each expert's most frequent tokens and token kinds, and how much the chosen expert
+    tells about the token (mutual information, bits) against the same assignments shuffled across
+    tokens (mean of 5 permutations): routing that follows the input shows I(token; expert) far above the
+    shuffled control."""
+    cfg = model.config
+    ids = torch.tensor(np.stack(wins))
+    if cfg.spec.seq2seq:
+        out = model(input_ids=ids, decoder_input_ids=ids[:, :8])
+    else:
+        out = model(input_ids=ids)
+    flat = ids.flatten().numpy()
+    text = {int(i): tok.decode([int(i)]) for i in np.unique(flat)}
+    kinds_of = {i: token_kind(t, FUNCTION_WORDS) for i, t in text.items()}
+    kinds = np.array([kinds_of[int(i)] for i in flat])
+    kind_ids = np.unique(kinds, return_inverse=True)[1]
+    rng = np.random.default_rng(seed)
+    layers = []
+    for rec in out.routing or []:
+        w = rec.expert_weights()
+        if w.shape[0] != len(flat):  # a decoder layer of an encoder-decoder read other tokens
+            continue
+        expert = w.argmax(-1).numpy()
+        routed = w.sum(-1).numpy() > 0
+        e, tokens, kk = expert[routed], flat[routed], kind_ids[routed]
+        mi_tok, mi_kind = mutual_information(tokens, e), mutual_information(kk, e)
+        shuffled_tok = float(np.mean([mutual_information(tokens, rng.permutation(e)) for _ in range(5)]))
+        shuffled_kind = float(np.mean([mutual_information(kk, rng.permutation(e)) for _ in range(5)]))
+        experts = []
+        for x in range(w.shape[1]):
+            mine = tokens[e == x]
+            if len(mine) == 0:
+                experts.append({"expert": x, "share": 0.0, "top_tokens": [], "kinds": {}})
+                continue
+            common = Counter(mine.tolist()).most_common(top)
+            kind_counts = Counter(kinds[routed][e == x].tolist())
+            experts.append(
+                {
+                    "expert": x,
+                    "share": len(mine) / len(tokens),
+                    "top_tokens": [text[t].strip() or repr(text[t]) for t, _ in common],
+                    "kinds": {k: round(c / len(mine), 3) for k, c in kind_counts.most_common()},
+                }
+            )
+        layers.append(
+            {
+                "layer": rec.layer,
+                "mi_token_bits": mi_tok,
+                "mi_token_shuffled_bits": shuffled_tok,
+                "mi_kind_bits": mi_kind,
+                "mi_kind_shuffled_bits": shuffled_kind,
+                "experts": experts,
+            }
+        )
+    return {"tokens": int(len(flat)), "layers": layers}

@@ -1,0 +1,139 @@
+"""The settings of a comparison (`lmlab compare`), as one dataclass the command line and YAML files fill.
+
+This module imports no torch: `lmlab --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lmlab.config import option
+from lmlab.errors import ConfigError
+from lmlab.families import FAMILY_NAMES
+
+BUDGETS = ("flops", "tokens", "minutes")
+
+# MoE variants a contender can take, each beside its dense twin: ModelConfig changes on the shared shape.
+# Their FFN experts are as wide as the dense FFN unless noted, so active FLOPs match the twin's (Switch,
+# GShard) or the twin's FFN width is split into finer experts (DeepSeekMoE).
+MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    # Switch Transformer: top-1, capacity factor 1.25 with dropping, load-balancing loss, z-loss
+    "switch": dict(moe_experts=8, moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_z_weight=0.001),
+    # the same router without any balancing term: the control for the load-balancing claim
+    "switch-nobalance": dict(
+        moe_experts=8, moe_top_k=1, moe_capacity_factor=1.25, moe_every=2, moe_aux_weight=0.0, moe_z_weight=0.0
+    ),
+    # GShard: top-2, capacity factor 1.0
+    "gshard": dict(moe_experts=8, moe_top_k=2, moe_capacity_factor=1.0, moe_every=2),
+    # Mixtral: top-2 in every layer, dropless
+    "mixtral": dict(moe_experts=8, moe_top_k=2),
+    # DeepSeekMoE: 4x finer experts, 3 routed + 1 shared = the dense FFN's width, first layer dense
+    "deepseekmoe": dict(
+        moe_experts=16, moe_top_k=3, moe_shared_experts=1, moe_renormalize=False, moe_first_dense=1, moe_d_ff_div=4
+    ),
+}
+
+
+@dataclass
+class CompareConfig:
+    out: str = option("runs/compare", "output folder (results.json, report.md, report.html, one folder per run)")
+    data: list[str] = option(list, "text / jsonl files or folders (.gz too); default: the built-in demo corpus")
+    doc_sep: str = option("line", "one document per line, or blank-line separated", choices=("line", "blank"))
+    field: str = option("text", "JSONL field holding the text")
+    families: list[str] = option(
+        lambda: list(FAMILY_NAMES), f"families to compare (default: all four: {' '.join(FAMILY_NAMES)})"
+    )
+    moe: list[str] = option(
+        lambda: ["switch"], f"MoE variants trained beside their dense twins ({', '.join(MOE_VARIANTS)}; 'none')"
+    )
+    moe_families: list[str] = option(lambda: ["decoder"], "families that get the MoE variants")
+    budget: str = option("flops", "what every contender gets the same amount of", choices=BUDGETS)
+    budget_value: float | None = option(
+        None, "the amount: training FLOPs, training tokens or minutes (default: the demo's, --quick: a quarter)"
+    )
+    seeds: int = option(3, "seeds per contender (initialisation and data order); standard deviations over them")
+    tasks: list[str] = option(
+        lambda: ["builtin"],
+        "fine-tuning tasks: 'builtin' (kjv-sections on the built-in corpus) and/or task files "
+        "(.tsv/.csv/.jsonl classification, .conll tagging, SQuAD .json, seq2seq .jsonl with source/target)",
+    )
+    quick: bool = option(
+        False, "a quarter of the budget, two seeds, fewer questions and task examples: the whole report in minutes"
+    )
+    d_model: int = option(128, "width of every contender")
+    n_layers: int = option(2, "layers of every stack (an encoder-decoder has this many in each)")
+    n_heads: int = option(4, "attention heads")
+    d_ff: int = option(512, "FFN width (MoE experts: the same, or a quarter for deepseekmoe)")
+    position: str = option("rope", "position scheme of every contender", choices=("learned", "rope"))
+    seq_len: int = option(64, "tokens per pre-training example")
+    vocab_size: int = option(4096, "size of the one shared vocabulary")
+    batch_size: int = option(32, "sequences per step")
+    init_std: float = option(
+        0.05,
+        "initialisation std of every contender (0.02, GPT-2's for width 768, keeps a 128-wide encoder on the unigram plateau)",
+    )
+    lr: float = option(2e-3, "peak learning rate of every contender (pre-LN, warm-up then cosine)")
+    warmup_steps: int = option(10, "warm-up steps")
+    mask_prob: float = option(0.3, "the encoder's masking rate (docs/benchmarks.md: the tiny BERT's recipe)")
+    val_fraction: float = option(0.05, "documents held out for the intrinsic and few-shot measurements")
+    eval_windows: int = option(32, "held-out windows scored for bits per byte")
+    questions: int = option(40, "multiple-choice questions built from held-out text")
+    finetune_epochs: float = option(2.0, "passes over each task's training file")
+    finetune_lr: float = option(1e-3, "fine-tuning learning rate")
+    max_task_examples: int = option(400, "training examples kept per fine-tuning task")
+    samples: int = option(8, "sampled continuations per generative contender (distinct-n, repetition)")
+    cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> CompareConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        d = dict(d)
+        for key in ("data", "families", "moe", "moe_families", "tasks"):
+            if isinstance(d.get(key), str):
+                d[key] = [d[key]]
+        return cls(**d)
+
+    def validate(self) -> None:
+        for f in self.families:
+            if f not in FAMILY_NAMES:
+                raise ConfigError(f"unknown family {f!r} in --families; expected some of {', '.join(FAMILY_NAMES)}")
+        for f in self.moe_families:
+            if f not in FAMILY_NAMES:
+                raise ConfigError(f"unknown family {f!r} in --moe-families; expected some of {', '.join(FAMILY_NAMES)}")
+        for m in self.moe:
+            if m != "none" and m not in MOE_VARIANTS:
+                raise ConfigError(
+                    f"unknown MoE variant {m!r} in --moe; expected some of {', '.join(MOE_VARIANTS)}, or none"
+                )
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget {self.budget!r} is unknown; expected one of {', '.join(BUDGETS)}")
+        if not self.families:
+            raise ConfigError("--families names no family")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.budget_value is not None and self.budget_value <= 0:
+            raise ConfigError(f"--budget-value must be positive, got {self.budget_value}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.seq_len < 16:
+            raise ConfigError(f"seq_len={self.seq_len} is too short to split into a prompt and its continuation")
+
+    @property
+    def variants(self) -> list[str]:
+        return [m for m in self.moe if m != "none"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
+        """A hash of everything that changes what a run computes (not where it writes)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("out", "cache_dir")}
+        text = json.dumps({**d, **(extra or {})}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,253 @@
+"""One unit of a comparison: one contender, one seed, from pre-training to its last measurement.
+
+The lab runs each unit in a process of its own (`python -m lmlab.compare.unit SPEC.json`), one at a
+time, so that a unit's peak memory is its own and one unit's threads never compete with another's.
+A unit writes `stage.json` as it goes (for the lab's live table) and `result.json` last, atomically:
+a unit without result.json is run again, one with it is skipped while its fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.compare import measure
+from lmlab.compare.contenders import Contender, model_config
+from lmlab.compare.settings import CompareConfig
+from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
+from lmlab.data.store import build_store
+from lmlab.errors import LmlabError
+from lmlab.model import Model
+from lmlab.tokenizer import load_tokenizer
+from lmlab.train.trainer import TrainConfig, Trainer, evaluate
+
+FILL_MASK = [
+    ("And God said, Let there be [MASK]: and there was light.", "light"),
+    ("In the beginning God created the heaven and the [MASK].", "earth"),
+    ("The LORD is my [MASK]; I shall not want.", "shepherd"),
+]
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Unit:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.cc = CompareConfig.from_dict(spec["compare"])
+        self.c = Contender(**spec["contender"])
+        self.seed = int(spec["seed"])
+        self.dir = Path(spec["dir"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tok = load_tokenizer(spec["tokenizer"])
+        self.started = time.perf_counter()
+
+    def stage(self, name: str, **info: Any) -> None:
+        write_json(self.dir / "stage.json", {"stage": name, **info})
+
+    def data(self):
+        cc, tok = self.cc, self.tok
+        store, _ = build_store(self.spec["data"], tok, self.spec["cache"], cc.doc_sep, cc.field)
+        splits = store.split(cc.val_fraction, 0)  # the same held-out documents for every contender and seed
+        return store, splits
+
+    def run(self) -> dict[str, Any]:
+        cc, c, tok = self.cc, self.c, self.tok
+        store, splits = self.data()
+        cfg = model_config(cc, c, tok)
+        ocfg = ObjectiveConfig(c.objective, cc.seq_len, mask_prob=cc.mask_prob)
+        train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
+        val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
+        torch.manual_seed(self.seed)
+        model = Model(cfg)
+        steps = self.spec.get("steps")
+        tc = TrainConfig(
+            max_steps=steps,
+            max_minutes=self.spec.get("minutes"),
+            batch_size=cc.batch_size,
+            lr=cc.lr,
+            warmup_steps=min(cc.warmup_steps, max((steps or 10**9) // 5, 1)),
+            eval_every=max((steps or 100) // 5, 1),
+            eval_batches=8,
+            save_every=10**9,
+            keep_checkpoints=1,
+            log_every=10,
+            seed=self.seed,
+        )
+        train = Batches(train_obj, cc.batch_size, self.seed)
+        val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
+        val_stream = store.stream(splits["val"], tok.eos_id, "val")
+        wins = measure.windows(val_stream, cc.seq_len, cc.eval_windows)
+        curve_wins, top = wins[:8], self.spec["unigram_top"]
+
+        def evaluate_fn(model: Model, batches: Any, device: Any, autocast: Any) -> dict[str, Any]:
+            """The objective's own validation loss, and the comparable number on 8 held-out windows."""
+            r = evaluate(model, batches, device, autocast)
+            model.eval()
+            with torch.no_grad():
+                if cfg.spec.generative:
+                    r["bpb"] = measure.bits_per_byte(
+                        tok, curve_wins, lambda w: measure.second_half_nats(model, tok, w)
+                    )["bpb"]
+                else:
+                    r["masked_accuracy"] = measure.masked_accuracy(model, tok, curve_wins, top)["accuracy"]
+            model.train()
+            return r
+
+        self.stage("pretrain", step=0, steps=steps)
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "step" and info["step"] % 5 == 0:
+                self.stage("pretrain", step=info["step"], steps=steps, loss=info["loss"])
+
+        trainer = Trainer(model, train, val, tc, self.dir / "pretrain", on_event, evaluate_fn=evaluate_fn)
+        summary = trainer.fit()
+        model.save_pretrained(self.dir / "model")
+        tok.save(self.dir / "model")
+        model.eval()
+        result: dict[str, Any] = {
+            "contender": c.name,
+            "seed": self.seed,
+            "pretrain": {
+                "steps": summary["steps"],
+                "tokens": summary["tokens"],
+                "minutes": summary["minutes"],
+                "train_tokens_per_s": summary["tokens"] / max(summary["minutes"] * 60, 1e-9),
+                "val": summary["val"],
+                "curve": _curve(self.dir / "pretrain" / "metrics.jsonl"),
+                "val_curve": _val_curve(self.dir / "pretrain" / "metrics.jsonl"),
+            },
+        }
+        result["moe"] = _moe_stats(self.dir / "pretrain" / "metrics.jsonl") if cfg.ffn == "moe" else None
+        self.stage("intrinsic")
+        with torch.no_grad():
+            result["intrinsic"] = self.intrinsic(model, wins)
+        self.stage("few-shot")
+        questions = [json.loads(line) for line in Path(self.spec["questions"]).read_text().splitlines() if line]
+        from lmlab.fewshot import score_items
+
+        result["fewshot"] = {f"k{k}": score_items(model, tok, questions, shots=k, seed=self.seed) for k in (0, 3)}
+        self.stage("generation")
+        if cfg.spec.generative:
+            result["samples"] = measure.sample_continuations(model, tok, wins, cc.samples, self.seed)
+        else:
+            result["fill_mask"] = measure.fill_mask_candidates(model, tok, FILL_MASK)
+        if cfg.ffn == "moe":
+            self.stage("routing")
+            result["routing"] = measure.routing_report(model, tok, wins[:8], self.seed)
+        result["tasks"] = {}
+        for task in self.spec["tasks"]:
+            self.stage(f"fine-tune {task['name']}")
+            result["tasks"][task["name"]] = self.finetune(task, cfg)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["unit_minutes"] = (time.perf_counter() - self.started) / 60
+        return result
+
+    def intrinsic(self, model: Model, wins: list[np.ndarray]) -> dict[str, Any]:
+        tok, cfg = self.tok, model.config
+        if cfg.spec.generative:
+            r = measure.bits_per_byte(tok, wins, lambda w: measure.second_half_nats(model, tok, w))
+            return {
+                "bpb": r["bpb"],
+                "tokens": r["tokens"],
+                "bytes": r["bytes"],
+                "method": "second half given the first",
+            }
+        r = measure.bits_per_byte(tok, wins, lambda w: measure.pseudo_second_half_nats(model, tok, w))
+        acc = measure.masked_accuracy(model, tok, wins, self.spec["unigram_top"])
+        return {
+            "pll_bpb": r["bpb"],
+            "tokens": r["tokens"],
+            "bytes": r["bytes"],
+            "masked_accuracy": acc["accuracy"],
+            "unigram_accuracy": acc["unigram_accuracy"],
+            "masked_positions": acc["positions"],
+            "method": "pseudo-log-likelihood: each second-half token masked in turn, both halves visible",
+        }
+
+    def finetune(self, task: dict[str, Any], cfg: Any) -> dict[str, Any]:
+        from lmlab.finetune import finetune
+        from lmlab.settings import FinetuneConfig
+
+        if task["task"] not in cfg.spec.tasks:
+            return {"skipped": f"{cfg.family} models cannot be fine-tuned for {task['task']}"}
+        fc = FinetuneConfig(
+            task=task["task"],
+            model=str(self.dir / "model"),
+            train=task["train"],
+            eval=task["eval"],
+            out=str(self.dir / "tasks" / task["name"]),
+            epochs=self.cc.finetune_epochs,
+            lr=self.cc.finetune_lr,
+            batch_size=16,
+            max_len=min(self.cc.seq_len, cfg.max_seq_len),
+            max_target_len=min(48, min(self.cc.seq_len, cfg.max_seq_len) // 2),
+            truncate=True,
+            seed=self.seed,
+        )
+        try:
+            r = finetune(fc)
+        except LmlabError as e:  # the task's data does not suit this contender: reported, not fatal
+            return {"skipped": f"could not fine-tune: {e}"}
+        metrics = {k: v for k, v in (r["eval"] or {}).items() if isinstance(v, (int, float))}
+        return {"metrics": metrics, "steps": r["steps"], "minutes": r["minutes"], "train_examples": r["train_examples"]}
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _curve(path: Path) -> list[list[float]]:
+    """(step, tokens, training loss) of each logged window."""
+    return [[r["step"], r["tokens"], r["loss"]] for r in _records(path) if r.get("split") == "train"]
+
+
+def _val_curve(path: Path) -> list[list[float]]:
+    """(step, held-out bits per byte or masked-token accuracy on 8 windows) of each validation."""
+    return [
+        [r["step"], r.get("bpb", r.get("masked_accuracy"))]
+        for r in _records(path)
+        if r.get("split") == "val" and ("bpb" in r or "masked_accuracy" in r)
+    ]
+
+
+def _moe_stats(path: Path) -> dict[str, Any] | None:
+    """Expert-load CV and dropped fraction, averaged over the MoE layers and the last quarter of training."""
+    recs = [r for r in _records(path) if r.get("split") == "train" and r.get("moe")]
+    if not recs:
+        return None
+    tail = recs[-max(1, len(recs) // 4) :]
+    cv = [layer["cv"] for r in tail for layer in r["moe"]]
+    dropped = [layer.get("dropped", 0.0) for r in tail for layer in r["moe"]]
+    return {"load_cv": float(np.mean(cv)), "dropped": float(np.mean(dropped)), "layers": len(tail[-1]["moe"])}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    unit = Unit(spec)
+    result = unit.run()
+    result["fingerprint"] = spec["fingerprint"]
+    write_json(unit.dir / "result.json", result)
+    unit.stage("done")
+    return 0
+
+
+if __name__ == "__main__":
+    from lmlab.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,336 @@
+"""The comparison lab: contenders, FLOPs, measurements, the whole run with its report, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli import main
+from lmlab.compare import CompareConfig
+from lmlab.compare.contenders import batch_tokens, contenders, model_config, train_flops_per_step
+from lmlab.compare.report import _strip_timings, verdict
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, vocab_size=600, batch_size=8, warmup_steps=4)
+
+
+@pytest.fixture(scope="module")
+def shared_tok(tmp_path_factory):
+    from conftest import tiny_text
+
+    from lmlab.tokenizer import train_shared_tokenizer
+
+    tok = train_shared_tokenizer(tiny_text(), 600)
+    folder = tmp_path_factory.mktemp("shared-tok")
+    tok.save(folder)
+    return folder
+
+
+def test_the_shared_tokenizer_holds_every_familys_special_tokens(shared_tok):
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shared_tok)
+    for role in ("pad", "cls", "sep", "mask", "bos", "eos"):
+        assert tok.id_of(role) is not None, role
+    assert len(tok.sentinel_ids) == 100 and tok.kind == "bpe"
+    assert tok.encode("the lord", add_special_tokens=True) == tok.encode("the lord", add_special_tokens=False)
+
+
+def test_contenders_share_one_body_and_differ_by_family(shared_tok):
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shared_tok)
+    cc = CompareConfig(moe=["switch", "deepseekmoe"], moe_families=["decoder", "encoder"], **TINY)
+    cs = contenders(cc)
+    assert [c.name for c in cs] == [
+        "encoder",
+        "encoder+switch",
+        "encoder+deepseekmoe",
+        "decoder",
+        "decoder+switch",
+        "decoder+deepseekmoe",
+        "encoder-decoder",
+        "prefix-lm",
+    ]
+    cfgs = {c.name: model_config(cc, c, tok) for c in cs}
+    for cfg in cfgs.values():
+        assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.position, cfg.norm_placement, cfg.vocab_size) == (
+            32,
+            2,
+            2,
+            "rope",
+            "pre",
+            tok.vocab_size,
+        )
+    assert cfgs["encoder"].heads == ("mlm",) and cfgs["decoder"].heads == ("lm",)
+    assert cfgs["decoder+switch"].ffn == "moe" and cfgs["decoder+switch"].moe_top_k == 1
+    assert cfgs["decoder+deepseekmoe"].moe_d_ff == 16  # a quarter of d_ff: finer experts
+    assert cfgs["encoder-decoder"].decoder_layers == 2 and cfgs["encoder-decoder"].spec.seq2seq
+
+
+def test_a_decoders_flops_match_the_parameter_count_formula(shared_tok):
+    """For a causal LM every position is read by the decoder and scored by the head, so the count per
+    token equals lmlab.info's 3 x forward (2 x matmul weights + 4 x layers x T x d_attn)."""
+    from lmlab.info import model_stats, stack_matmul_weights
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shared_tok)
+    cc = CompareConfig(families=["decoder"], moe=["none"], **TINY)
+    cfg = model_config(cc, contenders(cc)[0], tok)
+    B, T = 4, 32
+    batch = {"input_ids": np.full((B, T), 7), "labels": np.full((B, T), 7)}
+    tokens = batch_tokens(batch, cfg, tok.pad_id)
+    assert tokens["decoder"] == B * T and tokens["head"] == B * T and tokens["encoder"] == 0
+    flops = train_flops_per_step(cfg, stack_matmul_weights(cfg, T), tokens)
+    assert flops / (B * T) == pytest.approx(model_stats(cfg, T).train_flops_per_token, rel=1e-9)
+
+
+def test_an_encoder_decoder_counts_each_stack_for_its_own_tokens(shared_tok):
+    from lmlab.info import stack_matmul_weights
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shared_tok)
+    cc = CompareConfig(families=["encoder-decoder"], moe=["none"], **TINY)
+    cfg = model_config(cc, contenders(cc)[0], tok)
+    labels = np.full((2, 10), -100)
+    labels[:, :6] = 5  # 6 target tokens per example
+    batch = {"input_ids": np.full((2, 32), 7), "attention_mask": np.ones((2, 32), int), "labels": labels}
+    tokens = batch_tokens(batch, cfg, tok.pad_id)
+    assert (tokens["encoder"], tokens["decoder"], tokens["head"]) == (64, 12, 12)
+    w = stack_matmul_weights(cfg, 32)
+    assert w["decoder"] > w["encoder"]  # the decoder's blocks carry cross-attention too
+    assert tokens["attention"] == 2 * (2 * 32**2) + 2 * 2 * (6**2 + 6 * 32)  # 2 layers in each stack
+
+
+def test_verdicts_need_a_margin_of_two_standard_deviations():
+    a, b = {"mean": 0.8, "std": 0.02}, {"mean": 0.7, "std": 0.03}
+    assert verdict(a, b, higher_is_better=True) == "confirmed"
+    assert verdict(a, b, higher_is_better=False) == "contradicted"
+    assert verdict({"mean": 0.75, "std": 0.05}, b, True) == "tie"
+    assert verdict(None, b, True) == "not measured"
+
+
+def test_generation_statistics():
+    from lmlab.compare.measure import distinct_n, mutual_information, repetition_rate
+
+    assert distinct_n([[1, 2, 3, 4]], 1) == 1.0 and distinct_n([[1, 1, 1, 1]], 1) == 0.25
+    assert distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
+    assert repetition_rate([[1, 2, 3, 4, 1, 2, 3, 4]], 4) == pytest.approx(1 / 5)
+    assert repetition_rate([[1, 2, 3, 4, 5, 6]], 4) == 0.0
+    x = np.array([0, 1, 2, 3] * 50)
+    assert mutual_information(x, x) == pytest.approx(2.0)  # H(X) for 4 equally likely values
+    assert mutual_information(x, np.zeros_like(x)) == pytest.approx(0.0)
+
+
+def test_second_half_scores_match_the_models_own_loss(tiny_pretrained):
+    """A decoder's second-half nats are the per-token loss of labels on the second half."""
+    from lmlab.compare.measure import second_half_nats
+    from lmlab.families import IGNORE_INDEX
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder).eval(), load_tokenizer(folder)
+    win = np.arange(5, 37)
+    nats = second_half_nats(model, tok, win)
+    labels = torch.tensor(win)[None].clone()
+    labels[:, :16] = IGNORE_INDEX
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor(win)[None], labels=labels).loss
+    assert len(nats) == 16 and float(nats.mean()) == pytest.approx(float(loss), abs=1e-5)
+
+
+# ---- the whole run -------------------------------------------------------------------------------
+def _run(out: Path, **kw) -> dict:
+    from lmlab.compare import compare
+
+    settings = dict(TINY, out=str(out), eval_windows=8, questions=12, samples=2, max_task_examples=60)
+    settings.update(kw)
+    return compare(CompareConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def kjv_lines(tmp_path_factory):
+    """800 verses of the built-in corpus, one document per line."""
+    import gzip
+
+    from lmlab.data.corpus import demo_corpus
+
+    lines = [v for v in gzip.open(demo_corpus("kjv"), "rt").read().splitlines() if v.strip()][:800]
+    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, kjv_lines):
+    """Every family, a Switch MoE and its unbalanced twin, 2 seeds, a classification task of the user's."""
+    out = tmp_path_factory.mktemp("compare")
+    rows = [(v, "law" if i < 400 else "later") for i, v in enumerate(kjv_lines.read_text().splitlines())]
+    task = out.parent / "sections.tsv"
+    task.write_text("sentence\tlabel\n" + "\n".join(f"{t}\t{lab}" for t, lab in rows[::8]) + "\n")
+    events = []
+    from lmlab.compare import compare
+
+    cc = CompareConfig(
+        **TINY,
+        out=str(out / "run"),
+        data=[str(kjv_lines)],
+        moe=["switch", "switch-nobalance"],
+        seeds=2,
+        budget="tokens",
+        budget_value=12_000,
+        tasks=[str(task)],
+        eval_windows=8,
+        questions=12,
+        samples=2,
+        max_task_examples=60,
+        val_fraction=0.1,
+    )
+    summary = compare(cc, lambda kind, info: events.append((kind, info)))
+    return {"out": out / "run", "summary": summary, "events": events, "cc": cc}
+
+
+def test_every_contender_gets_every_metric_that_applies(full_run):
+    summary = full_run["summary"]
+    names = [c["name"] for c in summary["contenders"]]
+    assert names == ["encoder", "decoder", "decoder+switch", "decoder+switch-nobalance", "encoder-decoder", "prefix-lm"]
+    for c in summary["contenders"]:
+        m = c["metrics"]
+        generative = c["family"] != "encoder"
+        keys = ["fewshot_k0_acc", "fewshot_k3_acc_norm", "val_loss", "train_tokens_per_s", "peak_rss_mb"]
+        keys += (
+            ["bpb", "distinct_2", "repetition_4", "decode_tokens_per_s"]
+            if generative
+            else ["pll_bpb", "masked_accuracy"]
+        )
+        keys += ["load_cv", "dropped"] if c["moe"] else []
+        for k in keys:
+            assert m[k] is not None and m[k]["n"] == 2 and math.isfinite(m[k]["std"]), (c["name"], k)
+        assert (m["bpb"] is None) == (not generative) and (m["pll_bpb"] is None) == generative
+        assert c["tasks"]["sections"]["accuracy"]["n"] == 2
+        assert c["train_flops"] == c["steps"] * c["flops_per_step"] > 0  # a tokens budget: FLOPs reported beside
+        assert c["tokens_seen"] <= 12_000
+    moe = next(c for c in summary["contenders"] if c["name"] == "decoder+switch")
+    layer = moe["routing_seed0"]["layers"][0]
+    assert len(layer["experts"]) == 8 and layer["mi_token_shuffled_bits"] >= 0
+    assert 0 < summary["baselines"]["kneser_ney_bpb"] < 8
+
+
+def test_the_report_states_why_a_metric_does_not_apply_and_computes_its_claims(full_run):
+    out = full_run["out"]
+    md = (out / "report.md").read_text()
+    assert "n/a (an encoder cannot score text left to right)" in md and "n/a (not an encoder)" in md
+    claims = {c["claim"]: c for c in full_run["summary"]["claims"]}
+    assert set(claims) == {
+        "understanding tasks favour the encoder",
+        "generation favours the decoder",
+        "encoder-decoders suit translation",
+        "MoE reaches lower loss than dense at equal FLOPs",
+        "load balancing lowers expert-load CV",
+    }
+    for c in claims.values():
+        assert c["verdict"] in ("confirmed", "contradicted", "tie", "not measured")
+    assert claims["encoder-decoders suit translation"]["verdict"] == "not measured"  # no seq2seq pairs given
+    assert "seq2seq" in claims["encoder-decoders suit translation"]["why"]
+    assert claims["load balancing lowers expert-load CV"]["verdict"] != "not measured"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and saved["settings"]["seeds"] == 2
+
+
+def test_rerunning_the_same_command_skips_what_is_finished(full_run):
+    from lmlab.compare import compare
+
+    events = []
+    again = compare(full_run["cc"], lambda kind, info: events.append((kind, info)))
+    units = [i for k, i in events if k == "unit"]
+    assert units and all(i["status"] == "done (kept)" for i in units)
+    assert _strip_timings(again) == _strip_timings(full_run["summary"])
+
+
+def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
+    kw = dict(data=[str(kjv_lines)], families=["decoder", "encoder"], moe=["none"], seeds=1, budget="tokens")
+    kw.update(budget_value=12_000, tasks=[], val_fraction=0.1)
+    _run(tmp_path / "a", **kw)
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    shutil.rmtree(tmp_path / "a")  # nothing kept: every unit runs again
+    _run(tmp_path / "a", **kw)
+    second = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert _strip_timings(first) == _strip_timings(second)
+    assert first["contenders"][0]["runs"][0]["pretrain"]["curve"]  # losses included, so they are compared too
+
+
+def test_report_renders_in_headless_chromium(full_run, tmp_path):
+    """Every image of report.html loads in Debian's chromium (through selenium); a screenshot is taken."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        browser.get((full_run["out"] / "report.html").resolve().as_uri())
+        images = browser.find_elements("tag name", "img")
+        assert len(images) == 2
+        for img in images:
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+        assert "Claims" in browser.find_element("tag name", "body").text
+        assert browser.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        browser.quit()
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_unknown_families_and_variants_are_refused(tmp_path):
+    with pytest.raises(lmlab.LmlabError, match="unknown family 'gpt'"):
+        _run(tmp_path, families=["gpt"])
+    with pytest.raises(lmlab.LmlabError, match="unknown MoE variant 'mixture'"):
+        _run(tmp_path, moe=["mixture"])
+    assert main(["compare", "--out", str(tmp_path), "--budget", "parsecs", "3"]) == 2
+
+
+def test_a_budget_too_small_names_the_smallest_useful_one(tmp_path, kjv_lines):
+    with pytest.raises(lmlab.LmlabError, match=r"the smallest useful budget is [0-9.e+]+ training FLOPs"):
+        _run(tmp_path, data=[str(kjv_lines)], budget="flops", budget_value=1e6, val_fraction=0.1)
+
+
+def test_a_corpus_too_small_for_the_held_out_split_is_a_clear_error(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"line {i} of a very small corpus" for i in range(40)) + "\n")
+    with pytest.raises(lmlab.LmlabError, match="held-out split .* is smaller than"):
+        _run(tmp_path / "out", data=[str(small)], vocab_size=400)
+
+
+def test_a_task_a_family_cannot_do_is_skipped_with_the_reason(tmp_path, kjv_lines):
+    pairs = tmp_path / "pairs.jsonl"
+    lines = kjv_lines.read_text().splitlines()[:120]
+    pairs.write_text("".join(json.dumps({"source": a, "target": a.upper()}) + "\n" for a in lines))
+    summary = _run(
+        tmp_path / "out",
+        data=[str(kjv_lines)],
+        families=["encoder", "decoder"],
+        moe=["none"],
+        seeds=1,
+        budget="tokens",
+        budget_value=12_000,
+        tasks=[str(pairs)],
+        val_fraction=0.1,
+    )
+    enc = next(c for c in summary["contenders"] if c["name"] == "encoder")
+    assert enc["tasks"]["pairs"] == {"skipped": "encoder models cannot be fine-tuned for seq2seq"}
+    dec = next(c for c in summary["contenders"] if c["name"] == "decoder")
+    assert "chrf" in dec["tasks"]["pairs"] and "bleu" in dec["tasks"]["pairs"]
+    assert "skipped: encoder models cannot be fine-tuned for seq2seq" in (tmp_path / "out" / "report.md").read_text()

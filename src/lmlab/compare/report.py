@@ -170,6 +170,9 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
+    def missing(text: str, metric: str, why: str) -> None:
+        claim(text, None, None, None, None, True, metric, why)
+
     # understanding tasks favour the encoder: the first classification task, encoder vs the best other family
     cls_task = next((t["name"] for t in summary["tasks"] if t["task"] == "classify"), None)
     enc = by.get("encoder")
@@ -188,13 +191,8 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "" if other else "no other family fine-tuned",
         )
     else:
-        claim(
+        missing(
             "understanding tasks favour the encoder",
-            None,
-            None,
-            None,
-            None,
-            True,
             "classification accuracy",
             "needs the encoder and a classification task",
         )
@@ -212,16 +210,7 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "held-out bits per byte, second half given the first (lower is better)",
         )
     else:
-        claim(
-            "generation favours the decoder",
-            None,
-            None,
-            None,
-            None,
-            False,
-            "bits per byte",
-            "needs the decoder and another generative family",
-        )
+        missing("generation favours the decoder", "bits per byte", "needs the decoder and another generative family")
     # encoder-decoders suit translation: chrF on the first seq2seq task
     s2s = next((t["name"] for t in summary["tasks"] if t["task"] == "seq2seq"), None)
     ed = by.get("encoder-decoder")
@@ -242,13 +231,8 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "" if other else "no decoder or prefix-LM fine-tuned",
         )
     else:
-        claim(
+        missing(
             "encoder-decoders suit translation",
-            None,
-            None,
-            None,
-            None,
-            True,
             "seq2seq chrF",
             "needs the encoder-decoder and a seq2seq task (--tasks pairs.jsonl with source / target)",
         )
@@ -268,13 +252,8 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 f"held-out {key.replace('_', ' ')} (lower is better)",
             )
     else:
-        claim(
+        missing(
             "MoE reaches lower loss than dense at equal FLOPs",
-            None,
-            None,
-            None,
-            None,
-            False,
             "bits per byte",
             "needs an MoE variant beside its dense twin (--moe)",
         )
@@ -294,13 +273,8 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "expert-load CV over the last quarter of training (lower is better)",
             )
     else:
-        claim(
+        missing(
             "load balancing lowers expert-load CV",
-            None,
-            None,
-            None,
-            None,
-            False,
             "expert-load CV",
             "needs --moe switch and switch-nobalance on the same family",
         )

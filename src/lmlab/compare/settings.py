@@ -14,6 +14,7 @@ from typing import Any
 from lmlab.config import option
 from lmlab.errors import ConfigError
 from lmlab.families import FAMILY_NAMES
+from lmlab.settings import _check_names
 
 BUDGETS = ("flops", "tokens", "minutes")
 
@@ -90,10 +91,7 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> CompareConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        _check_names(cls, d, source)
         d = dict(d)
         for key in ("data", "families", "moe", "moe_families", "tasks"):
             if isinstance(d.get(key), str):

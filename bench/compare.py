@@ -28,6 +28,8 @@ def main() -> None:
     t0 = time.perf_counter()
     rc = lmlab_main(["compare", *argv])
     print(f"\nexit {rc}, {(time.perf_counter() - t0) / 60:.1f} minutes wall clock\n")
+    if rc != 0:
+        sys.exit(rc)
     print((Path(out) / "report.md").read_text())
 
 

@@ -334,3 +334,69 @@ def test_a_task_a_family_cannot_do_is_skipped_with_the_reason(tmp_path, kjv_line
     dec = next(c for c in summary["contenders"] if c["name"] == "decoder")
     assert "chrf" in dec["tasks"]["pairs"] and "bleu" in dec["tasks"]["pairs"]
     assert "skipped: encoder models cannot be fine-tuned for seq2seq" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_builtin_tasks_are_real_read_by_the_task_readers_and_limited(tmp_path):
+    from lmlab.compare.lab import build_tasks
+    from lmlab.tasks.classify import read_table
+    from lmlab.tasks.ner import read_conll
+    from lmlab.tasks.qa import read_squad
+
+    cc = CompareConfig(out=str(tmp_path), max_task_examples=50)
+    tasks, notes = build_tasks(cc, tmp_path, builtin_corpus=True)
+    assert [(t["name"], t["task"]) for t in tasks] == [
+        ("kjv-sections", "classify"),
+        ("kjv-italics", "ner"),
+        ("nave-qa", "qa"),
+    ] and not notes
+    by = {t["name"]: t for t in tasks}
+    assert len(read_table(by["kjv-sections"]["train"])[0]) == 50
+    train, test = read_conll(by["kjv-italics"]["train"]), read_conll(by["kjv-italics"]["eval"])
+    assert len(train) == 50 and len(test) == 800  # eval is never cut
+    tags = [t for ex in test for t in ex.label]
+    assert set(tags) == {"O", "B-ADDED", "I-ADDED"} and 0.01 < tags.count("B-ADDED") / len(tags) < 0.1
+    # "and darkness *was* upon the face of the deep" is the kind of word the translators supplied
+    full = read_conll(by["kjv-italics"]["train_full"])
+    added = [w.lower() for ex in full for w, t in zip(ex.words, ex.label) if t == "B-ADDED"]
+    assert {"was", "is", "are"} & set(added)
+    qa = read_squad(by["nave-qa"]["eval"])
+    assert len(read_squad(by["nave-qa"]["train"])) == 50 and len(qa) > 400
+    for ex in qa:
+        ((text, start),) = ex.answers
+        assert ex.context[start : start + len(text)] == text and text[0].isupper()
+    # the verse names more than one person or place: the first capitalised name is often not the answer
+    assert sum(ex.context.split(" ")[0] != ex.answers[0][0] for ex in qa) > len(qa) / 2
+    # another corpus: the built-in tasks are left out, with the reason
+    tasks, notes = build_tasks(cc, tmp_path / "other", builtin_corpus=False)
+    assert tasks == [] and "KJV" in notes[0]
+
+
+def test_understanding_claims_cover_every_classification_tagging_and_qa_task():
+    from lmlab.compare.report import claims
+
+    def stat(mean, sd=0.01):
+        return {"mean": mean, "std": sd, "n": 3}
+
+    def row(family, tasks):
+        return {
+            "name": family,
+            "family": family,
+            "moe": None,
+            "dense_twin": None,
+            "metrics": {"bpb": None},
+            "tasks": tasks,
+        }
+
+    summary = {
+        "tasks": [{"name": "c", "task": "classify"}, {"name": "t", "task": "ner"}, {"name": "q", "task": "qa"}],
+        "contenders": [
+            row("encoder", {"c": {"accuracy": stat(0.5)}, "t": {"f1": stat(0.2)}, "q": {"f1": stat(20.0)}}),
+            row("decoder", {"c": {"accuracy": stat(0.4)}, "t": {"f1": stat(0.0)}, "q": {"f1": stat(20.01)}}),
+        ],
+    }
+    rows = [c for c in claims(summary) if c["claim"] == "understanding tasks favour the encoder"]
+    assert [(c["metric"].split()[0], c["verdict"]) for c in rows] == [
+        ("c", "confirmed"),
+        ("t", "confirmed"),
+        ("q", "tie"),
+    ]

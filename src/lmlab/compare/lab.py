@@ -35,8 +35,9 @@ from lmlab.info import model_stats, stack_matmul_weights
 from lmlab.tokenizer import load_tokenizer, train_shared_tokenizer
 
 # the demo's budget: equal training FLOPs, enough for the encoder's masked LM to leave the unigram
-# plateau (about 140 steps of the default body; docs/benchmarks.md, lmlab compare); --quick: a quarter
-DEMO_FLOPS = 1.0e12
+# plateau (112 steps of the default body: 25% masked-token accuracy, 3x the unigram baseline;
+# docs/benchmarks.md, lmlab compare); --quick: a third (the decoder's 20 steps, the least that trains)
+DEMO_FLOPS = 0.8e12
 MIN_STEPS = 20  # fewer optimizer steps than this train nothing worth comparing
 EVENT = Callable[[str, dict[str, Any]], None]
 
@@ -83,7 +84,7 @@ class Plan:
         if budget is None:
             budget = {"flops": DEMO_FLOPS, "tokens": 1.0e6, "minutes": 0.75}[cc.budget]
             if cc.quick:
-                budget /= 4
+                budget /= 3
         self.budget = budget
         for c in contenders(cc):
             cfg = model_config(cc, c, tok)
@@ -132,30 +133,18 @@ def build_tasks(cc: CompareConfig, out: Path, builtin_corpus: bool) -> tuple[lis
     """The fine-tuning tasks: kjv-sections from the built-in corpus, and the user's files (a file is
     split 80/20 by line unless given as TRAIN:EVAL). Returns (tasks, notes)."""
     tasks, notes = [], []
+    from lmlab.data.kjv import BUILTIN_TASKS, builtin_task
+
     for entry in cc.tasks:
-        if entry == "builtin":
+        if entry == "builtin" or entry in BUILTIN_TASKS:
             if not builtin_corpus:
                 notes.append(
-                    "builtin: kjv-sections is built from the built-in corpus; this comparison reads other text"
+                    f"{entry}: the built-in tasks ({', '.join(BUILTIN_TASKS)}) are KJV text; this comparison "
+                    "reads other text, so they were left out"
                 )
                 continue
-            from lmlab.data.kjv import build_kjv_sections
-
-            folder = out / "tasks"
-            if not (folder / "kjv-sections" / "test.tsv").is_file():
-                build_kjv_sections(folder, per_chapter=3)
-            tasks.append(
-                _limit(
-                    {
-                        "name": "kjv-sections",
-                        "task": "classify",
-                        "train": str(folder / "kjv-sections" / "train.tsv"),
-                        "eval": str(folder / "kjv-sections" / "test.tsv"),
-                    },
-                    cc,
-                    out,
-                )
-            )
+            for name in BUILTIN_TASKS if entry == "builtin" else [entry]:
+                tasks.append(_limit(builtin_task(name, out / "tasks"), cc, out))
             continue
         train, _, evaluation = entry.partition(":")
         path = Path(train)
@@ -230,20 +219,45 @@ def _split_file(name: str, task: str, path: Path, folder: Path) -> dict[str, Any
 
 
 def _limit(spec: dict[str, Any], cc: CompareConfig, out: Path) -> dict[str, Any]:
-    """Keep at most cc.max_task_examples training records of a line-per-record file."""
-    path = Path(spec["train"])
-    if path.suffix.lower() not in (".tsv", ".csv", ".jsonl"):
-        return spec
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[:1] if path.suffix.lower() in (".tsv", ".csv") else []
-    body = lines[len(header) :]
-    if len(body) <= cc.max_task_examples:
-        return spec
-    folder = out / "tasks" / spec["name"]
-    folder.mkdir(parents=True, exist_ok=True)
-    kept = folder / f"train-{cc.max_task_examples}{path.suffix}"
-    kept.write_text("\n".join(header + body[: cc.max_task_examples]) + "\n", encoding="utf-8")
-    return {**spec, "train": str(kept), "train_full": str(path)}
+    """Keep the first cc.max_task_examples training records (and, when set, cc.max_eval_examples
+    evaluation records): lines of TSV / CSV / JSONL, sentences of CoNLL, paragraphs of SQuAD JSON."""
+    spec = dict(spec)
+    for key, n in (("train", cc.max_task_examples), ("eval", cc.max_eval_examples)):
+        if n is None:
+            continue
+        path = Path(spec[key])
+        kept = out / "tasks" / spec["name"] / f"{key}-{n}{path.suffix}"
+        limited = _first_records(path, spec["task"], n)
+        if limited is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(limited, encoding="utf-8")
+            spec[key], spec[f"{key}_full"] = str(kept), str(path)
+    return spec
+
+
+def _first_records(path: Path, task: str, n: int) -> str | None:
+    """The text of `path` cut to its first n records, or None when it has no more than n."""
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix in (".tsv", ".csv", ".jsonl"):
+        lines = text.splitlines()
+        header = lines[:1] if suffix in (".tsv", ".csv") else []
+        body = lines[len(header) :]
+        return None if len(body) <= n else "\n".join(header + body[:n]) + "\n"
+    if task == "ner":
+        records = [r for r in text.split("\n\n") if r.strip()]
+        return None if len(records) <= n else "\n\n".join(records[:n]) + "\n"
+    if task == "qa":
+        data = json.loads(text)
+        if sum(len(a.get("paragraphs", [])) for a in data.get("data", [])) <= n:
+            return None
+        left, articles = n, []
+        for article in data.get("data", []):
+            if left > 0:
+                articles.append({**article, "paragraphs": article.get("paragraphs", [])[:left]})
+                left -= len(articles[-1]["paragraphs"])
+        return json.dumps({**data, "data": articles})
+    return None
 
 
 def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
@@ -252,10 +266,11 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
 
     emit = on_event or (lambda kind, info: None)
     cc.validate()
-    if cc.quick:  # a quarter of the budget (Plan), two seeds, fewer held-out measurements
+    if cc.quick:  # a third of the budget (Plan), two seeds, fewer held-out measurements
         cc.seeds = min(cc.seeds, 2)
         cc.questions, cc.eval_windows = min(cc.questions, 24), min(cc.eval_windows, 16)
-        cc.max_task_examples, cc.samples = min(cc.max_task_examples, 200), min(cc.samples, 4)
+        cc.max_task_examples, cc.samples = min(cc.max_task_examples, 100), min(cc.samples, 4)
+        cc.max_eval_examples = min(cc.max_eval_examples or 200, 200)
     out = Path(cc.out)
     out.mkdir(parents=True, exist_ok=True)
     builtin = not cc.data

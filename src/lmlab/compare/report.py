@@ -150,6 +150,11 @@ def _best(rows: list[dict[str, Any]], key, higher: bool) -> dict[str, Any] | Non
     return (max if higher else min)(rows, key=lambda r: key(r)["mean"])
 
 
+# the metric an understanding task is judged by
+UNDERSTANDING = {"classify": "accuracy", "ner": "f1", "qa": "f1"}
+TASK_METRIC = {**UNDERSTANDING, "seq2seq": "chrf", "chat": "accuracy"}
+
+
 def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = summary["contenders"]
     dense = [r for r in rows if not r["moe"]]
@@ -173,28 +178,36 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     def missing(text: str, metric: str, why: str) -> None:
         claim(text, None, None, None, None, True, metric, why)
 
-    # understanding tasks favour the encoder: the first classification task, encoder vs the best other family
-    cls_task = next((t["name"] for t in summary["tasks"] if t["task"] == "classify"), None)
+    # understanding tasks favour the encoder: every classification, tagging and QA task, encoder vs the
+    # best other family, one row each
     enc = by.get("encoder")
-    if cls_task and enc and "accuracy" in enc["tasks"].get(cls_task, {}):
+    understanding = [t for t in summary["tasks"] if t["task"] in UNDERSTANDING]
+    for t in understanding:
+        name, key = t["name"], UNDERSTANDING[t["task"]]
+        text = "understanding tasks favour the encoder"
+        if not (enc and key in enc["tasks"].get(name, {})):
+            missing(text, f"{name} {key}", "the encoder was not compared or not fine-tuned on it")
+            continue
         other = _best(
-            [r for r in dense if r["family"] != "encoder"], lambda r: r["tasks"].get(cls_task, {}).get("accuracy"), True
+            [r for r in dense if r["family"] != "encoder"],
+            lambda r, name=name, key=key: r["tasks"].get(name, {}).get(key),
+            True,
         )
         claim(
-            "understanding tasks favour the encoder",
+            text,
             "encoder",
-            enc["tasks"][cls_task]["accuracy"],
+            enc["tasks"][name][key],
             other["name"] if other else None,
-            other["tasks"][cls_task]["accuracy"] if other else None,
+            other["tasks"][name][key] if other else None,
             True,
-            f"{cls_task} accuracy (encoder vs the best other family)",
+            f"{name} {key} (encoder vs the best other family)",
             "" if other else "no other family fine-tuned",
         )
-    else:
+    if not understanding:
         missing(
             "understanding tasks favour the encoder",
-            "classification accuracy",
-            "needs the encoder and a classification task",
+            "classification accuracy, tagging or QA F1",
+            "needs the encoder and a classification, tagging or QA task",
         )
     # generation favours the decoder: held-out bits per byte, decoder vs the best other generative family
     dec = by.get("decoder")
@@ -543,7 +556,7 @@ def _figures(summary: dict[str, Any]) -> dict[str, str]:
         ("few-shot k=3 acc", lambda r: r["metrics"]["fewshot_k3_acc"]),
     ]
     for t in summary["tasks"]:
-        key = {"classify": "accuracy", "ner": "f1", "qa": "f1", "seq2seq": "chrf", "chat": "accuracy"}[t["task"]]
+        key = TASK_METRIC[t["task"]]
         metrics.append((f"{t['name']} {key}", lambda r, n=t["name"], k=key: r["tasks"].get(n, {}).get(k)))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
     for ax, (title, get) in zip(np.atleast_1d(axes), metrics):

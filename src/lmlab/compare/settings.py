@@ -54,16 +54,17 @@ class CompareConfig:
     moe_families: list[str] = option(lambda: ["decoder"], "families that get the MoE variants")
     budget: str = option("flops", "what every contender gets the same amount of", choices=BUDGETS)
     budget_value: float | None = option(
-        None, "the amount: training FLOPs, training tokens or minutes (default: the demo's, --quick: a quarter)"
+        None, "the amount: training FLOPs, training tokens or minutes (default: the demo's, --quick: a third)"
     )
     seeds: int = option(3, "seeds per contender (initialisation and data order); standard deviations over them")
     tasks: list[str] = option(
         lambda: ["builtin"],
-        "fine-tuning tasks: 'builtin' (kjv-sections on the built-in corpus) and/or task files "
+        "fine-tuning tasks: 'builtin' (kjv-sections, kjv-italics and nave-qa, on the built-in corpus), one of "
+        "those names, and/or task files "
         "(.tsv/.csv/.jsonl classification, .conll tagging, SQuAD .json, seq2seq .jsonl with source/target)",
     )
     quick: bool = option(
-        False, "a quarter of the budget, two seeds, fewer questions and task examples: the whole report in minutes"
+        False, "a third of the budget, two seeds, fewer questions and task examples: the whole report in minutes"
     )
     d_model: int = option(128, "width of every contender")
     n_layers: int = option(2, "layers of every stack (an encoder-decoder has this many in each)")
@@ -86,6 +87,7 @@ class CompareConfig:
     finetune_epochs: float = option(2.0, "passes over each task's training file")
     finetune_lr: float = option(1e-3, "fine-tuning learning rate")
     max_task_examples: int = option(400, "training examples kept per fine-tuning task")
+    max_eval_examples: int | None = option(None, "evaluation examples kept per task (default: all; --quick: 200)")
     samples: int = option(8, "sampled continuations per generative contender (distinct-n, repetition)")
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
 

@@ -1,17 +1,24 @@
-"""The built-in King James Bible corpus, chapter by chapter, and the classification task built from it.
+"""The built-in King James Bible corpus, chapter by chapter, and the fine-tuning tasks built from it.
 
 kjv-sections (6 classes): passages of two consecutive verses, labelled with the part of the Bible they
 come from: law (Genesis-Deuteronomy), history (Joshua-Esther), wisdom (Job-Song of Solomon), prophets
 (Isaiah-Malachi), gospels (Matthew-Acts), letters (Romans-Revelation). The split is by chapter (every
 10th chapter is test, every 10th from the 5th is dev), so neighbouring verses never straddle splits.
 Written as GLUE-style TSV (sentence<TAB>label) with a header.
+
+kjv-italics (tagging) and nave-qa (extractive QA) are shipped ready-made in data/demo/tasks/, built by
+scripts/build_builtin_tasks.py from Debian's public-domain SWORD modules (its docstring says how):
+kjv-italics tags the words the translators supplied (printed in italics; entity type ADDED), nave-qa
+asks for the person or place that Nave's Topical Bible describes, with the verse it cites as context.
 """
 
 from __future__ import annotations
 
 import gzip
 import random
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from lmlab.data.corpus import demo_corpus
 from lmlab.errors import DataError
@@ -118,3 +125,34 @@ def build_kjv_sections(out: Path, per_chapter: int = 8, seed: int = 0) -> dict[s
         rng.shuffle(lines)
         (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return {split: len(lines) for split, lines in rows.items()}
+
+
+# name -> (lmlab finetune task, shipped file stem or None when built from the corpus)
+BUILTIN_TASKS: dict[str, tuple[str, str | None]] = {
+    "kjv-sections": ("classify", None),
+    "kjv-italics": ("ner", "kjv-italics-{split}.conll"),
+    "nave-qa": ("qa", "nave-qa-{split}.json"),
+}
+
+
+def builtin_task(name: str, out: Path) -> dict[str, Any]:
+    """Write the built-in task `name` under `out`/name; returns {name, task, train, eval} (eval = its test split)."""
+    if name not in BUILTIN_TASKS:
+        raise DataError(f"no built-in task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    task, stem = BUILTIN_TASKS[name]
+    folder = out / name
+    if stem is None:
+        if not (folder / "test.tsv").is_file():
+            build_kjv_sections(out, per_chapter=3)
+        return {"name": name, "task": task, "train": str(folder / "train.tsv"), "eval": str(folder / "test.tsv")}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("train", "test"):
+        shipped = Path(str(resources.files("lmlab.data") / "demo" / "tasks" / (stem.format(split=split) + ".gz")))
+        if not shipped.is_file():
+            raise DataError(f"{shipped}: the built-in task file is missing from this installation")
+        target = folder / stem.format(split=split)
+        if not target.is_file():
+            target.write_bytes(gzip.decompress(shipped.read_bytes()))
+        paths[split] = str(target)
+    return {"name": name, "task": task, "train": paths["train"], "eval": paths["test"]}

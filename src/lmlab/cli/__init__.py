@@ -8,11 +8,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmlab.cli import chat, compare, convert, demo, evaluate, finetune, generate, info, pretrain, route, tokenizer
+from lmlab.cli import (
+    chat,
+    compare,
+    convert,
+    demo,
+    evaluate,
+    finetune,
+    generate,
+    info,
+    pretrain,
+    route,
+    serve,
+    tokenizer,
+)
 from lmlab.cli.output import error_console
 from lmlab.errors import LmlabError
 
-COMMANDS = (info, compare, generate, chat, finetune, route, convert, demo, pretrain, tokenizer, evaluate)
+COMMANDS = (info, compare, generate, chat, serve, finetune, route, convert, demo, pretrain, tokenizer, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

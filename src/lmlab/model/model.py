@@ -319,6 +319,7 @@ class Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,  # (B, T) 0-based; default: after the cache
         encoder_outputs: Any = None,  # (B, S, C) tensor or an output with .last_hidden_state
         prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-lm: bidirectional prefix sizes
         labels: torch.Tensor | None = None,
@@ -377,9 +378,11 @@ class Model(nn.Module):
                     else (KVCache(cfg.decoder_layers, cross=True) if use_cache else None)
                 )
                 past = cache.seen if cache is not None else 0
+                if decoder_position_ids is None:
+                    decoder_position_ids = self.default_positions(decoder_input_ids, past)
                 h, hidden = self.decoder(
                     self.embed(decoder_input_ids),
-                    self.default_positions(decoder_input_ids, past),
+                    decoder_position_ids,
                     None,
                     decoder_attention_mask,
                     cache=cache,

@@ -1,0 +1,54 @@
+"""`lmlab serve`: an OpenAI-compatible server for a model folder (the `serve` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lmlab.cli.output import console
+from lmlab.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model folder over OpenAI's API, with continuous batching")
+    p.add_argument("--model", required=True, help="model folder with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--api-key", default=os.environ.get("LMLAB_API_KEY"), help="require this bearer key")
+    p.add_argument("--max-batch", type=int, default=8, help="rows in the running decode batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores but one, for the HTTP loop)"
+    )
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from lmlab.serve.app import ServeConfig, create_app
+    except ImportError as e:
+        raise ConfigError(f"lmlab serve needs the serve extra: pip install 'lmlab[serve]' ({e})") from None
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    cfg = ServeConfig(
+        model=args.model,
+        name=args.name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        max_body=args.max_body,
+        dtype=args.dtype,
+        threads=threads,
+    )
+    console.print(
+        f"serving {args.model} on http://{args.host}:{args.port} ({args.dtype}, {threads} torch threads, "
+        f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if args.api_key else ''})",
+        highlight=False,
+    )
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,459 @@
+"""The serving engine: continuous batching over one model, in a thread of its own.
+
+Requests wait in a bounded first-come-first-served queue. At every step boundary the engine admits
+waiting requests into free slots of the running batch, prefills at most one prompt chunk (a long prompt
+is fed `prefill_chunk` tokens per step, so the streams already running keep flowing), then runs one
+decode step for every running row. A row leaves the batch when it finishes (end-of-sequence id, stop
+string, max_tokens) or its client goes away (`Request.cancel`), freeing its slot for the next step.
+
+The batch is one KV cache whose rows are left-padded to a common length: a prompt that joins is padded
+(or the batch is, when the newcomer is longer), every row keeps its own positions, and the attention
+mask hides the padding; columns that no row needs any more are trimmed away. Each row samples with its
+own settings and its own seeded generator, so a request's tokens do not depend on its neighbours.
+Encoder-decoders keep, per row, the encoder's output and its cross-attention cache, padded on the right
+to the longest source in the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.errors import ConfigError
+from lmlab.generate import filter_logits
+from lmlab.model import Model
+from lmlab.model.attention import KVCache, LayerKV
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: try again later (HTTP 429)."""
+
+
+@dataclass
+class Sampling:
+    """How one request decodes. temperature 0 is greedy; `logprobs` (0-20) alternatives are returned
+    per token when not None; `stop_ids` end generation (the model's end-of-sequence ids)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # the prompt's own log-probabilities (OpenAI's echo + logprobs)
+
+
+@dataclass
+class TokenInfo:
+    """One token with its log-probability under the raw logits and the top alternatives."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """What a request receives after a step: new text (never a half character, never past a stop
+    string), the tokens behind it, and at the end the finish reason ("stop" or "length")."""
+
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None = None
+    prompt: list[TokenInfo] | None = None  # with Sampling.prompt_logprobs, in the first delta
+
+
+class Request:
+    """A prompt (token ids) and its sampling settings; `emit` is called from the engine thread with each
+    Delta, the last one carrying finish_reason. `cancel()` (a client gone) frees the slot at the next step."""
+
+    _next = 0
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, emit: Callable[[Delta], None]) -> None:
+        Request._next += 1
+        self.id = Request._next
+        self.prompt_ids, self.sampling, self.emit = list(prompt_ids), sampling, emit
+        self.cancelled = False
+        self.created = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """A running request: its generated ids, text emitted so far and its generator."""
+
+    def __init__(self, req: Request, device: torch.device) -> None:
+        self.req = req
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.prompt_info: list[TokenInfo] | None = None  # sent with the first delta
+        self.generator = None
+        if req.sampling.temperature > 0 and req.sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
+
+
+@dataclass
+class _Prefill:
+    """A prompt being prefilled on its own cache, chunk by chunk."""
+
+    row: _Row
+    cache: KVCache
+    done: int = 0  # prompt tokens already fed
+    prompt_info: list[TokenInfo] | None = None
+    logits: torch.Tensor | None = None  # (1, V) after the last chunk
+    memory: torch.Tensor | None = None  # encoder-decoders: the encoder's output (1, S, C)
+
+
+def _pad_layer(layer: LayerKV, left: int = 0, right: int = 0) -> None:
+    """Pad a layer's keys and values with zeros on the time axis (in place)."""
+    k, v = layer.k[:, :, : layer.length], layer.v[:, :, : layer.length]
+    layer.k, layer.v = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
+    layer.length += left + right
+
+
+def _cat_layers(a: LayerKV, b: LayerKV) -> None:
+    """Append b's rows to a's (same length), in place on a."""
+    a.k = torch.cat([a.k[:, :, : a.length], b.k[:, :, : b.length]], dim=0)
+    a.v = torch.cat([a.v[:, :, : a.length], b.v[:, :, : b.length]], dim=0)
+
+
+def _slice_layer(layer: LayerKV, rows: torch.Tensor, start: int = 0) -> None:
+    layer.k = layer.k[rows, :, start : layer.length]
+    layer.v = layer.v[rows, :, start : layer.length]
+    layer.length -= start
+
+
+class Engine:
+    """Continuous batching over `model` (decoder, prefix-LM or encoder-decoder) with `tokenizer`.
+
+    `submit(request)` queues a request (QueueFull when `max_queue` wait already); `start()` runs the
+    loop in a daemon thread, `stop()` ends it. `stats()` reports queue depth, batch size and counters.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Any,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        cfg = model.config
+        if not cfg.has_decoder or model.lm_head is None:
+            raise ConfigError(f"the engine generates text: a {cfg.family} model has no language-model head")
+        self.model, self.tok, self.cfg = model.eval(), tokenizer, cfg
+        self.seq2seq = cfg.spec.seq2seq
+        self.prefix = cfg.spec.self_attention == "prefix"
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(1, prefill_chunk)
+        self.device = next(model.parameters()).device
+        self.on_step = on_step
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.rows: list[_Row] = []
+        self.prefilling: _Prefill | None = None
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, L) bool: real positions of the (decoder) cache
+        self.next_pos: torch.Tensor | None = None  # (B, 1)
+        self.logits: torch.Tensor | None = None  # (B, V) next-token logits
+        self.memory: torch.Tensor | None = None  # encoder-decoders: (B, S, C)
+        self.src_mask: torch.Tensor | None = None  # (B, S)
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.error: BaseException | None = None
+        self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "generated_tokens": 0, "prompt_tokens": 0}
+
+    # ---- the public side (any thread) ----------------------------------------------------------------
+    @property
+    def context(self) -> int:
+        return self.cfg.max_seq_len
+
+    def submit(self, req: Request) -> None:
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(req)
+            self.counters["requests"] += 1
+            self.lock.notify()
+
+    def start(self) -> Engine:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="lmlab-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and self.error is None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queue": len(self.waiting),
+            "batch": len(self.rows),
+            "prefilling": int(self.prefilling is not None),
+            **self.counters,
+        }
+
+    # ---- the loop (engine thread) ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while self.running and not (self.waiting or self.rows or self.prefilling):
+                        self.lock.wait(timeout=1.0)
+                    if not self.running:
+                        break
+                    if self.prefilling is None and self.waiting and len(self.rows) < self.max_batch:
+                        req = self.waiting.popleft()
+                    else:
+                        req = None
+                with torch.inference_mode():
+                    if req is not None and not req.cancelled:
+                        self._begin(req)
+                    elif req is not None:
+                        self.counters["cancelled"] += 1
+                    if self.prefilling is not None:
+                        self._prefill_step()
+                    if self.rows:
+                        self._decode_step()
+                if self.on_step is not None:
+                    self.on_step(len(self.rows))
+        except BaseException as e:  # the engine is dead: /health says so, waiting clients are told
+            self.error = e
+            for row in self.rows + ([self.prefilling.row] if self.prefilling else []):
+                row.req.emit(Delta("", [], "error"))
+            for req in self.waiting:
+                req.emit(Delta("", [], "error"))
+            raise
+
+    def _begin(self, req: Request) -> None:
+        row = _Row(req, self.device)
+        self.counters["prompt_tokens"] += len(req.prompt_ids)
+        cache = KVCache(self.cfg.decoder_layers if self.seq2seq else self.cfg.n_layers, cross=self.seq2seq)
+        self.prefilling = _Prefill(row, cache)
+
+    def _prefill_step(self) -> None:
+        """Feed the next chunk of the prompt being prefilled; when it is all in, the row joins the batch."""
+        p = self.prefilling
+        ids = p.row.req.prompt_ids
+        m = self.model
+        if p.row.req.cancelled:
+            self.prefilling = None
+            self.counters["cancelled"] += 1
+            return
+        if self.seq2seq:  # the encoder reads the whole source at once; the decoder starts
+            src = torch.tensor([ids], device=self.device)
+            start = torch.tensor([[self.cfg.decoder_start_token_id]], device=self.device)
+            out = m(src, decoder_input_ids=start, past_key_values=p.cache, use_cache=True)
+            p.memory, p.logits, p.done = out.encoder_last_hidden_state, out.logits[:, -1], len(ids)
+        else:
+            # a prefix-LM's prompt is one bidirectional prefix: it cannot be split into causal chunks
+            n = len(ids) if self.prefix else min(self.prefill_chunk, len(ids) - p.done)
+            chunk = torch.tensor([ids[p.done : p.done + n]], device=self.device)
+            positions = torch.arange(p.done, p.done + n, device=self.device)[None]
+            extra = {"prefix_lengths": torch.tensor([n], device=self.device)} if self.prefix else {}
+            out = m(chunk, position_ids=positions, past_key_values=p.cache, use_cache=True, **extra)
+            if p.row.req.sampling.prompt_logprobs:
+                logits = out.logits[0]
+                if self.prefix:  # the prefix sees the token it would predict: score the prompt causally
+                    logits = m(chunk, prefix_lengths=torch.zeros(1, dtype=torch.long, device=self.device)).logits[0]
+                p.prompt_info = (p.prompt_info or [TokenInfo(ids[0], None)]) + self._prompt_info(
+                    logits, ids[p.done + 1 : p.done + n + 1], p.row.req.sampling.logprobs or 0
+                )
+            p.logits, p.done = out.logits[:, -1], p.done + n
+        if p.done < len(ids):
+            return
+        self.prefilling = None
+        p.row.prompt_info = p.prompt_info
+        if p.row.req.sampling.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+            self._emit(p.row, Delta("", [], "length"))
+            self.counters["finished"] += 1
+            return
+        self._join(p)
+
+    def _emit(self, row: _Row, delta: Delta) -> None:
+        if row.prompt_info is not None:
+            delta.prompt, row.prompt_info = row.prompt_info, None
+        row.req.emit(delta)
+
+    def _prompt_info(self, logits: torch.Tensor, targets: list[int], k: int) -> list[TokenInfo]:
+        """Log-probabilities of each next prompt token under logits (T, V) (the last row has no target)."""
+        lp = F.log_softmax(logits.float(), -1)
+        out = []
+        for t, target in enumerate(targets):
+            top = torch.topk(lp[t], k) if k else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            out.append(TokenInfo(target, float(lp[t, target]), alts))
+        return out
+
+    def _join(self, p: _Prefill) -> None:
+        """Put a prefilled row into the batch: pad the shorter of (batch, newcomer) on the left."""
+        new_len = p.cache.seen
+        new_mask = torch.ones(1, new_len, dtype=torch.bool, device=self.device)
+        new_pos = torch.tensor([[new_len if not self.seq2seq else 1]], device=self.device)
+        if not self.rows:
+            self.cache, self.mask, self.next_pos, self.logits = p.cache, new_mask, new_pos, p.logits
+            if self.seq2seq:
+                self.memory = p.memory
+                self.src_mask = torch.ones(1, p.memory.shape[1], dtype=torch.bool, device=self.device)
+            self.rows = [p.row]
+            return
+        L = self.mask.shape[1]
+        if new_len < L:
+            for layer in p.cache.layers:
+                _pad_layer(layer, left=L - new_len)
+            new_mask = F.pad(new_mask, (L - new_len, 0), value=False)
+        elif new_len > L:
+            for layer in self.cache.layers:
+                _pad_layer(layer, left=new_len - L)
+            self.mask = F.pad(self.mask, (new_len - L, 0), value=False)
+        for a, b in zip(self.cache.layers, p.cache.layers):
+            _cat_layers(a, b)
+        if self.seq2seq:
+            S, s = self.memory.shape[1], p.memory.shape[1]
+            new_src = torch.ones(1, s, dtype=torch.bool, device=self.device)
+            if s < S:
+                for layer in p.cache.cross:
+                    _pad_layer(layer, right=S - s)
+                p.memory, new_src = F.pad(p.memory, (0, 0, 0, S - s)), F.pad(new_src, (0, S - s), value=False)
+            elif s > S:
+                for layer in self.cache.cross:
+                    _pad_layer(layer, right=s - S)
+                self.memory, self.src_mask = (
+                    F.pad(self.memory, (0, 0, 0, s - S)),
+                    F.pad(self.src_mask, (0, s - S), value=False),
+                )
+            for a, b in zip(self.cache.cross, p.cache.cross):
+                _cat_layers(a, b)
+            self.memory = torch.cat([self.memory, p.memory])
+            self.src_mask = torch.cat([self.src_mask, new_src])
+        self.mask = torch.cat([self.mask, new_mask])
+        self.next_pos = torch.cat([self.next_pos, new_pos])
+        self.logits = torch.cat([self.logits, p.logits])
+        self.rows.append(p.row)
+
+    def _sample(self, row: _Row, raw: torch.Tensor) -> TokenInfo:
+        s = row.req.sampling
+        raw = raw.float()
+        if s.temperature <= 0:
+            nxt = int(raw.argmax())
+        else:
+            scores = filter_logits((raw / s.temperature)[None], s.top_k, s.top_p if s.top_p < 1.0 else None)
+            nxt = int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
+        if s.logprobs is None:
+            return TokenInfo(nxt, None)
+        lp = F.log_softmax(raw, -1)
+        top = torch.topk(lp, s.logprobs) if s.logprobs else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return TokenInfo(nxt, float(lp[nxt]), alts)
+
+    def _advance(self, row: _Row, info: TokenInfo) -> str | None:
+        """Record a sampled token; emit the text it completes; the finish reason if it ends the row."""
+        s = row.req.sampling
+        if row.req.first_token_at is None:
+            row.req.first_token_at = time.perf_counter()
+        self.counters["generated_tokens"] += 1
+        if info.id in s.stop_ids:  # the end-of-sequence token is not part of the text
+            self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
+            return "stop"
+        row.tokens.append(info.id)
+        text = self.tok.decode(row.tokens)
+        if s.stop:
+            hits = [text.find(x) for x in s.stop if x in text]
+            if hits:
+                cut = min(hits)
+                self._emit(row, Delta(text[row.sent : cut] if cut > row.sent else "", [info], "stop"))
+                return "stop"
+        # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
+        used = 1 + len(row.tokens) if self.seq2seq else len(row.req.prompt_ids) + len(row.tokens)
+        if len(row.tokens) >= s.max_tokens or used >= self.context:
+            self._emit(row, Delta(self._flush(row, final=True, text=text), [info], "length"))
+            return "length"
+        self._emit(row, Delta(self._flush(row, text=text), [info]))
+        return None
+
+    def _flush(self, row: _Row, final: bool = False, text: str | None = None) -> str:
+        """The text not yet sent that is safe to send: complete characters, and nothing that could be
+        the start of a stop string (unless the row is finishing)."""
+        text = self.tok.decode(row.tokens) if text is None else text
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            for stop in row.req.sampling.stop:  # hold back a tail that may grow into a stop string
+                for k in range(min(len(stop) - 1, end - row.sent), 0, -1):
+                    if text[end - k : end] == stop[:k]:
+                        end -= k
+                        break
+        piece = text[row.sent : end] if end > row.sent else ""
+        row.sent = max(row.sent, end)
+        return piece
+
+    def _decode_step(self) -> None:
+        """Sample one token per row from its logits, retire finished / cancelled rows, run the model once."""
+        keep, tokens = [], []
+        for i, row in enumerate(self.rows):
+            if row.req.cancelled:
+                self.counters["cancelled"] += 1
+                continue
+            info = self._sample(row, self.logits[i])
+            if self._advance(row, info) is not None:
+                self.counters["finished"] += 1
+                continue
+            keep.append(i)
+            tokens.append(info.id)
+        if len(keep) < len(self.rows):
+            self._retire(keep)
+        if not self.rows:
+            return
+        new = torch.tensor(tokens, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        m = self.model
+        if self.seq2seq:
+            out = m(
+                attention_mask=self.src_mask,
+                decoder_input_ids=new,
+                decoder_attention_mask=self.mask,
+                decoder_position_ids=self.next_pos,
+                encoder_outputs=self.memory,
+                past_key_values=self.cache,
+            )
+        else:
+            out = m(new, attention_mask=self.mask, position_ids=self.next_pos, past_key_values=self.cache)
+        self.logits = out.logits[:, -1]
+        self.next_pos = self.next_pos + 1
+
+    def _retire(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.next_pos = self.logits = self.memory = self.src_mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        lead = int(self.mask.any(0).float().argmax())  # columns no remaining row needs
+        for layer in self.cache.layers:
+            _slice_layer(layer, index, lead)
+        self.mask = self.mask[:, lead:]
+        self.next_pos, self.logits = self.next_pos[index], self.logits[index]
+        if self.seq2seq:
+            for layer in self.cache.cross:
+                _slice_layer(layer, index)
+            self.memory, self.src_mask = self.memory[index], self.src_mask[index]

@@ -436,3 +436,62 @@ def test_the_playground_streams_an_answer_in_headless_chromium(gpt, tmp_path):
         assert browser.save_screenshot(str(tmp_path / "playground.png"))
     finally:
         browser.quit()
+
+
+def test_encoder_task_endpoints_answer_as_lmlab_predict(tiny_pretrained, tmp_path):
+    """Fill-mask on a pre-trained encoder; classification, token classification and extractive QA on
+    fine-tuned encoder folders: the same answers as `lmlab predict` on the same inputs."""
+    from test_finetune import _conll, _squad, _sst_like
+
+    from lmlab.finetune import finetune, predict
+    from lmlab.generate import fill_mask
+    from lmlab.settings import FinetuneConfig
+
+    bert = tiny_pretrained["bert"]
+    server = Server(bert)
+    try:
+        r = _post(server, "/v1/fill-mask", {"model": "tiny", "input": "the lord [MASK] unto moses", "top_k": 3})
+        model, tok = lmlab.load(bert).eval(), load_tokenizer(bert)
+        want = fill_mask(model, tok, "the lord [MASK] unto moses", top_k=3)[0]
+        got = r.json()["data"][0]["masks"][0]
+        assert [c["token"] for c in got] == [t for t, _ in want]
+        assert np.allclose([c["probability"] for c in got], [p for _, p in want], atol=1e-6)
+        for path in ("/v1/classify", "/v1/token-classify"):
+            r = _post(server, path, {"model": "tiny", "input": "the lord"})
+            assert r.status_code == 400 and "not fine-tuned" in r.json()["error"]["message"]
+        r = _post(server, "/v1/fill-mask", {"model": "tiny", "input": "no mask here"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    finally:
+        server.close()
+    files = {
+        "classify": _sst_like(tmp_path / "train.tsv", 64, 0),
+        "ner": _conll(tmp_path / "train.conll", 32, 0),
+        "qa": _squad(tmp_path / "train.json", 32, 0),
+    }
+    for task, train in files.items():
+        out = tmp_path / task
+        finetune(
+            FinetuneConfig(task=task, model=str(bert), train=str(train), out=str(out), epochs=1, lr=1e-3, max_len=48)
+        )
+        want = predict(str(out), str(train))[:4]
+        server = Server(out)
+        try:
+            if task == "classify":
+                texts = [line.split("\t")[0] for line in train.read_text().splitlines()[1:5]]
+                got = _post(server, "/v1/classify", {"model": "tiny", "input": texts}).json()["data"]
+                assert [g["label"] for g in got] == [w["label"] for w in want]
+                for g, w in zip(got, want):
+                    assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+            elif task == "ner":
+                texts = [" ".join(w["tokens"]) for w in want]
+                got = _post(server, "/v1/token-classify", {"model": "tiny", "input": texts}).json()["data"]
+                assert [g["tags"] for g in got] == [w["tags"] for w in want]
+            else:
+                paragraphs = json.loads(train.read_text())["data"][0]["paragraphs"][:4]
+                items = [{"question": p["qas"][0]["question"], "context": p["context"]} for p in paragraphs]
+                got = _post(server, "/v1/question-answering", {"model": "tiny", "input": items}).json()["data"]
+                assert [g["answer"] for g in got] == [w["answer"] for w in want]
+            r = _post(server, "/v1/fill-mask", {"model": "tiny", "input": "the [MASK]"})
+            assert r.status_code == 400 and "masked-LM head" in r.json()["error"]["message"]
+        finally:
+            server.close()

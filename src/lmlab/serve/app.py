@@ -33,7 +33,17 @@ from lmlab.errors import LmlabError
 from lmlab.serve.engine import Delta, Engine, QueueFull, Sampling, TokenInfo
 from lmlab.serve.engine import Request as EngineRequest
 from lmlab.serve.metrics import Metrics
-from lmlab.serve.protocol import MAX_STOP, APIError, ChatRequest, CompletionRequest, EmbeddingRequest
+from lmlab.serve.protocol import (
+    MAX_STOP,
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FillMaskRequest,
+    QARequest,
+    TagRequest,
+)
 
 
 @dataclass
@@ -56,6 +66,7 @@ class _State:
     tok: Any = None
     engine: Engine | None = None
     stop_ids: list[int] = field(default_factory=list)
+    task: dict[str, Any] | None = None  # finetune.json of a fine-tuned folder
     error: str | None = None
     loaded: threading.Event = field(default_factory=threading.Event)
 
@@ -69,6 +80,8 @@ def _load(cfg: ServeConfig, state: _State, metrics: Metrics) -> None:
             torch.set_num_threads(cfg.threads)
         model, tok = model_and_tokenizer(cfg.model, None if cfg.dtype == "float32" else cfg.dtype)
         state.model, state.tok = model.eval(), tok
+        info = Path(cfg.model) / "finetune.json"
+        state.task = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
         state.stop_ids = stop_ids(cfg.model, tok) if model.config.has_decoder else []
         if model.config.has_decoder and model.lm_head is not None:
             state.engine = Engine(model, tok, cfg.max_batch, cfg.max_queue, cfg.prefill_chunk, metrics.on_step).start()
@@ -521,6 +534,106 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             data.append({"object": "embedding", "index": i, "embedding": value})
         n = sum(len(r) for r in rows)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    # ---- encoder endpoints: fill-mask, classification, token classification, extractive QA -------------
+    def need_task(endpoint: str, task: str) -> dict[str, Any]:
+        have = state.task["task"] if state.task else None
+        if have != task:
+            what = f"fine-tuned for {have}" if have else "not fine-tuned (no finetune.json)"
+            raise APIError(
+                400,
+                f"{endpoint} needs a folder fine-tuned with `lmlab finetune --task {task}`; this {family()} "
+                f"folder is {what}",
+            )
+        return state.task
+
+    def texts_of(value: str | list[str]) -> list[str]:
+        items = [value] if isinstance(value, str) else list(value)
+        if not items or any(not t.strip() for t in items):
+            raise APIError(400, "input: give one or more non-empty texts", "input")
+        if len(items) > 256:
+            raise APIError(400, "input: at most 256 texts per request", "input")
+        return items
+
+    @app.post("/v1/fill-mask")
+    async def fill_mask(body: FillMaskRequest) -> dict[str, Any]:
+        ready(body.model)
+        if state.model.mlm_head is None:
+            raise APIError(
+                400,
+                f"/v1/fill-mask needs an encoder with its masked-LM head; this is a {family()} model "
+                f"(encoder folders from `lmlab pretrain --family encoder` serve it)",
+            )
+        from lmlab.generate import fill_mask as predict_masks
+
+        data = []
+        for i, text in enumerate(texts_of(body.input)):
+            try:
+                masks = await asyncio.to_thread(
+                    torch.inference_mode()(predict_masks), state.model, state.tok, text, body.top_k
+                )
+            except LmlabError as e:
+                raise APIError(400, f"input[{i}]: {e}", "input") from None
+            data.append(
+                {
+                    "index": i,
+                    "masks": [[{"token": t, "probability": p} for t, p in candidates] for candidates in masks],
+                }
+            )
+        return {"object": "list", "model": name, "data": data}
+
+    async def run_task(task: str, examples: list[Any]) -> list[dict[str, Any]]:
+        from lmlab.tasks import get_task
+
+        info = state.task
+        max_len = info["config"]["max_len"]
+        run = torch.inference_mode()(get_task(task).predict_examples)
+        return await asyncio.to_thread(run, state.model, state.tok, info, examples, 32, max_len)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        ready(body.model)
+        need_task("/v1/classify", "classify")
+        from lmlab.tasks.classify import Example
+
+        columns = len(state.task.get("text_columns") or [None])
+        items = [body.input] if isinstance(body.input, str) else list(body.input)
+        if columns == 2 and items and isinstance(items[0], str) and len(items) == 2 and isinstance(body.input, list):
+            items = [items]  # one pair given flat
+        examples = []
+        for i, item in enumerate(items):
+            texts = [item] if isinstance(item, str) else list(item)
+            if len(texts) != columns or any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise APIError(400, f"input[{i}]: this model classifies {columns} non-empty text(s) at a time", "input")
+            examples.append(Example(texts=texts, where=f"input[{i}]"))
+        if not examples or len(examples) > 256:
+            raise APIError(400, "input: between 1 and 256 texts per request", "input")
+        out = await run_task("classify", examples)
+        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
+
+    @app.post("/v1/token-classify")
+    async def token_classify(body: TagRequest) -> dict[str, Any]:
+        ready(body.model)
+        need_task("/v1/token-classify", "ner")
+        from lmlab.tasks.classify import Example
+
+        texts = texts_of(body.input)  # words are split on white space, as CoNLL files give them
+        examples = [Example(words=t.split(), where=f"input[{i}]") for i, t in enumerate(texts)]
+        out = await run_task("ner", examples)
+        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
+
+    @app.post("/v1/question-answering")
+    async def question_answering(body: QARequest) -> dict[str, Any]:
+        ready(body.model)
+        need_task("/v1/question-answering", "qa")
+        from lmlab.tasks.qa import QAExample
+
+        items = [body.input] if not isinstance(body.input, list) else body.input
+        if not items or len(items) > 256:
+            raise APIError(400, "input: between 1 and 256 question / context pairs", "input")
+        examples = [QAExample(str(i), it.question, it.context, []) for i, it in enumerate(items)]
+        out = await run_task("qa", examples)
+        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
 
     return app
 

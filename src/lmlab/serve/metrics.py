@@ -76,6 +76,10 @@ _KNOWN = {
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/embeddings",
+    "/v1/fill-mask",
+    "/v1/classify",
+    "/v1/token-classify",
+    "/v1/question-answering",
     "/openapi.json",
     "/docs",
 }

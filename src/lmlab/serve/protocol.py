@@ -58,6 +58,32 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
 
 
+class FillMaskRequest(BaseModel):
+    model: str
+    input: str | list[str]  # text with [MASK] (or the tokenizer's own mask token)
+    top_k: int = Field(5, ge=1, le=50)
+
+
+class ClassifyRequest(BaseModel):
+    model: str
+    input: str | list[str | list[str]]  # a text, or [text, text_pair] for a pair task (MRPC-like)
+
+
+class TagRequest(BaseModel):
+    model: str
+    input: str | list[str]  # words split on white space
+
+
+class QAItem(BaseModel):
+    question: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+
+
+class QARequest(BaseModel):
+    model: str
+    input: QAItem | list[QAItem]
+
+
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 

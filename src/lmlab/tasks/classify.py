@@ -152,8 +152,14 @@ class Classify(Task):
     def predict(
         self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
     ) -> list[dict[str, Any]]:
-        cfg = model.config
         examples = read_table(data, info["text_columns"], None, need_labels=False)[0]
+        return self.predict_examples(model, tok, info, examples, batch_size, max_len)
+
+    def predict_examples(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], examples: list[Example], batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
+        """Prediction records for examples already read (what `lmlab serve` answers with)."""
+        cfg = model.config
         rows = encode_classification(examples, tok, cfg, max_len, None)
         out: list[dict[str, Any]] = []
         for batch in batches_of(self, rows, tok, cfg, batch_size):

@@ -126,8 +126,13 @@ class NER(Task):
     def predict(
         self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
     ) -> list[dict[str, Any]]:
+        return self.predict_examples(model, tok, info, read_conll(data, need_labels=False), batch_size, max_len)
+
+    def predict_examples(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], examples: list[Example], batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
+        """Prediction records for sentences already split into words (what `lmlab serve` answers with)."""
         cfg = model.config
-        examples = read_conll(data, need_labels=False)
         rows, firsts = encode_tagging(examples, tok, cfg, max_len, None)
         out: list[dict[str, Any]] = []
         for batch in batches_of(self, rows, tok, cfg, batch_size):

@@ -185,7 +185,12 @@ class QA(Task):
     def predict(
         self, model: Model, tok: Tokenizer, info: dict[str, Any], data: str, batch_size: int, max_len: int
     ) -> list[dict[str, Any]]:
-        qa = read_squad(data)
+        return self.predict_examples(model, tok, info, read_squad(data), batch_size, max_len)
+
+    def predict_examples(
+        self, model: Model, tok: Tokenizer, info: dict[str, Any], qa: list[QAExample], batch_size: int, max_len: int
+    ) -> list[dict[str, Any]]:
+        """Answers for question / context pairs already read (what `lmlab serve` answers with)."""
         rows, meta = encode_qa(qa, tok, model.config, max_len, info["config"]["doc_stride"], with_labels=False)
         starts, ends = [], []
         for batch in batches_of(self, rows, tok, model.config, batch_size):

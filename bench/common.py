@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
 
 
@@ -11,11 +9,14 @@ def environment(device: str = "cpu", note: str = "") -> str:
     """'torch X, transformers Y, <GPU name or CPU and threads>[, note]'."""
     import transformers
 
-    where = (
-        torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name()
+    else:
+        from lmlab.compare.lab import machine
+        from lmlab.quantize import cpu_flags
+
+        flags = ", ".join(sorted(cpu_flags())) or "no AVX flags read"
+        where = f"{machine()['cpu']} ({flags}), {torch.get_num_threads()} threads"
     return f"torch {torch.__version__}, transformers {transformers.__version__}, {where}" + (
         f", {note}" if note else ""
     )

@@ -8,6 +8,7 @@ the median of the repeats is reported.
     python bench/generate.py                          # 6 layers, 512 wide, 32-token prompt, 256 new tokens
     python bench/generate.py --batches 1 8 --repeats 5 --json out.json
     python bench/generate.py --dtype bfloat16         # both in bf16; transformers in float32 timed too
+    python bench/generate.py --int8 --batches 1       # and lmlab with int8 linear layers (lmlab.quantize)
 
 In bfloat16 the two libraries round differently, so their greedy tokens may part ways at some step;
 the share of new tokens they agree on is printed instead of being required.
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and activations of both libraries"
     )
+    ap.add_argument("--int8", action="store_true", help="also time lmlab with int8 linear layers (lmlab.quantize)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
@@ -61,6 +63,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = lmlab.load(d, dtype=dtype).eval()
+    if a.int8:
+        from lmlab.quantize import quantize_int8
+
+        ours8 = copy.deepcopy(ours).float()
+        quantize_int8(ours8)
     hf32 = hf  # transformers in float32: timed too when the comparison runs in another dtype
     if dtype != torch.float32:
         hf = copy.deepcopy(hf32).to(dtype)
@@ -84,7 +91,12 @@ def main() -> None:
         }
         if hf32 is not hf:
             runs["transformers float32"] = lambda: hf_generate(hf32, ids)
+        if a.int8:
+            runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens of both
+        if a.int8:
+            same8 = outputs["lmlab int8"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
+            agree[f"int8, batch {batch}"] = same8.float().mean().item()
         same = outputs["lmlab"][:, a.prompt :] == outputs["transformers"][:, a.prompt :]
         agree[batch] = same.float().mean().item()
         assert dtype != torch.float32 or bool(same.all()), "the two libraries decoded differently"
@@ -113,10 +125,10 @@ def main() -> None:
         f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
     )
     print(environment())
-    if dtype != torch.float32:
+    if dtype != torch.float32 or a.int8:
         print(
-            "new tokens on which lmlab and transformers agree: "
-            + ", ".join(f"batch {b}: {v:.1%}" for b, v in agree.items())
+            "new tokens on which the contenders agree with lmlab / transformers: "
+            + ", ".join(f"{b if isinstance(b, str) else f'batch {b}'}: {v:.1%}" for b, v in agree.items())
         )
     extra = " vs transformers float32 |" if dtype != torch.float32 else ""
     print(

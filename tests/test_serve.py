@@ -495,3 +495,21 @@ def test_encoder_task_endpoints_answer_as_lmlab_predict(tiny_pretrained, tmp_pat
             assert r.status_code == 400 and "masked-LM head" in r.json()["error"]["message"]
         finally:
             server.close()
+
+
+def test_int8_serving_answers_as_the_int8_model_does_and_says_so(tiny_pretrained):
+    from lmlab.quantize import int8_engine, quantize_int8
+
+    if int8_engine() is None:
+        pytest.skip("torch has no int8 engine on this machine")
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder).eval(), load_tokenizer(folder)
+    quantize_int8(model)
+    server = Server(folder, quantize="int8")
+    try:
+        assert httpx.get(server.url + "/health").json()["decoding"]["quantize"] == "int8"
+        for p in PROMPTS[:3]:  # one at a time: int8 activations are scaled per batch (see the README)
+            r = server.client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0)
+            assert r.choices[0].text == _alone(model, tok, p, max_new_tokens=10).text
+    finally:
+        server.close()

@@ -35,11 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="with --chat: the system message")
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="weights and activations while decoding (default: as saved; scores are ranked in float32). "
-        "bfloat16 reads half the bytes per token: one prompt decodes faster on a CPU, but without "
-        "native bf16 matmuls batches decode slower (docs/benchmarks.md)",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="weights and activations while decoding (scores are ranked in float32). auto, as lmlab serve "
+        "picks: bfloat16 on CPUs with native bf16 matmuls (AMX / AVX-512-bf16), float32 otherwise "
+        "(without them bf16 batches decode slower; docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8 linear layers through torch's fbgemm kernels (lmlab.quantize): a quarter of the weight bytes",
     )
     p.set_defaults(func=run_generate)
     p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
@@ -66,8 +72,12 @@ def model_and_tokenizer(folder: str, dtype: str | None = None):
 
 def run_generate(args: argparse.Namespace) -> None:
     from lmlab.generate import complete, stream
+    from lmlab.quantize import decoding_choice, quantize_int8
 
-    model, tok = model_and_tokenizer(args.model, args.dtype)
+    choice = decoding_choice(args.dtype, args.quantize)
+    model, tok = model_and_tokenizer(args.model, choice["dtype"])
+    if choice["quantize"] == "int8":
+        quantize_int8(model.float())
     head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
     prompt, stops = args.prompt, None
     if args.chat:

@@ -20,7 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="auto: bfloat16 on CPUs with AMX / AVX-512-bf16, float32 otherwise",
+    )
+    p.add_argument(
+        "--quantize", choices=("none", "int8"), default="none", help="int8 linear layers (torch's fbgemm kernels)"
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: all cores but one, for the HTTP loop)"
     )
@@ -34,7 +42,10 @@ def run_serve(args: argparse.Namespace) -> None:
         from lmlab.serve.app import ServeConfig, create_app
     except ImportError as e:
         raise ConfigError(f"lmlab serve needs the serve extra: pip install 'lmlab[serve]' ({e})") from None
+    from lmlab.quantize import decoding_choice
+
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    choice = decoding_choice(args.dtype, args.quantize)
     cfg = ServeConfig(
         model=args.model,
         name=args.name,
@@ -43,11 +54,13 @@ def run_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         max_body=args.max_body,
-        dtype=args.dtype,
+        dtype=choice["dtype"],
+        quantize=choice["quantize"],
         threads=threads,
     )
     console.print(
-        f"serving {args.model} on http://{args.host}:{args.port} ({args.dtype}, {threads} torch threads, "
+        f"serving {args.model} on http://{args.host}:{args.port}: decoding in {choice['dtype']}"
+        f"{' with int8 linear layers' if choice['quantize'] == 'int8' else ''} ({choice['why']}), {threads} torch threads, "
         f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if args.api_key else ''})",
         highlight=False,
     )

@@ -55,7 +55,8 @@ class ServeConfig:
     max_queue: int = 64
     prefill_chunk: int = 256
     max_body: int = 1 << 20  # bytes
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto | float32 | bfloat16 (lmlab.quantize.decoding_choice)
+    quantize: str = "none"  # none | int8
     threads: int | None = None
     retry_after: int = 1  # seconds, with 429
 
@@ -67,6 +68,7 @@ class _State:
     engine: Engine | None = None
     stop_ids: list[int] = field(default_factory=list)
     task: dict[str, Any] | None = None  # finetune.json of a fine-tuned folder
+    choice: dict[str, str] | None = None  # what decoding runs in (lmlab.quantize.decoding_choice)
     error: str | None = None
     loaded: threading.Event = field(default_factory=threading.Event)
 
@@ -78,8 +80,13 @@ def _load(cfg: ServeConfig, state: _State, metrics: Metrics) -> None:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model, tok = model_and_tokenizer(cfg.model, None if cfg.dtype == "float32" else cfg.dtype)
-        state.model, state.tok = model.eval(), tok
+        from lmlab.quantize import decoding_choice, quantize_int8
+
+        choice = decoding_choice(cfg.dtype, cfg.quantize)
+        model, tok = model_and_tokenizer(cfg.model, choice["dtype"])
+        if choice["quantize"] == "int8":
+            quantize_int8(model.float())
+        state.model, state.tok, state.choice = model.eval(), tok, choice
         info = Path(cfg.model) / "finetune.json"
         state.task = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
         state.stop_ids = stop_ids(cfg.model, tok) if model.config.has_decoder else []
@@ -177,7 +184,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)
         if state.engine is not None and not state.engine.alive:
             return JSONResponse({"status": "error", "error": repr(state.engine.error)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": name, "family": family()})
+        return JSONResponse({"status": "ok", "model": name, "family": family(), "decoding": state.choice})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:

@@ -1,0 +1,133 @@
+"""Fast decoding on the CPU: which dtype the machine does well, and int8 linear layers.
+
+`cpu_flags()` reads the CPU's bf16 and int8 flags; `auto_dtype()` picks bfloat16 where the CPU has
+native bf16 matmuls (AMX or AVX-512-bf16) and float32 otherwise. `quantize_int8(model)` swaps every
+linear layer of the Blocks (attention and FFN projections) and the language-model head for
+`Int8Linear`: weights stored in int8 with one scale per output channel, activations quantized per
+tensor as they come, the product through torch's fbgemm kernels (`quantized::linear_dynamic`).
+Decoding reads every weight once per token, so a quarter of the bytes is most of the win on a
+memory-bound machine (docs/benchmarks.md, "Decoding speed"). Embeddings, norms, routers and grouped
+MoE experts stay in floating point. The quality cost is measured: held-out perplexity within 1% of
+float32 (tests/test_quantize.py).
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.model.linear import Linear
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags that matter for decoding speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(wanted & set(line.split(":", 1)[1].split()))
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def auto_dtype(device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
+    """bfloat16 on CUDA GPUs that have it and on CPUs with AMX or AVX-512-bf16; float32 otherwise."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bf16(flags) else torch.float32
+
+
+def int8_engine() -> str | None:
+    """The quantized engine torch can run int8 linear layers with here (fbgemm / x86 / qnnpack), or None."""
+    engines = torch.backends.quantized.supported_engines
+    for name in ("x86", "fbgemm", "qnnpack"):
+        if name in engines:
+            return name
+    return None
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (symmetric, one scale per output channel) and activations
+    quantized per tensor on the fly; float in, float out. Built from a float weight (and bias)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        engine = int8_engine()
+        if engine is None:
+            raise ConfigError(f"torch has no int8 engine on this machine ({platform.machine()}); use float32")
+        torch.backends.quantized.engine = engine
+        w = weight.detach().float().cpu()
+        self.out_features, self.in_features = w.shape
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # torch marks its quantized-tensor constructors as deprecated
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            b = None if bias is None else bias.detach().float().cpu()
+            self._packed = torch.ops.quantized.linear_prepack(qw, b)
+        # x86's fbgemm kernels accumulate in 16 bits on some paths: halving the activation range avoids
+        # saturating them (as torch's own dynamic quantization does there)
+        self.reduce_range = engine in ("x86", "fbgemm")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self.reduce_range)
+        return y.view(*shape[:-1], self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Swap the attention and FFN projections (lmlab's Linear; MoE routers and gates, whose choices
+    must not move, stay float) and the language-model head for Int8Linear, in place, for inference on
+    the CPU. Returns how many layers were swapped."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ConfigError("int8 quantization runs on the CPU; load the model there")
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Linear:  # the projections; routers, gates and task heads are plain nn.Linear
+                setattr(parent, name, Int8Linear(child.weight, child.bias))
+                swapped += 1
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        weight = head.weight if head.weight is not None else model.tok_embed.weight
+        head.int8 = Int8Linear(weight, head.bias)
+        swapped += 1
+    model.eval()
+    return swapped
+
+
+def decoding_choice(dtype: str = "auto", quantize: str = "none", flags: frozenset[str] | None = None) -> dict[str, str]:
+    """What a decoding process runs in: {"dtype", "quantize", "why"} from the asked `dtype`
+    (auto | float32 | bfloat16) and `quantize` (none | int8). auto is bfloat16 with native bf16
+    matmuls (AMX / AVX-512-bf16), float32 otherwise; int8 runs its activations in float32."""
+    flags = cpu_flags() if flags is None else flags
+    shown = ", ".join(sorted(flags)) or "no AVX flags read"
+    if quantize not in ("none", "int8"):
+        raise ConfigError(f"quantize must be none or int8, got {quantize!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if quantize == "int8":
+        if int8_engine() is None:
+            raise ConfigError(f"--quantize int8: torch has no int8 engine on this machine ({platform.machine()})")
+        return {"dtype": "float32", "quantize": "int8", "why": f"int8 linear layers ({int8_engine()}); CPU: {shown}"}
+    if dtype == "auto":
+        if native_bf16(flags):
+            return {"dtype": "bfloat16", "quantize": "none", "why": f"native bf16 matmuls; CPU: {shown}"}
+        return {"dtype": "float32", "quantize": "none", "why": f"no native bf16 matmuls; CPU: {shown}"}
+    return {"dtype": dtype, "quantize": "none", "why": f"as asked; CPU: {shown}"}

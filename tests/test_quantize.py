@@ -1,0 +1,116 @@
+"""lmlab.quantize: the decoding choice on both CPU kinds, int8 linear layers, and their quality."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lmlab
+from lmlab.errors import ConfigError
+from lmlab.quantize import Int8Linear, decoding_choice, int8_engine, quantize_int8
+
+needs_int8 = pytest.mark.skipif(int8_engine() is None, reason="torch has no int8 engine on this machine")
+
+
+def test_the_decoding_choice_follows_the_cpu_flags_on_both_kinds():
+    amx = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
+    epyc = frozenset({"avx2"})
+    assert decoding_choice("auto", flags=amx)["dtype"] == "bfloat16"
+    assert decoding_choice("auto", flags=frozenset({"avx512_bf16"}))["dtype"] == "bfloat16"
+    auto = decoding_choice("auto", flags=epyc)
+    assert auto["dtype"] == "float32" and "avx2" in auto["why"]
+    assert decoding_choice("float32", flags=amx)["dtype"] == "float32"  # asked for: kept
+    assert decoding_choice("bfloat16", flags=epyc)["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError):
+        decoding_choice("float16")
+    with pytest.raises(ConfigError):
+        decoding_choice("auto", "int4")
+
+
+@needs_int8
+def test_int8_linear_is_close_to_the_float_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 512)
+    x = torch.randn(3, 5, 256)
+    q = Int8Linear(layer.weight, layer.bias)
+    want, got = layer(x), q(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).abs().max() / want.abs().max() < 0.03
+    assert decoding_choice("auto", "int8")["quantize"] == "int8"
+
+
+@needs_int8
+def test_quantize_swaps_projections_and_the_head_but_not_routers(tiny_pretrained):
+    from lmlab.config import preset
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_pretrained["gpt"])
+    small = dict(n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=64, ffn="moe", moe_experts=4, moe_every=2)
+    cfg = preset("gpt2-tiny", vocab_size=tok.vocab_size, **small, **tok.model_ids())
+    torch.manual_seed(0)
+    model = lmlab.Model(cfg).eval()
+    ids = torch.tensor([tok.encode("the lord said unto moses")])
+    with torch.no_grad():
+        want = model(ids).logits
+    q = copy.deepcopy(model)
+    n = quantize_int8(q)
+    routers = [m for name, m in q.named_modules() if name.endswith("router.gate")]
+    assert routers and all(type(m) is nn.Linear for m in routers)
+    # attention q/k/v and out in both layers, the dense FFN of layer 0, the tied lm head's int8 copy
+    assert n == 7 == sum(isinstance(m, Int8Linear) for m in q.modules())
+    with torch.no_grad():
+        got = q(ids).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@needs_int8
+def test_int8_keeps_held_out_perplexity_within_one_percent(tmp_path, monkeypatch):
+    """A tiny GPT pre-trained on the demo corpus: int8 perplexity on held-out chapters within 1% of float32."""
+    from lmlab.cli import main
+    from lmlab.data.corpus import demo_corpus
+    from lmlab.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    chapters = gzip.open(demo_corpus("kjv"), "rt", encoding="utf-8").read().split("\n\n")
+    (tmp_path / "train.txt").write_text("\n\n".join(chapters[:120]))
+    held_out = "\n".join(chapters[-20:]).splitlines()
+    out = tmp_path / "gpt"
+    args = ["pretrain", "--preset", "gpt2-tiny", "--data", str(tmp_path / "train.txt"), "--doc-sep", "blank"]
+    args += ["--out", str(out), "--max-steps", "60", "--batch-size", "16", "--seq-len", "64", "--vocab-size", "1000"]
+    for setting in ("n_layers=2", "d_model=128", "n_heads=4", "d_ff=512"):
+        args += ["--model-set", setting]
+    args += ["--lr", "2e-3"]
+    assert main(args) == 0
+    model, tok = lmlab.load(out).eval(), load_tokenizer(out)
+    q = copy.deepcopy(model)
+    quantize_int8(q)
+
+    def perplexity(m):
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for line in held_out[:200]:
+                ids = torch.tensor([tok.encode(line, add_special_tokens=False)[:64]])
+                if ids.shape[1] < 2:
+                    continue
+                loss = m(ids, labels=ids).loss
+                total, n = total + float(loss) * (ids.shape[1] - 1), n + ids.shape[1] - 1
+        return math.exp(total / n)
+
+    counts = torch.ones(tok.vocab_size)  # the unigram baseline, add-one smoothed, from the training text
+    for chapter in chapters[:120]:
+        counts += torch.bincount(torch.tensor(tok.encode(chapter, add_special_tokens=False)), minlength=tok.vocab_size)
+    logp = (counts / counts.sum()).log()
+    scored = [tok.encode(line, add_special_tokens=False)[:64] for line in held_out[:200]]
+    unigram = math.exp(
+        -sum(float(logp[t]) for ids in scored if len(ids) > 1 for t in ids[1:])
+        / sum(len(ids) - 1 for ids in scored if len(ids) > 1)
+    )
+    base, int8 = perplexity(model), perplexity(q)
+    assert base < 0.8 * unigram, (base, unigram)  # it learned more than word frequencies
+    print(f"held-out perplexity: float32 {base:.3f}, int8 {int8:.3f} ({int8 / base - 1:+.3%})")
+    assert abs(int8 / base - 1) < 0.01, (base, int8)

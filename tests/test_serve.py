@@ -513,3 +513,30 @@ def test_int8_serving_answers_as_the_int8_model_does_and_says_so(tiny_pretrained
             assert r.choices[0].text == _alone(model, tok, p, max_new_tokens=10).text
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_a_thousand_requests_at_32_way_concurrency(gpt):
+    """No error, every response complete, memory bounded, the batch empty afterwards."""
+    import resource
+
+    server, model, tok = gpt
+
+    def ask(i):
+        r = server.client.completions.create(
+            model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8 + i % 9, temperature=0
+        )
+        c = r.choices[0]
+        return c.finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1 and (
+            c.finish_reason == "stop" or r.usage.completion_tokens == 8 + i % 9
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(ask, range(64)))  # warm-up: allocator pools and caches reach their size
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        done = list(pool.map(ask, range(1000)))
+    assert all(done)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grown_mb < 200, grown_mb
+    stats = server.app.state.lmlab.engine.stats()
+    assert stats["batch"] == 0 and stats["queue"] == 0

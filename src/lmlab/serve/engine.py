@@ -1,9 +1,10 @@
 """The serving engine: continuous batching over one model, in a thread of its own.
 
 Requests wait in a bounded first-come-first-served queue. At every step boundary the engine admits
-waiting requests into free slots of the running batch, prefills at most one prompt chunk (a long prompt
-is fed `prefill_chunk` tokens per step, so the streams already running keep flowing), then runs one
-decode step for every running row. A row leaves the batch when it finishes (end-of-sequence id, stop
+waiting requests into free slots of the running batch and prefills their prompts, at most
+`prefill_chunk` prompt tokens per step (short prompts join together; a long prompt goes on where it
+stopped at the next step, so the streams already running keep flowing), then runs one decode step
+for every running row. A row leaves the batch when it finishes (end-of-sequence id, stop
 string, max_tokens) or its client goes away (`Request.cancel`), freeing its slot for the next step.
 
 The batch is one KV cache whose rows are left-padded to a common length: a prompt that joins is padded
@@ -221,17 +222,8 @@ class Engine:
                         self.lock.wait(timeout=1.0)
                     if not self.running:
                         break
-                    if self.prefilling is None and self.waiting and len(self.rows) < self.max_batch:
-                        req = self.waiting.popleft()
-                    else:
-                        req = None
                 with torch.inference_mode():
-                    if req is not None and not req.cancelled:
-                        self._begin(req)
-                    elif req is not None:
-                        self.counters["cancelled"] += 1
-                    if self.prefilling is not None:
-                        self._prefill_step()
+                    self._prefill_within(self.prefill_chunk)
                     if self.rows:
                         self._decode_step()
                 if self.on_step is not None:
@@ -244,21 +236,46 @@ class Engine:
                 req.emit(Delta("", [], "error"))
             raise
 
+    def _next_request(self) -> Request | None:
+        """The first waiting request, if a slot is free (cancelled ones are dropped on the way)."""
+        with self.lock:
+            while self.waiting and len(self.rows) + (self.prefilling is not None) < self.max_batch:
+                req = self.waiting.popleft()
+                if not req.cancelled:
+                    return req
+                self.counters["cancelled"] += 1
+        return None
+
+    def _prefill_within(self, budget: int) -> None:
+        """Prefill waiting prompts, up to `budget` prompt tokens this step: short prompts join together,
+        a long one goes on next step where it stopped (the running rows decode in between)."""
+        while budget > 0:
+            if self.prefilling is None:
+                req = self._next_request()
+                if req is None:
+                    return
+                self._begin(req)
+            budget -= self._prefill_step(budget)
+            if self.prefilling is not None:  # a long prompt used the budget up
+                return
+
     def _begin(self, req: Request) -> None:
         row = _Row(req, self.device)
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         cache = KVCache(self.cfg.decoder_layers if self.seq2seq else self.cfg.n_layers, cross=self.seq2seq)
         self.prefilling = _Prefill(row, cache)
 
-    def _prefill_step(self) -> None:
-        """Feed the next chunk of the prompt being prefilled; when it is all in, the row joins the batch."""
+    def _prefill_step(self, budget: int) -> int:
+        """Feed the next chunk (at most `budget` tokens, but never nothing) of the prompt being
+        prefilled; when it is all in, the row joins the batch. Returns the tokens fed."""
         p = self.prefilling
         ids = p.row.req.prompt_ids
         m = self.model
         if p.row.req.cancelled:
             self.prefilling = None
             self.counters["cancelled"] += 1
-            return
+            return 1
+        fed = p.done
         if self.seq2seq:  # the encoder reads the whole source at once; the decoder starts
             src = torch.tensor([ids], device=self.device)
             start = torch.tensor([[self.cfg.decoder_start_token_id]], device=self.device)
@@ -266,7 +283,7 @@ class Engine:
             p.memory, p.logits, p.done = out.encoder_last_hidden_state, out.logits[:, -1], len(ids)
         else:
             # a prefix-LM's prompt is one bidirectional prefix: it cannot be split into causal chunks
-            n = len(ids) if self.prefix else min(self.prefill_chunk, len(ids) - p.done)
+            n = len(ids) if self.prefix else max(1, min(budget, len(ids) - p.done))
             chunk = torch.tensor([ids[p.done : p.done + n]], device=self.device)
             positions = torch.arange(p.done, p.done + n, device=self.device)[None]
             extra = {"prefix_lengths": torch.tensor([n], device=self.device)} if self.prefix else {}
@@ -279,15 +296,17 @@ class Engine:
                     logits, ids[p.done + 1 : p.done + n + 1], p.row.req.sampling.logprobs or 0
                 )
             p.logits, p.done = out.logits[:, -1], p.done + n
+        fed = p.done - fed
         if p.done < len(ids):
-            return
+            return fed
         self.prefilling = None
         p.row.prompt_info = p.prompt_info
         if p.row.req.sampling.max_tokens == 0:  # only the prompt's log-probabilities were asked for
             self._emit(p.row, Delta("", [], "length"))
             self.counters["finished"] += 1
-            return
+            return fed
         self._join(p)
+        return fed
 
     def _emit(self, row: _Row, delta: Delta) -> None:
         if row.prompt_info is not None:

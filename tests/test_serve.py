@@ -515,7 +515,6 @@ def test_int8_serving_answers_as_the_int8_model_does_and_says_so(tiny_pretrained
         server.close()
 
 
-@pytest.mark.slow
 def test_a_thousand_requests_at_32_way_concurrency(gpt):
     """No error, every response complete, memory bounded, the batch empty afterwards."""
     import resource

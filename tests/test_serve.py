@@ -526,8 +526,10 @@ def test_a_thousand_requests_at_32_way_concurrency(gpt):
             model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8 + i % 9, temperature=0
         )
         c = r.choices[0]
-        return c.finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1 and (
-            c.finish_reason == "stop" or r.usage.completion_tokens == 8 + i % 9
+        return (
+            c.finish_reason in ("length", "stop")
+            and r.usage.completion_tokens >= 1
+            and (c.finish_reason == "stop" or r.usage.completion_tokens == 8 + i % 9)
         )
 
     with ThreadPoolExecutor(32) as pool:

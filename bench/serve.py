@@ -11,6 +11,7 @@ same count for every server). Throughput = all generated tokens / wall time of t
 
     python bench/serve.py                                   # 1, 8 and 32 clients, 32 requests each, 64 new tokens
     python bench/serve.py --servers lmlab lmlab-1-at-a-time --concurrency 8 --requests 16
+    python bench/serve.py --servers lmlab lmlab-int8 --concurrency 1 8 32      # int8 linear layers too
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import httpx
 from common import environment
 
-SERVERS = ("lmlab", "lmlab-1-at-a-time", "transformers", "transformers-cb")
+SERVERS = ("lmlab", "lmlab-1-at-a-time", "lmlab-int8", "transformers", "transformers-cb")
 
 
 def build(folder: Path, vocab: int) -> None:
@@ -65,6 +66,8 @@ def start(kind: str, folder: Path, port: int, max_batch: int, threads: int | Non
         cmd += ["--max-batch", "1" if kind == "lmlab-1-at-a-time" else str(max_batch), "--max-queue", "1024"]
         if threads:
             cmd += ["--threads", str(threads)]
+        if kind == "lmlab-int8":
+            cmd += ["--quantize", "int8"]
     else:
         cmd = ["transformers", "serve", str(folder), "--port", str(port), "--device", "cpu"]
         cmd += ["--continuous-batching"] if kind == "transformers-cb" else []
@@ -160,7 +163,7 @@ def level(url: str, model: str, prompts: list[str], clients: int, new: int, tok)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    ap.add_argument("--servers", nargs="+", choices=SERVERS, default=[s for s in SERVERS if s != "lmlab-int8"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--new", type=int, default=64, help="max_tokens of every request")

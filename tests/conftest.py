@@ -229,3 +229,22 @@ def tiny_pretrained(tmp_path_factory):
         tok.save(root / name)
         out[name] = root / name
     return out
+
+
+def headless_chromium():
+    """Debian's chromium through selenium, headless; the test is skipped where either is missing
+    (.ci/run installs chromium and chromium-driver). The caller quits it."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=opts)

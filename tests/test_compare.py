@@ -269,18 +269,9 @@ def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
 
 def test_report_renders_in_headless_chromium(full_run, tmp_path):
     """Every image of report.html loads in Debian's chromium (through selenium); a screenshot is taken."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-    from selenium.webdriver.chrome.service import Service
+    from conftest import headless_chromium
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        opts.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
+    browser = headless_chromium()
     try:
         browser.get((full_run["out"] / "report.html").resolve().as_uri())
         images = browser.find_elements("tag name", "img")

@@ -405,21 +405,13 @@ def test_an_encoder_serves_embeddings_and_refuses_generation(tiny_pretrained):
 
 def test_the_playground_streams_an_answer_in_headless_chromium(gpt, tmp_path):
     """Debian's chromium (through selenium) opens /, types a prompt and sees the streamed answer."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
+    from conftest import headless_chromium
 
     server, model, tok = gpt
     want = _alone(model, tok, PROMPTS[0], max_new_tokens=12).text
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        opts.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
+    browser = headless_chromium()  # skips without selenium or chromium
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 20)

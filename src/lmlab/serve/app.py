@@ -170,6 +170,10 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             )
         return state.engine
 
+    def generated(tokens: list[TokenInfo]) -> int:
+        """Tokens of an answer, its end-of-sequence token not counted (OpenAI's completion_tokens)."""
+        return sum(1 for t in tokens if t.id not in state.stop_ids)
+
     # ---- the playground, health, metrics, models ---------------------------------------------------------
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -310,48 +314,30 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             return p if isinstance(p, str) else tok.decode(p)
 
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            head = {"id": rid, "object": "text_completion", "created": now, "model": name}
+            usage = {"prompt_tokens": sum(len(i) for _, i, _ in jobs), "completion_tokens": 0}
 
-            async def events() -> AsyncIterator[str]:
-                usage = {"prompt_tokens": sum(len(i) for _, i, _ in jobs), "completion_tokens": 0}
-                offsets = {}
-                try:
-                    async for index, delta in _merge(streams, request):
-                        text = delta.text
-                        if body.echo and index not in offsets:
-                            text = echo_text(index) + text
-                            offsets[index] = 0
-                        usage["completion_tokens"] += sum(1 for t in delta.tokens if t.id not in state.stop_ids)
-                        lp = choice_logprobs(delta.prompt, delta.tokens, offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + len(text)
-                        if not text and delta.finish_reason is None and lp is None:
-                            continue
-                        chunk = {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": now,
-                            "model": name,
-                            "choices": [
-                                {"text": text, "index": index, "logprobs": lp, "finish_reason": _reason(delta)}
-                            ],
-                        }
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    if include_usage:
-                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                        tail = {"id": rid, "object": "text_completion", "created": now, "model": name}
-                        yield f"data: {json.dumps({**tail, 'choices': [], 'usage': usage})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in streams:
-                        s.req.cancel()
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                offsets: dict[int, int] = {}
+                async for index, delta in _merge(streams, request):
+                    text = delta.text
+                    if body.echo and index not in offsets:
+                        text = echo_text(index) + text
+                        offsets[index] = 0
+                    usage["completion_tokens"] += generated(delta.tokens)
+                    lp = choice_logprobs(delta.prompt, delta.tokens, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                    if text or delta.finish_reason is not None or lp is not None:
+                        choice = {"text": text, "index": index, "logprobs": lp, "finish_reason": delta.finish_reason}
+                        yield {**head, "choices": [choice]}
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _event_stream(chunks(), streams, head, usage, body.stream_options)
 
         results = await _collect(streams, request)
         choices, completion_tokens = [], 0
         for index, (text, prompt_info, infos, reason) in sorted(results.items()):
             prefix = echo_text(index) if body.echo else ""
-            completion_tokens += sum(1 for t in infos if t.id not in state.stop_ids)
+            completion_tokens += generated(infos)
             choices.append(
                 {
                     "text": prefix + text,
@@ -450,41 +436,31 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             return {"content": out}
 
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
+            usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
 
-            async def events() -> AsyncIterator[str]:
-                head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
-                usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
-                try:
-                    for j in range(body.n):
-                        first = {"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        yield f"data: {json.dumps({**head, 'choices': [{**first, 'logprobs': None}]})}\n\n"
-                    async for index, delta in _merge(streams, request):
-                        usage["completion_tokens"] += sum(1 for t in delta.tokens if t.id not in state.stop_ids)
-                        lp = content_logprobs(delta.tokens)
-                        if not delta.text and delta.finish_reason is None and not (lp and lp["content"]):
-                            continue
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                for j in range(body.n):
+                    first = {"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield {**head, "choices": [{**first, "logprobs": None}]}
+                async for index, delta in _merge(streams, request):
+                    usage["completion_tokens"] += generated(delta.tokens)
+                    lp = content_logprobs(delta.tokens)
+                    if delta.text or delta.finish_reason is not None or (lp and lp["content"]):
                         choice = {
                             "index": index,
                             "delta": {"content": delta.text} if delta.text else {},
                             "logprobs": lp,
-                            "finish_reason": _reason(delta),
+                            "finish_reason": delta.finish_reason,
                         }
-                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                    if include_usage:
-                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in streams:
-                        s.req.cancel()
+                        yield {**head, "choices": [choice]}
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _event_stream(chunks(), streams, head, usage, body.stream_options)
 
         results = await _collect(streams, request)
         choices, completion_tokens = [], 0
         for index, (text, _, infos, reason) in sorted(results.items()):
-            completion_tokens += sum(1 for t in infos if t.id not in state.stop_ids)
+            completion_tokens += generated(infos)
             choices.append(
                 {
                     "index": index,
@@ -718,8 +694,29 @@ def _model_card(name: str, created: int, cfg: Any) -> dict[str, Any]:
     }
 
 
-def _reason(delta: Delta) -> str | None:
-    return delta.finish_reason
+def _event_stream(
+    chunks: AsyncIterator[dict[str, Any]],
+    streams: list[_Stream],
+    head: dict[str, Any],
+    usage: dict[str, int],
+    options: dict[str, Any] | None,
+) -> StreamingResponse:
+    """Server-sent events of the chunks, then (with stream_options.include_usage) a usage chunk, then
+    [DONE]; however the stream ends (a client gone included), its engine requests are cancelled."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if (options or {}).get("include_usage"):
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for s in streams:
+                s.req.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class _Stream:

@@ -533,3 +533,37 @@ def test_a_thousand_requests_at_32_way_concurrency(gpt):
     assert grown_mb < 200, grown_mb
     stats = server.app.state.lmlab.engine.stats()
     assert stats["batch"] == 0 and stats["queue"] == 0
+
+
+def test_waiting_prompts_are_prefilled_together_and_answer_as_alone(tiny_pretrained):
+    from lmlab.serve.engine import Engine, Request, Sampling
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder).eval(), load_tokenizer(folder)
+    engine = Engine(model, tok, max_batch=8)  # not started: the prompts wait together
+    passes = []
+    together = engine._prefill_together
+    engine._prefill_together = lambda group: passes.append(len(group)) or together(group)
+    texts = {i: [] for i in range(5)}
+    done = threading.Event()
+    finished = []
+
+    def emit(i):
+        def f(delta):
+            texts[i].append(delta.text)
+            if delta.finish_reason is not None:
+                finished.append(i)
+                if len(finished) == 5:
+                    done.set()
+
+        return f
+
+    sampling = Sampling(max_tokens=10, temperature=0, stop_ids=[model.config.eos_token_id])
+    for i, p in enumerate(PROMPTS[:5]):
+        engine.submit(Request(tok.encode(p, add_special_tokens=False), sampling, emit(i)))
+    engine.start()
+    assert done.wait(30)
+    engine.stop()
+    assert passes == [5]  # one padded pass for the five prompts
+    for i, p in enumerate(PROMPTS[:5]):
+        assert "".join(texts[i]) == _alone(model, tok, p, max_new_tokens=10).text, p

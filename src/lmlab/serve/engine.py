@@ -247,17 +247,60 @@ class Engine:
         return None
 
     def _prefill_within(self, budget: int) -> None:
-        """Prefill waiting prompts, up to `budget` prompt tokens this step: short prompts join together,
-        a long one goes on next step where it stopped (the running rows decode in between)."""
+        """Prefill waiting prompts, up to `budget` prompt tokens this step: short prompts of a decoder
+        go through the model together in one left-padded pass; a long one goes on next step where it
+        stopped (the running rows decode in between)."""
         while budget > 0:
             if self.prefilling is None:
-                req = self._next_request()
+                group = self._take_group(budget)
+                if len(group) > 1:
+                    budget -= self._prefill_together(group)
+                    continue
+                req = group[0] if group else self._next_request()
                 if req is None:
                     return
                 self._begin(req)
             budget -= self._prefill_step(budget)
             if self.prefilling is not None:  # a long prompt used the budget up
                 return
+
+    def _take_group(self, budget: int) -> list[Request]:
+        """The waiting requests, first come first served, whose whole prompts a causal decoder can
+        prefill in one padded pass of at most `budget` tokens (rows x longest prompt); the first
+        request that does not fit ends the group. Empty for prefix-LMs and encoder-decoders."""
+        if self.seq2seq or self.prefix:
+            return []
+        group: list[Request] = []
+        with self.lock:
+            while self.waiting and len(self.rows) + len(group) < self.max_batch:
+                req = self.waiting[0]
+                if req.cancelled:
+                    self.waiting.popleft()
+                    self.counters["cancelled"] += 1
+                    continue
+                longest = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
+                if (len(group) + 1) * longest > budget or req.sampling.prompt_logprobs or req.sampling.max_tokens == 0:
+                    break
+                group.append(self.waiting.popleft())
+        return group
+
+    def _prefill_together(self, group: list[Request]) -> int:
+        """Prefill whole prompts in one left-padded pass and put them into the batch; the tokens fed."""
+        rows = [_Row(req, self.device) for req in group]
+        T = max(len(req.prompt_ids) for req in group)
+        pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+        ids = torch.full((len(group), T), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(group), T, dtype=torch.bool, device=self.device)
+        for i, req in enumerate(group):
+            n = len(req.prompt_ids)
+            ids[i, T - n :] = torch.tensor(req.prompt_ids, device=self.device)
+            mask[i, T - n :] = True
+            self.counters["prompt_tokens"] += n
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = KVCache(self.cfg.n_layers)
+        out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        self._join_rows(rows, cache, mask, positions[:, -1:] + 1, out.logits[:, -1])
+        return len(group) * T
 
     def _begin(self, req: Request) -> None:
         row = _Row(req, self.device)
@@ -324,35 +367,48 @@ class Engine:
         return out
 
     def _join(self, p: _Prefill) -> None:
-        """Put a prefilled row into the batch: pad the shorter of (batch, newcomer) on the left."""
+        """Put a prefilled row into the batch."""
         new_len = p.cache.seen
         new_mask = torch.ones(1, new_len, dtype=torch.bool, device=self.device)
         new_pos = torch.tensor([[new_len if not self.seq2seq else 1]], device=self.device)
+        self._join_rows([p.row], p.cache, new_mask, new_pos, p.logits, p.memory)
+
+    def _join_rows(
+        self,
+        rows: list[_Row],
+        cache: KVCache,
+        new_mask: torch.Tensor,  # (k, T) real positions of the newcomers' cache
+        new_pos: torch.Tensor,  # (k, 1)
+        logits: torch.Tensor,  # (k, V)
+        memory: torch.Tensor | None = None,  # encoder-decoders: (k, S, C)
+    ) -> None:
+        """Put prefilled rows into the batch: pad the shorter of (batch, newcomers) on the left."""
+        new_len = new_mask.shape[1]
         if not self.rows:
-            self.cache, self.mask, self.next_pos, self.logits = p.cache, new_mask, new_pos, p.logits
+            self.cache, self.mask, self.next_pos, self.logits = cache, new_mask, new_pos, logits
             if self.seq2seq:
-                self.memory = p.memory
-                self.src_mask = torch.ones(1, p.memory.shape[1], dtype=torch.bool, device=self.device)
-            self.rows = [p.row]
+                self.memory = memory
+                self.src_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=self.device)
+            self.rows = list(rows)
             return
         L = self.mask.shape[1]
         if new_len < L:
-            for layer in p.cache.layers:
+            for layer in cache.layers:
                 _pad_layer(layer, left=L - new_len)
             new_mask = F.pad(new_mask, (L - new_len, 0), value=False)
         elif new_len > L:
             for layer in self.cache.layers:
                 _pad_layer(layer, left=new_len - L)
             self.mask = F.pad(self.mask, (new_len - L, 0), value=False)
-        for a, b in zip(self.cache.layers, p.cache.layers):
+        for a, b in zip(self.cache.layers, cache.layers):
             _cat_layers(a, b)
         if self.seq2seq:
-            S, s = self.memory.shape[1], p.memory.shape[1]
-            new_src = torch.ones(1, s, dtype=torch.bool, device=self.device)
+            S, s = self.memory.shape[1], memory.shape[1]
+            new_src = torch.ones(memory.shape[0], s, dtype=torch.bool, device=self.device)
             if s < S:
-                for layer in p.cache.cross:
+                for layer in cache.cross:
                     _pad_layer(layer, right=S - s)
-                p.memory, new_src = F.pad(p.memory, (0, 0, 0, S - s)), F.pad(new_src, (0, S - s), value=False)
+                memory, new_src = F.pad(memory, (0, 0, 0, S - s)), F.pad(new_src, (0, S - s), value=False)
             elif s > S:
                 for layer in self.cache.cross:
                     _pad_layer(layer, right=s - S)
@@ -360,14 +416,14 @@ class Engine:
                     F.pad(self.memory, (0, 0, 0, s - S)),
                     F.pad(self.src_mask, (0, s - S), value=False),
                 )
-            for a, b in zip(self.cache.cross, p.cache.cross):
+            for a, b in zip(self.cache.cross, cache.cross):
                 _cat_layers(a, b)
-            self.memory = torch.cat([self.memory, p.memory])
+            self.memory = torch.cat([self.memory, memory])
             self.src_mask = torch.cat([self.src_mask, new_src])
         self.mask = torch.cat([self.mask, new_mask])
         self.next_pos = torch.cat([self.next_pos, new_pos])
-        self.logits = torch.cat([self.logits, p.logits])
-        self.rows.append(p.row)
+        self.logits = torch.cat([self.logits, logits])
+        self.rows.extend(rows)
 
     def _sample(self, row: _Row, raw: torch.Tensor) -> TokenInfo:
         s = row.req.sampling

@@ -72,13 +72,18 @@ class Server:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def gpt(tiny_pretrained, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve") / "gpt"
-    shutil.copytree(tiny_pretrained["gpt"], folder)
+def chat_folder(source, folder):
+    """A copy of the model folder `source` whose tokenizer carries TEMPLATE as its chat template."""
+    shutil.copytree(source, folder)
     tok = load_tokenizer(folder)
     tok.chat_template = TEMPLATE
     tok.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_pretrained, tmp_path_factory):
+    folder = chat_folder(tiny_pretrained["gpt"], tmp_path_factory.mktemp("serve") / "gpt")
     server = Server(folder, max_batch=8)
     yield server, lmlab.load(folder).eval(), load_tokenizer(folder)
     server.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -13,16 +11,11 @@ pytest.importorskip("fastapi")
 
 @pytest.fixture(scope="module")
 def served_app(tiny_pretrained, tmp_path_factory):
-    from test_serve import TEMPLATE
+    from test_serve import chat_folder
 
     from lmlab.serve.app import ServeConfig, create_app
-    from lmlab.tokenizer import load_tokenizer
 
-    folder = tmp_path_factory.mktemp("fuzz") / "gpt"
-    shutil.copytree(tiny_pretrained["gpt"], folder)
-    tok = load_tokenizer(folder)
-    tok.chat_template = TEMPLATE
-    tok.save(folder)
+    folder = chat_folder(tiny_pretrained["gpt"], tmp_path_factory.mktemp("fuzz") / "gpt")
     app = create_app(ServeConfig(model=str(folder), name="tiny"), load_now=True)
     yield app
     app.state.lmlab.engine.stop()

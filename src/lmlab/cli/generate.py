@@ -33,13 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the prompt is a user message: render it with the folder's chat template and print the answer",
     )
     p.add_argument("--system", default=None, help="with --chat: the system message")
+    add_decoding_flags(p)
+    p.set_defaults(func=run_generate)
+    p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
+    p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")
+    p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=run_fill_mask)
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize, as `lmlab generate` and `lmlab serve` take them (lmlab.quantize)."""
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="weights and activations while decoding (scores are ranked in float32). auto, as lmlab serve "
-        "picks: bfloat16 on CPUs with native bf16 matmuls (AMX / AVX-512-bf16), float32 otherwise "
-        "(without them bf16 batches decode slower; docs/benchmarks.md)",
+        help="weights and activations while decoding (scores are ranked in float32). auto: bfloat16 on "
+        "CPUs with native bf16 matmuls (AMX / AVX-512-bf16), float32 otherwise (without them bf16 "
+        "batches decode slower; docs/benchmarks.md)",
     )
     p.add_argument(
         "--quantize",
@@ -47,12 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="int8 linear layers through torch's fbgemm kernels (lmlab.quantize): a quarter of the weight bytes",
     )
-    p.set_defaults(func=run_generate)
-    p = sub.add_parser("fill-mask", help="top candidates for each [MASK] of a sentence (encoders)")
-    p.add_argument("--model", required=True, help="encoder folder with an mlm head and its tokenizer")
-    p.add_argument("text", help='e.g. "Paris is the [MASK] of France."')
-    p.add_argument("--top-k", type=int, default=5)
-    p.set_defaults(func=run_fill_mask)
+
+
+def decoding_model(folder: str, dtype: str = "auto", quantize: str = "none"):
+    """(model, tokenizer, choice): the folder's model in what lmlab.quantize.decoding_choice picks."""
+    from lmlab.quantize import decoding_choice, quantize_int8
+
+    choice = decoding_choice(dtype, quantize)
+    model, tok = model_and_tokenizer(folder, choice["dtype"])
+    if choice["quantize"] == "int8":
+        quantize_int8(model.float())
+    return model.eval(), tok, choice
 
 
 def model_and_tokenizer(folder: str, dtype: str | None = None):
@@ -72,12 +88,8 @@ def model_and_tokenizer(folder: str, dtype: str | None = None):
 
 def run_generate(args: argparse.Namespace) -> None:
     from lmlab.generate import complete, stream
-    from lmlab.quantize import decoding_choice, quantize_int8
 
-    choice = decoding_choice(args.dtype, args.quantize)
-    model, tok = model_and_tokenizer(args.model, choice["dtype"])
-    if choice["quantize"] == "int8":
-        quantize_int8(model.float())
+    model, tok, _ = decoding_model(args.model, args.dtype, args.quantize)
     head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
     prompt, stops = args.prompt, None
     if args.chat:

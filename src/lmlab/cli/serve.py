@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lmlab.cli.generate import add_decoding_flags
 from lmlab.cli.output import console
 from lmlab.errors import ConfigError
 
@@ -20,15 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="auto: bfloat16 on CPUs with AMX / AVX-512-bf16, float32 otherwise",
-    )
-    p.add_argument(
-        "--quantize", choices=("none", "int8"), default="none", help="int8 linear layers (torch's fbgemm kernels)"
-    )
+    add_decoding_flags(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -49,7 +42,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     cores = os.cpu_count() or 1
     # a core for the HTTP loop once there are cores to spare; on 2 cores both go to torch, which
-    # decoded 8 concurrent streams 1.2x faster than 1 torch thread (docs/benchmarks.md, serving)
+    # decoded 8 concurrent streams 1.18x faster than 1 torch thread (docs/benchmarks.md, serving)
     threads = args.threads or (cores - 1 if cores >= 4 else cores)
     choice = decoding_choice(args.dtype, args.quantize)
     cfg = ServeConfig(

@@ -76,17 +76,12 @@ class _State:
 def _load(cfg: ServeConfig, state: _State, metrics: Metrics) -> None:
     try:
         from lmlab.chat import stop_ids
-        from lmlab.cli.generate import model_and_tokenizer
+        from lmlab.cli.generate import decoding_model
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        from lmlab.quantize import decoding_choice, quantize_int8
-
-        choice = decoding_choice(cfg.dtype, cfg.quantize)
-        model, tok = model_and_tokenizer(cfg.model, choice["dtype"])
-        if choice["quantize"] == "int8":
-            quantize_int8(model.float())
-        state.model, state.tok, state.choice = model.eval(), tok, choice
+        model, tok, choice = decoding_model(cfg.model, cfg.dtype, cfg.quantize)
+        state.model, state.tok, state.choice = model, tok, choice
         info = Path(cfg.model) / "finetune.json"
         state.task = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
         state.stop_ids = stop_ids(cfg.model, tok) if model.config.has_decoder else []
@@ -565,6 +560,9 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             )
         return {"object": "list", "model": name, "data": data}
 
+    def listed(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(records)]}
+
     async def run_task(task: str, examples: list[Any]) -> list[dict[str, Any]]:
         from lmlab.tasks import get_task
 
@@ -592,7 +590,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         if not examples or len(examples) > 256:
             raise APIError(400, "input: between 1 and 256 texts per request", "input")
         out = await run_task("classify", examples)
-        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
+        return listed(out)
 
     @app.post("/v1/token-classify")
     async def token_classify(body: TagRequest) -> dict[str, Any]:
@@ -603,7 +601,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         texts = texts_of(body.input)  # words are split on white space, as CoNLL files give them
         examples = [Example(words=t.split(), where=f"input[{i}]") for i, t in enumerate(texts)]
         out = await run_task("ner", examples)
-        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
+        return listed(out)
 
     @app.post("/v1/question-answering")
     async def question_answering(body: QARequest) -> dict[str, Any]:
@@ -616,7 +614,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             raise APIError(400, "input: between 1 and 256 question / context pairs", "input")
         examples = [QAExample(str(i), it.question, it.context, []) for i, it in enumerate(items)]
         out = await run_task("qa", examples)
-        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(out)]}
+        return listed(out)
 
     return app
 

@@ -13,7 +13,7 @@ def environment(device: str = "cpu", note: str = "") -> str:
         where = torch.cuda.get_device_name()
     else:
         from lmlab.compare.lab import machine
-        from lmlab.quantize import cpu_flags
+        from lmlab.runtime import cpu_flags
 
         flags = ", ".join(sorted(cpu_flags())) or "no AVX flags read"
         where = f"{machine()['cpu']} ({flags}), {torch.get_num_threads()} threads"

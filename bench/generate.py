@@ -9,6 +9,13 @@ the median of the repeats is reported.
     python bench/generate.py --batches 1 8 --repeats 5 --json out.json
     python bench/generate.py --dtype bfloat16         # both in bf16; transformers in float32 timed too
     python bench/generate.py --int8 --batches 1       # and lmlab with int8 linear layers (lmlab.quantize)
+    python bench/generate.py --int8 --floor           # and the floor those int8 kernels allow (below)
+
+`--floor` times a hand-written decode loop on lmlab's int8 weights: no modules, no checks, a cache
+preallocated for the whole run, the GPT-2 block written out op by op, greedy. It is not a way to run
+models; it measures what is left for any eager implementation once the int8 matmuls, attention and
+norms are paid for, so that a target can be compared with what this CPU allows. Its tokens are
+compared with lmlab int8's.
 
 In bfloat16 the two libraries round differently, so their greedy tokens may part ways at some step;
 the share of new tokens they agree on is printed instead of being required.
@@ -41,6 +48,7 @@ def main() -> None:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and activations of both libraries"
     )
     ap.add_argument("--int8", action="store_true", help="also time lmlab with int8 linear layers (lmlab.quantize)")
+    ap.add_argument("--floor", action="store_true", help="with --int8: also time the hand-written int8 floor")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
@@ -93,10 +101,15 @@ def main() -> None:
             runs["transformers float32"] = lambda: hf_generate(hf32, ids)
         if a.int8:
             runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
+        if a.int8 and a.floor:
+            runs["int8 floor"] = lambda: int8_floor(ours8, ids, a.new)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens of both
         if a.int8:
             same8 = outputs["lmlab int8"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"int8, batch {batch}"] = same8.float().mean().item()
+        if "int8 floor" in outputs:
+            floor = outputs["int8 floor"][:, a.prompt :] == outputs["lmlab int8"][:, a.prompt :]
+            agree[f"int8 floor vs lmlab int8, batch {batch}"] = floor.float().mean().item()
         same = outputs["lmlab"][:, a.prompt :] == outputs["transformers"][:, a.prompt :]
         agree[batch] = same.float().mean().item()
         assert dtype != torch.float32 or bool(same.all()), "the two libraries decoded differently"
@@ -144,6 +157,38 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=2)
+
+
+@torch.no_grad()
+def int8_floor(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding of a quantized GPT-2-shaped lmlab model, written out op by op (see --floor)."""
+    import torch.nn.functional as F
+
+    linear = torch.ops.quantized.linear_dynamic.default._op
+    stack, cfg = model.decoder, model.config
+    B, T = ids.shape
+    H, D, C = cfg.n_heads, cfg.dim_head, cfg.d_model
+    out = model(ids, use_cache=True)  # the prompt through lmlab itself
+    K = [ids.new_zeros(B, H, T + new, D, dtype=torch.float32) for _ in stack.layers]
+    V = [torch.zeros_like(k) for k in K]
+    for i, layer in enumerate(out.past_key_values.layers):
+        K[i][:, :, :T], V[i][:, :, :T] = layer.k[:, :, :T], layer.v[:, :, :T]
+    tok = out.logits[:, -1].argmax(-1)
+    seq = [ids, tok[:, None]]
+    for pos in range(T, T + new - 1):
+        x = model.tok_embed.weight[tok] + stack.pos_embed.weight[pos]  # (B, C)
+        for i, b in enumerate(stack.layers):
+            h = F.layer_norm(x, (C,), b.attn_norm.weight, b.attn_norm.bias, cfg.norm_eps)
+            q, k, v = linear(h, b.attn.qkv._packed, True).view(B, 3, H, D).unbind(1)
+            K[i][:, :, pos], V[i][:, :, pos] = k, v
+            y = F.scaled_dot_product_attention(q[:, :, None], K[i][:, :, : pos + 1], V[i][:, :, : pos + 1])
+            x = x + linear(y.view(B, C), b.attn.out._packed, True)
+            h = F.layer_norm(x, (C,), b.ffn_norm.weight, b.ffn_norm.bias, cfg.norm_eps)
+            x = x + linear(F.gelu(linear(h, b.ffn.up._packed, True), approximate="tanh"), b.ffn.down._packed, True)
+        x = F.layer_norm(x, (C,), stack.final_norm.weight, stack.final_norm.bias, cfg.norm_eps)
+        tok = linear(x, model.lm_head.int8._packed, True).argmax(-1)
+        seq.append(tok[:, None])
+    return torch.cat(seq, dim=1)
 
 
 if __name__ == "__main__":

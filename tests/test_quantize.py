@@ -42,6 +42,13 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert got.shape == want.shape and got.dtype == want.dtype
     assert (got - want).abs().max() / want.abs().max() < 0.03
     assert decoding_choice("auto", "int8")["quantize"] == "int8"
+    # the fast float32 path (the op's C++ entry point) and the converting path agree with the wrapped op
+    wrapped = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), q._packed, q.reduce_range).view(3, 5, 512)
+    row = torch.ops.quantized.linear_dynamic(x[0], q._packed, q.reduce_range)  # 2-D in: its own scale
+    assert torch.equal(got, wrapped) and torch.equal(q(x[0]), row)
+    half = q(x.bfloat16())
+    assert half.dtype == torch.bfloat16 and half.shape == want.shape
+    assert (half.float() - want).abs().max() / want.abs().max() < 0.05
 
 
 @needs_int8

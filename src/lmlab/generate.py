@@ -374,6 +374,7 @@ def _sample_steps(
     eos_t = torch.tensor(run.eos, device=device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     start = seq.shape[1]
+    finished = 0  # rows done so far
     for i in range(max_new_tokens):
         raw = logits.float()
         scores = repetition_penalty_(raw, seq, repetition_penalty)
@@ -382,7 +383,8 @@ def _sample_steps(
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         else:
             nxt = scores.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, run.pad), nxt)
+        if finished:  # rows already done get padding
+            nxt = torch.where(done, torch.full_like(nxt, run.pad), nxt)
         lp = F.log_softmax(raw, -1).gather(1, nxt[:, None]).squeeze(1) if want_logprobs else None
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if len(run.eos):
@@ -390,7 +392,8 @@ def _sample_steps(
         if stops:
             done |= _stopped_by_string(seq, start, stops, run.tokenizer, ~done)
         yield nxt, lp
-        if bool(done.all()) or i == max_new_tokens - 1:
+        finished = int(done.sum())
+        if finished == len(done) or i == max_new_tokens - 1:
             break
         logits = dec.step(nxt)
 

@@ -1,6 +1,6 @@
 """Fast decoding on the CPU: which dtype the machine does well, and int8 linear layers.
 
-`cpu_flags()` reads the CPU's bf16 and int8 flags; `auto_dtype()` picks bfloat16 where the CPU has
+`auto_dtype()` (from `lmlab.runtime.cpu_flags()`, the CPU's bf16 and int8 flags) picks bfloat16 where the CPU has
 native bf16 matmuls (AMX or AVX-512-bf16) and float32 otherwise. `quantize_int8(model)` swaps every
 linear layer of the Blocks (attention and FFN projections) and the language-model head for
 `Int8Linear`: weights stored in int8 with one scale per output channel, activations quantized per
@@ -15,33 +15,15 @@ from __future__ import annotations
 
 import platform
 import warnings
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.model.linear import Linear
+from lmlab.runtime import cpu_flags, native_bf16
 
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags that matter for decoding speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(wanted & set(line.split(":", 1)[1].split()))
-    return frozenset()
-
-
-def native_bf16(flags: frozenset[str] | None = None) -> bool:
-    flags = cpu_flags() if flags is None else flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
+__all__ = ["Int8Linear", "auto_dtype", "cpu_flags", "decoding_choice", "int8_engine", "native_bf16", "quantize_int8"]
 
 
 def auto_dtype(device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
@@ -58,6 +40,13 @@ def int8_engine() -> str | None:
         if name in engines:
             return name
     return None
+
+
+# The op's C++ entry point: the Python wrappers around it check every call for traced script objects,
+# which costs ~10 us a call, and a decode step makes 4 calls per layer (docs/benchmarks.md, "Decoding
+# with int8 linear layers"). Tracing (torch.compile) still sees the wrapped op.
+_LINEAR_DYNAMIC_OP = torch.ops.quantized.linear_dynamic.default
+_LINEAR_DYNAMIC = getattr(_LINEAR_DYNAMIC_OP, "_op", _LINEAR_DYNAMIC_OP)
 
 
 class Int8Linear(nn.Module):
@@ -83,9 +72,10 @@ class Int8Linear(nn.Module):
         self.reduce_range = engine in ("x86", "fbgemm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self.reduce_range)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+        op = _LINEAR_DYNAMIC_OP if torch.compiler.is_compiling() else _LINEAR_DYNAMIC
+        if x.dtype == torch.float32:  # the op takes (..., in) and returns (..., out)
+            return op(x, self._packed, self.reduce_range)
+        return op(x.float(), self._packed, self.reduce_range).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -1,4 +1,9 @@
-"""Process-level settings that make PyTorch faster on a CPU.
+"""Process-level settings that make PyTorch faster on a CPU, and what the CPU can do.
+
+`cpu_flags()` reads the CPU feature flags that decide the fast paths: `native_bf16()` is true on
+CPUs with AMX or AVX-512-bf16, where a bf16 matmul runs several times faster than float32 (Intel
+Xeons since Cooper Lake / Sapphire Rapids); AVX2-only CPUs (the AMD EPYCs of our pool) emulate it.
+Training (`--precision auto`) and decoding (`--dtype auto`) both decide from these.
 
 `keep_freed_memory()`: glibc's malloc serves large blocks (above 32 MB at most, often far less) with
 fresh mmap()s and hands them back to the OS on free(), so every training step's large activations
@@ -20,6 +25,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from functools import lru_cache
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
 _applied = False
@@ -40,3 +47,23 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags that matter for speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(wanted & set(line.split(":", 1)[1].split()))
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX or AVX-512-bf16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)

@@ -33,10 +33,10 @@ class LayerKV:
                 new_k[:, :, : self.length] = self.k[:, :, : self.length]
                 new_v[:, :, : self.length] = self.v[:, :, : self.length]
             self.k, self.v = new_k, new_v
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k.narrow(2, self.length, k.shape[2]).copy_(k)
+        self.v.narrow(2, self.length, v.shape[2]).copy_(v)
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders its hypotheses this way)."""
@@ -145,8 +145,10 @@ class Attention(nn.Module):
                 if cache is not None:
                     k, v = cache.append(k, v)
         else:
-            q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            # (B, T, H + 2 H_kv, D) -> (B, H + 2 H_kv, T, D), split into heads of q, k and v: three ops
+            B, T, _ = x.shape
+            heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k, v = heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:

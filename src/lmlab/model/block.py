@@ -40,8 +40,10 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.pre_norm:
-            return x + self.drop(f(norm(x)))
-        return norm(x + self.drop(f(x)))
+            y = f(norm(x))
+            return x + (self.drop(y) if self.training else y)
+        y = f(x)
+        return norm(x + (self.drop(y) if self.training else y))
 
     def forward(
         self,

@@ -99,7 +99,8 @@ class Stack(nn.Module):
         B, T, _ = x.shape
         past = cache.seen if cache is not None else 0
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids + self.cfg.position_offset)
+            offset = self.cfg.position_offset
+            x = x + self.pos_embed(position_ids + offset if offset else position_ids)
         elif self.cfg.position == "sinusoidal":
             x = x + self.pos_table[position_ids]
         if self.type_embed is not None:
@@ -108,7 +109,8 @@ class Stack(nn.Module):
             x = x + self.type_embed(token_type_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
 
         rope = self.rope(position_ids) if self.rope is not None else None
         bias = self.rel_bias(T, past + T, offset=past) if self.rel_bias is not None else None

@@ -17,3 +17,7 @@ class CheckpointError(LmlabError):
 
 class DataError(LmlabError, ValueError):
     """Input data that cannot be read (bad encoding, bad JSON line, missing field)."""
+
+
+class DistributedError(LmlabError, RuntimeError):
+    """A multi-process run that cannot go on: a collective timed out or a peer process stopped."""

@@ -23,7 +23,8 @@ from lmlab.families import FAMILIES
 from lmlab.model import Model
 from lmlab.settings import PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
 from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from lmlab.train.trainer import Trainer
+from lmlab.train import distributed
+from lmlab.train.trainer import Trainer, resolve_device
 
 
 def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:
@@ -66,8 +67,9 @@ def model_config(pc: PretrainConfig, tok: Tokenizer, objective: str) -> ModelCon
     return cfg
 
 
-def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, ObjectiveConfig]:
-    """Resolve family / preset / objective, get the tokenizer and the token store."""
+def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tokenizer, Any, ObjectiveConfig]:
+    """Resolve family / preset / objective, get the tokenizer and the token store (`write`: save the
+    tokenizer to the output folder; the other ranks of a multi-process run read rank 0's)."""
     if pc.preset and pc.preset not in PRESETS:
         raise ConfigError(f"unknown preset {pc.preset!r}; presets: {', '.join(PRESETS)}")
     if pc.preset:
@@ -93,7 +95,8 @@ def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, Objecti
     else:
         kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
         tok = train_tokenizer(kind, read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines), pc.vocab_size)
-    tok.save(out)
+    if write:
+        tok.save(out)
     cache = (
         Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
     )
@@ -103,9 +106,28 @@ def prepare(pc: PretrainConfig) -> tuple[PretrainConfig, Tokenizer, Any, Objecti
 
 
 def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run pre-training as configured; returns a summary (steps, tokens, validation metrics, paths)."""
+    """Run pre-training as configured; returns a summary (steps, tokens, validation metrics, paths).
+
+    Under torchrun with `train.parallel` ddp, every process calls this (lmlab.train.distributed): rank 0
+    trains the tokenizer and builds the token store first, the others then read both."""
     pc.train.validate()
-    pc, tok, store, ocfg = prepare(pc)
+    world = distributed.setup(pc.train.parallel, resolve_device(pc.train.device), pc.train.collective_timeout)
+    try:
+        return _pretrain(pc, on_event, world)
+    finally:
+        distributed.teardown()
+
+
+def _pretrain(
+    pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None] | None, world: distributed.World
+) -> dict[str, Any]:
+    distributed.check_batch(pc.train.batch_size, world)
+    if world.main:
+        pc, tok, store, ocfg = prepare(pc)
+    distributed.barrier(world)
+    if not world.main:  # rank 0's tokenizer and token store, from its output folder and the cache
+        pc.tokenizer = pc.out
+        pc, tok, store, ocfg = prepare(pc, write=False)
     cfg = model_config(pc, tok, pc.objective)
     if pc.train.lr is None:
         from lmlab.train.trainer import default_lr
@@ -115,29 +137,31 @@ def pretrain(pc: PretrainConfig, on_event: Callable[[str, dict[str, Any]], None]
     train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
     val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
     out = Path(pc.out)
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                "pretrain": pc.to_dict(),
-                "model": cfg.to_dict(),
-                "data": {
-                    "documents": store.n_docs,
-                    "tokens": store.n_tokens,
-                    "train_documents": len(splits["train"]),
-                    "val_documents": len(splits["val"]),
-                },
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     torch.manual_seed(pc.train.seed)
     model = Model(cfg)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
     val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
-    trainer = Trainer(model, train, val, pc.train, out, on_event)
+    trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)
+    if world.main:
+        record = {
+            "pretrain": pc.to_dict(),
+            "model": cfg.to_dict(),
+            "data": {
+                "documents": store.n_docs,
+                "tokens": store.n_tokens,
+                "train_documents": len(splits["train"]),
+                "val_documents": len(splits["val"]),
+            },
+            "precision": trainer.precision,
+            "distributed": distributed.describe(world, pc.train.parallel),
+        }
+        (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if pc.resume else False
     summary = trainer.fit()
+    summary["precision"] = trainer.precision
+    distributed.barrier(world)
+    if not world.main:
+        return {**summary, "resumed": resumed, "out": str(out), "rank": world.rank}
     model.save_pretrained(out)
     tok.save(out)
     from lmlab.plots import expert_load, loss_curves

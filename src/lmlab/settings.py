@@ -19,6 +19,7 @@ from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("none", "ddp")
 
 
 @dataclass
@@ -43,11 +44,19 @@ class TrainConfig:
     save_every: int = option(500, "checkpoint every N steps")
     keep_checkpoints: int = option(2, "checkpoints kept")
     log_every: int = option(10, "write a metrics record every N steps")
-    precision: str = option("auto", "auto: bf16 autocast on a CUDA GPU, fp32 elsewhere", choices=PRECISIONS)
+    precision: str = option(
+        "auto", "auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX-512-bf16, fp32 elsewhere", choices=PRECISIONS
+    )
     compile: bool = option(False, "torch.compile the model")
     seed: int = option(0, "seed of the initialisation and the data order")
     tensorboard: bool = option(False, "also write TensorBoard logs")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    parallel: str = option(
+        "none",
+        "ddp: data-parallel over the processes torchrun starts (batch_size is the global micro-batch)",
+        choices=PARALLEL,
+    )
+    collective_timeout: float = option(600.0, "seconds a collective may wait for the other processes")
 
     def validate(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_minutes):
@@ -61,6 +70,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel {self.parallel!r} is unknown; expected one of {', '.join(PARALLEL)}")
+        if self.collective_timeout <= 0:
+            raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")
 
 
 def _check_names(cls: type, d: dict[str, Any], source: str, what: str = "setting") -> None:

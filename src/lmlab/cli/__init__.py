@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a command that relaunches itself (pretrain --nproc) passes on
     from lmlab.runtime import keep_freed_memory
 
     keep_freed_memory()  # large tensors reuse freed pages instead of fresh ones (LMLAB_MALLOC=default: off)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import subprocess
+import sys
 from typing import Any
 
 from lmlab.cli.flags import add_fields, collect
@@ -34,7 +37,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="model.",
         only=_MOE,
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes of this machine: relaunches itself under torchrun with --parallel ddp "
+        "(for several machines, run torchrun yourself; see the README)",
+    )
     p.set_defaults(func=run)
+
+
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command `lmlab pretrain --nproc N ...` becomes: the same arguments without --nproc,
+    with --parallel ddp unless a parallel mode was given."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    if not any(a == "--parallel" or a.startswith("--parallel=") for a in rest):
+        rest += ["--parallel", "ddp"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "lmlab",
+        *rest,
+    ]
 
 
 def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -65,10 +102,32 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 
 def run(args: argparse.Namespace) -> None:
     from lmlab.pretrain import pretrain, resolved_names
+    from lmlab.train.distributed import env_world
+    from lmlab.train.trainer import precision_choice, resolve_device
 
-    pc = pretrain_config(args)
+    pc = pretrain_config(args)  # checks the settings before any process is started
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise LmlabError(f"--nproc must be at least 1, got {args.nproc}")
+        if env_world().size > 1:
+            raise LmlabError("--nproc starts torchrun itself: give it to lmlab, not to a process torchrun started")
+        if args.nproc > 1:
+            command = torchrun_command(args.argv, args.nproc)
+            console.print(f"[bold]lmlab pretrain[/] on {args.nproc} processes: {shlex.join(command)}", highlight=False)
+            code = subprocess.call(command)
+            if code:
+                raise LmlabError(f"torchrun exited with status {code}; the processes' errors are above")
+            return
+    if not env_world().main:  # under torchrun only rank 0 prints
+        pretrain(pc)
+        return
     family, preset, objective = resolved_names(pc)
     console.print(f"[bold]lmlab pretrain[/]: family={family} preset={preset} objective={objective} out={pc.out}")
+    choice = precision_choice(pc.train.precision, resolve_device(pc.train.device))
+    console.print(
+        f"precision: {choice['precision']} ({choice['why']}; CPU flags: {', '.join(choice['cpu_flags']) or 'none read'})",
+        highlight=False,
+    )
     with TrainingProgress() as progress:
         summary = pretrain(pc, progress.run("pretrain"))
     console.print(

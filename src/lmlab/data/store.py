@@ -122,7 +122,9 @@ class TokenStore:
         key = hashlib.sha1(docs.tobytes() + str(separator).encode()).hexdigest()[:12]
         path = self.folder / f"{name}-{key}.bin"
         if not path.exists():
-            tmp = path.with_suffix(".tmp")
+            # a name of this process's own: processes sharing the cache (the ranks of a torchrun job)
+            # may write the same stream at once, and the last rename of identical bytes wins
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             with open(tmp, "wb") as out:
                 sep = np.array([separator], dtype=self.dtype) if separator is not None else None
                 for d in docs:

@@ -43,6 +43,7 @@ class ModelOutput:
     encoder_last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' weighted auxiliary losses
+    vocab_loss: torch.Tensor | None = None  # the lm / mlm head's mean cross-entropy, part of `loss`
     routing: tuple[RoutingRecord, ...] | None = None  # one per MoE layer, in order (lmlab.model.moe)
 
     @property
@@ -465,9 +466,11 @@ class Model(nn.Module):
             if labels is not None and self.config.spec.shifts_labels:  # position t predicts token t+1
                 # shift the labels, not the logits: slicing logits would copy them in the backward pass
                 targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            losses.append(self._vocab_loss(out, self.lm_head, h, targets, sparse))
+            out.vocab_loss = self._vocab_loss(out, self.lm_head, h, targets, sparse)
+            losses.append(out.vocab_loss)
         if self.mlm_head is not None:
-            losses.append(self._vocab_loss(out, self.mlm_head, h, labels, sparse))
+            out.vocab_loss = self._vocab_loss(out, self.mlm_head, h, labels, sparse)
+            losses.append(out.vocab_loss)
         if self.nsp_head is not None:
             out.nsp_logits = self.nsp_head(out.pooler_output)
             if next_sentence_label is not None:

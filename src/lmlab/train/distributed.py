@@ -1,0 +1,182 @@
+"""Training on several processes with torch.distributed, applied from outside to an unchanged model.
+
+    torchrun --nproc-per-node 2 -m lmlab pretrain ... --parallel ddp
+    lmlab pretrain ... --nproc 2            # the same: launches torchrun on this machine
+
+torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
+address. `setup` joins the process group (gloo on CPUs, NCCL on GPUs) with a timeout on every
+collective; `wrap` puts the model under DistributedDataParallel.
+
+The data does not depend on the world size. `batch_size` is the global micro-batch: every rank
+draws the same global micro-batch from the same seeded stream and keeps its own rows (`shard`), so
+N processes see, step by step, exactly the examples one process sees. Each rank's loss is weighted
+by its share of the micro-batch's labelled tokens (`loss_weight`): DDP averages gradients over
+ranks, and with the weights that average is the gradient of the one-process loss, also for masked
+LMs whose ranks hold different numbers of masked tokens. Gradient accumulation skips the
+all-reduce on all but the last micro-batch (`no_sync`). Only rank 0 logs, evaluates, writes
+checkpoints and draws plots; the weights are the same on every rank, so a checkpoint is an
+ordinary one and resumes at any world size.
+
+What differs from one process: dropout draws its masks per rank (as in any data-parallel run), and
+MoE auxiliary losses are computed from each rank's tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.families import IGNORE_INDEX
+from lmlab.settings import PARALLEL
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs, evaluates and saves."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1 or dist.is_initialized()
+
+
+def env_world() -> World:
+    """The world torchrun describes in the environment (rank 0 of 1 without torchrun)."""
+    try:
+        return World(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
+
+
+def setup(parallel: str, device: torch.device, timeout_s: float) -> World:
+    """Join the process group when `parallel` asks for it; the World this process is in."""
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel {parallel!r} is unknown; expected one of {', '.join(PARALLEL)}")
+    world = env_world()
+    if parallel == "none":
+        if world.size > 1:
+            raise ConfigError(
+                f"this process is one of {world.size} (WORLD_SIZE={world.size}) but parallel is none: "
+                "add --parallel ddp"
+            )
+        return world
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            f"--parallel {parallel} runs under torchrun (torchrun --nproc-per-node N -m lmlab pretrain ...) "
+            "or with lmlab pretrain --nproc N"
+        )
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return world
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(device: torch.device, world: World) -> torch.device:
+    """A GPU per local rank; the CPU is shared."""
+    if device.type == "cuda" and world.size > 1:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
+    """The module the training step calls: the model itself, or the model under DDP."""
+    if parallel != "ddp":
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    # routed experts a micro-batch does not choose get no gradient: DDP must look for them
+    unused = getattr(getattr(model, "config", None), "ffn", "dense") == "moe"
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_batch(batch_size: int, world: World) -> None:
+    if batch_size % world.size:
+        raise ConfigError(
+            f"batch_size {batch_size} (the global micro-batch) does not divide among {world.size} processes: "
+            f"use a multiple of {world.size}"
+        )
+
+
+def shard(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global micro-batch: rows [rank * B/N, (rank + 1) * B/N)."""
+    if world.size == 1:
+        return batch
+    rows = next(iter(batch.values())).shape[0]
+    check_batch(rows, world)
+    per = rows // world.size
+    return {k: v[world.rank * per : (world.rank + 1) * per] for k, v in batch.items()}
+
+
+def labelled(labels: torch.Tensor, shifts: bool) -> int:
+    """Labelled positions of a batch (for causal LMs: positions whose next token is labelled)."""
+    if shifts:
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def loss_weight(full: dict[str, torch.Tensor], part: dict[str, torch.Tensor], world: World, shifts: bool) -> float:
+    """What this rank's mean vocabulary loss is multiplied by so that DDP's gradient average equals the
+    one-process gradient: N x (its labelled tokens / the micro-batch's)."""
+    if world.size == 1 or "labels" not in full:
+        return 1.0
+    total = labelled(full["labels"], shifts)
+    return world.size * labelled(part["labels"], shifts) / total if total else 1.0
+
+
+def no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
+    if last or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def mean_over_ranks(value: float, world: World, device: torch.device) -> float:
+    """The mean of a number over all ranks (the number itself in one process)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def describe(world: World, parallel: str) -> dict[str, Any]:
+    return {
+        "parallel": parallel,
+        "world_size": world.size,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+    }

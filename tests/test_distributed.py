@@ -1,0 +1,220 @@
+"""Training on several processes (lmlab.train.distributed): two gloo processes on this CPU against one
+process with the same global batch; the precision choice on both CPU kinds; the launcher; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.cli.pretrain import torchrun_command
+from lmlab.errors import ConfigError
+from lmlab.pretrain import PretrainConfig, pretrain
+from lmlab.settings import TrainConfig
+from lmlab.train import distributed
+from lmlab.train.trainer import precision_choice
+
+TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
+WORKER = Path(__file__).with_name("distributed_worker.py")
+AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
+EPYC = frozenset({"avx2"})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lmlab.data.corpus import demo_corpus, read_documents
+
+    docs = [d for _, d in zip(range(40), read_documents(demo_corpus("kjv"), doc_sep="blank"))]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def _tokenizer(tmp_path: Path, corpus: Path, family: str) -> str:
+    """One tokenizer for every run of a test: WordPiece training is not the same from one process to the next."""
+    from lmlab.data.corpus import read_documents
+    from lmlab.families import FAMILIES
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = tmp_path / f"tok-{family}"
+    if not folder.exists():
+        train_tokenizer(FAMILIES[family].tokenizer_kind, read_documents(corpus, doc_sep="blank"), 400).save(folder)
+    return str(folder)
+
+
+def _config(tmp_path, corpus, out, family="decoder", **train) -> PretrainConfig:
+    t = dict(max_steps=5, batch_size=4, eval_every=100, save_every=100, log_every=1, warmup_steps=2, eval_batches=2)
+    t.update(train)
+    return PretrainConfig(
+        out=str(tmp_path / out),
+        family=family,
+        data=[str(corpus)],
+        doc_sep="blank",
+        tokenizer=_tokenizer(tmp_path, corpus, family),
+        seq_len=32,
+        cache_dir=str(tmp_path / "cache"),
+        model=dict(TINY),
+        train=TrainConfig(**t),
+    )
+
+
+def _losses(run: Path) -> list[float]:
+    return [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _torchrun(pc: PretrainConfig, tmp_path: Path, name: str, nproc: int = 2, stop: int | None = None):
+    """Run tests/distributed_worker.py on `nproc` gloo processes; the completed process."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(pc.to_dict()))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER), str(path)
+    ]  # fmt: skip
+    command += [str(stop)] if stop is not None else []
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env())
+
+
+@pytest.mark.parametrize(
+    "family, accum",
+    [("decoder", 1), ("encoder", 2)],  # BERT: masked-token counts differ between the ranks' halves
+)
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpus, family, accum):
+    one = _config(tmp_path, corpus, "one", family, grad_accum=accum)
+    pretrain(one)
+    two = _config(tmp_path, corpus, "two", family, grad_accum=accum, parallel="ddp")
+    done = _torchrun(two, tmp_path, "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(got) == len(reference) == 5
+    assert got == pytest.approx(reference, abs=1e-5, rel=0)
+    assert got[-1] < got[0]  # it trains
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["distributed"] == {"parallel": "ddp", "world_size": 2, "backend": "gloo"}
+    # rank 0 alone wrote the metrics (one record per step) and the model folder
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == len(
+        (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    )
+    import lmlab
+
+    a, b = lmlab.load(tmp_path / "one"), lmlab.load(tmp_path / "two")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_a_two_process_run_stopped_past_a_checkpoint_resumes_on_two_or_one_process(tmp_path, corpus):
+    def config(out, **kw):
+        return _config(tmp_path, corpus, out, max_steps=6, save_every=3, parallel="ddp", collective_timeout=30, **kw)
+
+    straight = _torchrun(config("straight"), tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = _losses(tmp_path / "straight")
+
+    stopped = _torchrun(config("stopped"), tmp_path, "stopped", stop=4)  # rank 0 dies after step 4
+    assert stopped.returncode != 0
+    # the other rank does not hang: its next collective fails with a message naming the rank and the step
+    assert "rank 1 of 2, step 5: a collective failed" in stopped.stderr
+    shutil.copytree(tmp_path / "stopped", tmp_path / "stopped-one")
+
+    again = config("stopped")
+    again.resume = True
+    resumed = _torchrun(again, tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(tmp_path / "stopped") == pytest.approx(reference, abs=1e-6, rel=0)
+
+    alone = config("stopped-one")
+    alone.resume, alone.train.parallel = True, "none"
+    summary = pretrain(alone)
+    assert summary["resumed"] and summary["steps"] == 6
+    assert _losses(tmp_path / "stopped-one") == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def test_lmlab_pretrain_nproc_launches_torchrun(tmp_path, corpus):
+    pc = _config(tmp_path, corpus, "cli", max_steps=2)
+    command = [
+        sys.executable, "-m", "lmlab", "pretrain", "--data", str(corpus), "--doc-sep", "blank",
+        "--family", "decoder", "--tokenizer", pc.tokenizer, "--seq-len", "32", "--out", str(tmp_path / "cli"),
+        "--max-steps", "2", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--nproc", "2",
+        *[x for k, v in TINY.items() for x in ("--model-set", f"{k}={v}")],
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.distributed.run" in done.stdout and "--parallel ddp" in done.stdout
+    assert done.stdout.count("lmlab pretrain: family=decoder") == 1  # only rank 0 prints
+    assert "precision: fp32" in done.stdout or "precision: bf16" in done.stdout
+    assert json.loads((tmp_path / "cli" / "run.json").read_text())["distributed"]["world_size"] == 2
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, corpus):
+    with pytest.raises(ConfigError, match="batch_size 3 .* does not divide among 2 processes"):
+        distributed.check_batch(3, distributed.World(0, 2))
+    pc = _config(tmp_path, corpus, "odd", batch_size=3, parallel="ddp")
+    done = _torchrun(pc, tmp_path, "odd")
+    assert done.returncode != 0
+    # every rank says why, and nothing waits for a collective
+    assert done.stderr.count("does not divide among 2 processes") == 2
+
+
+def test_parallel_ddp_without_torchrun_says_how_to_launch(tmp_path, corpus, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        pretrain(_config(tmp_path, corpus, "no-torchrun", parallel="ddp"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="add --parallel ddp"):
+        pretrain(_config(tmp_path, corpus, "no-flag"))
+
+
+def test_the_torchrun_command_drops_nproc_and_asks_for_ddp():
+    cmd = torchrun_command(["pretrain", "--family", "decoder", "--nproc", "2", "--out", "x"], 2)
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[5:] == ["-m", "lmlab", "pretrain", "--family", "decoder", "--out", "x", "--parallel", "ddp"]
+    kept = torchrun_command(["pretrain", "--nproc=4", "--parallel", "ddp"], 4)
+    assert kept.count("--parallel") == 1 and "--nproc=4" not in kept
+
+
+def test_shards_are_the_rows_of_the_global_batch_and_weights_restore_the_global_mean():
+    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, -100], [5, 6, 7, 8], [9, -100, -100, -100]])
+    full = {"input_ids": torch.arange(16).view(4, 4), "labels": labels}
+    parts = [distributed.shard(full, distributed.World(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), full["input_ids"])
+    # masked LM: 4 and 5 labelled tokens of 9; the weighted means average to the global mean
+    weights = [distributed.loss_weight(full, p, distributed.World(r, 2), shifts=False) for r, p in enumerate(parts)]
+    assert weights == pytest.approx([2 * 4 / 9, 2 * 5 / 9])
+    values = torch.randn(4, 4)
+    means = [values[r * 2 : r * 2 + 2][p["labels"] != -100].mean() for r, p in enumerate(parts)]
+    averaged = sum(w * m for w, m in zip(weights, means)) / 2
+    assert averaged == pytest.approx(values[labels != -100].mean().item(), abs=1e-6)
+
+
+def test_precision_auto_is_bf16_on_cpus_with_native_bf16_and_fp32_on_avx2():
+    cpu = torch.device("cpu")
+    amx = precision_choice("auto", cpu, AMX)
+    assert amx["precision"] == "bf16" and "AMX" in amx["why"] and "amx_bf16" in amx["cpu_flags"]
+    assert precision_choice("auto", cpu, frozenset({"avx512_bf16"}))["precision"] == "bf16"
+    epyc = precision_choice("auto", cpu, EPYC)
+    assert epyc["precision"] == "fp32" and epyc["cpu_flags"] == ["avx2"]
+    assert precision_choice("fp32", cpu, AMX)["precision"] == "fp32"  # asked for: kept
+    assert precision_choice("bf16", cpu, EPYC)["precision"] == "bf16"
+
+
+def test_the_precision_choice_is_stored_in_run_json(tmp_path, corpus):
+    pretrain(_config(tmp_path, corpus, "prec", max_steps=1))
+    run = json.loads((tmp_path / "prec" / "run.json").read_text())
+    assert run["precision"] == precision_choice("auto", torch.device("cpu"))
+    assert run["distributed"] == {"parallel": "none", "world_size": 1, "backend": None}
+    assert asdict(TrainConfig())["parallel"] == "none"

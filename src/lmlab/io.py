@@ -241,11 +241,14 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
-def save(model: Model, path: str | os.PathLike[str], format: str = "lmlab") -> Path:
-    """Write `model` to a folder: format="lmlab" (any model) or "hf" (transformers' Auto classes read it)."""
+def save(
+    model: Model, path: str | os.PathLike[str], format: str = "lmlab", state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `model` to a folder: format="lmlab" (any model) or "hf" (transformers' Auto classes read it).
+    `state`: the weights to write instead of the model's own (a sharded model's, gathered whole)."""
     folder = Path(path)
     cfg = model.config
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if format == "lmlab":
         config = {"lmlab_format": FORMAT_VERSION, "model": cfg.to_dict()}
     elif format == "hf":

@@ -20,11 +20,12 @@ from lmlab.data.objectives import Batches, ObjectiveConfig, check_objective, mak
 from lmlab.data.store import build_store
 from lmlab.errors import ConfigError
 from lmlab.families import FAMILIES
+from lmlab.io import save
 from lmlab.model import Model
 from lmlab.settings import PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
 from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.train import distributed
-from lmlab.train.trainer import Trainer, resolve_device
+from lmlab.train.trainer import Trainer, precision_choice, resolve_device
 
 
 def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:
@@ -137,8 +138,13 @@ def _pretrain(
     train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
     val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
     out = Path(pc.out)
-    torch.manual_seed(pc.train.seed)
-    model = Model(cfg)
+    if pc.train.parallel == "fsdp":
+        device = distributed.device_for(resolve_device(pc.train.device), world)
+        bf16 = precision_choice(pc.train.precision, device)["precision"] == "bf16"
+        model = distributed.build_sharded(cfg, pc.train.seed, world, device, torch.bfloat16 if bf16 else None)
+    else:
+        torch.manual_seed(pc.train.seed)
+        model = Model(cfg)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
     val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
     trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)
@@ -159,10 +165,11 @@ def _pretrain(
     resumed = trainer.resume() if pc.resume else False
     summary = trainer.fit()
     summary["precision"] = trainer.precision
+    whole = distributed.full_state(model, trainer.optimizer)[0] if trainer.sharded else None
     distributed.barrier(world)
     if not world.main:
         return {**summary, "resumed": resumed, "out": str(out), "rank": world.rank}
-    model.save_pretrained(out)
+    save(model, out, state=whole)
     tok.save(out)
     from lmlab.plots import expert_load, loss_curves
 

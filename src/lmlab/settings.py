@@ -19,7 +19,7 @@ from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
-PARALLEL = ("none", "ddp")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass

@@ -37,18 +37,25 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a checkpoint atomically. The optimizer state is stored keyed by parameter name (torch's
+    distributed state-dict format), which any world size and any parallel mode can load;
+    `model_state` / `optimizer_state` give whole states gathered beforehand (from an FSDP2 model)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save(model, tmp, state=model_state)
+    if optimizer_state is None:
+        optimizer_state = optimizer_state_by_name(model, optimizer)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(state, tmp / "state.pt")
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -76,11 +83,43 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer in place; return the rest of the state."""
-    load_weights_into(model, path)
+    """Restore model and optimizer in place (an FSDP2 model keeps its shards); return the rest of the state."""
+    from lmlab.train.distributed import is_sharded, load_full_state
+
+    sharded = is_sharded(model)
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        by_index = all(isinstance(k, int) for k in osd.get("state", {}))  # before 2026-12: optimizer.state_dict()
+        if sharded:
+            if by_index:
+                raise CheckpointError("its optimizer state predates name-keyed checkpoints; resume it without fsdp")
+            load_full_state(model, optimizer, read_checkpoint_weights(path, model), osd)
+        else:
+            load_weights_into(model, path)
+            if by_index and osd.get("state"):
+                optimizer.load_state_dict(osd)
+            else:
+                load_full_state(model, optimizer, None, osd)
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot restore the optimizer or trainer state ({e})") from None
+
+
+def read_checkpoint_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole weights, checked against the model's config."""
+    from lmlab.io import migrate, read_config, read_weights
+
+    raw = read_config(path)
+    if raw.get("model") != model.config.to_dict():
+        raise CheckpointError("it describes a different model than the one being restored")
+    state, _ = read_weights(path)
+    return migrate(state, model.config, raw.get("lmlab_format"), str(path / "config.json"))

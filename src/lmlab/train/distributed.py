@@ -17,6 +17,12 @@ all-reduce on all but the last micro-batch (`no_sync`). Only rank 0 logs, evalua
 checkpoints and draws plots; the weights are the same on every rank, so a checkpoint is an
 ordinary one and resumes at any world size.
 
+With `--parallel fsdp` the model is FSDP2's instead (`build_sharded`): every Block and then the
+whole model under `fully_shard`, built on the meta device and initialised after sharding, with a
+bf16 mixed-precision policy when the run is bf16. Its checkpoints gather the whole state to rank 0
+(`full_state`) and are ordinary ones too: an FSDP run resumes on any number of processes, with or
+without FSDP.
+
 What differs from one process: dropout draws its masks per rank (as in any data-parallel run), and
 MoE auxiliary losses are computed from each rank's tokens.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -103,8 +110,51 @@ def device_for(device: torch.device, world: World) -> torch.device:
     return device
 
 
+def build_sharded(
+    cfg: Any, seed: int, world: World, device: torch.device, param_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """An FSDP2 model: built on the meta device (nothing allocated), `fully_shard` applied to every
+    Block and then to the whole model, materialised on `device`, and initialised after sharding.
+
+    The initial weights are the ones one process draws with `seed`: rank 0 builds them once on the
+    CPU and every rank keeps its shard of the broadcast, so the run starts from the same weights at
+    every world size. (Drawing each shard with its own generator would tie the init to the world
+    size.) With `param_dtype` (bf16), the mixed-precision policy computes in it and reduces
+    gradients in float32."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lmlab.model import Model
+
+    full: dict[str, torch.Tensor] = {}
+    if world.main:
+        torch.manual_seed(seed)
+        full = Model(cfg).state_dict()
+    with torch.device("meta"):
+        model = Model(cfg)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kw = {"mp_policy": policy} if policy is not None else {}
+    for stack in (model.encoder, model.decoder):
+        for block in stack.layers if stack is not None else ():
+            fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    # FSDP2 warns that the root returns views (ModelOutput's logits); lmlab never modifies them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.init_buffers()
+    torch.manual_seed(seed)  # as after a one-process build: the data and dropout streams start the same
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is under FSDP2 (its parameters are DTensor shards)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
-    """The module the training step calls: the model itself, or the model under DDP."""
+    """The module the training step calls: the model itself (also an FSDP2 model, which `build_sharded`
+    made), or the model under DDP."""
     if parallel != "ddp":
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -153,11 +203,58 @@ def loss_weight(full: dict[str, torch.Tensor], part: dict[str, torch.Tensor], wo
     return world.size * labelled(part["labels"], shifts) / total if total else 1.0
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
 def no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
-    if last or not hasattr(module, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on every micro-batch but the last
+    of a step."""
+    if last:
         return contextlib.nullcontext()
-    return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(module)
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole model's and optimizer's state on the CPU, keyed by parameter name, gathered from the
+    shards of an FSDP2 model (a collective: every rank calls it). Any world size can load the result."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any] | None,
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Put a whole-model state (from `full_state` or an ordinary checkpoint) into a model, sharded or
+    not; every rank holds the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if model_state is not None:
+        set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def mean_over_ranks(value: float, world: World, device: torch.device) -> float:

@@ -139,6 +139,9 @@ class Trainer:
         self.device = distributed.device_for(resolve_device(cfg.device), self.world)
         self.precision = precision_choice(cfg.precision, self.device)
         self.autocast = torch.bfloat16 if self.precision["precision"] == "bf16" else None
+        self.sharded = distributed.is_sharded(model)  # FSDP2: every rank takes part in each forward
+        if self.sharded:
+            self.autocast = None  # the mixed-precision policy build_sharded set casts instead
         self.model = model.to(self.device)
         self.step_fn = distributed.wrap(self.model, self.world, cfg.parallel)
         if cfg.compile:
@@ -307,7 +310,8 @@ class Trainer:
                     f"rank {self.world.rank} of {self.world.size}, step {self.step + 1}: a collective failed "
                     f"(timeout {cfg.collective_timeout:g} s; another process may have stopped): {e}"
                 ) from e
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
@@ -336,16 +340,26 @@ class Trainer:
                 info["tokens_per_s"] = record["tokens_per_s"]
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
             self.on_event("step", info)
-            if self.val and self.world.main and (self.step % cfg.eval_every == 0 or done):
+            if self.val and (self.world.main or self.sharded) and (self.step % cfg.eval_every == 0 or done):
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
                 self._log({"step": self.step, "split": "val", **last_eval})
                 self.on_event("eval", {"step": self.step, **last_eval})
             if self.step % cfg.save_every == 0 or done:
                 self.elapsed += time.perf_counter() - started
                 started = time.perf_counter()
+                whole: tuple[Any, Any] = (None, None)
+                if self.sharded:  # gathered from the shards: a collective
+                    whole = distributed.full_state(self.model, self.optimizer)
                 if self.world.main:  # the weights and optimizer state are the same on every rank
                     path = save_checkpoint(
-                        self.run_dir, self.step, self.model, self.optimizer, self._state(), cfg.keep_checkpoints
+                        self.run_dir,
+                        self.step,
+                        self.model,
+                        self.optimizer,
+                        self._state(),
+                        cfg.keep_checkpoints,
+                        model_state=whole[0],
+                        optimizer_state=whole[1],
                     )
                     self.on_event("save", {"step": self.step, "path": str(path)})
         self.elapsed += time.perf_counter() - started

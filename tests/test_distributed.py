@@ -23,6 +23,7 @@ from lmlab.train.trainer import precision_choice
 
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
 WORKER = Path(__file__).with_name("distributed_worker.py")
+EP_WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
 EPYC = frozenset({"avx2"})
 
@@ -226,3 +227,25 @@ def test_the_precision_choice_is_stored_in_run_json(tmp_path, corpus):
     assert run["precision"] == precision_choice("auto", torch.device("cpu"))
     assert run["distributed"] == {"parallel": "none", "world_size": 1, "backend": None}
     assert asdict(TrainConfig())["parallel"] == "none"
+
+
+@pytest.mark.parametrize("kind", ["top2", "fine-grained"])
+def test_an_expert_parallel_moe_layer_equals_the_one_process_layer(tmp_path, kind):
+    out = tmp_path / "ep.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(EP_WORKER)]
+    done = subprocess.run(command + [kind, str(out)], capture_output=True, text=True, timeout=240, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["chosen"][result["unused"]] == 0  # an expert that gets no token
+    assert result["local_experts"] * 2 == len(result["chosen"])
+    assert len(result["diffs"]) >= 8  # outputs and every parameter's gradient, on both ranks
+    worst = max(result["diffs"].items(), key=lambda kv: kv[1])
+    assert worst[1] < 1e-6, worst
+
+
+def test_expert_parallelism_needs_a_number_of_experts_the_ranks_divide():
+    from lmlab.train.expert_parallel import experts_per_rank
+
+    assert experts_per_rank(8, 2) == 4
+    with pytest.raises(ConfigError, match="over 3 ranks .* the layer has 8"):
+        experts_per_rank(8, 3)

@@ -1,0 +1,124 @@
+"""Expert parallelism: the FFN experts of an MoE layer sharded across ranks, tokens exchanged with
+all-to-all (GShard; Switch Transformer's scaling rests on it).
+
+`GroupedExperts.forward(x_sorted, counts_E, w_A)` is the seam (lmlab.model.moe.experts). This module
+wraps it from outside, and the router, the dispatch, the capacity and the combine stay as they are.
+`ExpertParallelExperts` holds experts [rank·L, (rank+1)·L) of the E, where L = E / P, and makes four
+moves:
+1. It tells every rank how many of its rows go to each of that rank's experts (an all-to-all of the
+   counts).
+2. It sends the rows (an autograd-aware all-to-all with uneven splits; an expert may get none).
+3. It runs its local experts on what it received, regrouped by expert.
+4. It sends the outputs back the same way and applies the routing weights where the tokens live.
+The gradients flow back through both all-to-alls.
+
+Gradient scale: each expert's parameters live on one rank and collect the gradient of every rank's
+tokens. When the ranks also average their other gradients (data parallelism over the same ranks),
+`grad_scale = 1 / P` scales the experts' gradients to match. With summed losses and no averaging, it
+stays 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.model.moe.experts import GroupedExperts
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-to-all of rows: send[s] rows to rank s, recv[s] rows from rank s; differentiable."""
+    from torch.distributed import _functional_collectives as fc
+
+    out = fc.all_to_all_single_autograd(x.contiguous(), recv, send, group if group is not None else dist.group.WORLD)
+    return fc.wait_tensor(out)
+
+
+def experts_per_rank(experts: int, ranks: int) -> int:
+    """L = E / P, or a ConfigError saying why the experts cannot be split that way."""
+    if ranks < 1 or experts % ranks:
+        raise ConfigError(
+            f"expert parallelism over {ranks} ranks needs a number of experts it divides; the layer has {experts}"
+        )
+    return experts // ranks
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class ExpertParallelExperts(GroupedExperts):
+    """This rank's share of a GroupedExperts (same parameter names, L of the E experts), run on the
+    rows every rank routes to them."""
+
+    def __init__(
+        self, experts: GroupedExperts, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0
+    ) -> None:
+        nn.Module.__init__(self)
+        self.group, self.grad_scale = group, grad_scale
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.total = experts.n_experts
+        self.local = experts_per_rank(self.total, self.size)
+        self.act_name, self.gated, self.act, self.init_std = (
+            experts.act_name,
+            experts.gated,
+            experts.act,
+            experts.init_std,
+        )
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        self.w_up = nn.Parameter(experts.w_up.detach()[mine].clone())
+        self.w_down = nn.Parameter(experts.w_down.detach()[mine].clone())
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, w_A: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows grouped by global expert (counts_E over all E experts) -> their outputs, in that order."""
+        P, L = self.size, self.local
+        counts_PL = counts_E.reshape(P, L).to(torch.long)
+        recv_PL = torch.empty_like(counts_PL)
+        dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self.group)  # recv_PL[s, l]: rows from s
+        send, recv = counts_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        x_RD = _exchange(x_AD, send, recv, self.group)  # ordered by source rank, then by local expert
+        expert_R = torch.arange(L, device=x_AD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
+        order_R = torch.argsort(expert_R, stable=True)  # regrouped by local expert
+        w_up, w_down = self.w_up, self.w_down
+        if self.grad_scale != 1.0:
+            w_up, w_down = _ScaleGrad.apply(w_up, self.grad_scale), _ScaleGrad.apply(w_down, self.grad_scale)
+        y_sorted = self._local_experts(x_RD.index_select(0, order_R), recv_PL.sum(0), w_up, w_down)
+        y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
+        y_AD = _exchange(y_RD, recv, send, self.group)
+        return y_AD * w_A[:, None] if w_A is not None else y_AD
+
+    def _local_experts(
+        self, x: torch.Tensor, counts_L: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor:
+        from lmlab.model.ffn import gated_activation
+        from lmlab.model.moe.experts import grouped_matmul
+
+        h = grouped_matmul(x, w_up, counts_L)
+        h = gated_activation(h, self.act_name) if self.gated else self.act(h)
+        return grouped_matmul(h, w_down, counts_L)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts {self.rank * self.local}-{(self.rank + 1) * self.local - 1} of {self.total} on rank {self.rank}"
+        )
+
+
+def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0) -> int:
+    """Replace every MoE layer's GroupedExperts with this rank's ExpertParallelExperts, in place.
+    Returns how many layers were changed."""
+    changed = 0
+    for module in list(model.modules()):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, GroupedExperts) and not isinstance(experts, ExpertParallelExperts):
+            module.experts = ExpertParallelExperts(experts, group, grad_scale)
+            changed += 1
+    return changed

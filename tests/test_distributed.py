@@ -249,3 +249,48 @@ def test_expert_parallelism_needs_a_number_of_experts_the_ranks_divide():
     assert experts_per_rank(8, 2) == 4
     with pytest.raises(ConfigError, match="over 3 ranks .* the layer has 8"):
         experts_per_rank(8, 3)
+
+
+def test_an_expert_parallel_training_run_equals_one_process_and_resumes_on_one(tmp_path, corpus):
+    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.0)  # aux losses use each rank's counts
+
+    def config(out, **kw):
+        pc = _config(tmp_path, corpus, out, max_steps=6, save_every=3, **kw)
+        pc.model.update(moe)
+        return pc
+
+    pretrain(config("one"))
+    two = _torchrun(config("two", parallel="ddp", expert_parallel=2), tmp_path, "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference = _losses(tmp_path / "one")
+    assert _losses(tmp_path / "two") == pytest.approx(reference, abs=1e-5, rel=0)
+    import lmlab
+
+    a, b = lmlab.load(tmp_path / "one"), lmlab.load(tmp_path / "two")  # rank 0 gathered every expert
+    assert a.config.moe_experts == b.config.moe_experts == 4
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+    # the two-process run as if stopped after its step-3 checkpoint, resumed by one process
+    shutil.copytree(tmp_path / "two", tmp_path / "later")
+    (tmp_path / "later" / "checkpoints" / "latest").write_text("step-00000003\n")
+    later = config("later")
+    later.resume = True
+    summary = pretrain(later)
+    assert summary["resumed"] and summary["steps"] == 6
+    assert _losses(tmp_path / "later") == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def test_expert_parallel_settings_that_cannot_work_are_refused():
+    from lmlab.config import preset
+
+    moe = preset("gpt2-tiny").replace(ffn="moe", moe_experts=4)
+    distributed.check_expert_parallel(2, distributed.World(0, 2), moe)
+    with pytest.raises(ConfigError, match="must equal the number of processes"):
+        distributed.check_expert_parallel(2, distributed.World(0, 4), moe)
+    with pytest.raises(ConfigError, match="over 3 ranks .* the layer has 4"):
+        distributed.check_expert_parallel(3, distributed.World(0, 3), moe)
+    with pytest.raises(ConfigError, match="needs a model with MoE layers"):
+        distributed.check_expert_parallel(2, distributed.World(0, 2), preset("gpt2-tiny"))
+    with pytest.raises(ConfigError, match="runs with --parallel ddp"):
+        TrainConfig(max_steps=1, expert_parallel=2).validate()

@@ -145,6 +145,11 @@ def _pretrain(
     else:
         torch.manual_seed(pc.train.seed)
         model = Model(cfg)
+        distributed.check_expert_parallel(pc.train.expert_parallel, world, cfg)
+        if pc.train.expert_parallel > 1:  # every rank keeps its experts; DDP averages the rest
+            from lmlab.train.expert_parallel import parallelize_experts
+
+            parallelize_experts(model, grad_scale=1.0 / world.size)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
     val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
     trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)
@@ -165,7 +170,7 @@ def _pretrain(
     resumed = trainer.resume() if pc.resume else False
     summary = trainer.fit()
     summary["precision"] = trainer.precision
-    whole = distributed.full_state(model, trainer.optimizer)[0] if trainer.sharded else None
+    whole = trainer.whole_state()[0]
     distributed.barrier(world)
     if not world.main:
         return {**summary, "resumed": resumed, "out": str(out), "rank": world.rank}

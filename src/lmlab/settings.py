@@ -57,6 +57,9 @@ class TrainConfig:
         choices=PARALLEL,
     )
     collective_timeout: float = option(600.0, "seconds a collective may wait for the other processes")
+    expert_parallel: int = option(
+        1, "shard every MoE layer's experts over this many processes (with --parallel ddp: all of them)"
+    )
 
     def validate(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_minutes):
@@ -72,6 +75,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel {self.parallel!r} is unknown; expected one of {', '.join(PARALLEL)}")
+        if self.expert_parallel < 1:
+            raise ConfigError(f"expert_parallel must be at least 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and self.parallel != "ddp":
+            raise ConfigError(f"expert_parallel {self.expert_parallel} runs with --parallel ddp, not {self.parallel}")
         if self.collective_timeout <= 0:
             raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")
 

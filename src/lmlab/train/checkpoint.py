@@ -92,12 +92,21 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place (an FSDP2 model keeps its shards); return the rest of the state."""
     from lmlab.train.distributed import is_sharded, load_full_state
+    from lmlab.train.expert_parallel import expert_parameters, shard_full_state
 
     sharded = is_sharded(model)
     try:
         osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         by_index = all(isinstance(k, int) for k in osd.get("state", {}))  # before 2026-12: optimizer.state_dict()
-        if sharded:
+        if expert_parameters(model):  # this rank's experts of the whole state
+            if by_index:
+                raise CheckpointError(
+                    "its optimizer state predates name-keyed checkpoints; resume it without experts sharded"
+                )
+            weights, osd = shard_full_state(model, read_checkpoint_weights(path, model), osd)
+            model.load_state_dict(weights)
+            load_full_state(model, optimizer, None, osd)
+        elif sharded:
             if by_index:
                 raise CheckpointError("its optimizer state predates name-keyed checkpoints; resume it without fsdp")
             load_full_state(model, optimizer, read_checkpoint_weights(path, model), osd)

@@ -147,6 +147,22 @@ def build_sharded(
     return model
 
 
+def check_expert_parallel(degree: int, world: World, model_cfg: Any) -> None:
+    """Expert parallelism over every process of the run, on a model with MoE layers."""
+    if degree == 1:
+        return
+    if degree != world.size:
+        raise ConfigError(
+            f"expert_parallel {degree} must equal the number of processes ({world.size}): "
+            "experts are sharded over all of them (groups of fewer are not built yet)"
+        )
+    if model_cfg.ffn != "moe":
+        raise ConfigError(f"expert_parallel {degree} needs a model with MoE layers (this one's ffn is {model_cfg.ffn})")
+    from lmlab.train.expert_parallel import experts_per_rank
+
+    experts_per_rank(model_cfg.moe_experts, degree)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model` is under FSDP2 (its parameters are DTensor shards)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
@@ -159,6 +175,11 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    from lmlab.train.expert_parallel import expert_parameters
+
+    experts = expert_parameters(model)
+    if experts:  # each rank holds other experts: their gradients are not averaged (expert_parallel.py)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
     # routed experts a micro-batch does not choose get no gradient: DDP must look for them
     unused = getattr(getattr(model, "config", None), "ffn", "dense") == "moe"

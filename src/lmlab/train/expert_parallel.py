@@ -122,3 +122,75 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None
             module.experts = ExpertParallelExperts(experts, group, grad_scale)
             changed += 1
     return changed
+
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The sharded expert parameters of a model, by name (empty without expert parallelism)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for name, p in module.named_parameters(recurse=False):
+                out[f"{prefix}.{name}" if prefix else name] = p
+    return out
+
+
+def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def gather_full_state(
+    model: nn.Module, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, object]
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """The whole model and optimizer state of an expert-parallel model: every rank's experts joined in
+    expert order (a collective: every rank calls it). Non-expert entries are the same on every rank."""
+    names = sorted(expert_parameters(model))
+    model_state = dict(model_state)
+    states = dict(optimizer_state.get("state", {}))
+    for name in names:
+        model_state[name] = _gather_rows(model_state[name])
+        if name in states:
+            states[name] = {
+                k: _gather_rows(v) if torch.is_tensor(v) and v.dim() else v for k, v in states[name].items()
+            }
+    return model_state, {**optimizer_state, "state": states}
+
+
+def shard_full_state(
+    model: nn.Module, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, object]
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """This rank's share of a whole model and optimizer state (the inverse of gather_full_state)."""
+    experts = expert_parameters(model)
+    model_state = dict(model_state)
+    states = dict(optimizer_state.get("state", {}))
+    for name, p in experts.items():
+        rank, local = dist.get_rank(), p.shape[0]
+        if model_state[name].shape[0] != local * dist.get_world_size():
+            raise ConfigError(
+                f"{name}: the checkpoint has {model_state[name].shape[0]} experts, the model "
+                f"{local * dist.get_world_size()}"
+            )
+        rows = slice(rank * local, (rank + 1) * local)
+        model_state[name] = model_state[name][rows]
+        if name in states:
+            states[name] = {k: v[rows] if torch.is_tensor(v) and v.dim() else v for k, v in states[name].items()}
+    return model_state, {**optimizer_state, "state": states}
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over the whole model when its experts are spread over the ranks: the experts'
+    squared norms are summed over the ranks, the rest is the same on every rank."""
+    experts = {id(p) for p in expert_parameters(model).values()}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    shared = [g for p, g in zip((p for p in model.parameters() if p.grad is not None), grads) if id(p) not in experts]
+    mine = [g for p, g in zip((p for p in model.parameters() if p.grad is not None), grads) if id(p) in experts]
+    zero = grads[0].new_zeros((), dtype=torch.float32)
+    sq_shared = sum((g.float().pow(2).sum() for g in shared), zero)
+    sq_experts = sum((g.float().pow(2).sum() for g in mine), zero.clone())
+    dist.all_reduce(sq_experts)
+    total = (sq_shared + sq_experts).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total

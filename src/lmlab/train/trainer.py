@@ -25,7 +25,7 @@ from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
 from lmlab.runtime import cpu_flags, native_bf16
 from lmlab.settings import TrainConfig
-from lmlab.train import distributed
+from lmlab.train import distributed, expert_parallel
 from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmlab.train.optim import make_optimizer, make_scheduler
 
@@ -140,6 +140,7 @@ class Trainer:
         self.precision = precision_choice(cfg.precision, self.device)
         self.autocast = torch.bfloat16 if self.precision["precision"] == "bf16" else None
         self.sharded = distributed.is_sharded(model)  # FSDP2: every rank takes part in each forward
+        self.expert_parallel = bool(expert_parallel.expert_parameters(model))
         if self.sharded:
             self.autocast = None  # the mixed-precision policy build_sharded set casts instead
         self.model = model.to(self.device)
@@ -254,6 +255,20 @@ class Trainer:
             late = distributed.mean_over_ranks(float(late), self.world, self.device) > 0
         return late
 
+    def whole_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(model, optimizer) state gathered whole from an FSDP2 or expert-parallel model, a collective
+        every rank calls; (None, None) when every rank already holds everything."""
+        if self.sharded:
+            return distributed.full_state(self.model, self.optimizer)
+        if self.expert_parallel:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            return expert_parallel.gather_full_state(
+                self.model, local, get_optimizer_state_dict(self.model, self.optimizer)
+            )
+        return None, None
+
     # ---- the loop ---------------------------------------------------------------------------------
     def _accumulate(self) -> float:
         """Forward and backward of one step's micro-batches; the step's loss, the same in every process.
@@ -310,7 +325,10 @@ class Trainer:
                     f"rank {self.world.rank} of {self.world.size}, step {self.step + 1}: a collective failed "
                     f"(timeout {cfg.collective_timeout:g} s; another process may have stopped): {e}"
                 ) from e
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.expert_parallel:
+                grad_norm = expert_parallel.clip_grad_norm(self.model, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
@@ -340,16 +358,16 @@ class Trainer:
                 info["tokens_per_s"] = record["tokens_per_s"]
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
             self.on_event("step", info)
-            if self.val and (self.world.main or self.sharded) and (self.step % cfg.eval_every == 0 or done):
+            # a sharded or expert-parallel forward needs every rank: they all evaluate the same batches
+            together = self.sharded or self.expert_parallel
+            if self.val and (self.world.main or together) and (self.step % cfg.eval_every == 0 or done):
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
                 self._log({"step": self.step, "split": "val", **last_eval})
                 self.on_event("eval", {"step": self.step, **last_eval})
             if self.step % cfg.save_every == 0 or done:
                 self.elapsed += time.perf_counter() - started
                 started = time.perf_counter()
-                whole: tuple[Any, Any] = (None, None)
-                if self.sharded:  # gathered from the shards: a collective
-                    whole = distributed.full_state(self.model, self.optimizer)
+                whole = self.whole_state()
                 if self.world.main:  # the weights and optimizer state are the same on every rank
                     path = save_checkpoint(
                         self.run_dir,

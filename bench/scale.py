@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from common import environment
-from train_throughput import hf_config
+from train_throughput import add_shape_args, hf_config
 
 
 def precision_part(a: argparse.Namespace) -> list[dict]:
@@ -173,12 +173,7 @@ def processes_part(a: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("precision", "processes", "both"), default="both")
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    add_shape_args(ap)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps-per-round", type=int, default=2)

@@ -49,6 +49,16 @@ def _matmul_flops(device: str, n: int, reps: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model shape and batch flags `hf_config` reads (this benchmark's and bench/scale.py's)."""
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+
+
 def hf_config(kind: str, a: argparse.Namespace):
     import transformers
 
@@ -149,12 +159,7 @@ def measure(kind: str, impl: str, a: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("gpt2", "bert", "both"), default="both")
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)

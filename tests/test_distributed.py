@@ -180,6 +180,16 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, c
     assert done.stderr.count("does not divide among 2 processes") == 2
 
 
+def test_resuming_a_checkpoint_of_another_model_fails_on_every_rank_without_a_hang(tmp_path, corpus):
+    pretrain(_config(tmp_path, corpus, "other", max_steps=2, save_every=2))  # a 2-layer model's checkpoint
+    pc = _config(tmp_path, corpus, "other", max_steps=4, parallel="ddp", collective_timeout=30)
+    pc.model["n_layers"] = 3
+    pc.resume = True
+    done = _torchrun(pc, tmp_path, "other")
+    assert done.returncode != 0
+    assert done.stderr.count("describes a different model") == 2, done.stderr[-3000:]
+
+
 def test_parallel_ddp_without_torchrun_says_how_to_launch(tmp_path, corpus, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)

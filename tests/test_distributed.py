@@ -129,7 +129,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
 )  # fsdp's gathers and reshards the more; the expert-parallel test resumes a ddp run on one process
 def test_a_two_process_run_stopped_past_a_checkpoint_resumes_on_two_or_one_process(tmp_path, corpus, parallel):
     def config(out, **kw):
-        return _config(tmp_path, corpus, out, max_steps=6, save_every=3, parallel=parallel, collective_timeout=30, **kw)
+        return _config(tmp_path, corpus, out, max_steps=6, save_every=3, parallel=parallel, collective_timeout=10, **kw)
 
     straight = _torchrun(config("straight"), tmp_path, "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -268,7 +268,8 @@ def test_expert_parallelism_needs_a_number_of_experts_the_ranks_divide():
 
 
 def test_an_expert_parallel_training_run_equals_one_process_and_resumes_on_one(tmp_path, corpus):
-    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.0)  # aux losses use each rank's counts
+    # the load-balancing loss counts every rank's tokens (moe_stats global, the default), as one process does
+    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
 
     def config(out, **kw):
         pc = _config(tmp_path, corpus, out, max_steps=6, save_every=3, **kw)
@@ -310,3 +311,21 @@ def test_expert_parallel_settings_that_cannot_work_are_refused():
         distributed.check_expert_parallel(2, distributed.World(0, 2), preset("gpt2-tiny"))
     with pytest.raises(ConfigError, match="runs with --parallel ddp"):
         TrainConfig(max_steps=1, expert_parallel=2).validate()
+
+
+@pytest.mark.slow
+def test_moe_load_balancing_from_every_ranks_counts_matches_one_process_and_local_counts_do_not(tmp_path, corpus):
+    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
+
+    def config(out, **kw):
+        pc = _config(tmp_path, corpus, out, **kw)
+        pc.model.update(moe)
+        return pc
+
+    pretrain(config("one"))
+    reference = _losses(tmp_path / "one")
+    for stats in ("global", "local"):
+        done = _torchrun(config(stats, parallel="ddp", moe_stats=stats), tmp_path, stats)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(tmp_path / "global") == pytest.approx(reference, abs=1e-5, rel=0)
+    assert max(abs(a - b) for a, b in zip(_losses(tmp_path / "local"), reference)) > 1e-5

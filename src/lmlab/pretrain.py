@@ -138,18 +138,9 @@ def _pretrain(
     train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
     val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
     out = Path(pc.out)
-    if pc.train.parallel == "fsdp":
-        device = distributed.device_for(resolve_device(pc.train.device), world)
-        bf16 = precision_choice(pc.train.precision, device)["precision"] == "bf16"
-        model = distributed.build_sharded(cfg, pc.train.seed, world, device, torch.bfloat16 if bf16 else None)
-    else:
-        torch.manual_seed(pc.train.seed)
-        model = Model(cfg)
-        distributed.check_expert_parallel(pc.train.expert_parallel, world, cfg)
-        if pc.train.expert_parallel > 1:  # every rank keeps its experts; DDP averages the rest
-            from lmlab.train.expert_parallel import parallelize_experts
-
-            parallelize_experts(model, grad_scale=1.0 / world.size)
+    model = _build_model(pc, cfg, world)
+    if world.size > 1 and pc.train.moe_stats == "global":
+        distributed.use_global_routing_stats(model, world)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
     val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
     trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)
@@ -190,3 +181,20 @@ def _pretrain(
         "family": pc.family,
         "parameters": model.num_parameters(),
     }
+
+
+def _build_model(pc: PretrainConfig, cfg: ModelConfig, world: distributed.World) -> Model:
+    """The model to train: FSDP2's sharded one, or the plain one (its experts sharded with expert
+    parallelism), from the same initial weights at every world size."""
+    if pc.train.parallel == "fsdp":
+        device = distributed.device_for(resolve_device(pc.train.device), world)
+        bf16 = precision_choice(pc.train.precision, device)["precision"] == "bf16"
+        return distributed.build_sharded(cfg, pc.train.seed, world, device, torch.bfloat16 if bf16 else None)
+    torch.manual_seed(pc.train.seed)
+    model = Model(cfg)
+    distributed.check_expert_parallel(pc.train.expert_parallel, world, cfg)
+    if pc.train.expert_parallel > 1:  # every rank keeps its experts; DDP averages the rest
+        from lmlab.train.expert_parallel import parallelize_experts
+
+        parallelize_experts(model, grad_scale=1.0 / world.size)
+    return model

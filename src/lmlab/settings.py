@@ -57,6 +57,12 @@ class TrainConfig:
         choices=PARALLEL,
     )
     collective_timeout: float = option(600.0, "seconds a collective may wait for the other processes")
+    moe_stats: str = option(
+        "global",
+        "several processes: the MoE load-balancing loss and routing statistics from every rank's tokens "
+        "(global, as one process computes them) or each rank's own (local)",
+        choices=("global", "local"),
+    )
     expert_parallel: int = option(
         1, "shard every MoE layer's experts over this many processes (with --parallel ddp: all of them)"
     )
@@ -79,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"expert_parallel must be at least 1, got {self.expert_parallel}")
         if self.expert_parallel > 1 and self.parallel != "ddp":
             raise ConfigError(f"expert_parallel {self.expert_parallel} runs with --parallel ddp, not {self.parallel}")
+        if self.moe_stats not in ("global", "local"):
+            raise ConfigError(f"moe_stats must be global or local, got {self.moe_stats!r}")
         if self.collective_timeout <= 0:
             raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")
 

@@ -163,6 +163,32 @@ def check_expert_parallel(degree: int, world: World, model_cfg: Any) -> None:
     experts_per_rank(model_cfg.moe_experts, degree)
 
 
+def use_global_routing_stats(model: nn.Module, world: World) -> int:
+    """Make every MoE layer's load-balancing loss and routing statistics use the counts of all ranks'
+    tokens, as one process with the global batch computes them (Megatron's global option). The
+    value is the global one on every rank. The gradient of each rank's own router probabilities is
+    scaled by N, because DDP then divides by N. Training forwards only: evaluation keeps local
+    counts, so rank 0 can evaluate alone. Returns how many layers were set."""
+    size = world.size
+
+    def reduce(
+        routed_E: torch.Tensor, tokens: int, probs_sum_E: torch.Tensor
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        routed = routed_E.clone()
+        dist.all_reduce(routed)
+        count = torch.tensor([tokens], dtype=torch.long, device=routed_E.device)
+        dist.all_reduce(count)
+        mine = probs_sum_E.detach()
+        every = mine.clone()
+        dist.all_reduce(every)
+        return routed, int(count.item()), size * probs_sum_E - (size - 1) * mine + (every - mine)
+
+    layers = [m for m in model.modules() if hasattr(m, "reduce_stats")]
+    for m in layers:
+        m.reduce_stats = reduce if size > 1 else None
+    return len(layers)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model` is under FSDP2 (its parameters are DTensor shards)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())

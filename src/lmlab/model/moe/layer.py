@@ -14,6 +14,7 @@ Tensor names carry their shape: T tokens, D model width, E experts, K chosen per
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,6 +45,10 @@ class MoE(nn.Module):
         self.shared = None
         if cfg.moe_shared_experts:
             self.shared = DenseFFN(cfg.replace(activation=cfg.expert_activation, bias=False), d_ff=cfg.shared_d_ff)
+        # (routed_E, tokens, probs_sum_E) -> the same over every training process; set by
+        # lmlab.train.distributed.use_global_routing_stats, None in one process
+        self.reduce_stats: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, int, torch.Tensor]] | None
+        self.reduce_stats = None
         self.shared_gate = (
             nn.Linear(cfg.d_model, 1, bias=False) if cfg.moe_shared_experts and cfg.moe_shared_gate else None
         )
@@ -131,8 +136,13 @@ class MoE(nn.Module):
             routed_E = dispatch.count(experts_TK.reshape(-1), self.n_experts)
         n = max(logits_TE.shape[0], 1)
         probs_TE = logits_TE.softmax(-1)
-        load_E = routed_E.float() / (n * self.top_k)  # f_i
-        importance_E = probs_TE.mean(0) if logits_TE.shape[0] else probs_TE.new_zeros(self.n_experts)  # P_i
+        if self.reduce_stats is not None and self.training:  # counts over every rank (set from outside)
+            routed_E, tokens, probs_sum_E = self.reduce_stats(routed_E, logits_TE.shape[0], probs_TE.sum(0))
+            n = max(tokens, 1)
+            load_E, importance_E = routed_E.float() / (n * self.top_k), probs_sum_E / n
+        else:
+            load_E = routed_E.float() / (n * self.top_k)  # f_i
+            importance_E = probs_TE.mean(0) if logits_TE.shape[0] else probs_TE.new_zeros(self.n_experts)  # P_i
         w = self.weights
         out: dict[str, torch.Tensor | None] = {"z": w["z"] * losses.z_loss(logits_TE) if w["z"] and n else None}
         if w["lb"]:

@@ -45,17 +45,6 @@ def experts_per_rank(experts: int, ranks: int) -> int:
     return experts // ranks
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
-
-
 class ExpertParallelExperts(GroupedExperts):
     """This rank's share of a GroupedExperts (same parameter names, L of the E experts), run on the
     rows every rank routes to them."""
@@ -77,6 +66,9 @@ class ExpertParallelExperts(GroupedExperts):
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
         self.w_up = nn.Parameter(experts.w_up.detach()[mine].clone())
         self.w_down = nn.Parameter(experts.w_down.detach()[mine].clone())
+        if grad_scale != 1.0:  # scaled as it reaches the parameter, before accumulation
+            for p in (self.w_up, self.w_down):
+                p.register_hook(lambda g: g * grad_scale)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, w_A: torch.Tensor | None = None) -> torch.Tensor:
         """Rows grouped by global expert (counts_E over all E experts) -> their outputs, in that order."""
@@ -88,23 +80,10 @@ class ExpertParallelExperts(GroupedExperts):
         x_RD = _exchange(x_AD, send, recv, self.group)  # ordered by source rank, then by local expert
         expert_R = torch.arange(L, device=x_AD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
         order_R = torch.argsort(expert_R, stable=True)  # regrouped by local expert
-        w_up, w_down = self.w_up, self.w_down
-        if self.grad_scale != 1.0:
-            w_up, w_down = _ScaleGrad.apply(w_up, self.grad_scale), _ScaleGrad.apply(w_down, self.grad_scale)
-        y_sorted = self._local_experts(x_RD.index_select(0, order_R), recv_PL.sum(0), w_up, w_down)
+        y_sorted = super().forward(x_RD.index_select(0, order_R), recv_PL.sum(0))  # this rank's experts
         y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
         y_AD = _exchange(y_RD, recv, send, self.group)
         return y_AD * w_A[:, None] if w_A is not None else y_AD
-
-    def _local_experts(
-        self, x: torch.Tensor, counts_L: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
-    ) -> torch.Tensor:
-        from lmlab.model.ffn import gated_activation
-        from lmlab.model.moe.experts import grouped_matmul
-
-        h = grouped_matmul(x, w_up, counts_L)
-        h = gated_activation(h, self.act_name) if self.gated else self.act(h)
-        return grouped_matmul(h, w_down, counts_L)
 
     def extra_repr(self) -> str:
         return (

@@ -68,11 +68,6 @@ def precision_choice(name: str, device: torch.device, flags: frozenset[str] | No
     return {"precision": "bf16" if bf16 else "fp32", "why": why, "cpu_flags": shown}
 
 
-def resolve_precision(name: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32 (see precision_choice)."""
-    return torch.bfloat16 if precision_choice(name, device, flags)["precision"] == "bf16" else None
-
-
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -139,6 +139,9 @@ def test_a_two_process_run_stopped_past_a_checkpoint_resumes_on_two_or_one_proce
     assert stopped.returncode != 0
     # the other rank does not hang: its next collective fails with a message naming the rank and the step
     assert "rank 1 of 2, step 5: a collective failed" in stopped.stderr
+    step3 = tmp_path / "stopped" / "checkpoints" / "step-00000003"
+    if parallel == "fsdp":  # sharded (torch.distributed.checkpoint): each rank wrote its shard
+        assert sorted(p.name for p in (step3 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     shutil.copytree(tmp_path / "stopped", tmp_path / "stopped-one")
 
     again = config("stopped")
@@ -152,6 +155,29 @@ def test_a_two_process_run_stopped_past_a_checkpoint_resumes_on_two_or_one_proce
     summary = pretrain(alone)
     assert summary["resumed"] and summary["steps"] == 6
     assert _losses(tmp_path / "stopped-one") == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def test_background_sharded_checkpoints_reshard_from_one_process_onto_two(tmp_path, corpus):
+    """A sharded checkpoint one process wrote in the background resumes on two FSDP processes (weights
+    and optimizer state resharded), and a two-process run saving in the background trains as one."""
+
+    def config(out, **kw):
+        return _config(tmp_path, corpus, out, max_steps=6, save_every=3, checkpoint_format="sharded", **kw)
+
+    pretrain(config("one", async_save=True))
+    reference = _losses(tmp_path / "one")
+    (tmp_path / "one" / "checkpoints" / "latest").write_text("step-00000003\n")  # as if stopped after step 3
+    later = config("one", parallel="fsdp", async_save=True)
+    later.resume = True
+    done = _torchrun(later, tmp_path, "later")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(tmp_path / "one") == pytest.approx(reference, abs=1e-5, rel=0)
+    step6 = tmp_path / "one" / "checkpoints" / "step-00000006"
+    assert sorted(p.name for p in (step6 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    import lmlab
+
+    a, b = lmlab.load(step6), lmlab.load(tmp_path / "one")  # the shards read back whole, in one process
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_lmlab_pretrain_nproc_launches_torchrun(tmp_path, corpus):

@@ -138,6 +138,10 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     )
     if single.is_file():
         return _load_safetensors(single), str(single)
+    if (folder / "dcp" / ".metadata").is_file():  # a sharded training checkpoint (lmlab.train.sharded)
+        from lmlab.train.sharded import read_model_weights
+
+        return read_model_weights(folder), str(folder / "dcp")
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -162,7 +166,8 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(f"{binary}: expected a dict of tensors (a state dict), found {type(state).__name__}")
         return state, str(binary)
     raise CheckpointError(
-        f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+        "or a sharded checkpoint's dcp/"
     )
 
 
@@ -267,13 +272,17 @@ def save(
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "hf") -> dict[str, Any]:
     """Rewrite a model folder in the other layout ("hf" or "lmlab"), tokenizer included, so the result is
     complete: transformers' AutoTokenizer and Auto model classes (and lm-evaluation-harness) read an
-    "hf" folder as it is. Returns what was written."""
+    "hf" folder as it is. `src` may be a training checkpoint, full or sharded (its tokenizer is the
+    run's). Returns what was written."""
     from lmlab.tokenizer import load_tokenizer
 
     model = load(src)
     folder = save(model, dst, format=to)
+    tok_folder = resolve(src)
+    if tok_folder.parent.name == "checkpoints" and not (tok_folder / "tokenizer.json").is_file():
+        tok_folder = tok_folder.parent.parent  # a training checkpoint: the run folder holds the tokenizer
     try:
-        tok = load_tokenizer(resolve(src))
+        tok = load_tokenizer(tok_folder)
     except CheckpointError as e:  # a weights-only folder: say so rather than write half a folder silently
         log.warning("%s: no tokenizer written (%s)", folder, e)
         tok = None

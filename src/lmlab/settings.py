@@ -20,6 +20,7 @@ from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
 
 @dataclass
@@ -43,6 +44,14 @@ class TrainConfig:
     eval_batches: int = option(20, "validation batches")
     save_every: int = option(500, "checkpoint every N steps")
     keep_checkpoints: int = option(2, "checkpoints kept")
+    checkpoint_format: str = option(
+        "auto",
+        "full: one safetensors folder, gathered on rank 0; sharded: torch.distributed.checkpoint, every rank "
+        "writes its shard and any world size resumes it (lmlab convert makes a model folder of it); "
+        "auto: sharded under fsdp or expert parallelism, full otherwise",
+        choices=CHECKPOINT_FORMATS,
+    )
+    async_save: bool = option(False, "write sharded checkpoints in the background while training goes on")
     log_every: int = option(10, "write a metrics record every N steps")
     precision: str = option(
         "auto", "auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX-512-bf16, fp32 elsewhere", choices=PRECISIONS
@@ -87,8 +96,23 @@ class TrainConfig:
             raise ConfigError(f"expert_parallel {self.expert_parallel} runs with --parallel ddp, not {self.parallel}")
         if self.moe_stats not in ("global", "local"):
             raise ConfigError(f"moe_stats must be global or local, got {self.moe_stats!r}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint_format {self.checkpoint_format!r} is unknown; expected one of {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if self.async_save and self.resolved_checkpoint_format() != "sharded":
+            raise ConfigError(
+                "async_save writes sharded checkpoints: add --checkpoint-format sharded "
+                f"(this run's checkpoints are {self.resolved_checkpoint_format()})"
+            )
         if self.collective_timeout <= 0:
             raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")
+
+    def resolved_checkpoint_format(self) -> str:
+        """full or sharded: what `auto` means for this run's parallel mode."""
+        if self.checkpoint_format != "auto":
+            return self.checkpoint_format
+        return "sharded" if self.parallel == "fsdp" or self.expert_parallel > 1 else "full"
 
 
 def _check_names(cls: type, d: dict[str, Any], source: str, what: str = "setting") -> None:

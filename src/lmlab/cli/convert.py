@@ -9,7 +9,11 @@ from lmlab.cli.output import console
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model folder between lmlab and Hugging Face layouts")
-    p.add_argument("src", help="model folder (lmlab or transformers layout) or Hub id")
+    p.add_argument(
+        "src",
+        help="model folder (lmlab or transformers layout), training checkpoint (full or sharded: "
+        "RUN/checkpoints/step-N) or Hub id",
+    )
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=("hf", "lmlab"), default="hf", help="output layout (default: hf)")
     p.set_defaults(func=run)

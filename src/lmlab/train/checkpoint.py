@@ -5,12 +5,16 @@
     run/checkpoints/step-00000100/state.pt            scheduler, RNG states, data position, counters
     run/checkpoints/latest                            the name of the newest complete checkpoint
 
+That is the full format. The sharded one (lmlab.train.sharded) has dcp/ in place of the weights and
+optimizer files; `load_checkpoint` reads either, into a model sharded or not.
+
 A crash while writing leaves a `.tmp-*` folder and the previous `latest` untouched. Everything is
 read back with safetensors or `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,11 +23,15 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError
-from lmlab.io import load_weights_into, save
+from lmlab.io import CONFIG, FORMAT_VERSION, load_weights_into, save
+from lmlab.train import sharded
 
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -31,6 +39,33 @@ def _fsync_tree(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _publish(root: Path, tmp: Path, name: str, keep: int) -> Path:
+    """Make a fully written `tmp` folder the checkpoint `name`: fsync, rename, then point `latest` at
+    it; drop all but the newest `keep`."""
+    _fsync_tree(tmp)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    with open(latest_tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(latest_tmp, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Drop the `.tmp-*` folders a crash mid-save left (call it when no save is being written)."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -48,8 +83,8 @@ def save_checkpoint(
     `model_state` / `optimizer_state` give whole states gathered beforehand (from an FSDP2 model)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    tmp, final = root / f".tmp-{name}", root / name
+    name = _name(step)
+    tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save(model, tmp, state=model_state)
@@ -57,19 +92,39 @@ def save_checkpoint(
         optimizer_state = optimizer_state_by_name(model, optimizer)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(state, tmp / "state.pt")
-    _fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    with open(latest_tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(latest_tmp, root / "latest")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # left by an earlier crash
-        shutil.rmtree(stale, ignore_errors=True)
+    final = _publish(root, tmp, name, keep)
+    remove_partial(run_dir)
     return final
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+    main: bool = True,
+    background: bool = False,
+    group: Any = None,
+) -> sharded.PendingSave:
+    """Every rank writes its shard (lmlab.train.sharded; a collective); rank 0 (`main`) then adds the
+    model's config.json and `state` and publishes the folder as `save_checkpoint` does. With
+    `background` the write goes on in a thread: call the result's `finish()` before the next save."""
+    root = Path(run_dir) / "checkpoints"
+    name = _name(step)
+    tmp = root / f".tmp-{name}"
+    future = sharded.write(tmp / sharded.DCP_DIR, model, optimizer, background, group)
+    config = {"lmlab_format": FORMAT_VERSION, "model": model.config.to_dict()}
+
+    def publish() -> Path | None:
+        if not main:
+            return None
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(state, tmp / "state.pt")
+        return _publish(root, tmp, name, keep)
+
+    return sharded.PendingSave(step, future, publish)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -94,7 +149,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     from lmlab.train.distributed import is_sharded, load_full_state
     from lmlab.train.expert_parallel import expert_parameters, shard_full_state
 
-    sharded = is_sharded(model)
+    if sharded.is_sharded_checkpoint(path):
+        return _load_sharded(path, model, optimizer)
+    fsdp = is_sharded(model)
     try:
         osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         by_index = all(isinstance(k, int) for k in osd.get("state", {}))  # before 2026-12: optimizer.state_dict()
@@ -106,7 +163,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             weights, osd = shard_full_state(model, read_checkpoint_weights(path, model), osd)
             model.load_state_dict(weights)
             load_full_state(model, optimizer, None, osd)
-        elif sharded:
+        elif fsdp:
             if by_index:
                 raise CheckpointError("its optimizer state predates name-keyed checkpoints; resume it without fsdp")
             load_full_state(model, optimizer, read_checkpoint_weights(path, model), osd)
@@ -132,3 +189,17 @@ def read_checkpoint_weights(path: Path, model: torch.nn.Module) -> dict[str, tor
         raise CheckpointError("it describes a different model than the one being restored")
     state, _ = read_weights(path)
     return migrate(state, model.config, raw.get("lmlab_format"), str(path / "config.json"))
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from lmlab.io import read_config
+
+    try:
+        if read_config(path).get("model") != model.config.to_dict():
+            raise CheckpointError("it describes a different model than the one being restored")
+        sharded.restore(path, model, optimizer)
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (Exception, sharded.CheckpointException) as e:
+        raise CheckpointError(f"{path}: cannot restore the sharded checkpoint ({sharded.why(e)})") from None

@@ -8,6 +8,7 @@ progress bar from those events.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -26,7 +27,13 @@ from lmlab.model import Model
 from lmlab.runtime import cpu_flags, native_bf16
 from lmlab.settings import TrainConfig
 from lmlab.train import distributed, expert_parallel
-from lmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmlab.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from lmlab.train.optim import make_optimizer, make_scheduler
 
 DEFAULT_LR = 1e-3
@@ -162,6 +169,14 @@ class Trainer:
         self._routers = self.model.config.ffn == "moe"  # the forward returns routing records to log
         self._moe_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._moe_count = 0
+        # full: rank 0 writes one folder; sharded: every rank writes its shard (lmlab.train.sharded)
+        self.checkpoint_format = cfg.resolved_checkpoint_format()
+        self._pending = None  # a sharded checkpoint still being written (async_save)
+        self._save_group = None
+        if cfg.async_save and self.world.size > 1:  # the writer thread's collectives stay off the training group
+            import torch.distributed as dist
+
+            self._save_group = dist.new_group(backend="gloo")
 
     # ---- routing statistics -------------------------------------------------------------------------
     def _collect_routing(self, routing: Any) -> None:
@@ -250,6 +265,49 @@ class Trainer:
             late = distributed.mean_over_ranks(float(late), self.world, self.device) > 0
         return late
 
+    def _save(self) -> None:
+        """Checkpoint the step: rank 0 alone (full format, the whole state gathered first when it is
+        spread over the ranks) or every rank its shard (sharded format, possibly in the background)."""
+        cfg = self.cfg
+        self.settle(wait=True)  # one save in flight at a time
+        if self.checkpoint_format == "sharded":
+            self._pending = save_sharded_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                copy.deepcopy(self._state()),
+                cfg.keep_checkpoints,
+                main=self.world.main,
+                background=cfg.async_save,
+                group=self._save_group,
+            )
+            if not cfg.async_save:
+                self.settle(wait=True)
+            return
+        whole = self.whole_state()
+        if self.world.main:  # the weights and optimizer state are the same on every rank
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self._state(),
+                cfg.keep_checkpoints,
+                model_state=whole[0],
+                optimizer_state=whole[1],
+            )
+            self.on_event("save", {"step": self.step, "path": str(path)})
+
+    def settle(self, wait: bool) -> None:
+        """Publish the checkpoint being written once its write has finished (`wait`: block until then)."""
+        if self._pending is None or not (wait or self._pending.done()):
+            return
+        pending, self._pending = self._pending, None
+        path = pending.finish()
+        if path is not None:
+            self.on_event("save", {"step": pending.step, "path": str(path)})
+
     def whole_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(model, optimizer) state gathered whole from an FSDP2 or expert-parallel model, a collective
         every rank calls; (None, None) when every rank already holds everything."""
@@ -302,6 +360,9 @@ class Trainer:
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         if self.step == 0:  # a resumed run restores the RNG state instead
             torch.manual_seed(cfg.seed)
+        if self.world.main:
+            remove_partial(self.run_dir)  # a save a crash interrupted; no rank writes one yet
+        distributed.barrier(self.world)
         self.model.train()
         self.on_event(
             "start", {"total_steps": self.total_steps, "step": self.step, "tokens_per_step": self.tokens_per_step}
@@ -359,22 +420,12 @@ class Trainer:
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
                 self._log({"step": self.step, "split": "val", **last_eval})
                 self.on_event("eval", {"step": self.step, **last_eval})
+            self.settle(wait=False)
             if self.step % cfg.save_every == 0 or done:
                 self.elapsed += time.perf_counter() - started
                 started = time.perf_counter()
-                whole = self.whole_state()
-                if self.world.main:  # the weights and optimizer state are the same on every rank
-                    path = save_checkpoint(
-                        self.run_dir,
-                        self.step,
-                        self.model,
-                        self.optimizer,
-                        self._state(),
-                        cfg.keep_checkpoints,
-                        model_state=whole[0],
-                        optimizer_state=whole[1],
-                    )
-                    self.on_event("save", {"step": self.step, "path": str(path)})
+                self._save()
+        self.settle(wait=True)
         self.elapsed += time.perf_counter() - started
         if self._tb is not None:
             self._tb.close()

@@ -1,0 +1,203 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP): every rank writes its own shard.
+
+    run/checkpoints/step-00000100/dcp/.metadata      what is where: every tensor's global shape and shards
+    run/checkpoints/step-00000100/dcp/__0_0.distcp   rank 0's shard (one file per rank)
+    run/checkpoints/step-00000100/config.json        the model (lmlab format), as in a model folder
+    run/checkpoints/step-00000100/state.pt           scheduler, RNG states, data position, counters
+
+DCP stores each tensor by its global name and shape. An FSDP2 model's parameters and optimizer states
+are DTensors already; an expert-parallel model's experts are presented as DTensors sharded on the
+expert dimension (`_dcp_view`), so the files describe the whole model whatever wrote them. Loading
+reads, for each rank, the slices it holds: a checkpoint written by N processes resumes on M, with or
+without FSDP or expert parallelism, and in one plain process (`read_model_weights`, which
+`lmlab.load` and `lmlab convert` use).
+
+Atomic as the full format: the ranks write into `.tmp-step-*`, and rank 0 renames it and points
+`latest` at it only after DCP has gathered every rank's write result. With `background`, the state is
+copied first (training goes on at once) and written by a thread over a process group of its own;
+rank 0 publishes it when the write has finished (`PendingSave`).
+
+Objects that are not tensors (the optimizer's hyper-parameters) are read with
+`torch.load(weights_only=True)`; DCP's default planner would unpickle them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmlab.errors import CheckpointError
+
+DCP_DIR = "dcp"
+# one process without a process group is a case lmlab means (resuming on one process, convert)
+_ALONE = "torch.distributed is (disabled, )?unavailable or uninitialized"
+warnings.filterwarnings("ignore", message=_ALONE)  # the background writer's thread
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ALONE)
+        yield
+
+
+def is_sharded_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / DCP_DIR / ".metadata").is_file()
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, except that non-tensor entries are read with weights_only=True."""
+
+    def load_bytes(self, read_item: ReadItem, value: _io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def why(e: BaseException) -> str:
+    """What went wrong, also inside DCP's CheckpointException (which wraps every rank's error)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = failures[min(failures)]
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]  # (exception, its traceback frames)
+        return f"rank {min(failures)}: {type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _alone() -> bool:
+    """One process without a process group: DCP then neither plans nor reduces over ranks."""
+    return not dist.is_initialized()
+
+
+def _expert_names(model: nn.Module) -> list[str]:
+    from lmlab.train.expert_parallel import expert_parameters
+
+    return sorted(expert_parameters(model))
+
+
+def _as_global(t: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """This rank's rows of an expert tensor, as a DTensor of all ranks' rows (Shard(0))."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state as DCP stores it: keyed by parameter name, with global shapes. The
+    tensors are the model's and the optimizer's own, so a load writes into them."""
+    view = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    experts = _expert_names(model)
+    if experts:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+        states = view["optim"].get("state", {})
+        for name in experts:
+            view["model"][name] = _as_global(view["model"][name], mesh)
+            if name in states:
+                states[name] = {
+                    k: _as_global(v, mesh) if torch.is_tensor(v) and v.dim() else v for k, v in states[name].items()
+                }
+    return view
+
+
+def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, background: bool, group: Any = None) -> Any:
+    """Every rank writes its shard of model and optimizer to `folder` (a collective). Returns None once
+    written, or with `background` a future that completes when the write has."""
+    view = _dcp_view(model, optimizer)
+    writer = FileSystemWriter(str(folder))
+    if background:
+        response = dcp.async_save(view, storage_writer=writer, process_group=group, no_dist=_alone())
+        return getattr(response, "upload_completion", response)
+    try:
+        with _quiet():
+            dcp.save(view, storage_writer=writer, process_group=group, no_dist=_alone())
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{folder}: the checkpoint could not be written ({why(e)})") from e
+    return None
+
+
+def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer into this rank's (sharded, expert-parallel or
+    plain) model and optimizer: each rank reads the slices it holds, at any world size."""
+    view = _dcp_view(model, optimizer)
+    reader = FileSystemReader(str(folder / DCP_DIR))
+    with _quiet():
+        dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
+    experts = set(_expert_names(model))
+    if experts:  # back to this rank's rows, as the module holds them
+        view["model"] = {k: _local(v) if k in experts else v for k, v in view["model"].items()}
+        states = view["optim"].get("state", {})
+        for name in experts & set(states):
+            states[name] = {k: _local(v) for k, v in states[name].items()}
+    set_model_state_dict(model, view["model"])
+    set_optimizer_state_dict(model, optimizer, view["optim"])
+
+
+def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's whole model weights, in one process and without a process group."""
+    reader = FileSystemReader(str(folder / DCP_DIR))
+    try:
+        metadata = reader.read_metadata()
+        prefix = "model."
+        state = {
+            key[len(prefix) :]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for key, m in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+        }
+        if not state:
+            raise CheckpointError("it holds no model tensors")
+        with _quiet():
+            dcp.load({"model": state}, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder / DCP_DIR}: {e}") from None
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{folder / DCP_DIR}: not a readable sharded checkpoint ({why(e)})") from None
+    return state
+
+
+class PendingSave:
+    """A sharded checkpoint being written: `publish` (rank 0) runs once every rank's write is done."""
+
+    def __init__(self, step: int, future: Any, publish: Any) -> None:
+        self.step, self.future, self.publish = step, future, publish
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def finish(self) -> Path | None:
+        """Wait for the write (re-raising its error), then publish; the published path on rank 0."""
+        if self.future is not None:
+            try:
+                self.future.result()
+            except (Exception, CheckpointException) as e:
+                raise CheckpointError(f"the checkpoint of step {self.step} could not be written ({why(e)})") from e
+        return self.publish()

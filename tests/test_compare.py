@@ -391,3 +391,36 @@ def test_understanding_claims_cover_every_classification_tagging_and_qa_task():
         ("t", "confirmed"),
         ("q", "tie"),
     ]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_compare_nproc_pretrains_each_contender_on_two_processes_as_on_one(tmp_path, kjv_lines, parallel):
+    """`--nproc 2`: every unit pre-trains under torchrun with the same global batch, so the curves are
+    one process's (a Switch MoE's load balancing counts both ranks' tokens); rank 0 then measures."""
+    from lmlab.compare.lab import unit_command
+
+    moe = ["switch"] if parallel == "fsdp" else ["none"]  # the two-process MoE runs of test_distributed cover ddp's
+    kw = dict(data=[str(kjv_lines)], families=["decoder"], moe=moe, seeds=1, budget="tokens")
+    kw.update(budget_value=8_000, tasks=[], val_fraction=0.1)
+    one = _run(tmp_path / "one", **kw)
+    two = _run(tmp_path / "two", nproc=2, parallel=parallel, **kw)
+    assert [c["name"] for c in two["contenders"]] == ["decoder"] + ["decoder+switch"] * (parallel == "fsdp")
+    for a, b in zip(one["contenders"], two["contenders"]):
+        ra, rb = a["runs"][0], b["runs"][0]
+        assert rb["pretrain"]["processes"] == 2 and rb["pretrain"]["parallel"] == parallel
+        assert ra["pretrain"]["processes"] == 1
+        losses_a = [row[-1] for row in ra["pretrain"]["curve"]]
+        losses_b = [row[-1] for row in rb["pretrain"]["curve"]]
+        assert len(losses_b) == len(losses_a) >= 2
+        assert losses_b == pytest.approx(losses_a, abs=1e-5, rel=0)
+        assert rb["intrinsic"]["bpb"] == pytest.approx(ra["intrinsic"]["bpb"], abs=1e-4)
+    log = (tmp_path / "two" / "runs" / "decoder" / "seed0" / "unit.log").read_text()
+    assert "Traceback" not in log
+    spec = json.loads((tmp_path / "two" / "runs" / "decoder" / "seed0" / "spec.json").read_text())
+    command = unit_command(spec, Path("spec.json"))
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def test_compare_nproc_must_divide_the_batch():
+    with pytest.raises(lmlab.errors.ConfigError, match="--batch-size 8 .* does not divide among --nproc 3"):
+        CompareConfig(nproc=3, **TINY).validate()

@@ -374,6 +374,15 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
+def unit_command(spec: dict[str, Any], spec_path: Path) -> list[str]:
+    """The unit's process: `python -m lmlab.compare.unit SPEC`, under torchrun on this machine with --nproc."""
+    nproc = int(spec["compare"].get("nproc") or 1)
+    if nproc == 1:
+        return [sys.executable, "-m", "lmlab.compare.unit", str(spec_path)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return launcher + ["-m", "lmlab.compare.unit", str(spec_path)]
+
+
 def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> dict[str, Any]:
     unit_dir.mkdir(parents=True, exist_ok=True)
     (unit_dir / "result.json").unlink(missing_ok=True)
@@ -382,9 +391,7 @@ def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> dict[str, An
     name, seed = spec["contender"]["name"], spec["seed"]
     log = open(unit_dir / "unit.log", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmlab.compare.unit", str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
+    proc = subprocess.Popen(unit_command(spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env)
     started = time.perf_counter()
     while proc.poll() is None:
         time.sleep(0.5)

@@ -90,6 +90,12 @@ class CompareConfig:
     max_eval_examples: int | None = option(None, "evaluation examples kept per task (default: all; --quick: 200)")
     samples: int = option(8, "sampled continuations per generative contender (distinct-n, repetition)")
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
+    nproc: int = option(
+        1,
+        "pre-train each contender on N processes of this machine (torchrun, the same global batch: the "
+        "losses one process gets); the measurements and fine-tuning run on one",
+    )
+    parallel: str = option("ddp", "how the --nproc processes share a pre-training", choices=("ddp", "fsdp"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> CompareConfig:
@@ -122,6 +128,15 @@ class CompareConfig:
             raise ConfigError(f"--budget-value must be positive, got {self.budget_value}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} (the global batch) does not divide among --nproc {self.nproc} "
+                f"processes: use a multiple of {self.nproc}"
+            )
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"--parallel {self.parallel!r} is unknown; expected ddp or fsdp")
         if self.seq_len < 16:
             raise ConfigError(f"seq_len={self.seq_len} is too short to split into a prompt and its continuation")
 

@@ -4,6 +4,10 @@ The lab runs each unit in a process of its own (`python -m lmlab.compare.unit SP
 time, so that a unit's peak memory is its own and one unit's threads never compete with another's.
 A unit writes `stage.json` as it goes (for the lab's live table) and `result.json` last, atomically:
 a unit without result.json is run again, one with it is skipped while its fingerprint matches.
+
+With `lmlab compare --nproc N` the unit runs under torchrun: its N processes pre-train the contender
+together (DDP or FSDP2, lmlab.train.distributed; the same global batch, so the losses one process
+gets), then rank 0 alone measures and fine-tunes the model.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from lmlab.data.store import build_store
 from lmlab.errors import LmlabError
 from lmlab.model import Model
 from lmlab.tokenizer import load_tokenizer
-from lmlab.train.trainer import TrainConfig, Trainer, evaluate
+from lmlab.train import distributed
+from lmlab.train.trainer import TrainConfig, Trainer, evaluate, resolve_device
 
 FILL_MASK = [
     ("And God said, Let there be [MASK]: and there was light.", "light"),
@@ -52,8 +57,13 @@ class Unit:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tok = load_tokenizer(spec["tokenizer"])
         self.started = time.perf_counter()
+        # under torchrun (lmlab compare --nproc): this process's rank; otherwise rank 0 of 1
+        self.world = distributed.env_world()
+        self.threads = int(spec.get("threads") or len(os.sched_getaffinity(0)))
 
     def stage(self, name: str, **info: Any) -> None:
+        if not self.world.main:
+            return
         write_json(self.dir / "stage.json", {"stage": name, **info})
 
     def data(self):
@@ -62,15 +72,22 @@ class Unit:
         splits = store.split(cc.val_fraction, 0)  # the same held-out documents for every contender and seed
         return store, splits
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
         cc, c, tok = self.cc, self.c, self.tok
         store, splits = self.data()
         cfg = model_config(cc, c, tok)
         ocfg = ObjectiveConfig(c.objective, cc.seq_len, mask_prob=cc.mask_prob)
         train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
         val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
-        torch.manual_seed(self.seed)
-        model = Model(cfg)
+        world = self.world
+        if world.size > 1 and cc.parallel == "fsdp":  # sharded from the start, from the one-process init
+            device = distributed.device_for(resolve_device("auto"), world)
+            model = distributed.build_sharded(cfg, self.seed, world, device)
+        else:
+            torch.manual_seed(self.seed)
+            model = Model(cfg)
+        if world.size > 1 and cfg.ffn == "moe":  # load balancing from every rank's tokens, as one process
+            distributed.use_global_routing_stats(model, world)
         steps = self.spec.get("steps")
         tc = TrainConfig(
             max_steps=steps,
@@ -84,6 +101,7 @@ class Unit:
             keep_checkpoints=1,
             log_every=10,
             seed=self.seed,
+            parallel=cc.parallel if world.size > 1 else "none",
         )
         train = Batches(train_obj, cc.batch_size, self.seed)
         val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
@@ -111,8 +129,18 @@ class Unit:
             if kind == "step" and info["step"] % 5 == 0:
                 self.stage("pretrain", step=info["step"], steps=steps, loss=info["loss"])
 
-        trainer = Trainer(model, train, val, tc, self.dir / "pretrain", on_event, evaluate_fn=evaluate_fn)
+        trainer = Trainer(model, train, val, tc, self.dir / "pretrain", on_event, evaluate_fn=evaluate_fn, world=world)
         summary = trainer.fit()
+        if world.size > 1:  # pre-trained on every rank; measured and fine-tuned on rank 0
+            whole = trainer.whole_state()[0]  # an FSDP model's shards, gathered (every rank calls it)
+            distributed.teardown()
+            if not world.main:
+                return None
+            if whole is not None:
+                with torch.random.fork_rng():  # the RNG stays where one process's run leaves it
+                    model = Model(cfg)
+                model.load_state_dict(whole)
+            torch.set_num_threads(self.threads)  # torchrun gave each process one thread
         model.save_pretrained(self.dir / "model")
         tok.save(self.dir / "model")
         model.eval()
@@ -120,6 +148,8 @@ class Unit:
             "contender": c.name,
             "seed": self.seed,
             "pretrain": {
+                "processes": world.size,
+                "parallel": tc.parallel,
                 "steps": summary["steps"],
                 "tokens": summary["tokens"],
                 "minutes": summary["minutes"],
@@ -237,9 +267,15 @@ def _moe_stats(path: Path) -> dict[str, Any] | None:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    world = distributed.env_world()
+    if world.size == 1:
+        torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    else:
+        distributed.setup(spec["compare"].get("parallel", "ddp"), resolve_device("auto"), 1800.0)
     unit = Unit(spec)
     result = unit.run()
+    if result is None:  # a rank other than 0: its part was the pre-training
+        return 0
     result["fingerprint"] = spec["fingerprint"]
     write_json(unit.dir / "result.json", result)
     unit.stage("done")

@@ -12,6 +12,7 @@ gets), then rank 0 alone measures and fine-tunes the model.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -133,6 +134,9 @@ class Unit:
         summary = trainer.fit()
         if world.size > 1:  # pre-trained on every rank; measured and fine-tuned on rank 0
             whole = trainer.whole_state()[0]  # an FSDP model's shards, gathered (every rank calls it)
+            distributed.barrier(world)
+            del trainer  # its DDP wrapper holds the process group: released before it is destroyed
+            gc.collect()
             distributed.teardown()
             if not world.main:
                 return None

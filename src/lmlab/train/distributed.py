@@ -19,9 +19,10 @@ ordinary one and resumes at any world size.
 
 With `--parallel fsdp` the model is FSDP2's instead (`build_sharded`): every Block and then the
 whole model under `fully_shard`, built on the meta device and initialised after sharding, with a
-bf16 mixed-precision policy when the run is bf16. Its checkpoints gather the whole state to rank 0
-(`full_state`) and are ordinary ones too: an FSDP run resumes on any number of processes, with or
-without FSDP.
+bf16 mixed-precision policy when the run is bf16. Its checkpoints are sharded by default: every rank
+writes its shard through torch.distributed.checkpoint (lmlab.train.sharded). With
+`--checkpoint-format full` they gather the whole state to rank 0 (`full_state`) instead. Either
+kind resumes on any number of processes, with or without FSDP.
 
 What differs from one process: dropout draws its masks per rank (as in any data-parallel run), and
 MoE auxiliary losses are computed from each rank's tokens.

@@ -324,13 +324,50 @@ def test_an_expert_parallel_training_run_equals_one_process_and_resumes_on_one(t
     assert _losses(tmp_path / "later") == pytest.approx(reference, abs=1e-5, rel=0)
 
 
+@pytest.mark.slow
+def test_experts_sharded_over_groups_of_two_of_four_processes_train_as_one_and_reshard(tmp_path, corpus):
+    """Four processes, experts sharded over pairs (a (2, 2) mesh: two copies of each expert, their
+    gradients summed): the losses of one process. Its sharded checkpoint resumes on two processes with
+    expert parallelism 2, and on one process."""
+    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
+
+    def config(out, **kw):
+        pc = _config(tmp_path, corpus, out, max_steps=6, save_every=3, **kw)
+        pc.model.update(moe)
+        return pc
+
+    pretrain(config("one"))
+    reference = _losses(tmp_path / "one")
+    four = _torchrun(config("four", parallel="ddp", expert_parallel=2), tmp_path, "four", nproc=4)
+    assert four.returncode == 0, four.stderr[-3000:]
+    assert _losses(tmp_path / "four") == pytest.approx(reference, abs=1e-5, rel=0)
+    step3 = tmp_path / "four" / "checkpoints" / "step-00000003"
+    assert (step3 / "dcp" / ".metadata").is_file()
+
+    for name, nproc in (("two", 2), ("alone", 1)):
+        shutil.copytree(tmp_path / "four", tmp_path / name)
+        (tmp_path / name / "checkpoints" / "latest").write_text("step-00000003\n")
+        kw = dict(parallel="ddp", expert_parallel=2) if nproc == 2 else {}
+        later = config(name, **kw)
+        later.resume = True
+        if nproc == 1:
+            assert pretrain(later)["resumed"]
+        else:
+            done = _torchrun(later, tmp_path, name, nproc=nproc)
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5, rel=0), name
+
+
 def test_expert_parallel_settings_that_cannot_work_are_refused():
     from lmlab.config import preset
 
     moe = preset("gpt2-tiny").replace(ffn="moe", moe_experts=4)
     distributed.check_expert_parallel(2, distributed.World(0, 2), moe)
-    with pytest.raises(ConfigError, match="must equal the number of processes"):
-        distributed.check_expert_parallel(2, distributed.World(0, 4), moe)
+    distributed.check_expert_parallel(2, distributed.World(0, 4), moe)  # two groups of two
+    with pytest.raises(ConfigError, match="must divide the number of processes"):
+        distributed.check_expert_parallel(4, distributed.World(0, 6), moe)
+    with pytest.raises(ConfigError, match="must divide the number of processes"):
+        distributed.check_expert_parallel(4, distributed.World(0, 2), moe)
     with pytest.raises(ConfigError, match="over 3 ranks .* the layer has 4"):
         distributed.check_expert_parallel(3, distributed.World(0, 3), moe)
     with pytest.raises(ConfigError, match="needs a model with MoE layers"):

@@ -194,7 +194,9 @@ def _build_model(pc: PretrainConfig, cfg: ModelConfig, world: distributed.World)
     model = Model(cfg)
     distributed.check_expert_parallel(pc.train.expert_parallel, world, cfg)
     if pc.train.expert_parallel > 1:  # every rank keeps its experts; DDP averages the rest
-        from lmlab.train.expert_parallel import parallelize_experts
+        from lmlab.train.expert_parallel import expert_mesh, parallelize_experts
 
-        parallelize_experts(model, grad_scale=1.0 / world.size)
+        device = distributed.device_for(resolve_device(pc.train.device), world)
+        mesh = expert_mesh(world.size, pc.train.expert_parallel, device.type)
+        parallelize_experts(model, grad_scale=1.0 / world.size, mesh=mesh)
     return model

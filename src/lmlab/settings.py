@@ -73,7 +73,9 @@ class TrainConfig:
         choices=("global", "local"),
     )
     expert_parallel: int = option(
-        1, "shard every MoE layer's experts over this many processes (with --parallel ddp: all of them)"
+        1,
+        "shard every MoE layer's experts over groups of this many processes (with --parallel ddp; it divides "
+        "the number of processes)",
     )
 
     def validate(self) -> None:

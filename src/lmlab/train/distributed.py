@@ -152,10 +152,10 @@ def check_expert_parallel(degree: int, world: World, model_cfg: Any) -> None:
     """Expert parallelism over every process of the run, on a model with MoE layers."""
     if degree == 1:
         return
-    if degree != world.size:
+    if degree > world.size or world.size % degree:
         raise ConfigError(
-            f"expert_parallel {degree} must equal the number of processes ({world.size}): "
-            "experts are sharded over all of them (groups of fewer are not built yet)"
+            f"expert_parallel {degree} must divide the number of processes ({world.size}): the experts are "
+            f"sharded over groups of {degree} processes"
         )
     if model_cfg.ffn != "moe":
         raise ConfigError(f"expert_parallel {degree} needs a model with MoE layers (this one's ffn is {model_cfg.ffn})")

@@ -16,6 +16,11 @@ Gradient scale: each expert's parameters live on one rank and collect the gradie
 tokens. When the ranks also average their other gradients (data parallelism over the same ranks),
 `grad_scale = 1 / P` scales the experts' gradients to match. With summed losses and no averaging, it
 stays 1.
+
+Fewer ranks than the run has: with N ranks and expert parallelism E (E divides N), `expert_mesh`
+lays the ranks out as an (N/E, E) DeviceMesh. Each row of E ranks shares out the experts and
+exchanges tokens among itself; each column holds the same experts. A column's expert gradients are
+summed (`sync_replicas`) with `grad_scale = 1 / N`, which is DDP's average over all N ranks.
 """
 
 from __future__ import annotations
@@ -50,10 +55,18 @@ class ExpertParallelExperts(GroupedExperts):
     rows every rank routes to them."""
 
     def __init__(
-        self, experts: GroupedExperts, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0
+        self,
+        experts: GroupedExperts,
+        group: dist.ProcessGroup | None = None,
+        grad_scale: float = 1.0,
+        replicas: dist.ProcessGroup | None = None,
+        mesh: object = None,
     ) -> None:
         nn.Module.__init__(self)
-        self.group, self.grad_scale = group, grad_scale
+        # group: the ranks that share out the experts; replicas: the ranks holding the same ones (when
+        # the experts are sharded over fewer ranks than the run has); mesh: both, as an (replicate,
+        # expert) DeviceMesh, for sharded checkpoints
+        self.group, self.grad_scale, self.replicas, self.mesh = group, grad_scale, replicas, mesh
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.total = experts.n_experts
         self.local = experts_per_rank(self.total, self.size)
@@ -91,16 +104,58 @@ class ExpertParallelExperts(GroupedExperts):
         )
 
 
-def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0) -> int:
-    """Replace every MoE layer's GroupedExperts with this rank's ExpertParallelExperts, in place.
-    Returns how many layers were changed."""
+def expert_mesh(world_size: int, degree: int, device_type: str = "cpu"):
+    """The (replicate, expert) DeviceMesh of expert parallelism of `degree` over `world_size` ranks:
+    ranks [g·E, (g+1)·E) share out the experts (E = degree), and ranks r, r + E, r + 2E, ... hold the
+    same ones. A collective: every rank calls it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    experts_per_rank(world_size, degree)  # degree must divide the ranks too
+    return init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=("replicate", "expert"))
+
+
+def parallelize_experts(
+    model: nn.Module, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0, mesh: object = None
+) -> int:
+    """Replace every MoE layer's GroupedExperts with this rank's ExpertParallelExperts, in place: over
+    `group` (default: every rank), or over the expert dimension of `mesh` (expert_mesh), its
+    replicate dimension then holding copies whose gradients `sync_replicas` sums. Returns how many
+    layers were changed."""
+    replicas = None
+    if mesh is not None:
+        group = mesh.get_group("expert")
+        replicas = mesh.get_group("replicate") if mesh.size(0) > 1 else None
     changed = 0
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, GroupedExperts) and not isinstance(experts, ExpertParallelExperts):
-            module.experts = ExpertParallelExperts(experts, group, grad_scale)
+            module.experts = ExpertParallelExperts(experts, group, grad_scale, replicas, mesh)
             changed += 1
     return changed
+
+
+def expert_layers(model: nn.Module) -> list[ExpertParallelExperts]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def sync_replicas(model: nn.Module) -> None:
+    """Sum the expert gradients over the ranks that hold the same experts (with experts sharded over
+    fewer ranks than the run has; nothing to do otherwise). With grad_scale = 1 / world size, the sum
+    is the data-parallel average DDP gives the other parameters. Once per step, after the backward
+    of its last micro-batch."""
+    for layer in expert_layers(model):
+        if layer.replicas is None:
+            continue
+        for p in (layer.w_up, layer.w_down):
+            if p.grad is None:  # the same collectives on every rank, whatever the routing did
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=layer.replicas)
+
+
+def expert_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The ranks that share out the experts (None: every rank)."""
+    layers = expert_layers(model)
+    return layers[0].group if layers else None
 
 
 def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -125,13 +180,14 @@ def gather_full_state(
     """The whole model and optimizer state of an expert-parallel model: every rank's experts joined in
     expert order (a collective: every rank calls it). Non-expert entries are the same on every rank."""
     names = sorted(expert_parameters(model))
+    group = expert_group(model)
     model_state = dict(model_state)
     states = dict(optimizer_state.get("state", {}))
     for name in names:
-        model_state[name] = _gather_rows(model_state[name])
+        model_state[name] = _gather_rows(model_state[name], group)
         if name in states:
             states[name] = {
-                k: _gather_rows(v) if torch.is_tensor(v) and v.dim() else v for k, v in states[name].items()
+                k: _gather_rows(v, group) if torch.is_tensor(v) and v.dim() else v for k, v in states[name].items()
             }
     return model_state, {**optimizer_state, "state": states}
 
@@ -141,14 +197,14 @@ def shard_full_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """This rank's share of a whole model and optimizer state (the inverse of gather_full_state)."""
     experts = expert_parameters(model)
+    group = expert_group(model)
     model_state = dict(model_state)
     states = dict(optimizer_state.get("state", {}))
     for name, p in experts.items():
-        rank, local = dist.get_rank(), p.shape[0]
-        if model_state[name].shape[0] != local * dist.get_world_size():
+        rank, local, size = dist.get_rank(group), p.shape[0], dist.get_world_size(group)
+        if model_state[name].shape[0] != local * size:
             raise ConfigError(
-                f"{name}: the checkpoint has {model_state[name].shape[0]} experts, the model "
-                f"{local * dist.get_world_size()}"
+                f"{name}: the checkpoint has {model_state[name].shape[0]} experts, the model {local * size}"
             )
         rows = slice(rank * local, (rank + 1) * local)
         model_state[name] = model_state[name][rows]
@@ -167,7 +223,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     zero = grads[0].new_zeros((), dtype=torch.float32)
     sq_shared = sum((g.float().pow(2).sum() for g in shared), zero)
     sq_experts = sum((g.float().pow(2).sum() for g in mine), zero.clone())
-    dist.all_reduce(sq_experts)
+    dist.all_reduce(sq_experts, group=expert_group(model))  # each expert once: over the ranks that share them out
     total = (sq_shared + sq_experts).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:

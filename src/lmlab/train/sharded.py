@@ -100,10 +100,25 @@ def _expert_names(model: nn.Module) -> list[str]:
 
 
 def _as_global(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of an expert tensor, as a DTensor of all ranks' rows (Shard(0))."""
-    from torch.distributed.tensor import DTensor, Shard
+    """This rank's rows of an expert tensor, as a DTensor of all of them: sharded on the expert
+    dimension of the mesh (Shard(0)), the same on its replicate dimension, if it has one."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+    placements = [Replicate(), Shard(0)] if mesh.ndim == 2 else [Shard(0)]
+    return DTensor.from_local(t, mesh, placements, run_check=False)
+
+
+def _expert_mesh(model: nn.Module) -> Any:
+    """The mesh the experts are sharded over: the expert-parallel layers' own (an (replicate, expert)
+    mesh), or every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmlab.train.expert_parallel import expert_layers
+
+    mesh = expert_layers(model)[0].mesh
+    if mesh is None:
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    return mesh
 
 
 def _local(t: Any) -> Any:
@@ -116,9 +131,7 @@ def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, A
     view = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     experts = _expert_names(model)
     if experts:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+        mesh = _expert_mesh(model)
         states = view["optim"].get("state", {})
         for name in experts:
             view["model"][name] = _as_global(view["model"][name], mesh)

@@ -382,6 +382,7 @@ class Trainer:
                     f"(timeout {cfg.collective_timeout:g} s; another process may have stopped): {e}"
                 ) from e
             if self.expert_parallel:
+                expert_parallel.sync_replicas(self.model)
                 grad_norm = expert_parallel.clip_grad_norm(self.model, cfg.grad_clip)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

@@ -324,6 +324,45 @@ def test_an_expert_parallel_training_run_equals_one_process_and_resumes_on_one(t
     assert _losses(tmp_path / "later") == pytest.approx(reference, abs=1e-5, rel=0)
 
 
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_expert_parallelism_under_fsdp_trains_as_one_process_and_reshards(tmp_path, corpus, nproc):
+    """Experts sharded over pairs, each expert layer under FSDP2 over the ranks holding its copies (none
+    with 2 processes, 2 with 4), the rest under FSDP2 over every rank: the losses and final weights
+    of one process. Its sharded checkpoint resumes on two FSDP processes with expert parallelism (a
+    different mesh when 4 wrote it) and on one plain process."""
+    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
+
+    def config(out, **kw):
+        pc = _config(tmp_path, corpus, out, max_steps=6, save_every=3, **kw)
+        pc.model.update(moe)
+        return pc
+
+    pretrain(config("one"))
+    reference = _losses(tmp_path / "one")
+    run = _torchrun(config("run", parallel="fsdp", expert_parallel=2), tmp_path, "run", nproc=nproc)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _losses(tmp_path / "run") == pytest.approx(reference, abs=1e-5, rel=0)
+    import lmlab
+
+    a, b = lmlab.load(tmp_path / "one"), lmlab.load(tmp_path / "run")  # every expert, gathered whole
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+    for name, procs in (("two", 2), ("alone", 1)):
+        if procs == 2 and nproc == 2:
+            continue  # the same mesh again: the four-process case resumes on a different one
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        (tmp_path / name / "checkpoints" / "latest").write_text("step-00000003\n")
+        later = config(name, **(dict(parallel="fsdp", expert_parallel=2) if procs == 2 else {}))
+        later.resume = True
+        if procs == 1:
+            assert pretrain(later)["resumed"]
+        else:
+            done = _torchrun(later, tmp_path, name, nproc=procs)
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5, rel=0), name
+
+
 @pytest.mark.slow
 def test_experts_sharded_over_groups_of_two_of_four_processes_train_as_one_and_reshard(tmp_path, corpus):
     """Four processes, experts sharded over pairs (a (2, 2) mesh: two copies of each expert, their
@@ -372,7 +411,7 @@ def test_expert_parallel_settings_that_cannot_work_are_refused():
         distributed.check_expert_parallel(3, distributed.World(0, 3), moe)
     with pytest.raises(ConfigError, match="needs a model with MoE layers"):
         distributed.check_expert_parallel(2, distributed.World(0, 2), preset("gpt2-tiny"))
-    with pytest.raises(ConfigError, match="runs with --parallel ddp"):
+    with pytest.raises(ConfigError, match="runs with --parallel ddp or fsdp"):
         TrainConfig(max_steps=1, expert_parallel=2).validate()
 
 

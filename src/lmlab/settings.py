@@ -74,8 +74,8 @@ class TrainConfig:
     )
     expert_parallel: int = option(
         1,
-        "shard every MoE layer's experts over groups of this many processes (with --parallel ddp; it divides "
-        "the number of processes)",
+        "shard every MoE layer's experts over groups of this many processes (with --parallel ddp or fsdp; it "
+        "divides the number of processes)",
     )
 
     def validate(self) -> None:
@@ -94,8 +94,8 @@ class TrainConfig:
             raise ConfigError(f"parallel {self.parallel!r} is unknown; expected one of {', '.join(PARALLEL)}")
         if self.expert_parallel < 1:
             raise ConfigError(f"expert_parallel must be at least 1, got {self.expert_parallel}")
-        if self.expert_parallel > 1 and self.parallel != "ddp":
-            raise ConfigError(f"expert_parallel {self.expert_parallel} runs with --parallel ddp, not {self.parallel}")
+        if self.expert_parallel > 1 and self.parallel == "none":
+            raise ConfigError(f"expert_parallel {self.expert_parallel} runs with --parallel ddp or fsdp, not none")
         if self.moe_stats not in ("global", "local"):
             raise ConfigError(f"moe_stats must be global or local, got {self.moe_stats!r}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:

@@ -161,8 +161,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     "its optimizer state predates name-keyed checkpoints; resume it without experts sharded"
                 )
             weights, osd = shard_full_state(model, read_checkpoint_weights(path, model), osd)
-            model.load_state_dict(weights)
-            load_full_state(model, optimizer, None, osd)
+            if fsdp:  # every rank holds its experts' whole rows; FSDP2 keeps its part of them
+                load_full_state(model, optimizer, weights, osd)
+            else:
+                model.load_state_dict(weights)
+                load_full_state(model, optimizer, None, osd)
         elif fsdp:
             if by_index:
                 raise CheckpointError("its optimizer state predates name-keyed checkpoints; resume it without fsdp")

@@ -112,7 +112,12 @@ def device_for(device: torch.device, world: World) -> torch.device:
 
 
 def build_sharded(
-    cfg: Any, seed: int, world: World, device: torch.device, param_dtype: torch.dtype | None = None
+    cfg: Any,
+    seed: int,
+    world: World,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+    expert_parallel: int = 1,
 ) -> nn.Module:
     """An FSDP2 model: built on the meta device (nothing allocated), `fully_shard` applied to every
     Block and then to the whole model, materialised on `device`, and initialised after sharding.
@@ -121,20 +126,34 @@ def build_sharded(
     CPU and every rank keeps its shard of the broadcast, so the run starts from the same weights at
     every world size. (Drawing each shard with its own generator would tie the init to the world
     size.) With `param_dtype` (bf16), the mixed-precision policy computes in it and reduces
-    gradients in float32."""
+    gradients in float32.
+
+    With `expert_parallel` E > 1 the experts are first sharded over groups of E ranks
+    (lmlab.train.expert_parallel), and each expert layer is put under its own `fully_shard` over
+    the ranks that hold the same experts; the rest is sharded over every rank. Every rank then
+    draws the one-process init and keeps its experts' rows of it (a broadcast of rank 0's state
+    would hand every rank rank 0's experts)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lmlab.model import Model
 
     full: dict[str, torch.Tensor] = {}
-    if world.main:
+    if world.main or expert_parallel > 1:
         torch.manual_seed(seed)
         full = Model(cfg).state_dict()
     with torch.device("meta"):
         model = Model(cfg)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kw = {"mp_policy": policy} if policy is not None else {}
+    if expert_parallel > 1:
+        from lmlab.train import expert_parallel as ep
+
+        mesh = ep.expert_mesh(world.size, expert_parallel, device.type)
+        ep.parallelize_experts(model, mesh=mesh, fsdp=True)
+        full, _ = ep.shard_full_state(model, full, {})  # this rank's experts
+        for layer in ep.expert_layers(model):
+            fully_shard(layer, mesh=mesh["replicate"], **kw)
     for stack in (model.encoder, model.decoder):
         for block in stack.layers if stack is not None else ():
             fully_shard(block, **kw)
@@ -142,7 +161,8 @@ def build_sharded(
     # FSDP2 warns that the root returns views (ModelOutput's logits); lmlab never modifies them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=expert_parallel == 1)
+    set_model_state_dict(model, full, options=options)
     model.init_buffers()
     torch.manual_seed(seed)  # as after a one-process build: the data and dropout streams start the same
     return model
@@ -272,17 +292,24 @@ def no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, on_every_rank: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The whole model's and optimizer's state on the CPU, keyed by parameter name, gathered from the
-    shards of an FSDP2 model (a collective: every rank calls it). Any world size can load the result."""
+    shards of an FSDP2 model (a collective: every rank calls it). Any world size can load the result.
+    Rank 0 alone receives it, unless `on_every_rank`."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_rank)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if on_every_rank:
+        model_state = {k: v.cpu() for k, v in model_state.items()}
+    return model_state, optimizer_state
 
 
 def load_full_state(

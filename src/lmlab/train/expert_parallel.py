@@ -67,6 +67,8 @@ class ExpertParallelExperts(GroupedExperts):
         # the experts are sharded over fewer ranks than the run has); mesh: both, as an (replicate,
         # expert) DeviceMesh, for sharded checkpoints
         self.group, self.grad_scale, self.replicas, self.mesh = group, grad_scale, replicas, mesh
+        self.fsdp_scale: float | None = None  # under FSDP2 (parallelize_experts(fsdp=True))
+        self.dcp_mesh = None
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.total = experts.n_experts
         self.local = experts_per_rank(self.total, self.size)
@@ -115,21 +117,43 @@ def expert_mesh(world_size: int, degree: int, device_type: str = "cpu"):
 
 
 def parallelize_experts(
-    model: nn.Module, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0, mesh: object = None
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    grad_scale: float = 1.0,
+    mesh: object = None,
+    fsdp: bool = False,
 ) -> int:
     """Replace every MoE layer's GroupedExperts with this rank's ExpertParallelExperts, in place: over
     `group` (default: every rank), or over the expert dimension of `mesh` (expert_mesh), its
-    replicate dimension then holding copies whose gradients `sync_replicas` sums. Returns how many
-    layers were changed."""
+    replicate dimension then holding copies whose gradients `sync_replicas` sums. With `fsdp`, each
+    layer will be under FSDP2 over the replicate dimension, which averages the copies' gradients
+    instead (see `sync_replicas`). Returns how many layers were changed."""
     replicas = None
     if mesh is not None:
         group = mesh.get_group("expert")
         replicas = mesh.get_group("replicate") if mesh.size(0) > 1 else None
+    dcp_mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        # for checkpoints: the same ranks as an (expert, replicate) mesh, so that the rows a rank
+        # holds are block `expert`, part `replicate` of the whole tensor (lmlab.train.sharded)
+        dcp_mesh = DeviceMesh(mesh.device_type, mesh.mesh.T, mesh_dim_names=("expert", "replicate"))
     changed = 0
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, GroupedExperts) and not isinstance(experts, ExpertParallelExperts):
-            module.experts = ExpertParallelExperts(experts, group, grad_scale, replicas, mesh)
+            layer = ExpertParallelExperts(experts, group, grad_scale, None if fsdp else replicas, mesh)
+            if fsdp:
+                copies = mesh.size(0)
+                if layer.local % copies:
+                    raise ConfigError(
+                        f"with fsdp, the {layer.local} experts of each rank must divide among the {copies} "
+                        "ranks that hold copies of them"
+                    )
+                # FSDP2 averages over the copies; the data-parallel average over every rank is 1/E of that
+                layer.fsdp_scale, layer.dcp_mesh = 1.0 / mesh.size(1), dcp_mesh
+            module.experts = layer
             changed += 1
     return changed
 
@@ -144,6 +168,11 @@ def sync_replicas(model: nn.Module) -> None:
     is the data-parallel average DDP gives the other parameters. Once per step, after the backward
     of its last micro-batch."""
     for layer in expert_layers(model):
+        if layer.fsdp_scale is not None:  # FSDP2 has averaged the copies (gloo offers no pre-scaled sum)
+            for p in (layer.w_up, layer.w_down):
+                if p.grad is not None:
+                    p.grad.mul_(layer.fsdp_scale)
+            continue
         if layer.replicas is None:
             continue
         for p in (layer.w_up, layer.w_down):
@@ -215,7 +244,17 @@ def shard_full_state(
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ over the whole model when its experts are spread over the ranks: the experts'
-    squared norms are summed over the ranks, the rest is the same on every rank."""
+    squared norms are summed over the ranks, the rest is the same on every rank. Under FSDP2 every
+    gradient element lives on one rank: all squared norms are summed over every rank."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        grads = [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+        sq = sum((g.float().pow(2).sum() for g in grads), grads[0].new_zeros((), dtype=torch.float32))
+        dist.all_reduce(sq)
+        total = sq.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
     experts = {id(p) for p in expert_parameters(model).values()}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     shared = [g for p, g in zip((p for p in model.parameters() if p.grad is not None), grads) if id(p) not in experts]

@@ -101,9 +101,12 @@ def _expert_names(model: nn.Module) -> list[str]:
 
 def _as_global(t: torch.Tensor, mesh: Any) -> torch.Tensor:
     """This rank's rows of an expert tensor, as a DTensor of all of them: sharded on the expert
-    dimension of the mesh (Shard(0)), the same on its replicate dimension, if it has one."""
+    dimension of the mesh (Shard(0)), the same on its replicate dimension, if it has one. Under
+    FSDP2 (an (expert, replicate) mesh) the copies hold parts of the block: sharded on both."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    if hasattr(t, "to_local"):  # FSDP2's shard of this rank's experts
+        return DTensor.from_local(t.to_local(), mesh, [Shard(0), Shard(0)], run_check=False)
     placements = [Replicate(), Shard(0)] if mesh.ndim == 2 else [Shard(0)]
     return DTensor.from_local(t, mesh, placements, run_check=False)
 
@@ -115,7 +118,8 @@ def _expert_mesh(model: nn.Module) -> Any:
 
     from lmlab.train.expert_parallel import expert_layers
 
-    mesh = expert_layers(model)[0].mesh
+    layer = expert_layers(model)[0]
+    mesh = layer.dcp_mesh if layer.dcp_mesh is not None else layer.mesh
     if mesh is None:
         mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     return mesh
@@ -123,6 +127,14 @@ def _expert_mesh(model: nn.Module) -> Any:
 
 def _local(t: Any) -> Any:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _dcp_view_originals(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
 def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -166,7 +178,14 @@ def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     with _quiet():
         dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
     experts = set(_expert_names(model))
-    if experts:  # back to this rank's rows, as the module holds them
+    if experts and is_fsdp(model):  # loaded in place into FSDP2's own shards: hand those back
+        fresh = _dcp_view_originals(model, optimizer)
+        states, fresh_states = view["optim"].get("state", {}), fresh["optim"].get("state", {})
+        for name in experts:
+            view["model"][name] = fresh["model"][name]
+            if name in states:
+                states[name] = fresh_states[name]
+    elif experts:  # back to this rank's rows, as the module holds them
         view["model"] = {k: _local(v) if k in experts else v for k, v in view["model"].items()}
         states = view["optim"].get("state", {})
         for name in experts & set(states):

@@ -311,6 +311,9 @@ class Trainer:
     def whole_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(model, optimizer) state gathered whole from an FSDP2 or expert-parallel model, a collective
         every rank calls; (None, None) when every rank already holds everything."""
+        if self.sharded and self.expert_parallel:  # FSDP2's copies gathered, then every group's experts
+            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer, on_every_rank=True)
+            return expert_parallel.gather_full_state(self.model, model_state, optimizer_state)
         if self.sharded:
             return distributed.full_state(self.model, self.optimizer)
         if self.expert_parallel:

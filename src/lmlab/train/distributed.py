@@ -24,8 +24,8 @@ writes its shard through torch.distributed.checkpoint (lmlab.train.sharded). Wit
 `--checkpoint-format full` they gather the whole state to rank 0 (`full_state`) instead. Either
 kind resumes on any number of processes, with or without FSDP.
 
-What differs from one process: dropout draws its masks per rank (as in any data-parallel run), and
-MoE auxiliary losses are computed from each rank's tokens.
+What differs from one process: dropout draws its masks per rank (as in any data-parallel run). MoE
+auxiliary losses count every rank's tokens (`use_global_routing_stats`) unless `--moe-stats local`.
 """
 
 from __future__ import annotations

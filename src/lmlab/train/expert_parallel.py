@@ -20,7 +20,9 @@ stays 1.
 Fewer ranks than the run has: with N ranks and expert parallelism E (E divides N), `expert_mesh`
 lays the ranks out as an (N/E, E) DeviceMesh. Each row of E ranks shares out the experts and
 exchanges tokens among itself; each column holds the same experts. A column's expert gradients are
-summed (`sync_replicas`) with `grad_scale = 1 / N`, which is DDP's average over all N ranks.
+summed (`sync_replicas`) with `grad_scale = 1 / N`, which is DDP's average over all N ranks. Under
+FSDP2 (`parallelize_experts(fsdp=True)`, lmlab.train.distributed.build_sharded) each expert layer is
+sharded over its column instead; FSDP2 averages the column, and `sync_replicas` scales by 1 / E.
 """
 
 from __future__ import annotations

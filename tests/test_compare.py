@@ -256,7 +256,8 @@ def test_rerunning_the_same_command_skips_what_is_finished(full_run):
 
 
 def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
-    kw = dict(data=[str(kjv_lines)], families=["decoder", "encoder"], moe=["none"], seeds=1, budget="tokens")
+    # the encoder: its masking draws the most randomness (the decoder's runs are compared in the --nproc test)
+    kw = dict(data=[str(kjv_lines)], families=["encoder"], moe=["none"], seeds=1, budget="tokens")
     kw.update(budget_value=12_000, tasks=[], val_fraction=0.1)
     _run(tmp_path / "a", **kw)
     first = json.loads((tmp_path / "a" / "results.json").read_text())

@@ -179,8 +179,14 @@ def _pretrain(
         "routing_plot": str(routing_png) if routing_png else None,
         "objective": pc.objective,
         "family": pc.family,
-        "parameters": model.num_parameters(),
+        "parameters": _parameters(cfg),  # `model` may hold this rank's experts only
     }
+
+
+def _parameters(cfg: ModelConfig) -> int:
+    """The whole model's parameter count (built on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        return Model(cfg).num_parameters()
 
 
 def _build_model(pc: PretrainConfig, cfg: ModelConfig, world: distributed.World) -> Model:

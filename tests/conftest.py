@@ -198,6 +198,18 @@ def tiny_config(base: str, tok):
     )
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """40 documents of the built-in corpus, blank-line separated (the distributed and checkpoint tests'
+    text; test_trainer.py has a corpus of its own)."""
+    from lmlab.data.corpus import demo_corpus, read_documents
+
+    docs = [d for _, d in zip(range(40), read_documents(demo_corpus("kjv"), doc_sep="blank"))]
+    path = tmp_path_factory.mktemp("kjv-corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
 def tiny_text() -> list[str]:
     """A few hundred lines the tiny tokenizers are trained on: random words, then a refrain."""
     import random

@@ -18,7 +18,7 @@ from lmlab.cli.pretrain import torchrun_command
 from lmlab.errors import ConfigError
 from lmlab.pretrain import PretrainConfig, pretrain
 from lmlab.settings import TrainConfig
-from lmlab.train import distributed
+from lmlab.train import distributed, sharded
 from lmlab.train.trainer import precision_choice
 
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
@@ -26,16 +26,6 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 EP_WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
 EPYC = frozenset({"avx2"})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from lmlab.data.corpus import demo_corpus, read_documents
-
-    docs = [d for _, d in zip(range(40), read_documents(demo_corpus("kjv"), doc_sep="blank"))]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
 
 
 def _tokenizer(tmp_path: Path, corpus: Path, family: str) -> str:
@@ -324,12 +314,15 @@ def test_an_expert_parallel_training_run_equals_one_process_and_resumes_on_one(t
     assert _losses(tmp_path / "later") == pytest.approx(reference, abs=1e-5, rel=0)
 
 
-@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_expert_parallelism_under_fsdp_trains_as_one_process_and_reshards(tmp_path, corpus, nproc):
-    """Experts sharded over pairs, each expert layer under FSDP2 over the ranks holding its copies (none
-    with 2 processes, 2 with 4), the rest under FSDP2 over every rank: the losses and final weights
-    of one process. Its sharded checkpoint resumes on two FSDP processes with expert parallelism (a
-    different mesh when 4 wrote it) and on one plain process."""
+@pytest.mark.parametrize(
+    "parallel, nproc",
+    [("fsdp", 2), pytest.param("fsdp", 4, marks=pytest.mark.slow), pytest.param("ddp", 4, marks=pytest.mark.slow)],
+)
+def test_experts_sharded_over_pairs_train_as_one_process_and_reshard(tmp_path, corpus, parallel, nproc):
+    """Experts sharded over pairs of processes. With 4 processes there are two copies of each expert:
+    DDP sums their gradients; under FSDP2 each expert layer is sharded over its copies, the rest over
+    every rank. The losses and final weights are one process's. The sharded checkpoint resumes on
+    two processes (a different mesh when 4 wrote it) and on one plain process."""
     moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
 
     def config(out, **kw):
@@ -339,9 +332,10 @@ def test_expert_parallelism_under_fsdp_trains_as_one_process_and_reshards(tmp_pa
 
     pretrain(config("one"))
     reference = _losses(tmp_path / "one")
-    run = _torchrun(config("run", parallel="fsdp", expert_parallel=2), tmp_path, "run", nproc=nproc)
+    run = _torchrun(config("run", parallel=parallel, expert_parallel=2), tmp_path, "run", nproc=nproc)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _losses(tmp_path / "run") == pytest.approx(reference, abs=1e-5, rel=0)
+    assert sharded.is_sharded_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000003")
     import lmlab
 
     a, b = lmlab.load(tmp_path / "one"), lmlab.load(tmp_path / "run")  # every expert, gathered whole
@@ -349,50 +343,16 @@ def test_expert_parallelism_under_fsdp_trains_as_one_process_and_reshards(tmp_pa
         assert torch.allclose(p, q, atol=1e-5), name
 
     for name, procs in (("two", 2), ("alone", 1)):
-        if procs == 2 and nproc == 2:
-            continue  # the same mesh again: the four-process case resumes on a different one
+        if procs == nproc:
+            continue  # the same mesh again: the four-process runs resume on a different one
         shutil.copytree(tmp_path / "run", tmp_path / name)
         (tmp_path / name / "checkpoints" / "latest").write_text("step-00000003\n")
-        later = config(name, **(dict(parallel="fsdp", expert_parallel=2) if procs == 2 else {}))
+        later = config(name, **(dict(parallel=parallel, expert_parallel=2) if procs == 2 else {}))
         later.resume = True
         if procs == 1:
             assert pretrain(later)["resumed"]
         else:
             done = _torchrun(later, tmp_path, name, nproc=procs)
-            assert done.returncode == 0, done.stderr[-3000:]
-        assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5, rel=0), name
-
-
-@pytest.mark.slow
-def test_experts_sharded_over_groups_of_two_of_four_processes_train_as_one_and_reshard(tmp_path, corpus):
-    """Four processes, experts sharded over pairs (a (2, 2) mesh: two copies of each expert, their
-    gradients summed): the losses of one process. Its sharded checkpoint resumes on two processes with
-    expert parallelism 2, and on one process."""
-    moe = dict(ffn="moe", moe_experts=4, moe_top_k=2, moe_aux_weight=0.05)
-
-    def config(out, **kw):
-        pc = _config(tmp_path, corpus, out, max_steps=6, save_every=3, **kw)
-        pc.model.update(moe)
-        return pc
-
-    pretrain(config("one"))
-    reference = _losses(tmp_path / "one")
-    four = _torchrun(config("four", parallel="ddp", expert_parallel=2), tmp_path, "four", nproc=4)
-    assert four.returncode == 0, four.stderr[-3000:]
-    assert _losses(tmp_path / "four") == pytest.approx(reference, abs=1e-5, rel=0)
-    step3 = tmp_path / "four" / "checkpoints" / "step-00000003"
-    assert (step3 / "dcp" / ".metadata").is_file()
-
-    for name, nproc in (("two", 2), ("alone", 1)):
-        shutil.copytree(tmp_path / "four", tmp_path / name)
-        (tmp_path / name / "checkpoints" / "latest").write_text("step-00000003\n")
-        kw = dict(parallel="ddp", expert_parallel=2) if nproc == 2 else {}
-        later = config(name, **kw)
-        later.resume = True
-        if nproc == 1:
-            assert pretrain(later)["resumed"]
-        else:
-            done = _torchrun(later, tmp_path, name, nproc=nproc)
             assert done.returncode == 0, done.stderr[-3000:]
         assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5, rel=0), name
 

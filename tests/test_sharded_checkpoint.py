@@ -23,16 +23,6 @@ TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from lmlab.data.corpus import demo_corpus, read_documents
-
-    docs = [d for _, d in zip(range(30), read_documents(demo_corpus("kjv"), doc_sep="blank"))]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, corpus) -> str:
     from lmlab.data.corpus import read_documents
     from lmlab.tokenizer import train_tokenizer

@@ -246,6 +246,16 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
+def lmlab_config(cfg: ModelConfig) -> dict[str, Any]:
+    """What an lmlab folder's config.json holds."""
+    return {"lmlab_format": FORMAT_VERSION, "model": cfg.to_dict()}
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    """config.json, written atomically."""
+    _write_json(Path(folder) / CONFIG, config)
+
+
 def save(
     model: Model, path: str | os.PathLike[str], format: str = "lmlab", state: dict[str, torch.Tensor] | None = None
 ) -> Path:
@@ -255,7 +265,7 @@ def save(
     cfg = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if format == "lmlab":
-        config = {"lmlab_format": FORMAT_VERSION, "model": cfg.to_dict()}
+        config = lmlab_config(cfg)
     elif format == "hf":
         model_type = hf.hf_model_type(cfg)  # raises ConfigError with the reason when there is none
         config = hf.to_hf_config(cfg, model_type, hf.architecture(cfg, model_type))
@@ -265,7 +275,7 @@ def save(
         raise ConfigError(f"save format {format!r} is unknown; expected 'lmlab' or 'hf'")
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_json(folder / CONFIG, config)
+    write_config(folder, config)
     return folder
 
 

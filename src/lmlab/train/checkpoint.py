@@ -14,7 +14,6 @@ read back with safetensors or `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError
-from lmlab.io import CONFIG, FORMAT_VERSION, load_weights_into, save
+from lmlab.io import lmlab_config, load_weights_into, save, write_config
 from lmlab.train import sharded
 
 
@@ -115,12 +114,12 @@ def save_sharded_checkpoint(
     name = _name(step)
     tmp = root / f".tmp-{name}"
     future = sharded.write(tmp / sharded.DCP_DIR, model, optimizer, background, group)
-    config = {"lmlab_format": FORMAT_VERSION, "model": model.config.to_dict()}
+    config = lmlab_config(model.config)
 
     def publish() -> Path | None:
         if not main:
             return None
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_config(tmp, config)
         torch.save(state, tmp / "state.pt")
         return _publish(root, tmp, name, keep)
 

@@ -23,7 +23,6 @@ Objects that are not tensors (the optimizer's hyper-parameters) are read with
 
 from __future__ import annotations
 
-import contextlib
 import io as _io
 import warnings
 from pathlib import Path
@@ -46,18 +45,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmlab.errors import CheckpointError
+from lmlab.train.distributed import is_sharded
 
 DCP_DIR = "dcp"
 # one process without a process group is a case lmlab means (resuming on one process, convert)
-_ALONE = "torch.distributed is (disabled, )?unavailable or uninitialized"
-warnings.filterwarnings("ignore", message=_ALONE)  # the background writer's thread
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_ALONE)
-        yield
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 
 
 def is_sharded_checkpoint(folder: str | Path) -> bool:
@@ -129,18 +121,15 @@ def _local(t: Any) -> Any:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def _dcp_view_originals(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name: the model's and optimizer's own tensors."""
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
 def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Model and optimizer state as DCP stores it: keyed by parameter name, with global shapes. The
     tensors are the model's and the optimizer's own, so a load writes into them."""
-    view = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    view = _states(model, optimizer)
     experts = _expert_names(model)
     if experts:
         mesh = _expert_mesh(model)
@@ -163,8 +152,7 @@ def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, back
         response = dcp.async_save(view, storage_writer=writer, process_group=group, no_dist=_alone())
         return getattr(response, "upload_completion", response)
     try:
-        with _quiet():
-            dcp.save(view, storage_writer=writer, process_group=group, no_dist=_alone())
+        dcp.save(view, storage_writer=writer, process_group=group, no_dist=_alone())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{folder}: the checkpoint could not be written ({why(e)})") from e
     return None
@@ -175,11 +163,10 @@ def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     plain) model and optimizer: each rank reads the slices it holds, at any world size."""
     view = _dcp_view(model, optimizer)
     reader = FileSystemReader(str(folder / DCP_DIR))
-    with _quiet():
-        dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
+    dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
     experts = set(_expert_names(model))
-    if experts and is_fsdp(model):  # loaded in place into FSDP2's own shards: hand those back
-        fresh = _dcp_view_originals(model, optimizer)
+    if experts and is_sharded(model):  # loaded in place into FSDP2's own shards: hand those back
+        fresh = _states(model, optimizer)
         states, fresh_states = view["optim"].get("state", {}), fresh["optim"].get("state", {})
         for name in experts:
             view["model"][name] = fresh["model"][name]
@@ -207,8 +194,7 @@ def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         }
         if not state:
             raise CheckpointError("it holds no model tensors")
-        with _quiet():
-            dcp.load({"model": state}, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=True)
+        dcp.load({"model": state}, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=True)
     except CheckpointError as e:
         raise CheckpointError(f"{folder / DCP_DIR}: {e}") from None
     except (Exception, CheckpointException) as e:

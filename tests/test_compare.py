@@ -402,7 +402,7 @@ def test_compare_nproc_pretrains_each_contender_on_two_processes_as_on_one(tmp_p
 
     moe = ["switch"] if parallel == "fsdp" else ["none"]  # the two-process MoE runs of test_distributed cover ddp's
     kw = dict(data=[str(kjv_lines)], families=["decoder"], moe=moe, seeds=1, budget="tokens")
-    kw.update(budget_value=8_000, tasks=[], val_fraction=0.1)
+    kw.update(budget_value=8_000, tasks=[], val_fraction=0.1, precision="fp32")  # see test_distributed._config
     one = _run(tmp_path / "one", **kw)
     two = _run(tmp_path / "two", nproc=2, parallel=parallel, **kw)
     assert [c["name"] for c in two["contenders"]] == ["decoder"] + ["decoder+switch"] * (parallel == "fsdp")

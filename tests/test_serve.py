@@ -46,6 +46,7 @@ class Server:
     """uvicorn in a thread on a free port, for one model folder."""
 
     def __init__(self, folder, **kw) -> None:
+        kw.setdefault("dtype", "float32")  # the references are float32 models (a bf16 server: its own test)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -572,3 +573,25 @@ def test_waiting_prompts_are_prefilled_together_and_answer_as_alone(tiny_pretrai
     assert passes == [5]  # one padded pass for the five prompts
     for i, p in enumerate(PROMPTS[:5]):
         assert "".join(texts[i]) == _alone(model, tok, p, max_new_tokens=10).text, p
+
+
+def test_a_bfloat16_server_answers_as_lmlab_generate_in_bfloat16(tiny_pretrained):
+    """`--dtype bfloat16` (auto's choice on CPUs with AMX / AVX-512-bf16): at temperature 0 the server
+    returns what lmlab.generate returns on the same model in bf16, alone and batched with seven others."""
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder, dtype=torch.bfloat16).eval(), load_tokenizer(folder)
+    server = Server(folder, dtype="bfloat16", max_batch=8)
+    try:
+        assert httpx.get(server.url + "/health").json()["decoding"]["dtype"] == "bfloat16"
+        want = {p: _alone(model, tok, p, max_new_tokens=12).text for p in PROMPTS}
+
+        def ask(p):
+            return (
+                server.client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+            )
+
+        assert ask(PROMPTS[0]) == want[PROMPTS[0]]
+        with ThreadPoolExecutor(8) as pool:
+            assert dict(zip(PROMPTS, pool.map(ask, PROMPTS))) == want
+    finally:
+        server.close()

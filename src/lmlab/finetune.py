@@ -117,6 +117,7 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         log_every=max(1, min(50, steps // 20)),
         seed=fc.seed,
         device=fc.device,
+        precision=fc.precision,
     )
     out = Path(fc.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = "auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX-512-bf16, fp32 elsewhere"
 PARALLEL = ("none", "ddp", "fsdp")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
@@ -53,9 +54,7 @@ class TrainConfig:
     )
     async_save: bool = option(False, "write sharded checkpoints in the background while training goes on")
     log_every: int = option(10, "write a metrics record every N steps")
-    precision: str = option(
-        "auto", "auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX-512-bf16, fp32 elsewhere", choices=PRECISIONS
-    )
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the model")
     seed: int = option(0, "seed of the initialisation and the data order")
     tensorboard: bool = option(False, "also write TensorBoard logs")
@@ -201,11 +200,16 @@ class FinetuneConfig:
     seed: int = option(0, "seed of the new head and the data order")
     resume: bool = option(False, "continue from the newest checkpoint in --out")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> FinetuneConfig:
         _check_names(cls, d, source)
         fc = cls(**d)
+        if fc.precision not in PRECISIONS:
+            raise ConfigError(
+                f"{source}: precision {fc.precision!r} is unknown; expected one of {', '.join(PRECISIONS)}"
+            )
         missing = [f"--{n.replace('_', '-')}" for n in ("task", "model", "train", "out") if not getattr(fc, n)]
         if missing:
             raise ConfigError(f"{source}: fine-tuning needs {', '.join(missing)} (as flags or in the YAML file)")

@@ -94,6 +94,7 @@ def aggregate(cc, plan, results, baselines, tasks, notes, machine) -> dict[str, 
                 "metrics": m,
                 "tasks": task_results,
                 "routing_seed0": routing,
+                "precision": sorted({_get(r, "pretrain", "precision") or "fp32" for r in runs}),
                 "samples_seed0": _get(runs[0], "samples", "samples") if runs else None,
                 "fill_mask_seed0": runs[0].get("fill_mask") if runs else None,
                 "curves": [_get(r, "pretrain", "curve") for r in runs],
@@ -450,7 +451,9 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             ],
             cost,
             "Training FLOPs as the T5 paper counts them: each stack for the tokens it processes. Peak RSS is the "
-            "whole unit's process (pre-training, measurements and fine-tuning).",
+            "whole unit's process (pre-training, measurements and fine-tuning). Pre-trained in "
+            + " and ".join(sorted({p for r in rows for p in r.get("precision", ["fp32"])}))
+            + f" (--precision {summary['settings'].get('precision', 'auto')}).",
         )
     )
     routing = []

@@ -14,7 +14,7 @@ from typing import Any
 from lmlab.config import option
 from lmlab.errors import ConfigError
 from lmlab.families import FAMILY_NAMES
-from lmlab.settings import _check_names
+from lmlab.settings import PRECISION_HELP, PRECISIONS, _check_names
 
 BUDGETS = ("flops", "tokens", "minutes")
 
@@ -96,6 +96,7 @@ class CompareConfig:
         "losses one process gets); the measurements and fine-tuning run on one",
     )
     parallel: str = option("ddp", "how the --nproc processes share a pre-training", choices=("ddp", "fsdp"))
+    precision: str = option("auto", f"pre-training and fine-tuning: {PRECISION_HELP}", choices=PRECISIONS)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> CompareConfig:
@@ -137,6 +138,8 @@ class CompareConfig:
             )
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"--parallel {self.parallel!r} is unknown; expected ddp or fsdp")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
         if self.seq_len < 16:
             raise ConfigError(f"seq_len={self.seq_len} is too short to split into a prompt and its continuation")
 

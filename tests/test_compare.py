@@ -410,6 +410,7 @@ def test_compare_nproc_pretrains_each_contender_on_two_processes_as_on_one(tmp_p
         ra, rb = a["runs"][0], b["runs"][0]
         assert rb["pretrain"]["processes"] == 2 and rb["pretrain"]["parallel"] == parallel
         assert ra["pretrain"]["processes"] == 1
+        assert ra["pretrain"]["precision"] == rb["pretrain"]["precision"] == "fp32"  # as asked, on any CPU
         losses_a = [row[-1] for row in ra["pretrain"]["curve"]]
         losses_b = [row[-1] for row in rb["pretrain"]["curve"]]
         assert len(losses_b) == len(losses_a) >= 2

@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 import lmlab
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.pretrain import PretrainConfig, pretrain
+from lmlab.train.checkpoint import write_manifest
 from lmlab.settings import TrainConfig
 from lmlab.train import sharded
 
@@ -169,6 +170,7 @@ def test_a_sharded_checkpoint_that_pickles_objects_is_refused_without_running_th
     view["optim"]["param_groups"][0]["lr"] = _Payload()  # a hyper-parameter that is code
     shutil.rmtree(ckpt / "dcp")
     dcp.save(view, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+    write_manifest(ckpt)  # a forged checkpoint comes with a manifest that matches it
     pc = _config(tmp_path, corpus, "run", checkpoint_format="sharded", max_steps=4)
     pc.resume = True
     with pytest.raises(CheckpointError, match="step-00000003.*(Weights only|weights_only)"):
@@ -184,6 +186,9 @@ def test_a_missing_or_broken_shard_names_the_checkpoint(tmp_path, corpus):
         lmlab.load(ckpt)
     pc = _config(tmp_path, corpus, "run", checkpoint_format="sharded", max_steps=4)
     pc.resume = True
+    with pytest.raises(CheckpointError, match=r"no good checkpoint: .*__0_0.distcp: 11 bytes, the manifest says"):
+        pretrain(pc)
+    write_manifest(ckpt)  # the manifest agrees with the broken shard: the reader itself refuses it
     with pytest.raises(CheckpointError, match="step-00000003: cannot restore the sharded checkpoint"):
         pretrain(pc)
 

@@ -103,9 +103,12 @@ def test_crash_while_checkpointing_keeps_previous_checkpoint(tmp_path, corpus, m
     monkeypatch.setattr(ck.torch, "save", dying_save)
     again = _config(tmp_path, corpus, max_steps=6)
     again.resume = True
-    with pytest.raises(_Interrupt):
+    with pytest.raises(
+        lmlab.CheckpointError, match=r"step 6: the checkpoint could not be written .*step-00000003 is intact"
+    ):
         pretrain(again)
     monkeypatch.setattr(ck.torch, "save", real_save)
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial folder is gone
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     latest = ck.latest_checkpoint(run)
     assert torch.load(latest / "state.pt", weights_only=True)["step"] == 3

@@ -8,14 +8,23 @@
 That is the full format. The sharded one (lmlab.train.sharded) has dcp/ in place of the weights and
 optimizer files; `load_checkpoint` reads either, into a model sharded or not.
 
-A crash while writing leaves a `.tmp-*` folder and the previous `latest` untouched. Everything is
-read back with safetensors or `torch.load(weights_only=True)`.
+    run/checkpoints/step-00000100/manifest.json       every other file's size and SHA-256
+
+A crash while writing leaves a `.tmp-*` folder and the previous `latest` untouched. A disk that
+fills up (or a file-size limit) during a save removes the partial folder and raises a
+CheckpointError saying so; the previous checkpoint stays. Resuming checks the newest checkpoint
+against its manifest first: a truncated, changed or missing file makes it fall back to the one
+before, saying which file was bad (`good_checkpoint`). Everything is read back with safetensors or
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +53,58 @@ def _name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and SHA-256 in folder/manifest.json."""
+    files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"lmlab_checkpoint": 1, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint folder against its manifest; a CheckpointError names the first bad file.
+    Checkpoints written before manifests existed (2026-12-02) have none and pass unchecked."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        if not (path / "state.pt").is_file():
+            raise CheckpointError(f"{path}: incomplete (no state.pt and no manifest)")
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        items = [(str(k), int(v["size"]), str(v["sha256"])) for k, v in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({e})") from None
+    for rel, size, digest in items:
+        f = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise CheckpointError(f"{manifest}: lists {rel!r}, outside the checkpoint")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (the manifest lists it)")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {size}: truncated or overwritten")
+        if _sha256(f) != digest:
+            raise CheckpointError(
+                f"{f}: its SHA-256 differs from the manifest's: the file changed after it was written"
+            )
+
+
 def _publish(root: Path, tmp: Path, name: str, keep: int) -> Path:
-    """Make a fully written `tmp` folder the checkpoint `name`: fsync, rename, then point `latest` at
-    it; drop all but the newest `keep`."""
+    """Make a fully written `tmp` folder the checkpoint `name`: manifest, fsync, rename, then point
+    `latest` at it; drop all but the newest `keep`."""
+    write_manifest(tmp)
     _fsync_tree(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -84,16 +142,50 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = _name(step)
     tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save(model, tmp, state=model_state)
     if optimizer_state is None:
         optimizer_state = optimizer_state_by_name(model, optimizer)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(state, tmp / "state.pt")
-    final = _publish(root, tmp, name, keep)
+
+    def write() -> Path:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save(model, tmp, state=model_state)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(state, tmp / "state.pt")
+        return _publish(root, tmp, name, keep)
+
+    final = writing(root, tmp, step, write)
     remove_partial(run_dir)
     return final
+
+
+def writing(root: Path, tmp: Path, step: int, write: Callable[[], Any]) -> Any:
+    """Run `write`; if the disk fills up or a limit stops it, remove the partial folder and raise a
+    CheckpointError that says so and names the checkpoint still there."""
+    try:
+        return write()
+    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        where = f"{root / kept} is intact" if kept else "no earlier checkpoint exists"
+        room = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free there"
+        limit = _file_size_limit()
+        if limit is not None:
+            room += f", and this process may not write files over {limit:,} bytes (ulimit -f)"
+        raise CheckpointError(
+            f"step {step}: the checkpoint could not be written under {root} ({type(e).__name__}: {e}; "
+            f"{room}); the partial folder was removed and {where}. "
+            "Free some space (or raise the file-size limit) and resume."
+        ) from e
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def save_sharded_checkpoint(
@@ -119,11 +211,42 @@ def save_sharded_checkpoint(
     def publish() -> Path | None:
         if not main:
             return None
-        write_config(tmp, config)
-        torch.save(state, tmp / "state.pt")
-        return _publish(root, tmp, name, keep)
+
+        def write() -> Path:
+            write_config(tmp, config)
+            torch.save(state, tmp / "state.pt")
+            return _publish(root, tmp, name, keep)
+
+        return writing(root, tmp, step, write)
 
     return sharded.PendingSave(step, future, publish)
+
+
+def good_checkpoint(run_dir: Path, note: Callable[[str], None] = lambda text: None) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint`: the one `latest` names, else the others
+    newest first. Each one skipped is reported through `note`, naming the bad file. None when the run
+    has no checkpoint; a CheckpointError when it has some and none is good."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != named), reverse=True)
+    candidates = ([named] if named is not None else []) + others
+    if not candidates:
+        return None
+    problems = []
+    for path in candidates:
+        try:
+            if not path.is_dir():
+                raise CheckpointError(f"{pointer}: names {path.name}, which is missing")
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            note(f"skipping checkpoint {path.name}: {e}")
+            continue
+        if problems:
+            note(f"resuming from {path.name}, the newest good checkpoint")
+        return path
+    raise CheckpointError(f"{root}: no good checkpoint: " + "; ".join(problems))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

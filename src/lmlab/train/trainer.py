@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from lmlab.runtime import cpu_flags, native_bf16
 from lmlab.settings import TrainConfig
 from lmlab.train import distributed, expert_parallel
 from lmlab.train.checkpoint import (
-    latest_checkpoint,
+    good_checkpoint,
     load_checkpoint,
     remove_partial,
     save_checkpoint,
@@ -219,7 +220,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint of run_dir, if there is one."""
-        path = latest_checkpoint(self.run_dir)
+        path = good_checkpoint(self.run_dir, lambda text: self.on_event("note", {"text": text}))
         if path is None:
             return False
         state = load_checkpoint(path, self.model, self.optimizer)
@@ -229,15 +230,23 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self._truncate_metrics()
         return True
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics logged after the checkpoint: the resumed run writes them again."""
+        """Drop metrics logged after the step training starts from (all of them for a run from step 0):
+        the run writes them again. A line a crash cut short is dropped too. Replaced atomically."""
         if not self.world.main or not self.metrics_path.is_file():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # torn by a kill mid-append
+                continue
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.metrics_path)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.world.main:
@@ -365,6 +374,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)
         if self.world.main:
             remove_partial(self.run_dir)  # a save a crash interrupted; no rank writes one yet
+            self._truncate_metrics()  # records past the step this run starts from are written again
         distributed.barrier(self.world)
         self.model.train()
         self.on_event(

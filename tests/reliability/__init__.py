@@ -1,0 +1,10 @@
+"""Reliability campaigns: lmlab attacked the way its users' systems get attacked, with figures.
+
+    python -m tests.reliability crash --kills 50          # kill -9 training runs, resume, compare weights
+
+`crash` (crash.py) kills `lmlab pretrain` runs with SIGKILL in the middle of training steps,
+evaluations and checkpoint writes, one process and two (torchrun), resumes each run until it
+finishes, and requires the final weights to equal an uninterrupted run's bit for bit. A small
+subset runs in the default test suite (tests/test_reliability.py); docs/reliability.md has the
+figures of the full campaigns and the commands that produced them.
+"""

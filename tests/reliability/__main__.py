@@ -1,0 +1,51 @@
+"""python -m tests.reliability CAMPAIGN ...: run a reliability campaign and print its figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m tests.reliability", description=__doc__)
+    sub = ap.add_subparsers(dest="campaign", required=True)
+    c = sub.add_parser("crash", help="kill -9 training runs in steps, evaluations and checkpoint writes; resume")
+    c.add_argument("--kills", type=int, default=50, help="kills that land, for each process count")
+    c.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (2: torchrun, ddp)")
+    c.add_argument("--steps", type=int, default=24, help="training steps of every run")
+    c.add_argument("--per-trial", type=int, default=5, help="kills before a run is left to finish")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--work", help="folder for the runs (default: a temporary one)")
+    c.add_argument("--json", help="also write the figures here")
+    a = ap.parse_args()
+
+    import torch
+
+    from . import crash
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, python {sys.version.split()[0]}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        for n in a.processes:
+            r = crash.campaign(work, a.kills, n, a.steps, a.per_trial, a.seed)
+            results.append(r)
+            print(
+                f"{n} process(es): {r['kills']} kills landed ({', '.join(f'{k} {v}' for k, v in r['landed'].items())}),"
+                f" {r['missed']} after the run ended; {r['trials']} runs, {r['lives']} lives;"
+                f" final weights equal to the uninterrupted run's in {r['weights_equal']} of {r['trials']};"
+                f" {len(r['failures'])} problems; {r['minutes']} min"
+            )
+            for f in r["failures"]:
+                print("  PROBLEM:", f)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+    sys.exit(1 if any(r["failures"] for r in results) else 0)
+
+
+if __name__ == "__main__":
+    main()

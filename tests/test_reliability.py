@@ -1,0 +1,134 @@
+"""Crash safety: runs killed with SIGKILL resume to the uninterrupted run's weights (a small subset of
+`python -m tests.reliability crash`), checkpoints carry checksums and a bad one is skipped, a full disk
+leaves the previous checkpoint, and the defects the campaign found stay fixed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reliability import crash
+from safetensors.torch import load_file
+
+from lmlab.errors import CheckpointError
+from lmlab.pretrain import PretrainConfig, pretrain
+from lmlab.train.checkpoint import verify_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The crash campaign's corpus, tokenizer and settings, for 8 steps (checkpoints at 4 and 8)."""
+    return crash.prepare(tmp_path_factory.mktemp("reliability"), steps=8)
+
+
+def _pc(base, out, **train) -> PretrainConfig:
+    d = json.loads(json.dumps(base))
+    d["out"], d["resume"] = str(out), True
+    d["train"].update(train)
+    return PretrainConfig.from_dict(d)
+
+
+def _steps(run: Path) -> list[int]:
+    return [
+        r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_runs_killed_in_steps_evaluations_and_checkpoint_writes_resume_to_the_same_weights(tmp_path, processes):
+    r = crash.campaign(tmp_path, kills=3, processes=processes, steps=12, per_trial=3, seed=1)
+    assert r["failures"] == []
+    assert r["kills"] == 3 and r["weights_equal"] == r["trials"] == 1
+    aimed = [k["aimed"] for t in r["trial_records"] for k in t["kills"]]
+    assert aimed == ["step", "eval", "save"]
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, base):
+    pretrain(_pc(base, tmp_path / "whole"))
+    run = tmp_path / "run"
+    pretrain(_pc(base, run, max_steps=8))  # checkpoints at steps 4 and 8
+    ckpts = run / "checkpoints"
+    weights = ckpts / "step-00000008" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: its SHA-256 differs from the manifest's"):
+        verify_checkpoint(ckpts / "step-00000008")
+    notes = []
+    summary = pretrain(
+        _pc(base, run, max_steps=8), lambda kind, info: notes.append(info["text"]) if kind == "note" else 0
+    )
+    assert summary["resumed"] and summary["steps"] == 8
+    assert any("skipping checkpoint step-00000008" in n and "model.safetensors" in n for n in notes), notes
+    assert "resuming from step-00000004, the newest good checkpoint" in notes
+    assert _same_weights(run, tmp_path / "whole")  # steps 5-8 trained again, to the same weights
+    assert _steps(run) == list(range(1, 9))
+
+
+def test_a_truncated_or_missing_file_is_named_and_no_good_checkpoint_is_an_error(tmp_path, base):
+    run = tmp_path / "run"
+    pretrain(_pc(base, run))
+    ckpts = run / "checkpoints"
+    opt = ckpts / "step-00000008" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: 100 bytes, the manifest says \d+: truncated"):
+        verify_checkpoint(ckpts / "step-00000008")
+    (ckpts / "step-00000004" / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no good checkpoint: .*optimizer.pt: 100 bytes.*state.pt: missing"):
+        pretrain(_pc(base, run, max_steps=10))
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, base):
+    run = tmp_path / "run"
+    pretrain(_pc(base, run, max_steps=4))
+    size = (run / "checkpoints" / "step-00000004" / "optimizer.pt").stat().st_size
+    config = tmp_path / "more.json"
+    config.write_text(json.dumps(_pc(base, run, max_steps=8).to_dict()))
+    code = (
+        "import json, resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))  # no file may grow that large\n"
+        "from lmlab.pretrain import PretrainConfig, pretrain\n"
+        "pretrain(PretrainConfig.from_dict(json.load(open(sys.argv[1]))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "CheckpointError: step 8: the checkpoint could not be written" in done.stderr, done.stderr[-2000:]
+    assert f"may not write files over {size // 2:,} bytes (ulimit -f)" in done.stderr
+    assert "MiB free there" in done.stderr and "step-00000004 is intact" in done.stderr
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000004"]  # no partial folder
+    verify_checkpoint(ckpts / "step-00000004")
+    assert pretrain(_pc(base, run, max_steps=8))["steps"] == 8  # with room again, it resumes
+
+
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_logged_twice(tmp_path, base):
+    """Found by the crash campaign: a run killed before its first checkpoint started over, but its
+    first life's records stayed in metrics.jsonl, so steps 1, 2 appeared twice."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [{"step": s, "split": "train", "loss": 9.0} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale) + '{"step": 3, "spl')
+    pretrain(_pc(base, run, max_steps=3))
+    assert _steps(run) == [1, 2, 3]
+    assert all(r["loss"] != 9.0 for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_a_metrics_line_torn_by_a_kill_does_not_stop_the_resume(tmp_path, base):
+    """A kill in the middle of a metrics append leaves half a line; resuming dropped it only after
+    reading it as JSON, and failed there."""
+    run = tmp_path / "run"
+    pretrain(_pc(base, run, max_steps=4))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "split": "tr')
+    assert pretrain(_pc(base, run, max_steps=6))["steps"] == 6
+    assert _steps(run) == list(range(1, 7))
+    assert torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["step"] == 6

@@ -15,9 +15,9 @@ import torch.distributed.checkpoint as dcp
 import lmlab
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.pretrain import PretrainConfig, pretrain
-from lmlab.train.checkpoint import write_manifest
 from lmlab.settings import TrainConfig
 from lmlab.train import sharded
+from lmlab.train.checkpoint import write_manifest
 
 TOKENIZER: list[str] = []  # set by the `tokenizer` fixture
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0}

@@ -198,7 +198,7 @@ def campaign(work: Path, kills: int, processes: int, steps: int = 24, per_trial:
         out, config, markers = folder(f"trial-{len(trials):03d}")
         log = work / f"trial-{len(trials):03d}.log"
         record = {"kills": [], "lives": 0}
-        for j in range(min(per_trial, kills - sum(landed.values()))):
+        for _ in range(min(per_trial, kills - sum(landed.values()))):
             phase = PHASES[aimed % len(PHASES)]  # the three phases in turn
             aimed += 1
             aim = {"phase": phase, "occurrence": rng.randint(1, 3), "delay": rng.uniform(0, length[phase])}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability import crash
+from reliability import crash, hostile
 from safetensors.torch import load_file
 
 from lmlab.errors import CheckpointError
@@ -132,3 +132,12 @@ def test_a_metrics_line_torn_by_a_kill_does_not_stop_the_resume(tmp_path, base):
     assert pretrain(_pc(base, run, max_steps=6))["steps"] == 6
     assert _steps(run) == list(range(1, 7))
     assert torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.parametrize("case", list(hostile.CASES))
+def test_a_hostile_model_folder_is_refused_by_name_before_anything_runs(tmp_path, case):
+    r = hostile.attack(tmp_path / "model", case)
+    assert r["error_type"] == "CheckpointError", r
+    assert r["refused"], f"{r['error']!r} does not match {hostile.CASES[case][1]!r}"
+    assert not r["code_ran"]
+    assert r["seconds"] < 5 and r["rss_growth_mb"] < 200  # refused before the sizes it names are allocated

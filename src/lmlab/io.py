@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmlab import hf
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # 1: the first format. 2: MoE layers made of parts (router.gate, experts.w_up, zero_compute, Soft MoE's slots)
 FORMAT_VERSION = 2
 CONFIG = "config.json"
+MAX_LAYERS = 10_000  # more than any model has; a config.json asking for more is refused before building
 
 
 def _v1_to_v2(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -122,34 +123,65 @@ def load_config(name_or_folder: str | os.PathLike[str]) -> ModelConfig:
     return hf.config_from_hf(raw, str(folder / CONFIG))
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _header(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a safetensors file declares, read from its header alone (the
+    library checks the header's length, dtypes and offsets against the file before any tensor exists)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _load_safetensors(file: Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; with `expected` (name -> shape), a file that declares another
+    shape for a known name is refused from its header, before its tensors are read."""
+    if expected is not None:
+        for k, shape in _header(file).items():
+            if k in expected and tuple(expected[k]) != shape:
+                raise CheckpointError(
+                    f"{file}: tensor {k!r} has shape {shape}, but config.json implies {tuple(expected[k])}"
+                )
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The folder's tensors and the name of the file(s) they came from."""
+def _inside(folder: Path, name: Any, source: Path) -> Path:
+    """`folder / name` for a file an index names, refused when it would lie outside the folder
+    (an absolute path, `..`, or a symbolic link that leads out)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{source}: names the file {name!r}, which is not a file name inside {folder}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{source}: {name!r} leads outside {folder} (to {path.resolve()})")
+    return path
+
+
+def read_weights(folder: Path, expected: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The folder's tensors and the name of the file(s) they came from. `expected` (name -> shape):
+    safetensors files that declare other shapes are refused before their tensors are read."""
     single, index, binary = (
         folder / "model.safetensors",
         folder / "model.safetensors.index.json",
         folder / "pytorch_model.bin",
     )
     if single.is_file():
-        return _load_safetensors(single), str(single)
+        return _load_safetensors(single, expected), str(single)
     if (folder / "dcp" / ".metadata").is_file():  # a sharded training checkpoint (lmlab.train.sharded)
         from lmlab.train.sharded import read_model_weights
 
         return read_model_weights(folder), str(folder / "dcp")
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            names = json.loads(index.read_text())["weight_map"].values()
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
+        shards = {str(_inside(folder, name, index)) for name in names}  # every name checked before any read
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(_load_safetensors(folder / shard))
+        for shard in sorted(shards):
+            state.update(_load_safetensors(Path(shard), expected))
         return state, str(index)
     if binary.is_file():
         try:
@@ -171,9 +203,35 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     )
 
 
-def _build(cfg: ModelConfig) -> Model:
-    with torch.device("meta"):  # allocate nothing before the real weights arrive
+def _build(cfg: ModelConfig, source: str) -> Model:
+    """The model on the meta device (nothing allocated before the real weights arrive), refused when
+    config.json describes more than this machine's available memory could hold: first from a lower
+    bound (embeddings, attention and a dense FFN per layer), so that absurd sizes are refused before
+    even the meta build, then from the meta model's exact tensors."""
+    from lmlab.runtime import available_memory
+
+    layers = cfg.n_layers + (cfg.decoder_layers if cfg.spec.seq2seq else 0)
+    if layers > MAX_LAYERS:
+        raise CheckpointError(f"{source}: {layers:,} layers; lmlab builds at most {MAX_LAYERS:,}")
+    have = available_memory()
+    floor = 4 * (cfg.vocab_size * cfg.d_model + layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff))
+    if have is not None and floor > have:
+        raise CheckpointError(
+            f"{source}: describes a model of at least {floor / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} "
+            f"GiB of memory available (vocab_size={cfg.vocab_size:,}, d_model={cfg.d_model:,}, "
+            f"d_ff={cfg.d_ff:,}, layers={layers:,})"
+        )
+    with torch.device("meta"):
         model = Model(cfg)
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if cfg.position == "sinusoidal":  # a table built at load time, not saved
+        need += cfg.max_seq_len * cfg.d_model * 4
+    if have is not None and need > have:
+        raise CheckpointError(
+            f"{source}: describes a model of {model.num_parameters():,} parameters ({need / 2**30:,.1f} GiB), more "
+            f"than the {have / 2**30:,.1f} GiB of memory available (vocab_size={cfg.vocab_size:,}, "
+            f"d_model={cfg.d_model:,}, n_layers={cfg.n_layers:,}, max_seq_len={cfg.max_seq_len:,})"
+        )
     return model
 
 
@@ -209,13 +267,15 @@ def load(
             cfg = ModelConfig.from_dict(raw.get("model", {}), source=cfg_source)
         except (ConfigError, TypeError) as e:
             raise CheckpointError(f"{cfg_source}: {e}") from None
-        state, source = read_weights(folder)
+        model = _build(cfg, cfg_source)
+        current = raw["lmlab_format"] == FORMAT_VERSION  # older formats name some tensors otherwise
+        state, source = read_weights(folder, {k: v.shape for k, v in model.state_dict().items()} if current else None)
         state = migrate(state, cfg, raw["lmlab_format"], cfg_source)
-        model = _adopt(_build(cfg), state, source)
+        model = _adopt(model, state, source)
     else:
         cfg = hf.config_from_hf(raw, cfg_source)
+        model = _build(cfg, cfg_source)
         state, source = read_weights(folder)
-        model = _build(cfg)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         converted, unexpected = hf.hf_to_lmlab(state, cfg, raw["model_type"], expected, source)
         if unexpected:

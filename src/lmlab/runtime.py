@@ -67,3 +67,17 @@ def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether the CPU multiplies bf16 natively (AMX or AVX-512-bf16)."""
     flags = cpu_flags() if flags is None else flags
     return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have now (Linux MemAvailable; None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,10 +1,13 @@
 """Reliability campaigns: lmlab attacked the way its users' systems get attacked, with figures.
 
     python -m tests.reliability crash --kills 50          # kill -9 training runs, resume, compare weights
+    python -m tests.reliability hostile                   # model folders broken on purpose, each refused
 
 `crash` (crash.py) kills `lmlab pretrain` runs with SIGKILL in the middle of training steps,
 evaluations and checkpoint writes, one process and two (torchrun), resumes each run until it
-finishes, and requires the final weights to equal an uninterrupted run's bit for bit. A small
+finishes, and requires the final weights to equal an uninterrupted run's bit for bit. `hostile`
+(hostile.py) breaks model folders (safetensors headers, offsets, shapes, dtypes, index paths,
+pickles, absurd config.json sizes) and requires each to be refused by name. A small
 subset runs in the default test suite (tests/test_reliability.py); docs/reliability.md has the
 figures of the full campaigns and the commands that produced them.
 """

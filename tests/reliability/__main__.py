@@ -21,7 +21,11 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--work", help="folder for the runs (default: a temporary one)")
     c.add_argument("--json", help="also write the figures here")
+    h = sub.add_parser("hostile", help="load model folders broken on purpose; each must be refused by name")
+    h.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    if a.campaign == "hostile":
+        sys.exit(hostile_campaign(a.json))
 
     import torch
 
@@ -45,6 +49,25 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(1 if any(r["failures"] for r in results) else 0)
+
+
+def hostile_campaign(json_path: str | None) -> int:
+    from . import hostile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(hostile.CASES):
+            r = hostile.attack(Path(tmp) / f"case-{i:02d}", name)
+            rows.append(r)
+            verdict = "refused" if r["refused"] and not r["code_ran"] else "NOT REFUSED AS EXPECTED"
+            print(
+                f"{name}: {verdict} in {r['seconds']:.3f} s, RSS +{r['rss_growth_mb']} MB: {r['error_type']}: {r['error']}"
+            )
+    bad = [r for r in rows if not r["refused"] or r["code_ran"]]
+    print(f"{len(rows)} hostile folders, {len(rows) - len(bad)} refused with an error naming the file and the problem")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

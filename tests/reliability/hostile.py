@@ -143,7 +143,13 @@ def a_billion_layers(folder: Path) -> None:
 
 
 def a_sinusoidal_table_of_a_trillion_positions(folder: Path) -> None:
+    """A consistent sinusoidal-position folder (no position weights: the table is built at load time)."""
+    from safetensors.torch import load_file, save_file
+
     _config(folder, position="sinusoidal", max_seq_len=10**12)
+    state = load_file(str(folder / "model.safetensors"))
+    state.pop("decoder.pos_embed.weight")
+    save_file(state, str(folder / "model.safetensors"))
 
 
 def config_that_is_not_json(folder: Path) -> None:
@@ -178,7 +184,8 @@ def attack(folder: Path, name: str) -> dict:
     import lmlab
 
     breaker, pattern = CASES[name]
-    breaker(good(folder))
+    lmlab.load(good(folder))  # the good folder loads (and the loading code is imported before timing)
+    breaker(folder)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     try:

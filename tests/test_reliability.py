@@ -14,6 +14,7 @@ import torch
 from reliability import crash, hostile
 from safetensors.torch import load_file
 
+import lmlab
 from lmlab.errors import CheckpointError
 from lmlab.pretrain import PretrainConfig, pretrain
 from lmlab.train.checkpoint import verify_checkpoint
@@ -63,6 +64,8 @@ def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, b
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model.safetensors: its SHA-256 differs from the manifest's"):
         verify_checkpoint(ckpts / "step-00000008")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: its SHA-256 differs"):
+        lmlab.load(ckpts / "step-00000008")  # loading a checkpoint as a model checks it too
     notes = []
     summary = pretrain(
         _pc(base, run, max_steps=8), lambda kind, info: notes.append(info["text"]) if kind == "note" else 0

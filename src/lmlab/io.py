@@ -262,6 +262,10 @@ def load(
     folder = resolve(path_or_id)
     raw = read_config(folder)
     cfg_source = str(folder / CONFIG)
+    if (folder / "manifest.json").is_file():  # a training checkpoint: its files as they were written
+        from lmlab.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(folder)
     if "lmlab_format" in raw:
         try:
             cfg = ModelConfig.from_dict(raw.get("model", {}), source=cfg_source)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability import crash, hostile
+from reliability import crash, fuzz, hostile
 from safetensors.torch import load_file
 
 import lmlab
@@ -144,3 +144,53 @@ def test_a_hostile_model_folder_is_refused_by_name_before_anything_runs(tmp_path
     assert r["refused"], f"{r['error']!r} does not match {hostile.CASES[case][1]!r}"
     assert not r["code_ran"]
     assert r["seconds"] < 5 and r["rss_growth_mb"] < 200  # refused before the sizes it names are allocated
+
+
+@pytest.mark.parametrize("reader", list(fuzz.READERS))
+def test_a_reader_fed_random_and_mutated_files_raises_only_lmlab_errors(reader):
+    r = fuzz.campaign(reader, examples=40)
+    assert r["defects"] == []
+    assert r["examples"] == 40 and r["lmlab_errors"] > 0  # the inputs reached the reader's checks
+
+
+@pytest.mark.parametrize(
+    "reader",
+    ["classification TSV", "classification CSV", "CoNLL", "SQuAD JSON", "seq2seq JSONL", "chat JSONL", "YAML config"],
+)
+def test_a_task_file_that_is_not_utf8_names_the_file_line_and_byte(tmp_path, reader):
+    """Found by the fuzzer: these readers let UnicodeDecodeError out (the corpus reader did not)."""
+    r = fuzz.READERS[reader]
+    data = r.valid()
+    cut = data.index(b"\n") + 1
+    path = tmp_path / ("tokenizer.json" if r.read is fuzz._tokenizer else f"input{r.suffix}")
+    path.write_bytes(data[:cut] + b"\xff" + data[cut:])
+    with pytest.raises(
+        lmlab.LmlabError, match=rf"{path.name}: line 2, byte offset {cut}: not valid UTF-8 \(byte 0xff\)"
+    ):
+        r.read(path)
+
+
+def test_a_gzip_corpus_corrupted_inside_its_stream_is_a_data_error(tmp_path):
+    """Found by the fuzzer: a gzip file whose compressed stream is damaged let zlib.error out."""
+    from lmlab.data.corpus import read_documents
+    from lmlab.errors import DataError
+
+    path = tmp_path / "corpus.txt.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00j\xa5\x0fk\x02\xff\xff")  # the fuzzer's minimal input
+    with pytest.raises(DataError, match=r"corpus.txt.gz: not a readable gzip file"):
+        list(read_documents(path))
+
+
+def test_a_yaml_config_whose_keys_are_not_text_is_a_config_error(tmp_path):
+    """Found by the fuzzer: `&amily: decoder` (a YAML anchor) makes a key None, and sorting the names
+    of the unknown settings raised TypeError."""
+    from lmlab.errors import ConfigError
+    from lmlab.settings import load_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("&amily: decoder\nseq_len: 64\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: setting names are text; found None"):
+        PretrainConfig.from_dict(load_yaml(path), str(path))
+    path.write_text("family: decoder\ntrain: 5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: expected a mapping of train settings, found int"):
+        PretrainConfig.from_dict(load_yaml(path), str(path))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config import option
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -116,7 +116,12 @@ class TrainConfig:
         return "sharded" if self.parallel == "fsdp" or self.expert_parallel > 1 else "full"
 
 
-def _check_names(cls: type, d: dict[str, Any], source: str, what: str = "setting") -> None:
+def _check_names(cls: type, d: Any, source: str, what: str = "setting") -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of {what}s, found {type(d).__name__}")
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{source}: {what} names are text; found {odd[0]!r} ({type(odd[0]).__name__})")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -220,10 +225,14 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML mapping of settings, or a ConfigError naming the file and line."""
     import yaml
 
+    from lmlab.data.corpus import read_utf8
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        data = yaml.safe_load(read_utf8(path)) or {}
+    except DataError as e:  # not UTF-8
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"

@@ -2,12 +2,15 @@
 
     python -m tests.reliability crash --kills 50          # kill -9 training runs, resume, compare weights
     python -m tests.reliability hostile                   # model folders broken on purpose, each refused
+    python -m tests.reliability fuzz --examples 2000      # every reader on random and mutated files
 
 `crash` (crash.py) kills `lmlab pretrain` runs with SIGKILL in the middle of training steps,
 evaluations and checkpoint writes, one process and two (torchrun), resumes each run until it
 finishes, and requires the final weights to equal an uninterrupted run's bit for bit. `hostile`
 (hostile.py) breaks model folders (safetensors headers, offsets, shapes, dtypes, index paths,
-pickles, absurd config.json sizes) and requires each to be refused by name. A small
+pickles, absurd config.json sizes) and requires each to be refused by name. `fuzz` (fuzz.py) feeds
+every data reader random and mutated files through hypothesis and allows only lmlab's own errors
+out. A small
 subset runs in the default test suite (tests/test_reliability.py); docs/reliability.md has the
 figures of the full campaigns and the commands that produced them.
 """

@@ -23,9 +23,14 @@ def main() -> None:
     c.add_argument("--json", help="also write the figures here")
     h = sub.add_parser("hostile", help="load model folders broken on purpose; each must be refused by name")
     h.add_argument("--json", help="also write the figures here")
+    f = sub.add_parser("fuzz", help="every reader on random and mutated files; only lmlab's own errors may come out")
+    f.add_argument("--examples", type=int, default=2000, help="inputs per reader")
+    f.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
     if a.campaign == "hostile":
         sys.exit(hostile_campaign(a.json))
+    if a.campaign == "fuzz":
+        sys.exit(fuzz_campaign(a.examples, a.json))
 
     import torch
 
@@ -68,6 +73,26 @@ def hostile_campaign(json_path: str | None) -> int:
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     return 1 if bad else 0
+
+
+def fuzz_campaign(examples: int, json_path: str | None) -> int:
+    from . import fuzz
+
+    rows = []
+    for name in fuzz.READERS:
+        r = fuzz.campaign(name, examples)
+        rows.append(r)
+        print(
+            f"{name}: {r['examples']} inputs, {r['accepted']} read, {r['lmlab_errors']} refused with lmlab's errors, {len(r['defects'])} defects"
+        )
+        for d in r["defects"]:
+            print(f"  DEFECT: {d['problem']} (input {d['input'][:80]!r})")
+    print(
+        f"{sum(r['examples'] for r in rows):,} inputs over {len(rows)} readers, {sum(len(r['defects']) for r in rows)} defects"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if any(r["defects"] for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -51,6 +52,23 @@ def corpus_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """A whole text file, or a DataError naming the file, the line and the byte that is not UTF-8."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: line {line}, byte offset {e.start}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+            "convert the file to UTF-8"
+        ) from None
+
+
 def _is_jsonl(path: Path) -> bool:
     name = path.name.removesuffix(".gz")
     return name.endswith((".jsonl", ".json"))
@@ -79,8 +97,8 @@ def _lines(path: Path, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple
                     ) from None
                 offset += len(raw)
                 yield number, text.rstrip("\r\n")
-    except (OSError, EOFError) as e:
-        if isinstance(e, gzip.BadGzipFile) or "gzip" in str(e).lower() or isinstance(e, EOFError):
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip stream corrupted inside
+        if isinstance(e, (gzip.BadGzipFile, EOFError, zlib.error)) or "gzip" in str(e).lower():
             raise DataError(f"{path}: not a readable gzip file ({e})") from None
         raise DataError(f"{path}: cannot be read ({e})") from None
 

@@ -4,6 +4,7 @@ trainer, the special tokens around a text, and evaluation passes over fixed batc
 from __future__ import annotations
 
 import csv
+import io
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from lmlab.config import ModelConfig
+from lmlab.data.corpus import read_utf8
 from lmlab.errors import DataError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
@@ -149,7 +151,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: no such file")
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -160,7 +162,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 rows.append((n, record))
     else:
         delimiter = "," if path.suffix == ".csv" else "\t"
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(read_utf8(path), newline="") as f:
             reader = csv.reader(
                 f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             )

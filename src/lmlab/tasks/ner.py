@@ -15,6 +15,7 @@ import torch
 
 from lmlab import metrics
 from lmlab.config import ModelConfig
+from lmlab.data.corpus import read_utf8
 from lmlab.errors import DataError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
@@ -28,7 +29,7 @@ def read_conll(path: str | Path, need_labels: bool = True) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     sentences, words, tags, start = [], [], [], 1
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], 1):
+    for n, line in enumerate(read_utf8(path).splitlines() + [""], 1):
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
             if words:

@@ -19,6 +19,7 @@ import torch
 
 from lmlab import metrics
 from lmlab.config import ModelConfig
+from lmlab.data.corpus import read_utf8
 from lmlab.errors import ConfigError, DataError
 from lmlab.model import Model
 from lmlab.tasks.base import Setup, Task, batches_of, outputs, specials
@@ -40,7 +41,7 @@ def read_squad(path: str | Path) -> list[QAExample]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     out = []

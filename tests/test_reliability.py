@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability import crash, fuzz, hostile
+from reliability import crash, fuzz, hostile, server
 from safetensors.torch import load_file
 
 import lmlab
@@ -194,3 +194,50 @@ def test_a_yaml_config_whose_keys_are_not_text_is_a_config_error(tmp_path):
     path.write_text("family: decoder\ntrain: 5\n")
     with pytest.raises(ConfigError, match=r"run.yaml: expected a mapping of train settings, found int"):
         PretrainConfig.from_dict(load_yaml(path), str(path))
+
+
+def test_a_thousand_malformed_requests_get_4xx_and_the_server_stays_healthy():
+    r = server.campaign(1000, seed=3)
+    assert r["defects"] == [] and r["healthy_after"]
+    assert set(r["statuses"]) <= {"200", "400", "404", "413", "422"} and r["statuses"]["400"] > 500
+
+
+def test_requests_that_stopped_the_engine_or_broke_a_500_out_are_400s(tmp_path):
+    """Found by the server campaign: a seed beyond what torch's generator takes (10**30) raised in the
+    engine thread and stopped the engine, so every later request got 503; a lone surrogate ("\\ud800")
+    in a prompt or an input was a 500."""
+    with server.serving(tmp_path) as client:
+        for seed in (10**30, "9" * 30, 1e30):  # pydantic takes "999..." and 1e30 as integers too
+            r = client.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "in the", "max_tokens": 2, "seed": seed}
+            )
+            assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+            assert client.get("/health").status_code == 200
+        for path, body in [
+            ("/v1/completions", '{"model": "tiny", "prompt": "in \\ud800 the", "max_tokens": 2}'),
+            ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+            ("/v1/embeddings", '{"model": "tiny", "input": ["ok", "\\udfff"]}'),
+        ]:
+            r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.text)
+            assert "not valid Unicode text" in r.json()["error"]["message"]
+        ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "in the", "max_tokens": 2, "seed": 7})
+        assert ok.status_code == 200 and client.get("/health").status_code == 200
+
+
+def test_the_engine_refuses_a_seed_it_cannot_use_in_the_callers_thread(tiny_pretrained):
+    """The engine behind the server: the same seed, given through the Python API, is refused by
+    submit() instead of stopping the engine thread."""
+    from lmlab.serve.engine import Engine, Request, Sampling
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    model, tok = lmlab.load(folder).eval(), load_tokenizer(folder)
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        bad = Request(tok.encode("the", add_special_tokens=False), Sampling(max_tokens=2, seed=10**30), lambda d: None)
+        with pytest.raises(ValueError, match="seed 1000000000000000000000000000000 cannot seed a generator"):
+            engine.submit(bad)
+        assert engine.alive
+    finally:
+        engine.stop()

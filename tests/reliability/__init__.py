@@ -3,6 +3,7 @@
     python -m tests.reliability crash --kills 50          # kill -9 training runs, resume, compare weights
     python -m tests.reliability hostile                   # model folders broken on purpose, each refused
     python -m tests.reliability fuzz --examples 2000      # every reader on random and mutated files
+    python -m tests.reliability server --requests 10000   # malformed bodies against lmlab serve
 
 `crash` (crash.py) kills `lmlab pretrain` runs with SIGKILL in the middle of training steps,
 evaluations and checkpoint writes, one process and two (torchrun), resumes each run until it

@@ -26,7 +26,23 @@ def main() -> None:
     f = sub.add_parser("fuzz", help="every reader on random and mutated files; only lmlab's own errors may come out")
     f.add_argument("--examples", type=int, default=2000, help="inputs per reader")
     f.add_argument("--json", help="also write the figures here")
+    v = sub.add_parser("server", help="malformed request bodies against lmlab serve; no 5xx, still healthy")
+    v.add_argument("--requests", type=int, default=10000)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    if a.campaign == "server":
+        from . import server
+
+        r = server.campaign(a.requests, a.seed)
+        print(
+            f"{r['requests']:,} malformed requests in {r['seconds']} s: statuses {r['statuses']}; healthy after: {r['healthy_after']}; {len(r['defects'])} defects"
+        )
+        for d in r["defects"]:
+            print(f"  DEFECT: {d['problem']} (body {d['body'][:100]!r})")
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
+        sys.exit(1 if r["defects"] or not r["healthy_after"] else 0)
     if a.campaign == "hostile":
         sys.exit(hostile_campaign(a.json))
     if a.campaign == "fuzz":

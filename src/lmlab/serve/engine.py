@@ -181,6 +181,13 @@ class Engine:
         return self.cfg.max_seq_len
 
     def submit(self, req: Request) -> None:
+        """Queue a request (QueueFull when the queue is full). Its settings are checked here, in the
+        caller's thread: a seed torch's generator cannot take would otherwise stop the engine."""
+        if req.sampling.seed is not None:
+            try:
+                torch.Generator().manual_seed(req.sampling.seed)
+            except (ValueError, RuntimeError, OverflowError, TypeError) as e:
+                raise ValueError(f"seed {req.sampling.seed!r} cannot seed a generator ({e})") from None
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")

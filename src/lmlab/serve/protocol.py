@@ -4,13 +4,46 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
-class _Body(BaseModel):
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The path of the first string in a JSON value that is not valid Unicode (JSON's "\\ud800" escape
+    decodes to a lone surrogate, which no tokenizer or UTF-8 encoder takes), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class _Request(BaseModel):
+    """Every request body: its strings must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where:
+            raise ValueError(f"{where}: not valid Unicode text (a lone surrogate such as \\ud800)")
+        return data
+
+
+class _Body(_Request):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields lmlab ignores (user, ...)
 
     model: str
@@ -18,7 +51,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
@@ -49,7 +82,7 @@ class ChatRequest(_Body):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(_Request):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -58,18 +91,18 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
 
 
-class FillMaskRequest(BaseModel):
+class FillMaskRequest(_Request):
     model: str
     input: str | list[str]  # text with [MASK] (or the tokenizer's own mask token)
     top_k: int = Field(5, ge=1, le=50)
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(_Request):
     model: str
     input: str | list[str | list[str]]  # a text, or [text, text_pair] for a pair task (MRPC-like)
 
 
-class TagRequest(BaseModel):
+class TagRequest(_Request):
     model: str
     input: str | list[str]  # words split on white space
 
@@ -79,7 +112,7 @@ class QAItem(BaseModel):
     context: str = Field(min_length=1)
 
 
-class QARequest(BaseModel):
+class QARequest(_Request):
     model: str
     input: QAItem | list[QAItem]
 

@@ -241,3 +241,28 @@ def test_the_engine_refuses_a_seed_it_cannot_use_in_the_callers_thread(tiny_pret
         assert engine.alive
     finally:
         engine.stop()
+
+
+def test_a_client_that_stalls_while_sending_its_body_gets_408(tmp_path):
+    """A slow client (half a body, then nothing) is answered 408 after --read-timeout instead of
+    holding its connection and a handler for ever; the server keeps answering others."""
+    import socket as sockets
+    import time
+
+    with server.serving(tmp_path, read_timeout=1.0) as client:
+        host, port = client.base_url.host, client.base_url.port
+        with sockets.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n")
+            s.sendall(b"content-length: 100\r\n\r\n" + b'{"model": "tiny", ')
+            t0 = time.monotonic()
+            answer = s.recv(4096).decode("latin-1")
+            waited = time.monotonic() - t0
+            while not answer.rstrip().endswith("}"):  # the body may come in a second packet
+                more = s.recv(4096).decode("latin-1")
+                if not more:
+                    break
+                answer += more
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "nothing for 1 s after 18 bytes" in answer
+        assert 0.9 < waited < 5
+        assert client.get("/health").status_code == 200

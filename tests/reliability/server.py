@@ -102,14 +102,15 @@ def body(rng: random.Random, path: str) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(work: Path) -> Iterator[Any]:
-    """An httpx client of `lmlab serve` (uvicorn in a thread) on the tiny GPT, once /health is 200."""
+def serving(work: Path, **settings: Any) -> Iterator[Any]:
+    """An httpx client of `lmlab serve` (uvicorn in a thread) on the tiny GPT, once /health is 200;
+    `settings` go to ServeConfig."""
     import httpx
     import uvicorn
 
     from lmlab.serve.app import ServeConfig, create_app
 
-    app = create_app(ServeConfig(model=str(folder(work)), name="tiny", dtype="float32"), load_now=True)
+    app = create_app(ServeConfig(model=str(folder(work)), name="tiny", dtype="float32", **settings), load_now=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    p.add_argument(
+        "--read-timeout", type=float, default=30.0, help="seconds a client may stall while sending its body (408)"
+    )
     add_decoding_flags(p)
     p.add_argument(
         "--threads",
@@ -53,6 +56,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         max_body=args.max_body,
+        read_timeout=args.read_timeout,
         dtype=choice["dtype"],
         quantize=choice["quantize"],
         threads=threads,

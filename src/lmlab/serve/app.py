@@ -55,6 +55,7 @@ class ServeConfig:
     max_queue: int = 64
     prefill_chunk: int = 256
     max_body: int = 1 << 20  # bytes
+    read_timeout: float = 30.0  # seconds a client may leave the body unfinished between two chunks (408)
     dtype: str = "auto"  # auto | float32 | bfloat16 (lmlab.quantize.decoding_choice)
     quantize: str = "none"  # none | int8
     threads: int | None = None
@@ -621,8 +622,9 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
 
 # ---- helpers -----------------------------------------------------------------------------------------
 class _Guard:
-    """ASGI middleware: the body size limit (413 before the body is read whole), the API key on /v1/
-    (401; compared in constant time) and per-request metrics. Pure ASGI, so streamed answers pass
+    """ASGI middleware: the body size limit (413 before the body is read whole), a client that stalls
+    while sending its body (408 after `read_timeout`), the API key on /v1/ (401; compared in constant
+    time) and per-request metrics. Pure ASGI, so streamed answers pass
     through untouched and a client's disconnect reaches them."""
 
     def __init__(self, app: Any, cfg: ServeConfig, metrics: Metrics) -> None:
@@ -652,10 +654,14 @@ class _Guard:
             if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
                 msg = "invalid or missing API key (send Authorization: Bearer KEY)"
                 return await reply(APIError(401, msg, code="invalid_api_key"))
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):  # chunked: read up to the limit
+        if scope["method"] in ("POST", "PUT", "PATCH"):  # the whole body first, up to the limit, in time
             chunks, size, more = [], 0, True
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), cfg.read_timeout)
+                except asyncio.TimeoutError:  # a slow or stalled client: its slot is not held forever
+                    msg = f"the body did not arrive: nothing for {cfg.read_timeout:g} s after {size} bytes"
+                    return await reply(APIError(408, msg))
                 if message["type"] == "http.disconnect":
                     return None
                 chunks.append(message.get("body", b""))

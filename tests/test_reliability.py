@@ -266,3 +266,16 @@ def test_a_client_that_stalls_while_sending_its_body_gets_408(tmp_path):
         assert "nothing for 1 s after 18 bytes" in answer
         assert 0.9 < waited < 5
         assert client.get("/health").status_code == 200
+
+
+def test_the_server_binds_this_machine_only_and_answers_no_cross_origin_request_by_default(tmp_path):
+    from lmlab.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--model", "m"]).host == "127.0.0.1"
+    with server.serving(tmp_path) as client:
+        r = client.options(
+            "/v1/completions", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+        )
+        assert "access-control-allow-origin" not in r.headers
+        r = client.get("/v1/models", headers={"origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

@@ -279,3 +279,21 @@ def test_the_server_binds_this_machine_only_and_answers_no_cross_origin_request_
         assert "access-control-allow-origin" not in r.headers
         r = client.get("/v1/models", headers={"origin": "https://evil.example"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_cors_is_on_only_for_the_origins_asked_for(tmp_path):
+    from lmlab.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--cors-origin", "https://app.example"])
+    assert args.cors_origin == ["https://app.example"]
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    with server.serving(tmp_path, cors_origins=["https://app.example"], api_key="sekret") as client:
+        r = client.options("/v1/completions", headers={"origin": "https://app.example", **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = client.options("/v1/completions", headers={"origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in r.headers
+        body = {"model": "tiny", "prompt": "in the", "max_tokens": 2}
+        r = client.post("/v1/completions", json=body, headers={"origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+        auth = {"origin": "https://app.example", "authorization": "Bearer sekret"}
+        assert client.post("/v1/completions", json=body, headers=auth).status_code == 200

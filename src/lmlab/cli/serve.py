@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--read-timeout", type=float, default=30.0, help="seconds a client may stall while sending its body (408)"
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. https://app.example; repeatable; * for any) call the API "
+        "from a browser (default: none, CORS off)",
+    )
     add_decoding_flags(p)
     p.add_argument(
         "--threads",
@@ -57,6 +65,7 @@ def run_serve(args: argparse.Namespace) -> None:
         prefill_chunk=args.prefill_chunk,
         max_body=args.max_body,
         read_timeout=args.read_timeout,
+        cors_origins=args.cors_origin,
         dtype=choice["dtype"],
         quantize=choice["quantize"],
         threads=threads,

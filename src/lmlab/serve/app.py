@@ -60,6 +60,7 @@ class ServeConfig:
     quantize: str = "none"  # none | int8
     threads: int | None = None
     retry_after: int = 1  # seconds, with 429
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API (none)
 
 
 @dataclass
@@ -141,6 +142,15 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         return JSONResponse(APIError(400, str(e)).body(), status_code=400)
 
     app.add_middleware(_Guard, cfg=cfg, metrics=metrics)
+    if cfg.cors_origins:  # outside the guard: a browser's preflight carries no API key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     def ready(model: str | None = None) -> None:
         if not state.loaded.is_set():

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # 1: the first format. 2: MoE layers made of parts (router.gate, experts.w_up, zero_compute, Soft MoE's slots)
 FORMAT_VERSION = 2
 CONFIG = "config.json"
+MANIFEST = "manifest.json"  # a training checkpoint's sizes and SHA-256 of its files (lmlab.train.checkpoint)
 MAX_LAYERS = 10_000  # more than any model has; a config.json asking for more is refused before building
 
 
@@ -214,24 +215,23 @@ def _build(cfg: ModelConfig, source: str) -> Model:
     if layers > MAX_LAYERS:
         raise CheckpointError(f"{source}: {layers:,} layers; lmlab builds at most {MAX_LAYERS:,}")
     have = available_memory()
+
+    def check(need: int, what: str, sizes: str) -> None:
+        if have is not None and need > have:
+            raise CheckpointError(
+                f"{source}: describes a model of {what} ({need / 2**30:,.1f} GiB), more than the "
+                f"{have / 2**30:,.1f} GiB of memory available ({sizes})"
+            )
+
     floor = 4 * (cfg.vocab_size * cfg.d_model + layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff))
-    if have is not None and floor > have:
-        raise CheckpointError(
-            f"{source}: describes a model of at least {floor / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} "
-            f"GiB of memory available (vocab_size={cfg.vocab_size:,}, d_model={cfg.d_model:,}, "
-            f"d_ff={cfg.d_ff:,}, layers={layers:,})"
-        )
+    sizes = f"vocab_size={cfg.vocab_size:,}, d_model={cfg.d_model:,}, d_ff={cfg.d_ff:,}, layers={layers:,}"
+    check(floor, "at least this size", sizes)
     with torch.device("meta"):
         model = Model(cfg)
     need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if cfg.position == "sinusoidal":  # a table built at load time, not saved
         need += cfg.max_seq_len * cfg.d_model * 4
-    if have is not None and need > have:
-        raise CheckpointError(
-            f"{source}: describes a model of {model.num_parameters():,} parameters ({need / 2**30:,.1f} GiB), more "
-            f"than the {have / 2**30:,.1f} GiB of memory available (vocab_size={cfg.vocab_size:,}, "
-            f"d_model={cfg.d_model:,}, n_layers={cfg.n_layers:,}, max_seq_len={cfg.max_seq_len:,})"
-        )
+    check(need, f"{model.num_parameters():,} parameters", f"{sizes}, max_seq_len={cfg.max_seq_len:,}")
     return model
 
 
@@ -262,7 +262,7 @@ def load(
     folder = resolve(path_or_id)
     raw = read_config(folder)
     cfg_source = str(folder / CONFIG)
-    if (folder / "manifest.json").is_file():  # a training checkpoint: its files as they were written
+    if (folder / MANIFEST).is_file():  # a training checkpoint: its files as they were written
         from lmlab.train.checkpoint import verify_checkpoint
 
         verify_checkpoint(folder)

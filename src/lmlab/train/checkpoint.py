@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError
-from lmlab.io import lmlab_config, load_weights_into, save, write_config
+from lmlab.io import MANIFEST, lmlab_config, load_weights_into, save, write_config
 from lmlab.train import sharded
 
 
@@ -51,9 +51,6 @@ def _fsync_tree(folder: Path) -> None:
 
 def _name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-MANIFEST = "manifest.json"
 
 
 def _sha256(path: Path) -> str:

@@ -291,3 +291,186 @@ def test_cors_is_on_only_for_the_origins_asked_for(tmp_path):
         assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
         auth = {"origin": "https://app.example", "authorization": "Bearer sekret"}
         assert client.post("/v1/completions", json=body, headers=auth).status_code == 200
+
+
+# ---- an engine that survives a request's failure --------------------------------------------------------
+class _Die(BaseException):
+    """Not an Exception: what stops the engine (as KeyboardInterrupt would)."""
+
+
+def _poisoned(model, poison: int | None, when, error=RuntimeError):
+    """Make model raise `error` on a call whose input ids hold `poison` (any, with None) and for which
+    when(ids) holds."""
+    forward = model.forward
+
+    def wrapped(input_ids=None, *args, **kw):
+        if input_ids is not None and when(input_ids) and (poison is None or bool((input_ids == poison).any())):
+            raise error(f"poisoned input ({poison})")
+        return forward(input_ids, *args, **kw)
+
+    model.forward = wrapped
+    return forward
+
+
+def _run(engine, prompts, max_tokens=6, seeds=None):
+    """Submit prompts (token id lists) and wait for each to end: {i: (text, finish_reason, error)}."""
+    import threading
+
+    from lmlab.serve.engine import Request, Sampling
+
+    done, out = threading.Event(), {}
+
+    def emit(i):
+        def f(delta):
+            text, _, _ = out.get(i, ("", None, None))
+            out[i] = (text + delta.text, delta.finish_reason, delta.error)
+            if delta.finish_reason is not None and len([v for v in out.values() if v[1]]) == len(prompts):
+                done.set()
+
+        return f
+
+    for i, ids in enumerate(prompts):
+        seed = None if seeds is None else seeds[i]
+        sampling = Sampling(max_tokens=max_tokens, temperature=0 if seed is None else 1.0, seed=seed)
+        engine.submit(Request(ids, sampling, emit(i)))
+    if engine.thread is None:
+        engine.start()
+    assert done.wait(30), out
+    return out
+
+
+@pytest.fixture
+def engine_parts(tiny_pretrained):
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = tiny_pretrained["gpt"]
+    return lmlab.load(folder).eval(), load_tokenizer(folder)
+
+
+def test_a_prompt_that_fails_in_a_group_prefill_fails_alone_and_the_engine_goes_on(engine_parts):
+    """Four waiting prompts are prefilled together; one makes the model raise. Before, the engine
+    died: every request was told "error", the group's other rows never heard anything, and no
+    later request was served. Now the group is retried one by one: only the poisoned request fails,
+    with the reason, the others answer as they do alone, and the engine serves the next request."""
+    from lmlab.serve.engine import Engine
+
+    model, tok = engine_parts
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 99, 12], [13, 14]]
+    alone = {i: _run(Engine(model, tok, max_batch=1), [p])[0] for i, p in enumerate(prompts) if i != 2}
+    _poisoned(model, 99, lambda ids: ids.shape[1] > 1)
+    engine = Engine(model, tok, max_batch=8)
+    passes = []
+    together = engine._prefill_together
+    engine._prefill_together = lambda group: passes.append(len(group)) or together(group)
+    try:
+        out = _run(engine, prompts)
+        assert passes == [4]  # they were tried together first
+        assert out[2][1] == "error" and "prefilling the prompt: RuntimeError: poisoned input (99)" in out[2][2]
+        assert {i: out[i] for i in alone} == alone
+        assert engine.alive and engine.stats()["failed"] == 1
+        assert _run(engine, [[5, 6, 7]]) == {0: alone[0]}
+    finally:
+        engine.stop()
+
+
+def test_a_row_whose_sampling_fails_leaves_the_batch_and_the_others_go_on(engine_parts):
+    from lmlab.serve.engine import Engine
+
+    model, tok = engine_parts
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12]]
+    alone = {i: _run(Engine(model, tok, max_batch=1), [p], seeds=[i + 1])[0] for i, p in enumerate(prompts)}
+    engine = Engine(model, tok, max_batch=8)
+    sample = engine._sample
+    calls = []
+
+    def failing(row, raw):
+        calls.append(row.req.sampling.seed)
+        if row.req.sampling.seed == 2 and calls.count(2) == 3:  # the third token of the second request
+            raise ValueError("probabilities do not sum to one")
+        return sample(row, raw)
+
+    engine._sample = failing
+    try:
+        out = _run(engine, prompts, seeds=[1, 2, 3])
+        assert out[1][1] == "error" and "sampling the next token: ValueError: probabilities" in out[1][2]
+        assert out[0] == alone[0] and out[2] == alone[2]
+        assert out[1][0] == alone[1][0][: len(out[1][0])]  # what it had sent before was right
+        assert engine.alive and engine.stats()["failed"] == 1 and engine.stats()["batch"] == 0
+    finally:
+        engine.stop()
+
+
+def test_a_decoding_step_that_fails_fails_its_rows_only_and_the_server_goes_on(tmp_path):
+    """The batch's shared forward pass raises once (in a decoding step, which may have written part
+    of the KV cache): the requests in that step get a 500 naming the failure, streamed or not, and
+    the server is still healthy and answers the next request as before."""
+    import openai
+
+    with server.serving(tmp_path) as client:
+        state = client.served.state.lmlab
+        body = {"model": "tiny", "prompt": "in the", "max_tokens": 4, "temperature": 0}
+        before = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        armed = [True]  # one failure, in the next decoding step
+
+        def once(ids):
+            return ids.shape[1] == 1 and bool(armed) and armed.pop()
+
+        _poisoned(state.model, None, once)
+        r = client.post("/v1/completions", json={**body, "prompt": "the the"})
+        assert r.status_code == 500, r.text
+        e = r.json()["error"]
+        assert e["code"] == "engine_error" and "a decoding step of 1 request(s): RuntimeError: poisoned" in e["message"]
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == before
+        armed.append(True)  # the same failure in a stream: an error event, which OpenAI's client raises
+        oc = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError, match="a decoding step"):
+            for _ in oc.completions.create(model="tiny", prompt="the the", max_tokens=4, temperature=0, stream=True):
+                pass
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_that_dies_tells_every_request_it_holds_and_takes_no_more(engine_parts):
+    """Before, the requests of a group being prefilled together when the engine died were never told
+    (their clients waited for ever); and a request submitted after the death waited in the queue."""
+    import threading
+
+    from lmlab.serve.engine import Engine, EngineStopped, Request, Sampling
+
+    model, tok = engine_parts
+    _poisoned(model, 99, lambda ids: True, error=_Die)
+    engine = Engine(model, tok, max_batch=2)  # two are prefilled together, the third waits
+    told, done = {}, threading.Event()
+    for i, ids in enumerate([[5, 99], [6, 7], [8, 9]]):
+
+        def emit(delta, i=i):
+            told[i] = (delta.finish_reason, delta.error)
+            if len(told) == 3:
+                done.set()
+
+        engine.submit(Request(ids, Sampling(max_tokens=3, temperature=0), emit))
+    engine.start()
+    assert done.wait(10), told
+    assert all(reason == "error" and "the engine stopped: _Die" in why for reason, why in told.values())
+    engine.thread.join(5)
+    assert not engine.alive
+    with pytest.raises(EngineStopped):
+        engine.submit(Request([5], Sampling(max_tokens=1), lambda d: None))
+
+
+def test_stopping_the_engine_tells_the_requests_still_waiting(engine_parts):
+    """Before, stop() left the rows running and the requests waiting without a last delta."""
+    from lmlab.serve.engine import Engine, Request, Sampling
+
+    model, tok = engine_parts
+    engine = Engine(model, tok, max_batch=1)
+    told = {0: [], 1: []}
+    for i, ids in enumerate(([5, 6], [7, 8])):
+        engine.submit(Request(ids, Sampling(max_tokens=50, temperature=0), lambda d, i=i: told[i].append(d)))
+    engine.start()
+    engine.stop()
+    finals = {i: [d.finish_reason for d in ds if d.finish_reason] for i, ds in told.items()}
+    assert all(len(f) == 1 for f in finals.values()), finals  # each request ends once, one way or another
+    assert "error" in finals[1] and told[1][-1].error == "the engine was stopped"

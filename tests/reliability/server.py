@@ -119,6 +119,7 @@ def serving(work: Path, **settings: Any) -> Iterator[Any]:
     thread.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            client.served = app  # the app behind it, for tests that reach into its state
             deadline = time.time() + 60
             while time.time() < deadline:
                 try:

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmlab.errors import LmlabError
-from lmlab.serve.engine import Delta, Engine, QueueFull, Sampling, TokenInfo
+from lmlab.serve.engine import Delta, Engine, EngineStopped, QueueFull, Sampling, TokenInfo
 from lmlab.serve.engine import Request as EngineRequest
 from lmlab.serve.metrics import Metrics
 from lmlab.serve.protocol import (
@@ -720,8 +720,13 @@ def _event_stream(
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except APIError as e:  # the status line has gone: the error is an event (OpenAI's clients raise it)
+                yield f"data: {json.dumps(e.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if (options or {}).get("include_usage"):
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
@@ -756,6 +761,10 @@ def _submit(engine: Engine, jobs: list[tuple[int, list[int], Sampling]], metrics
             for s in streams:
                 s.req.cancel()
             raise APIError(429, f"the server is busy: {e}; retry later", headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            for s in streams:
+                s.req.cancel()
+            raise APIError(503, str(e)) from None
         streams.append(_Stream(index, req, queue))
     return streams
 
@@ -775,7 +784,7 @@ async def _merge(streams: list[_Stream], request: Request) -> AsyncIterator[tupl
                 s = waiters.pop(fut)
                 delta = fut.result()
                 if delta.finish_reason == "error":
-                    raise APIError(500, "the engine failed while generating")
+                    raise APIError(500, f"generation failed ({delta.error}); the server goes on", code="engine_error")
                 yield s.index, delta
                 if delta.finish_reason is None:
                     waiters[asyncio.ensure_future(s.queue.get())] = s

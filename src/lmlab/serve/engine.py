@@ -7,6 +7,13 @@ stopped at the next step, so the streams already running keep flowing), then run
 for every running row. A row leaves the batch when it finishes (end-of-sequence id, stop
 string, max_tokens) or its client goes away (`Request.cancel`), freeing its slot for the next step.
 
+A failure is confined to the requests it touches, and the engine goes on: a prompt whose prefill
+raises fails alone (a group prefilled together is retried one by one, so only the request that
+fails is told), a row whose sampling raises leaves the batch, and a decoding step that raises fails
+the rows of that step, whose cache it may have left half-written. Each is told with a Delta whose
+finish_reason is "error" and whose `error` says what happened. Only an exception that is not an
+Exception (KeyboardInterrupt, SystemExit) stops the engine; then every request it holds is told.
+
 The batch is one KV cache whose rows are left-padded to a common length: a prompt that joins is padded
 (or the batch is, when the newcomer is longer), every row keeps its own positions, and the attention
 mask hides the padding; columns that no row needs any more are trimmed away. Each row samples with its
@@ -17,6 +24,7 @@ to the longest source in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -35,6 +43,10 @@ from lmlab.model.attention import KVCache, LayerKV
 
 class QueueFull(Exception):
     """The engine's queue is full: try again later (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine has stopped (or died): it takes no more requests (HTTP 503)."""
 
 
 @dataclass
@@ -69,8 +81,9 @@ class Delta:
 
     text: str
     tokens: list[TokenInfo]
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", or "error" (then `error` says why)
     prompt: list[TokenInfo] | None = None  # with Sampling.prompt_logprobs, in the first delta
+    error: str | None = None
 
 
 class Request:
@@ -84,6 +97,7 @@ class Request:
         self.id = Request._next
         self.prompt_ids, self.sampling, self.emit = list(prompt_ids), sampling, emit
         self.cancelled = False
+        self.alone = False  # prefilled on its own (after a group it was part of failed)
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -164,6 +178,7 @@ class Engine:
         self.lock = threading.Condition()
         self.rows: list[_Row] = []
         self.prefilling: _Prefill | None = None
+        self.joining: list[_Row] = []  # rows of a group being prefilled together
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (B, L) bool: real positions of the (decoder) cache
         self.next_pos: torch.Tensor | None = None  # (B, 1)
@@ -172,8 +187,16 @@ class Engine:
         self.src_mask: torch.Tensor | None = None  # (B, S)
         self.thread: threading.Thread | None = None
         self.running = False
-        self.error: BaseException | None = None
-        self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "generated_tokens": 0, "prompt_tokens": 0}
+        self.error: BaseException | None = None  # what stopped the engine, if it died
+        self.last_failure: str | None = None  # the latest failure of a request the engine survived
+        self.counters = {
+            "requests": 0,
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "generated_tokens": 0,
+            "prompt_tokens": 0,
+        }
 
     # ---- the public side (any thread) ----------------------------------------------------------------
     @property
@@ -189,6 +212,10 @@ class Engine:
             except (ValueError, RuntimeError, OverflowError, TypeError) as e:
                 raise ValueError(f"seed {req.sampling.seed!r} cannot seed a generator ({e})") from None
         with self.lock:
+            if self.error is not None or (self.thread is not None and not self.running):
+                raise EngineStopped(
+                    f"the engine has stopped ({self.error!r})" if self.error else "the engine has stopped"
+                )
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(req)
@@ -229,19 +256,50 @@ class Engine:
                         self.lock.wait(timeout=1.0)
                     if not self.running:
                         break
-                with torch.inference_mode():
-                    self._prefill_within(self.prefill_chunk)
-                    if self.rows:
-                        self._decode_step()
+                try:
+                    with torch.inference_mode():
+                        self._prefill_within(self.prefill_chunk)
+                        if self.rows:
+                            self._decode_step()
+                except Exception as e:  # noqa: BLE001  (not confined by the steps' own handlers: all in flight)
+                    self._fail(self._in_flight(), e, "the engine's step")
+                    self._reset_batch()
+                    self.prefilling, self.joining = None, []
                 if self.on_step is not None:
                     self.on_step(len(self.rows))
-        except BaseException as e:  # the engine is dead: /health says so, waiting clients are told
-            self.error = e
-            for row in self.rows + ([self.prefilling.row] if self.prefilling else []):
-                row.req.emit(Delta("", [], "error"))
-            for req in self.waiting:
-                req.emit(Delta("", [], "error"))
+        except BaseException as e:  # the engine is dead: /health says so, every request it holds is told
+            with self.lock:
+                self.error = e
+            self._fail(self._in_flight() + self._drain(), e, "the engine stopped")
             raise
+        self._fail(self._in_flight() + self._drain(), None, "the engine was stopped")
+
+    def _in_flight(self) -> list[Request]:
+        rows = self.rows + self.joining + ([self.prefilling.row] if self.prefilling else [])
+        return [row.req for row in rows]
+
+    def _drain(self) -> list[Request]:
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        return waiting
+
+    def _fail(self, reqs: list[Request], e: BaseException | None, where: str) -> None:
+        """Tell each of `reqs` that it failed (finish_reason "error", and why)."""
+        if not reqs:
+            return
+        why = where if e is None else f"{where}: {type(e).__name__}: {e}"
+        self.last_failure = why
+        for req in reqs:
+            if req.cancelled:
+                self.counters["cancelled"] += 1
+                continue
+            self.counters["failed"] += 1
+            with contextlib.suppress(Exception):  # a client whose loop is gone cannot be told
+                req.emit(Delta("", [], "error", error=why))
+
+    def _reset_batch(self) -> None:
+        self.rows = []
+        self.cache = self.mask = self.next_pos = self.logits = self.memory = self.src_mask = None
 
     def _next_request(self) -> Request | None:
         """The first waiting request, if a slot is free (cancelled ones are dropped on the way)."""
@@ -261,15 +319,39 @@ class Engine:
             if self.prefilling is None:
                 group = self._take_group(budget)
                 if len(group) > 1:
-                    budget -= self._prefill_together(group)
+                    try:
+                        budget -= self._prefill_together(group)
+                    except Exception:  # noqa: BLE001  (each is tried alone: only the one that fails is told)
+                        self._regroup(group)
+                        budget -= 1
                     continue
                 req = group[0] if group else self._next_request()
                 if req is None:
                     return
-                self._begin(req)
-            budget -= self._prefill_step(budget)
+                try:
+                    self._begin(req)
+                except Exception as e:  # noqa: BLE001
+                    self._fail([req], e, "starting the request")
+                    continue
+            req = self.prefilling.row.req
+            try:
+                budget -= self._prefill_step(budget)
+            except Exception as e:  # noqa: BLE001  (its own cache: the batch is untouched)
+                self.prefilling = None
+                self._fail([req], e, "prefilling the prompt")
+                budget -= 1
+                continue
             if self.prefilling is not None:  # a long prompt used the budget up
                 return
+
+    def _regroup(self, group: list[Request]) -> None:
+        """A group's prefill failed: its requests go back to the head of the queue, to be prefilled
+        one by one."""
+        self.joining = []
+        with self.lock:
+            for req in reversed(group):
+                req.alone = True
+                self.waiting.appendleft(req)
 
     def _take_group(self, budget: int) -> list[Request]:
         """The waiting requests, first come first served, whose whole prompts a causal decoder can
@@ -286,14 +368,19 @@ class Engine:
                     self.counters["cancelled"] += 1
                     continue
                 longest = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
-                if (len(group) + 1) * longest > budget or req.sampling.prompt_logprobs or req.sampling.max_tokens == 0:
+                if (
+                    (len(group) + 1) * longest > budget
+                    or req.alone
+                    or req.sampling.prompt_logprobs
+                    or req.sampling.max_tokens == 0
+                ):
                     break
                 group.append(self.waiting.popleft())
         return group
 
     def _prefill_together(self, group: list[Request]) -> int:
         """Prefill whole prompts in one left-padded pass and put them into the batch; the tokens fed."""
-        rows = [_Row(req, self.device) for req in group]
+        rows = self.joining = [_Row(req, self.device) for req in group]
         T = max(len(req.prompt_ids) for req in group)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids = torch.full((len(group), T), pad, dtype=torch.long, device=self.device)
@@ -302,10 +389,11 @@ class Engine:
             n = len(req.prompt_ids)
             ids[i, T - n :] = torch.tensor(req.prompt_ids, device=self.device)
             mask[i, T - n :] = True
-            self.counters["prompt_tokens"] += n
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = KVCache(self.cfg.n_layers)
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        self.joining = []
+        self.counters["prompt_tokens"] += int(mask.sum())
         self._join_rows(rows, cache, mask, positions[:, -1:] + 1, out.logits[:, -1])
         return len(group) * T
 
@@ -389,7 +477,24 @@ class Engine:
         logits: torch.Tensor,  # (k, V)
         memory: torch.Tensor | None = None,  # encoder-decoders: (k, S, C)
     ) -> None:
-        """Put prefilled rows into the batch: pad the shorter of (batch, newcomers) on the left."""
+        """Put prefilled rows into the batch: pad the shorter of (batch, newcomers) on the left. When
+        that fails the batch may be half-joined: its rows and the newcomers fail."""
+        try:
+            self._pad_and_join(rows, cache, new_mask, new_pos, logits, memory)
+        except Exception as e:  # noqa: BLE001
+            reqs = [row.req for row in self.rows + [r for r in rows if r not in self.rows]]
+            self._reset_batch()
+            self._fail(reqs, e, f"joining {len(rows)} request(s) to a batch of {len(reqs) - len(rows)}")
+
+    def _pad_and_join(
+        self,
+        rows: list[_Row],
+        cache: KVCache,
+        new_mask: torch.Tensor,
+        new_pos: torch.Tensor,
+        logits: torch.Tensor,
+        memory: torch.Tensor | None,
+    ) -> None:
         new_len = new_mask.shape[1]
         if not self.rows:
             self.cache, self.mask, self.next_pos, self.logits = cache, new_mask, new_pos, logits
@@ -496,12 +601,26 @@ class Engine:
             if row.req.cancelled:
                 self.counters["cancelled"] += 1
                 continue
-            info = self._sample(row, self.logits[i])
-            if self._advance(row, info) is not None:
+            try:
+                info = self._sample(row, self.logits[i])
+                reason = self._advance(row, info)
+            except Exception as e:  # noqa: BLE001  (this row alone: it leaves the batch)
+                self._fail([row.req], e, "sampling the next token")
+                continue
+            if reason is not None:
                 self.counters["finished"] += 1
                 continue
             keep.append(i)
             tokens.append(info.id)
+        try:
+            self._forward(keep, tokens)
+        except Exception as e:  # noqa: BLE001  (the step may have written part of the shared cache)
+            reqs = [row.req for row in self.rows]
+            self._reset_batch()
+            self._fail(reqs, e, f"a decoding step of {len(reqs)} request(s)")
+
+    def _forward(self, keep: list[int], tokens: list[int]) -> None:
+        """Retire the rows not kept, then run the model once on each kept row's new token."""
         if len(keep) < len(self.rows):
             self._retire(keep)
         if not self.rows:

@@ -43,7 +43,7 @@ class Metrics:
 
     def observe_engine(self, stats: dict[str, int]) -> None:
         self.queue.set(stats["queue"])
-        for kind in ("requests", "finished", "cancelled", "prompt_tokens", "generated_tokens"):
+        for kind in ("requests", "finished", "cancelled", "failed", "prompt_tokens", "generated_tokens"):
             self.engine.labels(kind).set(stats[kind])
 
     def timed(self, emit: Callable[[Any], None]) -> Callable[[Any], None]:

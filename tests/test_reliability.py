@@ -4,6 +4,7 @@ leaves the previous checkpoint, and the defects the campaign found stay fixed.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -474,3 +475,87 @@ def test_stopping_the_engine_tells_the_requests_still_waiting(engine_parts):
     finals = {i: [d.finish_reason for d in ds if d.finish_reason] for i, ds in told.items()}
     assert all(len(f) == 1 for f in finals.values()), finals  # each request ends once, one way or another
     assert "error" in finals[1] and told[1][-1].error == "the engine was stopped"
+
+
+# ---- slow headers (slowloris) ---------------------------------------------------------------------------
+def _protocols():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    out = [pytest.param(H11Protocol, id="h11")]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        out.append(pytest.param(HttpToolsProtocol, id="httptools"))
+    except ImportError:
+        out.append(pytest.param(None, id="httptools", marks=pytest.mark.skip("httptools is not installed")))
+    return out
+
+
+def _until_closed(sock, limit: float = 10.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took."""
+    import time
+
+    t0, got = time.monotonic(), b""
+    sock.settimeout(limit)
+    while True:
+        more = sock.recv(4096)
+        if not more:
+            return got, time.monotonic() - t0
+        got += more
+
+
+@pytest.mark.parametrize("protocol", _protocols())
+def test_connections_that_send_their_headers_too_slowly_are_cut_off(tmp_path, protocol):
+    """Before, a connection left silent, or sending its headers a byte at a time, was held open for
+    as long as its client liked (uvicorn times out only idle keep-alive connections). Now each has
+    --header-timeout seconds (1 here) to send a request's headers: then a 408 and the connection
+    is closed. A request whose headers were in time is not cut, however slowly its body comes (that
+    is --read-timeout's business) or however long its answer takes."""
+    import socket as sockets
+    import threading
+    import time
+
+    with server.serving(tmp_path, protocol=protocol, header_timeout=1.0) as client:
+        addr = (client.base_url.host, client.base_url.port)
+        with sockets.create_connection(addr) as silent:  # opened, then nothing
+            got, waited = _until_closed(silent)
+            assert got == b"" and 0.9 < waited < 3
+
+        def trickle(sock, data: bytes, every: float, stop: threading.Event) -> None:
+            with contextlib.suppress(OSError):
+                for b in data:
+                    if stop.is_set():
+                        return
+                    sock.sendall(bytes([b]))
+                    time.sleep(every)
+
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"x-pad-%d: y\r\n" % i for i in range(50)) + b"\r\n"
+        with sockets.create_connection(addr) as slow:  # a byte every 0.05 s: 40 s for the whole headers
+            stop = threading.Event()
+            threading.Thread(target=trickle, args=(slow, head, 0.05, stop), daemon=True).start()
+            got, waited = _until_closed(slow)
+            stop.set()
+            assert got.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in got, got
+            assert 0.9 < waited < 3
+        with sockets.create_connection(addr) as kept:  # kept alive: the clock starts again after the answer
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = kept.recv(4096)
+            while b"\r\n\r\n" not in first or len(first.partition(b"\r\n\r\n")[2]) < int(
+                first.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0
+            ):
+                first += kept.recv(4096)  # the whole first answer, headers and body
+            assert first.startswith(b"HTTP/1.1 200"), first
+            kept.sendall(b"GET /health HTTP/1.1\r\n")
+            got, waited = _until_closed(kept)
+            assert got.startswith(b"HTTP/1.1 408") and waited < 3
+        with sockets.create_connection(addr) as ok:  # headers in two parts, 0.5 s apart, then a slow body
+            body = json.dumps({"model": "tiny", "prompt": "in the", "max_tokens": 2, "temperature": 0}).encode()
+            ok.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.5)
+            ok.sendall(b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body))
+            for i in range(0, len(body), len(body) // 3 + 1):  # 1.5 s for the body: past the header limit
+                time.sleep(0.5)
+                ok.sendall(body[i : i + len(body) // 3 + 1])
+            answer = ok.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert client.get("/health").status_code == 200

@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 import lmlab  # noqa: E402
 from lmlab.generate import complete, generate  # noqa: E402
 from lmlab.serve.app import ServeConfig, create_app  # noqa: E402
+from lmlab.serve.connections import uvicorn_config  # noqa: E402
 from lmlab.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = [
@@ -51,7 +52,9 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = create_app(ServeConfig(model=str(folder), name="tiny", **kw))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error")
+        config = uvicorn_config(
+            self.app, "127.0.0.1", self.port, self.app.state.lmlab_config.header_timeout, log_level="error"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -30,7 +30,15 @@ def main() -> None:
     v.add_argument("--requests", type=int, default=10000)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="also write the figures here")
+    w = sub.add_parser("slow", help="slowloris: connections that never finish their headers, against a server process")
+    w.add_argument("--connections", type=int, default=300)
+    w.add_argument("--fd-limit", type=int, default=256, help="the server process's file descriptors (ulimit -n)")
+    w.add_argument("--seconds", type=float, default=30.0, help="how long each attack lasts")
+    w.add_argument("--header-timeout", type=float, default=10.0, help="the deadline of the second run")
+    w.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    if a.campaign == "slow":
+        sys.exit(slow_campaign(a))
     if a.campaign == "server":
         from . import server
 
@@ -70,6 +78,26 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(1 if any(r["failures"] for r in results) else 0)
+
+
+def slow_campaign(a: argparse.Namespace) -> int:
+    from . import slow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = slow.campaign(Path(tmp), a.connections, a.fd_limit, a.seconds, a.header_timeout)
+    for r in rows:
+        deadline = f"--header-timeout {r['header_timeout']:g}" if r["header_timeout"] else "no header deadline"
+        print(
+            f"{deadline}: {r['connections']} slow connections against {r['fd_limit']} descriptors for {r['seconds']:g} s:"
+            f" {r['cut']} cut ({r['cut_with_408']} with a 408; after {r['cut_after_median_s']} s median,"
+            f" {r['cut_after_max_s']} s at most), {r['still_open']} still open; /health answered"
+            f" {r['probes_answered']} of {r['probes']}, longest without an answer {r['longest_unanswered_s']} s;"
+            f" server alive: {r['server_alive']}"
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    with_deadline = rows[-1]
+    return 0 if with_deadline["still_open"] == 0 and with_deadline["probes_answered"] else 1
 
 
 def hostile_campaign(json_path: str | None) -> int:

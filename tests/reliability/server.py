@@ -102,19 +102,23 @@ def body(rng: random.Random, path: str) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(work: Path, **settings: Any) -> Iterator[Any]:
+def serving(work: Path, protocol: Any = None, **settings: Any) -> Iterator[Any]:
     """An httpx client of `lmlab serve` (uvicorn in a thread) on the tiny GPT, once /health is 200;
-    `settings` go to ServeConfig."""
+    `settings` go to ServeConfig; `protocol`: uvicorn's HTTP protocol class (default: its choice)."""
     import httpx
     import uvicorn
 
     from lmlab.serve.app import ServeConfig, create_app
+    from lmlab.serve.connections import uvicorn_config
 
     app = create_app(ServeConfig(model=str(folder(work)), name="tiny", dtype="float32", **settings), load_now=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    config = uvicorn_config(
+        app, "127.0.0.1", port, app.state.lmlab_config.header_timeout, protocol, log_level="critical"
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

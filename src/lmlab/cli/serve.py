@@ -25,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--read-timeout", type=float, default=30.0, help="seconds a client may stall while sending its body (408)"
     )
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers, from when it opens or its last answer "
+        "ends (408, then closed; 0: no limit)",
+    )
+    p.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -47,6 +54,7 @@ def run_serve(args: argparse.Namespace) -> None:
         import uvicorn
 
         from lmlab.serve.app import ServeConfig, create_app
+        from lmlab.serve.connections import uvicorn_config
     except ImportError as e:
         raise ConfigError(f"lmlab serve needs the serve extra: pip install 'lmlab[serve]' ({e})") from None
     from lmlab.quantize import decoding_choice
@@ -65,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> None:
         prefill_chunk=args.prefill_chunk,
         max_body=args.max_body,
         read_timeout=args.read_timeout,
+        header_timeout=args.header_timeout,
         cors_origins=args.cors_origin,
         dtype=choice["dtype"],
         quantize=choice["quantize"],
@@ -76,4 +85,5 @@ def run_serve(args: argparse.Namespace) -> None:
         f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if args.api_key else ''})",
         highlight=False,
     )
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
+    config = uvicorn_config(create_app(cfg), args.host, args.port, cfg.header_timeout, log_level="warning")
+    uvicorn.Server(config).run()

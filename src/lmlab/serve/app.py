@@ -56,6 +56,7 @@ class ServeConfig:
     prefill_chunk: int = 256
     max_body: int = 1 << 20  # bytes
     read_timeout: float = 30.0  # seconds a client may leave the body unfinished between two chunks (408)
+    header_timeout: float = 10.0  # seconds a connection has to send a request's headers (408; 0: no limit)
     dtype: str = "auto"  # auto | float32 | bfloat16 (lmlab.quantize.decoding_choice)
     quantize: str = "none"  # none | int8
     threads: int | None = None
@@ -111,6 +112,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
 
     app = FastAPI(title="lmlab serve", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.lmlab, app.state.metrics, app.state.model_name = state, metrics, name
+    app.state.lmlab_config = cfg
     created = int(time.time())
 
     if load_now:

@@ -559,3 +559,42 @@ def test_connections_that_send_their_headers_too_slowly_are_cut_off(tmp_path, pr
             answer = ok.recv(4096)
             assert answer.startswith(b"HTTP/1.1 200"), answer
         assert client.get("/health").status_code == 200
+
+
+def test_a_tiny_temperature_decodes_greedily_instead_of_failing(tmp_path, engine_parts):
+    """Found by the stateful schemathesis run: temperature 3e-75 (the schema allows any number in
+    [0, 2]) made logits / temperature overflow to inf, and sampling raised "probability tensor
+    contains either inf, nan or element < 0": a 500 (before the engine survived such failures, the
+    end of the engine). A temperature under 1e-5 now decodes greedily, in the server and in
+    lmlab.generate (vLLM draws the same line)."""
+    from lmlab.generate import generate
+
+    model, _ = engine_parts
+    ids = torch.tensor([[5, 6, 7]])
+    greedy = generate(model, ids, max_new_tokens=6)
+    assert torch.equal(generate(model, ids, max_new_tokens=6, do_sample=True, temperature=3e-75, seed=1), greedy)
+    with server.serving(tmp_path) as client:
+        body = {"model": "tiny", "prompt": "in the", "max_tokens": 6}
+        want = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        for t in (3.0682633754680706e-75, 1e-300, 5e-324):
+            r = client.post("/v1/completions", json={**body, "temperature": t, "seed": 3})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (t, r.text)
+
+
+def test_an_app_started_a_second_time_serves_again(tmp_path):
+    """Found by the stateful run: an app whose lifespan ran twice (two test clients, one after the
+    other) answered 503 "the engine has stopped" the second time, since the first shut-down had
+    stopped the engine and nothing started it again."""
+    from starlette.testclient import TestClient
+
+    from lmlab.serve.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(model=str(server.folder(tmp_path)), name="tiny", dtype="float32"), load_now=True)
+    body = {"model": "tiny", "prompt": "in the", "max_tokens": 3, "temperature": 0}
+    answers = []
+    for _ in range(2):
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] == answers[1] and not app.state.lmlab.engine.alive  # stopped by the last shut-down

@@ -4,7 +4,8 @@
 attention mask; the return value is prompt + new tokens (for encoder-decoders: the decoder sequence,
 start token first); finished rows are padded. Decoding strategies:
   greedy                  num_beams=1, do_sample=False
-  sampling                do_sample=True with temperature, top_k, top_p (nucleus) and a seed
+  sampling                do_sample=True with temperature, top_k, top_p (nucleus) and a seed (a
+                          temperature under MIN_TEMPERATURE, 1e-5, decodes greedily)
   beam search             num_beams > 1 with length_penalty, early_stopping (True / False / "never")
                           and num_return_sequences (the n best); transformers' algorithm, so the same
                           token ids come out
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
 from lmlab.model import Model
+
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / temperature would overflow to inf (vLLM does the same)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -378,7 +381,7 @@ def _sample_steps(
     for i in range(max_new_tokens):
         raw = logits.float()
         scores = repetition_penalty_(raw, seq, repetition_penalty)
-        if do_sample:
+        if do_sample and temperature >= MIN_TEMPERATURE:
             scores = filter_logits(scores / temperature, top_k, top_p)
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         else:

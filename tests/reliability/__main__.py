@@ -30,6 +30,9 @@ def main() -> None:
     v.add_argument("--requests", type=int, default=10000)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="also write the figures here")
+    t = sub.add_parser("stateful", help="schemathesis stateful run over the server's OpenAPI links")
+    t.add_argument("--scenarios", type=int, default=200, help="scenarios per run (two runs)")
+    t.add_argument("--json", help="also write the figures here")
     w = sub.add_parser("slow", help="slowloris: connections that never finish their headers, against a server process")
     w.add_argument("--connections", type=int, default=300)
     w.add_argument("--fd-limit", type=int, default=256, help="the server process's file descriptors (ulimit -n)")
@@ -37,6 +40,8 @@ def main() -> None:
     w.add_argument("--header-timeout", type=float, default=10.0, help="the deadline of the second run")
     w.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    if a.campaign == "stateful":
+        sys.exit(stateful_campaign(a.scenarios, a.json))
     if a.campaign == "slow":
         sys.exit(slow_campaign(a))
     if a.campaign == "server":
@@ -78,6 +83,27 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(1 if any(r["failures"] for r in results) else 0)
+
+
+def stateful_campaign(scenarios: int, json_path: str | None) -> int:
+    from . import stateful
+
+    rows = stateful.campaign(scenarios)
+    for r in rows:
+        codes: dict[str, int] = {}
+        for key, n in r["statuses"].items():
+            codes[key.rsplit(" ", 1)[1]] = codes.get(key.rsplit(" ", 1)[1], 0) + n
+        print(
+            f"bodies {r['bodies']}: {r['scenarios']} scenarios, {r['calls']} calls in {r['seconds']} s;"
+            f" statuses {dict(sorted(codes.items()))}; {sum(r['links_followed'].values())} calls followed a link"
+        )
+        for link, n in r["links_followed"].items():
+            print(f"  {n:5d}  {link}")
+        if r["failure"]:
+            print("  FAILURE:", r["failure"])
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if any(r["failure"] for r in rows) else 0
 
 
 def slow_campaign(a: argparse.Namespace) -> int:

@@ -36,13 +36,23 @@ from lmlab.serve.metrics import Metrics
 from lmlab.serve.protocol import (
     MAX_STOP,
     APIError,
+    ChatChunk,
+    ChatCompletion,
     ChatRequest,
     ClassifyRequest,
+    Completion,
+    CompletionChunk,
     CompletionRequest,
+    EmbeddingList,
     EmbeddingRequest,
     FillMaskRequest,
+    ModelCard,
+    ModelList,
     QARequest,
     TagRequest,
+    add_streamed_models,
+    link,
+    responses,
 )
 
 
@@ -106,6 +116,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not state.loaded.is_set():
             threading.Thread(target=_load, args=(cfg, state, metrics), daemon=True, name="lmlab-load").start()
+        elif state.engine is not None:
+            state.engine.start()  # a second start-up of the same app (a test client's, say): it was stopped
         yield
         if state.engine is not None:
             state.engine.stop()
@@ -113,6 +125,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
     app = FastAPI(title="lmlab serve", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.lmlab, app.state.metrics, app.state.model_name = state, metrics, name
     app.state.lmlab_config = cfg
+    openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or add_streamed_models(openapi())  # type: ignore[method-assign]
     created = int(time.time())
 
     if load_now:
@@ -205,12 +219,34 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         body, kind = metrics.render()
         return PlainTextResponse(body, media_type=kind)
 
-    @app.get("/v1/models")
+    same_model = {"model": "$response.body#/model"}
+    use_model = {"model": "$response.body#/id"}
+
+    @app.get(
+        "/v1/models",
+        operation_id="listModels",
+        response_model=None,
+        responses=responses(
+            ModelList, links={"model": link("retrieveModel", {"model_id": "$response.body#/data/0/id"})}
+        ),
+    )
     async def models() -> dict[str, Any]:
         ready()
         return {"object": "list", "data": [_model_card(name, created, state.model.config)]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get(
+        "/v1/models/{model_id}",
+        operation_id="retrieveModel",
+        response_model=None,
+        responses=responses(
+            ModelCard,
+            links={
+                "complete": link("createCompletion", body=use_model),
+                "chat": link("createChatCompletion", body=use_model),
+                "embed": link("createEmbedding", body=use_model),
+            },
+        ),
+    )
     async def model_card(model_id: str) -> dict[str, Any]:
         ready(model_id)
         return _model_card(name, created, state.model.config)
@@ -258,7 +294,19 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                 "context_length_exceeded",
             )
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        operation_id="createCompletion",
+        response_model=None,
+        responses=responses(
+            Completion,
+            streams=CompletionChunk,
+            links={  # go on from the text it wrote; embed it
+                "continue": link("createCompletion", body={**same_model, "prompt": "$response.body#/choices/0/text"}),
+                "embed": link("createEmbedding", body={**same_model, "input": "$response.body#/choices/0/text"}),
+            },
+        ),
+    )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         ready(body.model)
         engine = need_engine("/v1/completions")
@@ -369,7 +417,23 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         }
 
     # ---- chat completions -------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        operation_id="createChatCompletion",
+        response_model=None,
+        responses=responses(
+            ChatCompletion,
+            streams=ChatChunk,
+            links={
+                "complete": link(
+                    "createCompletion", body={**same_model, "prompt": "$response.body#/choices/0/message/content"}
+                ),
+                "embed": link(
+                    "createEmbedding", body={**same_model, "input": "$response.body#/choices/0/message/content"}
+                ),
+            },
+        ),
+    )
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         ready(body.model)
         engine = need_engine("/v1/chat/completions")
@@ -491,7 +555,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         }
 
     # ---- embeddings -------------------------------------------------------------------------------------
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", operation_id="createEmbedding", response_model=None, responses=responses(EmbeddingList))
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         ready(body.model)
         if body.dimensions is not None and body.dimensions != state.model.config.d_model:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.generate import filter_logits
+from lmlab.generate import MIN_TEMPERATURE, filter_logits
 from lmlab.model import Model
 from lmlab.model.attention import KVCache, LayerKV
 
@@ -51,7 +51,7 @@ class EngineStopped(Exception):
 
 @dataclass
 class Sampling:
-    """How one request decodes. temperature 0 is greedy; `logprobs` (0-20) alternatives are returned
+    """How one request decodes. temperature 0 (or under lmlab.generate.MIN_TEMPERATURE) is greedy; `logprobs` (0-20) alternatives are returned
     per token when not None; `stop_ids` end generation (the model's end-of-sequence ids)."""
 
     max_tokens: int = 16
@@ -223,6 +223,10 @@ class Engine:
             self.lock.notify()
 
     def start(self) -> Engine:
+        """Run the loop in a thread; again after stop() (an app's lifespan may start and stop it more
+        than once). An engine that died stays dead."""
+        if self.error is not None or (self.thread is not None and self.thread.is_alive()):
+            return self
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="lmlab-engine", daemon=True)
         self.thread.start()
@@ -540,7 +544,7 @@ class Engine:
     def _sample(self, row: _Row, raw: torch.Tensor) -> TokenInfo:
         s = row.req.sampling
         raw = raw.float()
-        if s.temperature <= 0:
+        if s.temperature < MIN_TEMPERATURE:  # greedy (a tiny temperature would make the scores inf)
             nxt = int(raw.argmax())
         else:
             scores = filter_logits((raw / s.temperature)[None], s.top_k, s.top_p if s.top_p < 1.0 else None)

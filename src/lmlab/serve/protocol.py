@@ -138,3 +138,211 @@ class APIError(Exception):
         if self.status == 429:
             kind = "rate_limit_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ---- the answers, for the OpenAPI schema (documented, not re-validated on the way out) ------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    family: str
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a list of floats, or base64 of float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (the last, with include_usage, has no choices)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+STREAMED = (CompletionChunk, ChatChunk, ErrorResponse)  # models only the event streams name
+
+
+def add_streamed_models(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Put the streamed chunks' schemas into an OpenAPI document's components (no route returns
+    them as JSON, so FastAPI does not)."""
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for model in STREAMED:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas.setdefault(model.__name__, schema)
+    return openapi
+
+
+def _events(chunk: type[BaseModel]) -> dict[str, Any]:
+    """The schema of one server-sent event: `data` is a chunk or an error as JSON, or [DONE]."""
+    content = {"anyOf": [{"$ref": f"#/components/schemas/{m}"} for m in (chunk.__name__, "ErrorResponse")]}
+    data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": content}]}  # fmt: skip
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
+_ERRORS = {
+    400: "a request lmlab cannot serve (OpenAI's error JSON names the parameter)",
+    401: "a missing or wrong API key",
+    404: "another model id",
+    408: "a body (or headers) that did not arrive in time",
+    413: "a body over --max-body",
+    429: "the queue is full (Retry-After)",
+    500: "generation failed for this request; the server goes on",
+    503: "the model is loading, could not be loaded, or the engine has stopped",
+}
+
+
+def responses(
+    model: type[BaseModel], streams: type[BaseModel] | None = None, links: dict[str, Any] | None = None
+) -> dict:
+    """FastAPI's `responses=` for an endpoint answering `model` (and, with stream: true, server-sent
+    events of `streams` chunks), every error status it may give, and OpenAPI links from its answer to
+    other operations."""
+    ok: dict[str, Any] = {"model": model, "description": "the answer"}
+    if streams is not None:
+        ok["description"] = "the answer, or with stream: true server-sent events of chunks, then [DONE]"
+        ok["content"] = {"text/event-stream": {"schema": _events(streams)}}
+    if links:
+        ok["links"] = links
+    out: dict[int | str, Any] = {200: ok}
+    for status, why in _ERRORS.items():
+        out[status] = {"model": ErrorResponse, "description": why}
+    return out
+
+
+def link(operation: str, parameters: dict[str, str] | None = None, body: dict[str, str] | None = None) -> dict:
+    """An OpenAPI link to `operation`, its parameters or body fields taken from this answer."""
+    out: dict[str, Any] = {"operationId": operation}
+    if parameters:
+        out["parameters"] = parameters
+    if body:
+        out["requestBody"] = body
+    return out

@@ -5,6 +5,7 @@ leaves the previous checkpoint, and the defects the campaign found stay fixed.""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import subprocess
 import sys
@@ -598,3 +599,95 @@ def test_an_app_started_a_second_time_serves_again(tmp_path):
             assert r.status_code == 200, r.text
             answers.append(r.json()["choices"][0]["text"])
     assert answers[0] == answers[1] and not app.state.lmlab.engine.alive  # stopped by the last shut-down
+
+
+# ---- silent wrong results of the readers, found by the reference readers of tests/reliability/fuzz.py ----
+def _write(tmp_path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_a_record_with_a_carriage_return_or_a_line_separator_inside_is_one_record(tmp_path):
+    """Found by the fuzzer: the task readers split lines with str.splitlines, which also breaks at a
+    lone "\\r" (JSON white space), U+0085, U+2028 (characters a JSON string may hold raw) and a
+    vertical tab. A valid JSONL record was refused, and a CoNLL line split in two gave the tokens
+    tags that were not theirs. Lines now end at "\\n" only."""
+    from lmlab.tasks.classify import read_table
+    from lmlab.tasks.ner import read_conll
+    from lmlab.tasks.seq2seq import read_pairs
+
+    pairs = _write(tmp_path, "p.jsonl", b'{"source": "thee",\r "target": "you\xe2\x80\xa8and \xc2\x85me"}\n')
+    assert [(p.source, p.target) for p in read_pairs(pairs)] == [("thee", "you\u2028and \x85me")]
+    table = _write(tmp_path, "t.jsonl", b'{\r"text": "the lord", "label": "holy"}\n')
+    assert [(ex.texts, ex.label) for ex in read_table(table)[0]] == [(["the lord"], "holy")]
+    conll = _write(tmp_path, "x.conll", b"the O\x0blord B-GOD\nin O\n")  # CoNLL-2003: token first, tag last
+    assert [(ex.words, ex.label) for ex in read_conll(conll)] == [(["the", "in"], ["B-GOD", "O"])]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """Found by the fuzzer: a file that starts with a byte-order mark (Windows editors write one) gave
+    a first document starting with U+FEFF, a CoNLL first token with it, and a JSONL, TSV or SQuAD
+    file was refused ("text" was not among the columns "\\ufefftext", ...)."""
+    from lmlab.data.corpus import read_documents
+    from lmlab.tasks.classify import read_table
+    from lmlab.tasks.ner import read_conll
+
+    bom = b"\xef\xbb\xbf"
+    assert list(read_documents(_write(tmp_path, "c.txt", bom + b"in the beginning\n"))) == ["in the beginning"]
+    assert list(read_documents(_write(tmp_path, "c.jsonl", bom + b'{"text": "a"}\n'))) == ["a"]
+    assert list(read_documents(_write(tmp_path, "c.txt.gz", gzip.compress(bom + b"a\n")))) == ["a"]
+    assert read_table(_write(tmp_path, "t.tsv", bom + b"text\tlabel\nthe lord\tholy\n"))[0][0].texts == ["the lord"]
+    assert read_conll(_write(tmp_path, "x.conll", bom + b"the O\n"))[0].words == ["the"]
+
+
+def test_malformed_csv_quoting_and_repeated_columns_are_refused_by_line(tmp_path):
+    """Found by the fuzzer: Python's csv module, lenient by default, read `"the lord, the"king",holy`
+    as the text `the lord, theking"`; a field with a quote opened and never closed swallowed the rest
+    of the file into one text. Both are now errors naming the line. A header naming a column twice
+    kept only the last of the two columns."""
+    from lmlab.errors import DataError
+    from lmlab.tasks.classify import read_table
+
+    bad = _write(tmp_path, "a.csv", b'text,label\nthe field,land\n"the lord, the"king",holy\n')
+    with pytest.raises(DataError, match=r"a.csv:3: not valid CSV .*quoted whole"):
+        read_table(bad)
+    with pytest.raises(DataError, match=r"b.csv:2: not valid CSV"):
+        read_table(_write(tmp_path, "b.csv", b'text,label\n"the lord, the king,holy\nthe field,land\n'))
+    with pytest.raises(DataError, match=r"c.csv:1: the header names 'text' more than once"):
+        read_table(_write(tmp_path, "c.csv", b"text,text,label\na,b,c\n"))
+    good = _write(tmp_path, "d.csv", b'text,label\n"the lord, the ""king""\nof kings",holy\nthe field,land\n')
+    assert [ex.texts[0] for ex in read_table(good)[0]] == ['the lord, the "king"\nof kings', "the field"]
+
+
+def test_json_values_of_the_wrong_type_are_refused_not_converted(tmp_path):
+    """Found by reading the reference readers against lmlab's: a JSONL text of null became the text
+    "None"; a SQuAD answer_start of -38 sliced the context from its end (and matched "God"), one of
+    17.9 or true was taken as 17 or 1; a context that was a number was accepted. Each is now an error."""
+    from lmlab.errors import DataError
+    from lmlab.tasks.classify import read_table
+    from lmlab.tasks.qa import read_squad
+
+    with pytest.raises(DataError, match=r"t.jsonl:1: the 'text' column holds NoneType, expected text"):
+        read_table(_write(tmp_path, "t.jsonl", b'{"text": null, "label": "holy"}\n'))
+    for start in (-38, 17.9, True):
+        squad = json.loads(json.dumps(fuzz.SQUAD))
+        squad["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = start
+        with pytest.raises(DataError, match=r"an answer needs a text and a character offset of 0 or more"):
+            read_squad(_write(tmp_path, "s.json", json.dumps(squad).encode()))
+    squad = json.loads(json.dumps(fuzz.SQUAD))
+    squad["data"][0]["paragraphs"][0]["context"] = 17
+    with pytest.raises(DataError, match=r"a context is int, expected text"):
+        read_squad(_write(tmp_path, "s.json", json.dumps(squad).encode()))
+
+
+def test_a_yaml_config_that_is_a_lone_value_is_refused_and_an_empty_one_is_the_defaults(tmp_path):
+    """Found by the fuzzer: a config file holding ` 0.0` (or false, "", []) was read as an empty
+    config, every setting its default."""
+    from lmlab.errors import ConfigError
+    from lmlab.settings import load_yaml
+
+    for text in (" 0.0", "false", '""', "[]"):
+        with pytest.raises(ConfigError, match=r"run.yaml: expected a mapping of settings"):
+            load_yaml(_write(tmp_path, "run.yaml", text.encode()))
+    assert load_yaml(_write(tmp_path, "run.yaml", b"# nothing yet\n")) == {}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.corpus import read_utf8
+from lmlab.data.corpus import read_utf8, text_lines
 from lmlab.errors import ConfigError, DataError
 
 TARGET_DELIMITER = " "
@@ -46,7 +46,7 @@ def read_task(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     items = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+    for n, line in enumerate(text_lines(read_utf8(path)), 1):
         if not line.strip():
             continue
         try:

@@ -230,13 +230,15 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(read_utf8(path)) or {}
+        data = yaml.safe_load(read_utf8(path))
     except DataError as e:  # not UTF-8
         raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    if data is None:  # an empty file (or only comments): every setting its default
+        return {}
+    if not isinstance(data, dict):  # a lone 0, "" or [] is not an empty config
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__} {data!r:.40}")
     return data

@@ -52,15 +52,25 @@ def corpus_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
+BOM = "\ufeff"  # what Windows editors put at the start of a UTF-8 file: not part of the text
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a text: split at "\n" (a "\r" before it dropped), and nowhere else. (str.splitlines
+    also splits at U+2028, U+0085 and other characters a JSON string or a token may hold.)"""
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
 def read_utf8(path: str | os.PathLike[str]) -> str:
-    """A whole text file, or a DataError naming the file, the line and the byte that is not UTF-8."""
+    """A whole text file (without a leading byte-order mark), or a DataError naming the file, the line
+    and the byte that is not UTF-8."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(
@@ -96,6 +106,8 @@ def _lines(path: Path, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple
                         "lines"
                     ) from None
                 offset += len(raw)
+                if number == 1:
+                    text = text.removeprefix(BOM)
                 yield number, text.rstrip("\r\n")
     except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip stream corrupted inside
         if isinstance(e, (gzip.BadGzipFile, EOFError, zlib.error)) or "gzip" in str(e).lower():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lmlab.config import ModelConfig
-from lmlab.data.corpus import read_utf8
+from lmlab.data.corpus import read_utf8, text_lines
 from lmlab.errors import DataError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
@@ -142,6 +142,22 @@ def batches_of(
         yield data.collate(rows[s : s + batch_size])
 
 
+def _csv_records(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(the line it starts on, cells) for each record; malformed quoting is a DataError naming the line."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(
+                f"{path}:{start}: not valid CSV ({e}); a field holding quotes, commas or line breaks must be "
+                'quoted whole, with its quotes doubled ("")'
+            ) from None
+        yield start, row
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every row of a JSONL file (one object per line) or a TSV / CSV file with
     a header row (by suffix: .csv is comma-separated, anything else tab-separated). Errors name the file
@@ -151,7 +167,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: no such file")
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        for n, line in enumerate(text_lines(read_utf8(path)), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -163,13 +179,16 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     else:
         delimiter = "," if path.suffix == ".csv" else "\t"
         with io.StringIO(read_utf8(path), newline="") as f:
-            reader = csv.reader(
-                f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-            )
-            header = next(reader, None)
+            # strict: a quote inside a field that is not quoted whole is an error, not silently kept
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            records = _csv_records(path, csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True))
+            _, header = next(records, (1, None))
             if header is None:
                 raise DataError(f"{path}: the file is empty (expected a header row)")
-            for n, row in enumerate(reader, 2):
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise DataError(f"{path}:1: the header names {', '.join(map(repr, twice))} more than once")
+            for n, row in records:
                 if not row:
                     continue
                 if len(row) != len(header):

@@ -65,7 +65,14 @@ def read_table(
         if missing:
             raise DataError(f"{path}:{n}: no column {missing[0]!r}")
         label = row.get(label_column) if label_column else None
-        out.append(Example(texts=[str(row[c]) for c in text_columns], label=label, where=f"{path}:{n}"))
+        bad = next((c for c in text_columns if not isinstance(row[c], str)), None)
+        if bad is not None:
+            raise DataError(f"{path}:{n}: the {bad!r} column holds {type(row[bad]).__name__}, expected text")
+        if label is not None and not isinstance(label, (str, int, float)):  # (bool is an int)
+            raise DataError(
+                f"{path}:{n}: the label ({label_column!r}) is {type(label).__name__}, expected text or a number"
+            )
+        out.append(Example(texts=list(map(row.get, text_columns)), label=label, where=f"{path}:{n}"))
     return out, text_columns, label_column
 
 

@@ -15,7 +15,7 @@ import torch
 
 from lmlab import metrics
 from lmlab.config import ModelConfig
-from lmlab.data.corpus import read_utf8
+from lmlab.data.corpus import read_utf8, text_lines
 from lmlab.errors import DataError
 from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
@@ -29,7 +29,7 @@ def read_conll(path: str | Path, need_labels: bool = True) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     sentences, words, tags, start = [], [], [], 1
-    for n, line in enumerate(read_utf8(path).splitlines() + [""], 1):
+    for n, line in enumerate(text_lines(read_utf8(path)) + [""], 1):
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
             if words:

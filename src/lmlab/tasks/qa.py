@@ -49,10 +49,26 @@ def read_squad(path: str | Path) -> list[QAExample]:
         for article in data["data"]:
             for para in article["paragraphs"]:
                 context = para["context"]
+                if not isinstance(context, str):
+                    raise DataError(f"{path}: a context is {type(context).__name__}, expected text")
                 for qa in para["qas"]:
+                    if not isinstance(qa["id"], (str, int)) or isinstance(qa["id"], bool):
+                        raise DataError(f"{path}: a question id is {type(qa['id']).__name__}, expected text")
+                    if not isinstance(qa["question"], str):
+                        raise DataError(f"{path}: question {qa['id']}: the question is not text")
                     answers = []
                     for a in qa.get("answers", []):
-                        start, text = int(a["answer_start"]), a["text"]
+                        start, text = a["answer_start"], a["text"]
+                        if (
+                            isinstance(start, bool)
+                            or not isinstance(start, int)
+                            or start < 0
+                            or not isinstance(text, str)
+                        ):
+                            raise DataError(
+                                f"{path}: question {qa['id']}: an answer needs a text and a character offset of 0 "
+                                f"or more (answer_start), found {text!r} at {start!r}"
+                            )
                         if context[start : start + len(text)] != text:
                             raise DataError(
                                 f"{path}: question {qa['id']}: answer {text!r} does not match the "

@@ -28,17 +28,11 @@ def http_protocol_class() -> type[asyncio.Protocol]:
 
 def with_header_timeout(seconds: float, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
     """`base` (uvicorn's HTTP protocol) cutting off connections whose headers take over `seconds`."""
+    from lmlab.serve.protocol import APIError
+
     base = base or http_protocol_class()
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"the request's headers did not arrive within {seconds:g} s",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "request_timeout",
-            }
-        }
-    ).encode()
+    error = APIError(408, f"the request's headers did not arrive within {seconds:g} s", code="request_timeout")
+    body = json.dumps(error.body()).encode()
     late = (
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body

@@ -51,8 +51,9 @@ class EngineStopped(Exception):
 
 @dataclass
 class Sampling:
-    """How one request decodes. temperature 0 (or under lmlab.generate.MIN_TEMPERATURE) is greedy; `logprobs` (0-20) alternatives are returned
-    per token when not None; `stop_ids` end generation (the model's end-of-sequence ids)."""
+    """How one request decodes. temperature 0 (or under lmlab.generate.MIN_TEMPERATURE) is greedy;
+    `logprobs` (0-20) alternatives are returned per token when not None; `stop_ids` end generation
+    (the model's end-of-sequence ids)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -188,7 +189,6 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.error: BaseException | None = None  # what stopped the engine, if it died
-        self.last_failure: str | None = None  # the latest failure of a request the engine survived
         self.counters = {
             "requests": 0,
             "finished": 0,
@@ -292,7 +292,6 @@ class Engine:
         if not reqs:
             return
         why = where if e is None else f"{where}: {type(e).__name__}: {e}"
-        self.last_failure = why
         for req in reqs:
             if req.cancelled:
                 self.counters["cancelled"] += 1

@@ -7,6 +7,7 @@ sentinels, ...). It saves as tokenizer.json + tokenizer_config.json, which trans
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -199,12 +200,10 @@ def train_tokenizer(
         raise ConfigError(
             f"vocab_size={vocab_size} is too small for a {kind} tokenizer with {len(specials)} special tokens"
         )
-    backend = _backend(kind, lower)
     if kind == "wordpiece":
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
-        )
+        backend = _train_wordpiece(texts, vocab_size, min_frequency, specials, lower)
     elif kind == "bpe":
+        backend = _backend(kind, lower)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -212,20 +211,9 @@ def train_tokenizer(
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-    else:
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False, max_piece_length=16
-        )
-    try:
         backend.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
-    except Exception as e:  # the Rust trainer raises bare Exceptions
-        if "not large enough to contain all chars" in str(e):
-            raise ConfigError(
-                f"vocab_size={vocab_size} is smaller than the number of distinct characters in the "
-                "corpus (CJK text has thousands); raise the vocabulary size"
-            ) from None
-        raise
-    backend = _canonical(backend, len(specials))
+    else:
+        backend = _train_unigram(texts, vocab_size, specials, roles["unk"], lower)
     if kind == "wordpiece":
         cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
@@ -265,32 +253,132 @@ def train_shared_tokenizer(
     return Tokenizer(backend, "bpe", SHARED_SPECIALS, sentinels)
 
 
-def _canonical(backend: Backend, n_special: int) -> Backend:
-    """Renumber the vocabulary in a fixed order: the trainers of WordPiece and Unigram hand out ids in
-    hash-map order, so the same corpus would give different ids from run to run. Special tokens keep
-    the first ids; WordPiece tokens follow sorted by text, Unigram pieces by score then text (the ids
-    do not change how text is split). This removes most run-to-run differences, not all: the WordPiece
-    and Unigram trainers themselves can pick slightly different pieces between runs (ties broken in
-    hash order), which no renumbering undoes. Byte-level BPE is deterministic. A run saves its
-    tokenizer.json and reuses it, so resuming is exact either way."""
-    spec = json.loads(backend.to_str())
-    model = spec["model"]
-    if model["type"] == "WordPiece":
-        ordered = sorted(model["vocab"], key=lambda t: model["vocab"][t])
-        head, rest = ordered[:n_special], sorted(ordered[n_special:])
-        model["vocab"] = {t: i for i, t in enumerate(head + rest)}
-    elif model["type"] == "Unigram":
-        unk = model["vocab"][model["unk_id"]][0] if model.get("unk_id") is not None else None
-        # scores come out of a parallel EM and differ in the last bits between runs: round them first
-        pieces = [[p, round(score, 8)] for p, score in model["vocab"]]
-        head, rest = pieces[:n_special], pieces[n_special:]
-        rest = sorted(rest, key=lambda p: (-p[1], p[0]))
-        model["vocab"] = head + rest
-        if unk is not None:
-            model["unk_id"] = next(i for i, p in enumerate(model["vocab"]) if p[0] == unk)
-    else:
-        return backend
-    return Backend.from_str(json.dumps(spec))
+# Private-use code points stand in for characters while a WordPiece vocabulary trains (_train_wordpiece)
+_STAND_INS = (range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE), range(0xE000, 0xF900))
+
+
+class _StandIns:
+    """Each character, as the first of a word and inside one, gets its own private-use stand-in, handed
+    out in the order the corpus first shows it (for str.translate; `back` undoes it)."""
+
+    def __init__(self) -> None:
+        self._free = (chr(c) for r in _STAND_INS for c in r)
+        self.first, self.inner = _Table(self, ""), _Table(self, "##")
+        self.back: dict[str, tuple[str, str]] = {}  # stand-in -> (prefix, character)
+
+    def take(self, ch: str, prefix: str) -> str:
+        stand_in = next(self._free, None)
+        if stand_in is None:
+            raise ConfigError(
+                "the corpus has more distinct characters than a WordPiece vocabulary can be trained on "
+                f"({sum(len(r) for r in _STAND_INS) // 2:,})"
+            )
+        self.back[stand_in] = (prefix, ch)
+        return stand_in
+
+    def word(self, w: str) -> str:
+        return w[0].translate(self.first) + w[1:].translate(self.inner)
+
+    def token(self, t: str) -> str:
+        """A trained token's WordPiece text: '##' and the characters for one that continues a word."""
+        return self.back[t[0]][0] + "".join(self.back[c][1] for c in t)
+
+
+class _Table(dict):
+    def __init__(self, stand_ins: _StandIns, prefix: str) -> None:
+        super().__init__()
+        self.stand_ins, self.prefix = stand_ins, prefix
+
+    def __missing__(self, code: int) -> str:
+        self[code] = self.stand_ins.take(chr(code), self.prefix)
+        return self[code]
+
+
+def _train_wordpiece(
+    texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str], lowercase: bool
+) -> Backend:
+    """A WordPiece vocabulary trained the way `tokenizers`' WordPieceTrainer trains one (BPE merges over
+    words whose inner characters carry '##'), made deterministic.
+
+    That trainer numbers the '##x' symbols in hash-map order, which differs per process; merges whose
+    counts tie are then broken by those numbers, so the same corpus gave different vocabularies from
+    run to run. Here every character becomes a private-use stand-in, one for word-initial and one for
+    inner use, and the plain BPE trainer (deterministic: it numbers its alphabet in character order)
+    learns merges over the stand-ins; its tokens are translated back into WordPiece text."""
+    backend = _backend("wordpiece", lowercase)
+    normalize, split = backend.normalizer.normalize_str, backend.pre_tokenizer.pre_tokenize_str
+    stand_ins = _StandIns()
+
+    def words() -> Iterator[str]:
+        for text in _nonempty(texts):
+            yield " ".join(stand_ins.word(w) for w, _ in split(normalize(text)))
+
+    bpe = Backend(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+    )
+    bpe.train_from_iterator(words(), trainer=trainer)
+    learned = sorted({stand_ins.token(t) for t in bpe.get_vocab(with_added_tokens=False) if t not in specials})
+    vocab = {t: i for i, t in enumerate(specials + learned)}  # specials first, then in text order
+    backend.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return backend
+
+
+# SentencePiece's EM sums over threads, and the last bits of its scores follow their number: a fixed
+# count makes the vocabulary the same on every machine
+_SENTENCEPIECE_THREADS = 4
+
+
+def _train_unigram(texts: Iterable[str], vocab_size: int, specials: list[str], unk: str, lowercase: bool) -> Backend:
+    """A Unigram vocabulary trained by SentencePiece (T5's own trainer), then served by `tokenizers`.
+
+    `tokenizers`' UnigramTrainer breaks ties in hash-map order and sums its EM in parallel, so the same
+    corpus gave different pieces and scores from run to run; SentencePiece's trainer is deterministic
+    for a fixed thread count. The text is normalised by the backend's own normaliser first, and
+    SentencePiece's whitespace handling (a '▁' before every word, pieces never crossing one) is the
+    Metaspace pre-tokenizer's."""
+    import sentencepiece as spm
+
+    backend = _backend("unigram", lowercase)
+    normalize = backend.normalizer.normalize_str
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(normalize(t) for t in _nonempty(texts)),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=vocab_size - len(specials) + 1,  # SentencePiece counts its own <unk>
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            max_sentencepiece_length=16,
+            max_sentence_length=1 << 30,
+            hard_vocab_limit=False,
+            unk_id=0,
+            unk_piece=unk,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=_SENTENCEPIECE_THREADS,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if "smaller than required_chars" in str(e):
+            raise ConfigError(
+                f"vocab_size={vocab_size} is smaller than the number of distinct characters in the "
+                "corpus (CJK text has thousands); raise the vocabulary size"
+            ) from None
+        raise ConfigError(f"training a unigram tokenizer failed: {e}") from None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    taken = set(specials)
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size()) if i != sp.unk_id()]
+    vocab = [(t, 0.0) for t in specials] + [(p, score) for p, score in pieces if p not in taken]
+    backend.model = models.Unigram(vocab, unk_id=specials.index(unk), byte_fallback=False)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return backend
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:

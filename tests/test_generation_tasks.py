@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_WORDS
+from conftest import TINY_WORDS, tiny_text
 
 import lmlab
 from lmlab import chat, metrics
@@ -380,6 +380,28 @@ def test_chat_finetune_saves_template_and_stops_and_chats(tiny_pretrained, tmp_p
     assert "unknown command /bogus" in text
     with pytest.raises(lmlab.ConfigError, match="has no chat template"):
         chat.ChatSession(lmlab.load(tiny_pretrained["gpt"]), load_tokenizer(tiny_pretrained["gpt"]), [0])
+
+
+def test_length_defaults_fit_a_64_position_model_and_given_values_are_checked(tiny_pretrained, tmp_path, capsys):
+    """The tiny decoder has 64 learned positions: finetune --task chat, generate --chat and eval run with
+    their defaults (each saying once that it took less than the usual default); a value given is refused."""
+    gpt, out, train = str(tiny_pretrained["gpt"]), tmp_path / "chat", tmp_path / "chat.jsonl"
+    turns = [[{"role": "user", "content": w}, {"role": "assistant", "content": w}] for w in TINY_WORDS[:12]]
+    train.write_text("".join(json.dumps({"messages": m}) + "\n" for m in turns))
+    args = ["finetune", "--task", "chat", "--model", gpt, "--train", str(train), "--epochs", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("--max-len is 64 here, not the usual default of 128") == 1
+    saved = json.loads((out / "finetune.json").read_text())["config"]
+    assert (saved["max_len"], saved["max_target_len"]) == (64, 32)
+    assert main(["generate", "--model", str(out), "--chat", "the king"]) == 0
+    assert "--max-new-tokens is 32 here" in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(tiny_text()[:40]) + "\n")
+    assert main(["eval", "--model", gpt, "--data", str(text)]) == 0
+    assert "--seq-len is 64 here" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "again"), "--max-len", "128"]) == 2
+    assert "--max-len 128 is longer than the model's max_seq_len=64" in capsys.readouterr().err
 
 
 def test_chat_is_refused_for_encoder_decoders(tiny_pretrained, tmp_path):

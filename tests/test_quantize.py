@@ -121,3 +121,22 @@ def test_int8_keeps_held_out_perplexity_within_one_percent(tmp_path, monkeypatch
     assert base < 0.8 * unigram, (base, unigram)  # it learned more than word frequencies
     print(f"held-out perplexity: float32 {base:.3f}, int8 {int8:.3f} ({int8 / base - 1:+.3%})")
     assert abs(int8 / base - 1) < 0.01, (base, int8)
+
+
+def test_load_takes_the_decoding_dtype_and_quantization_by_name(tiny_pretrained):
+    """lmlab.load(folder, dtype="auto") picks what `lmlab generate --dtype auto` picks, in the library."""
+    import lmlab
+
+    folder = tiny_pretrained["gpt"]
+    auto = lmlab.load(folder, dtype="auto")
+    want = decoding_choice("auto")
+    assert auto.decoding == want and auto.tok_embed.weight.dtype == getattr(torch, want["dtype"])
+    assert lmlab.load(folder, dtype="bfloat16").tok_embed.weight.dtype == torch.bfloat16
+    assert lmlab.load(folder, dtype=torch.bfloat16).tok_embed.weight.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype 'float8' is unknown; expected one of auto, float32, bfloat16"):
+        lmlab.load(folder, dtype="float8")
+    with pytest.raises(ConfigError, match="quantize must be none or int8"):
+        lmlab.load(folder, quantize="int4")
+    if int8_engine() is not None:
+        q = lmlab.load(folder, quantize="int8")
+        assert q.decoding["quantize"] == "int8" and any(isinstance(m, Int8Linear) for m in q.modules())

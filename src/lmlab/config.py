@@ -191,6 +191,18 @@ class ModelConfig:
                 f"max_seq_len={self.max_seq_len} ({self.position} positions have no row for it)"
             )
 
+    def fit_default(self, default: int, flag: str, share: int = 1) -> tuple[int, str | None]:
+        """A length setting's default, made to fit this model: `default`, or max_seq_len // share where
+        the model's absolute positions allow fewer (`share` = 2 leaves half the window to a prompt),
+        with a note saying so. A value the user gives is checked with `check_length` instead."""
+        if not self.has_absolute_positions or default * share <= self.max_seq_len:
+            return default, None
+        value = max(1, self.max_seq_len // share)
+        return value, (
+            f"{flag} is {value} here, not the usual default of {default}: the model's max_seq_len is "
+            f"{self.max_seq_len} ({self.position} positions)"
+        )
+
     @property
     def task_head(self) -> str | None:
         """The fine-tuning head (classify / tag / span) this model carries, if any."""

@@ -31,7 +31,7 @@ from lmlab.train.trainer import evaluate, resolve_device
 def evaluate_text(
     model_dir: str | os.PathLike[str],
     data: list[str],
-    seq_len: int = 128,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = 20_000,
     doc_sep: str = "line",
@@ -44,6 +44,9 @@ def evaluate_text(
         raise ConfigError(f"{model_dir}: has no tokenizer.json; evaluation on text needs the model's tokenizer")
     tok = load_tokenizer(model_dir)
     cfg = model.config
+    note = None
+    if seq_len is None:  # 128, or what the model's positions hold
+        seq_len, note = cfg.fit_default(128, "--seq-len")
     cfg.check_length(seq_len, f"seq_len={seq_len}")
     dev = resolve_device(device)
     model.to(dev)
@@ -53,7 +56,8 @@ def evaluate_text(
     limit = max_tokens or store.n_tokens
     method = cfg.spec.eval_method
     if method == "pseudo-perplexity":
-        return {**_pseudo_perplexity(model, store, docs, tok, seq_len, limit, dev), "family": cfg.family}
+        result = _pseudo_perplexity(model, store, docs, tok, seq_len, limit, dev)
+        return {**result, "family": cfg.family, "seq_len": seq_len, "notes": [note] if note else []}
     name = method
     if method == "span" and tok.id_of("mask") is not None and not tok.sentinel_ids:
         name = "infilling"
@@ -78,6 +82,8 @@ def evaluate_text(
         "tokens": result["tokens"],
         "method": method,
         "family": cfg.family,
+        "seq_len": seq_len,
+        "notes": [note] if note else [],
     }
 
 

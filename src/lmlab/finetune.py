@@ -24,7 +24,7 @@ from lmlab.data.objectives import Batches
 from lmlab.errors import ConfigError
 from lmlab.families import FAMILIES
 from lmlab.model import Model
-from lmlab.settings import FinetuneConfig
+from lmlab.settings import RUN_RECORD, FinetuneConfig
 from lmlab.tasks import REGISTRY, get_task
 from lmlab.tasks.base import pad_id
 from lmlab.tasks.classify import read_table  # noqa: F401  (the readers, where users found them before)
@@ -68,6 +68,30 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
 
 
 # ---- the run ------------------------------------------------------------------------------------
+DEFAULT_MAX_LEN, DEFAULT_MAX_TARGET_LEN = 128, 64
+
+
+def fit_lengths(fc: FinetuneConfig, cfg: Any) -> list[str]:
+    """Fill the length settings left at their defaults (None) with values the model can take; returns
+    a note for each that had to be smaller than the usual default. Values given are kept (and checked)."""
+    notes = []
+    if fc.max_len is None:
+        fc.max_len, note = cfg.fit_default(DEFAULT_MAX_LEN, "--max-len")
+        notes += [note] if note else []
+    if fc.max_target_len is None:
+        if cfg.spec.seq2seq:  # the decoder's own positions hold the target
+            fc.max_target_len, note = cfg.fit_default(DEFAULT_MAX_TARGET_LEN, "--max-target-len")
+        else:  # a decoder reads source, separator and target in one window: leave the source half of it
+            fc.max_target_len = min(DEFAULT_MAX_TARGET_LEN, fc.max_len // 2)
+            note = (
+                None
+                if fc.max_target_len == DEFAULT_MAX_TARGET_LEN
+                else f"--max-target-len is {fc.max_target_len} here, half of --max-len {fc.max_len}, not the usual default of {DEFAULT_MAX_TARGET_LEN}"
+            )
+        notes += [note] if note else []
+    return notes
+
+
 def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`."""
     from lmlab.io import load
@@ -83,9 +107,10 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         raise ConfigError(
             f"{fc.model}: the {cfg.family} model cannot be fine-tuned for {fc.task} (families that can: {', '.join(able)})"
         )
+    notes = fit_lengths(fc, cfg)
     cfg.check_length(fc.max_len, f"--max-len {fc.max_len}")
     setup = task.setup(fc, tok, cfg)
-    for note in setup.notes:
+    for note in notes + setup.notes:
         if on_event is not None:
             on_event("note", {"text": note})
     info: dict[str, Any] = {"task": fc.task, **setup.info}
@@ -123,6 +148,8 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(fc.seed)
     trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn)
+    record = {"finetune": dataclasses.asdict(fc), "precision": trainer.precision}  # what --resume continues with
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if fc.resume else False
     summary = trainer.fit()
     model.save_pretrained(out)

@@ -256,9 +256,26 @@ def _adopt(model: Model, state: dict[str, torch.Tensor], source: str) -> Model:
 
 
 def load(
-    path_or_id: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path_or_id: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> Model:
-    """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES) or a Hub id."""
+    """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES) or a Hub id.
+
+    dtype: None keeps the weights as saved (float32); a torch.dtype, "float32" or "bfloat16"; or "auto", what decodes fastest on this machine: bfloat16 where its
+    matmuls are native (CUDA GPUs with bf16, CPUs with AMX / AVX-512-bf16), float32 elsewhere, as
+    `lmlab generate --dtype auto` picks (transformers' dtype="auto" takes the saved dtype instead;
+    lmlab saves float32). quantize="int8" swaps the linear layers for int8 ones (lmlab.quantize; float32
+    activations, CPU only). What was chosen, and why, is `model.decoding` when dtype or quantize is a
+    name."""
+    choice = None
+    if isinstance(dtype, str) or quantize is not None:  # checked before any weight is read
+        from lmlab.quantize import decoding_choice
+
+        choice = decoding_choice("float32" if dtype is None else dtype, quantize, device=device or "cpu")
+        dtype = getattr(torch, choice["dtype"])
     folder = resolve(path_or_id)
     raw = read_config(folder)
     cfg_source = str(folder / CONFIG)
@@ -294,6 +311,12 @@ def load(
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
+    if choice is not None:
+        if choice["quantize"] == "int8":
+            from lmlab.quantize import quantize_int8
+
+            quantize_int8(model.float())
+        model.decoding = choice
     return model
 
 

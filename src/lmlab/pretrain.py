@@ -22,7 +22,7 @@ from lmlab.errors import ConfigError
 from lmlab.families import FAMILIES
 from lmlab.io import save
 from lmlab.model import Model
-from lmlab.settings import PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
+from lmlab.settings import RUN_RECORD, PretrainConfig, TrainConfig, load_yaml  # noqa: F401  (re-exported)
 from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.train import distributed
 from lmlab.train.trainer import Trainer, precision_choice, resolve_device
@@ -83,6 +83,7 @@ def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tok
     if pc.family not in FAMILIES:
         raise ConfigError(f"family {pc.family!r} is unknown; expected one of {', '.join(FAMILIES)}")
     pc.objective = pc.objective or FAMILIES[pc.family].default_objective
+    pc.preset = pc.preset or FAMILIES[pc.family].default_preset  # run.json records what the run used
     check_objective(pc.objective, pc.family)
     if not pc.data:  # the built-in demo corpus: one Bible chapter per document
         pc.data, pc.doc_sep = [str(demo_corpus("kjv"))], "blank"
@@ -94,7 +95,7 @@ def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tok
     elif pc.tokenizer:
         tok = load_tokenizer(pc.tokenizer)
     else:
-        kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
+        kind = pc.tokenizer_kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
         tok = train_tokenizer(kind, read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines), pc.vocab_size)
     if write:
         tok.save(out)
@@ -157,7 +158,7 @@ def _pretrain(
             "precision": trainer.precision,
             "distributed": distributed.describe(world, pc.train.parallel),
         }
-        (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if pc.resume else False
     summary = trainer.fit()
     summary["precision"] = trainer.precision

@@ -23,7 +23,16 @@ from lmlab.errors import ConfigError
 from lmlab.model.linear import Linear
 from lmlab.runtime import cpu_flags, native_bf16
 
-__all__ = ["Int8Linear", "auto_dtype", "cpu_flags", "decoding_choice", "int8_engine", "native_bf16", "quantize_int8"]
+__all__ = [
+    "DTYPES",
+    "Int8Linear",
+    "auto_dtype",
+    "cpu_flags",
+    "decoding_choice",
+    "int8_engine",
+    "native_bf16",
+    "quantize_int8",
+]
 
 
 def auto_dtype(device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
@@ -102,16 +111,36 @@ def quantize_int8(model: nn.Module) -> int:
     return swapped
 
 
-def decoding_choice(dtype: str = "auto", quantize: str = "none", flags: frozenset[str] | None = None) -> dict[str, str]:
-    """What a decoding process runs in: {"dtype", "quantize", "why"} from the asked `dtype`
-    (auto | float32 | bfloat16) and `quantize` (none | int8). auto is bfloat16 with native bf16
-    matmuls (AMX / AVX-512-bf16), float32 otherwise; int8 runs its activations in float32."""
-    flags = cpu_flags() if flags is None else flags
-    shown = ", ".join(sorted(flags)) or "no AVX flags read"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def decoding_choice(
+    dtype: str | torch.dtype = "auto",
+    quantize: str | None = "none",
+    flags: frozenset[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, str]:
+    """What a decoding process runs in: {"dtype", "quantize", "why"} from the asked `dtype` (auto,
+    float32, bfloat16 or such a torch.dtype) and `quantize` (none / None or int8). auto is bfloat16
+    where matmuls in it are native (CUDA GPUs with bf16; CPUs with AMX / AVX-512-bf16) and float32
+    otherwise; int8 runs its activations in float32 (CPU only)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    quantize = "none" if quantize is None else quantize
     if quantize not in ("none", "int8"):
         raise ConfigError(f"quantize must be none or int8, got {quantize!r}")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is unknown; expected one of {', '.join(DTYPES)} or a torch.dtype")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if quantize == "int8":
+            raise ConfigError("quantize int8 runs on the CPU (torch's fbgemm / x86 kernels), not on a GPU")
+        if dtype == "auto":
+            name = "bfloat16" if auto_dtype("cuda") == torch.bfloat16 else "float32"
+            return {"dtype": name, "quantize": "none", "why": f"auto on the GPU: {name}"}
+        return {"dtype": dtype, "quantize": "none", "why": "as asked"}
+    flags = cpu_flags() if flags is None else flags
+    shown = ", ".join(sorted(flags)) or "no AVX flags read"
     if quantize == "int8":
         if int8_engine() is None:
             raise ConfigError(f"--quantize int8: torch has no int8 engine on this machine ({platform.machine()})")

@@ -176,8 +176,10 @@ class FinetuneConfig:
     epochs: float = option(3.0, "passes over the training file")
     lr: float = option(5e-5, "peak learning rate")
     batch_size: int = option(16, "examples per batch")
-    max_len: int = option(
-        128, "tokens per example (QA: the window; seq2seq: the encoder's source, or the whole sequence of a decoder)"
+    max_len: int | None = option(
+        None,
+        "tokens per example (QA: the window; seq2seq: the encoder's source, or the whole sequence of a decoder); "
+        "default: 128, or the model's max_seq_len where that is smaller",
     )
     text_columns: list[str] | None = option(None, "classification text column(s) (default: found by name)")
     pooling: str | None = option(
@@ -192,7 +194,11 @@ class FinetuneConfig:
     target_field: str = option("target", "seq2seq: the JSONL field / table column of the output text")
     source_prefix: str = option("", 'seq2seq: text put before every source, e.g. "translate: " for T5')
     separator: str = option("\n\n###\n\n", "seq2seq, decoders and prefix-LMs: the text between source and target")
-    max_target_len: int = option(64, "seq2seq: target tokens (end token included); also the generation limit")
+    max_target_len: int | None = option(
+        None,
+        "seq2seq: target tokens (end token included); also the generation limit (default: 64, or what fits "
+        "the model: half of --max-len for decoders and prefix-LMs)",
+    )
     truncate: bool = option(
         False, "seq2seq / chat: cut over-long sources, targets and conversations (and say how many) instead of failing"
     )
@@ -219,6 +225,128 @@ class FinetuneConfig:
         if missing:
             raise ConfigError(f"{source}: fine-tuning needs {', '.join(missing)} (as flags or in the YAML file)")
         return fc
+
+
+# ---- resuming --------------------------------------------------------------------------------------
+# What a resumed run may change: its budget, logging, evaluation, checkpointing and where it runs (a
+# checkpoint resumes at any world size). Every other setting is the run's own, read from its folder.
+RESUMABLE_TRAIN = frozenset(
+    {
+        "max_steps",
+        "max_tokens",
+        "max_minutes",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep_checkpoints",
+        "checkpoint_format",
+        "async_save",
+        "log_every",
+        "tensorboard",
+        "device",
+        "parallel",
+        "collective_timeout",
+        "expert_parallel",
+    }
+)
+RESUMABLE_PRETRAIN = frozenset({"out", "resume", "cache_dir"})
+RESUMABLE_FINETUNE = frozenset({"out", "resume", "epochs", "eval", "device"})
+RUN_RECORD = "run.json"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):  # the same file named two ways
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _merge_resumed(
+    recorded: dict[str, Any], given: dict[str, Any], may_change: frozenset[str], where: str, changeable: frozenset[str]
+) -> None:
+    """Put `given` over `recorded` in place: a setting outside `may_change` must equal the recorded one
+    (the error lists `changeable`, every setting a resumed run may change)."""
+    for name, value in given.items():
+        if name in may_change:
+            recorded[name] = value
+        elif not _same(value, recorded.get(name)):
+            raise ConfigError(
+                f"{_flag(name)} {value!r} would change the run being resumed ({where} has {recorded.get(name)!r}); "
+                f"a resumed run may change only {', '.join(_flag(n) for n in sorted(changeable - {'resume', 'out'}))}"
+            )
+
+
+def _trained_in(record: dict[str, Any]) -> str | None:
+    """The precision a recorded run trained in (run.json keeps the trainer's choice with its reason)."""
+    choice = record.get("precision")
+    return choice.get("precision") if isinstance(choice, dict) else choice
+
+
+def read_run_record(out: str | os.PathLike[str], key: str) -> dict[str, Any]:
+    """run.json of the run in `out` (written when the run started), checked to be a `key` run."""
+    import json
+
+    path = Path(out) / RUN_RECORD
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; --resume continues a run that `lmlab {key}` started in {out}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable run record ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(key), dict):
+        raise ConfigError(f"{path}: not the record of an `lmlab {key}` run (no {key!r} settings)")
+    return record
+
+
+def resumed_pretrain_config(out: str | os.PathLike[str], given: dict[str, Any] | None = None) -> PretrainConfig:
+    """The settings of the pre-training run in `out`, to continue it: every setting from its run.json,
+    then `given` (settings as PretrainConfig.from_dict takes them) on top, which may change only the
+    budget, logging, evaluation, checkpointing and where it runs. precision is the one the run trained
+    in: `auto` would choose again, on this machine, and a run started in fp32 then resumed in bf16 is no
+    longer exact."""
+    record = read_run_record(out, "pretrain")
+    where = str(Path(out) / RUN_RECORD)
+    settings = dict(record["pretrain"])
+    train = dict(settings.get("train") or {})
+    if _trained_in(record):
+        train["precision"] = _trained_in(record)
+    given = dict(given or {})
+    given_train = dict(given.pop("train", None) or {})
+    if given_train.get("precision") == "auto":
+        given_train.pop("precision")
+    given_model = given.pop("model", None) or {}
+    changeable = RESUMABLE_PRETRAIN | RESUMABLE_TRAIN
+    _merge_resumed(settings, given, RESUMABLE_PRETRAIN, where, changeable)
+    _merge_resumed(train, given_train, RESUMABLE_TRAIN, where, changeable)
+    for name, value in given_model.items():
+        if not _same(value, (settings.get("model") or {}).get(name)):
+            raise ConfigError(
+                f"model setting {name}={value!r} would change the model being resumed ({where} has "
+                f"{(settings.get('model') or {}).get(name)!r})"
+            )
+    settings["train"], settings["resume"], settings["out"] = train, True, str(out)
+    return PretrainConfig.from_dict(settings, where)
+
+
+def resumed_finetune_config(out: str | os.PathLike[str], given: dict[str, Any] | None = None) -> FinetuneConfig:
+    """The settings of the fine-tuning run in `out`, to continue it, as `resumed_pretrain_config` does."""
+    record = read_run_record(out, "finetune")
+    settings = dict(record["finetune"])
+    if _trained_in(record):
+        settings["precision"] = _trained_in(record)
+    given = dict(given or {})
+    if given.get("precision") == "auto":
+        given.pop("precision")
+    _merge_resumed(settings, given, RESUMABLE_FINETUNE, str(Path(out) / RUN_RECORD), RESUMABLE_FINETUNE)
+    settings["resume"], settings["out"] = True, str(out)
+    return FinetuneConfig.from_dict(settings, str(Path(out) / RUN_RECORD))
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,13 +12,29 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="the longest answer (default: 128, or half the model's context window if that is smaller)",
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def fitted_max_new_tokens(given: int | None, default: int, cfg) -> int:
+    """--max-new-tokens as given, or `default` where it leaves half the model's window to the prompt
+    (else that half, said once)."""
+    if given is not None:
+        return given
+    value, note = cfg.fit_default(default, "--max-new-tokens", share=2)
+    if note:  # on standard error: standard output is the generated text
+        error_console().print(f"note: {note}", highlight=False)
+    return value
 
 
 def sampling(args: argparse.Namespace) -> dict:
@@ -45,9 +61,8 @@ def run_chat(args: argparse.Namespace) -> None:
     from lmlab.cli.generate import model_and_tokenizer
 
     model, tok = model_and_tokenizer(args.model)
-    session = ChatSession(
-        model, tok, stop_ids(args.model, tok), args.system, max_new_tokens=args.max_new_tokens, **sampling(args)
-    )
+    max_new = fitted_max_new_tokens(args.max_new_tokens, 128, model.config)
+    session = ChatSession(model, tok, stop_ids(args.model, tok), args.system, max_new_tokens=max_new, **sampling(args))
     interactive = sys.stdin.isatty()
     console.print(f"chatting with {args.model} (context window {session.window} tokens); {HELP}", highlight=False)
     while True:

@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=0, help="solved examples in the prompt (with --task)")
     p.add_argument("--seed", type=int, default=0, help="which examples become shots")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per window (default: 128, or the model's max_seq_len if smaller)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--doc-sep", choices=("line", "blank"), default="line")
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> None:
         doc_sep=args.doc_sep,
         field=args.field,
     )
+    for note in r["notes"]:
+        console.print(f"note: {note}", highlight=False)
     console.print(
         f"{args.model} ({r['family']}) on {', '.join(args.data)}: loss {r['loss']:.4f}, "
         f"{'pseudo-' if 'pseudo' in r['method'] else ''}perplexity {r['ppl']:.2f} over "

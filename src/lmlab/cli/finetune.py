@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lmlab.cli.flags import add_fields, collect
 from lmlab.cli.output import TrainingProgress, console
-from lmlab.settings import FinetuneConfig, load_yaml
+from lmlab.errors import LmlabError
+from lmlab.settings import FinetuneConfig, load_yaml, resumed_finetune_config
 from lmlab.tasks import TASK_NAMES
 
 
@@ -30,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     settings = load_yaml(args.config) if args.config else {}
     settings.update(collect(args, FinetuneConfig))
+    if settings.get("resume"):  # the run's own settings from its folder; the ones given may change little
+        if not settings.get("out"):
+            raise LmlabError("--resume continues the run in --out: give --out")
+        return resumed_finetune_config(settings.pop("out"), settings)
     return FinetuneConfig.from_dict(settings, args.config or "command line")
 
 

@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt (decoder / prefix-lm) or answer it (encoder-decoder)")
     p.add_argument("--model", required=True, help="model folder with its tokenizer")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate (default: 64, or half the model's context window if that is smaller)",
+    )
     p.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores / length**penalty")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy / beam decoding")
@@ -60,25 +65,12 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def decoding_model(folder: str, dtype: str = "auto", quantize: str = "none"):
-    """(model, tokenizer, choice): the folder's model in what lmlab.quantize.decoding_choice picks."""
-    from lmlab.quantize import decoding_choice, quantize_int8
-
-    choice = decoding_choice(dtype, quantize)
-    model, tok = model_and_tokenizer(folder, choice["dtype"])
-    if choice["quantize"] == "int8":
-        quantize_int8(model.float())
-    return model.eval(), tok, choice
-
-
-def model_and_tokenizer(folder: str, dtype: str | None = None):
-    """The folder's model (in `dtype` if given, else as saved) and its tokenizer."""
-    import torch
-
+def model_and_tokenizer(folder: str, dtype: str | None = None, quantize: str = "none"):
+    """The folder's model (`lmlab.load` with `dtype` and `quantize`; as saved without them) and its tokenizer."""
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    model = load(folder, dtype=getattr(torch, dtype) if dtype else None)
+    model = load(folder, dtype=dtype, quantize=None if quantize == "none" else quantize)
     try:
         tok = load_tokenizer(folder)
     except LmlabError as e:
@@ -87,9 +79,11 @@ def model_and_tokenizer(folder: str, dtype: str | None = None):
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from lmlab.cli.chat import fitted_max_new_tokens
     from lmlab.generate import complete, stream
 
-    model, tok, _ = decoding_model(args.model, args.dtype, args.quantize)
+    model, tok = model_and_tokenizer(args.model, args.dtype, args.quantize)
+    args.max_new_tokens = fitted_max_new_tokens(args.max_new_tokens, 64, model.config)
     head = "" if model.config.spec.seq2seq else args.prompt  # a decoder continues the prompt: show it
     prompt, stops = args.prompt, None
     if args.chat:

@@ -13,7 +13,7 @@ from lmlab.cli.flags import add_fields, collect
 from lmlab.cli.output import TrainingProgress, console
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.settings import PretrainConfig, TrainConfig, load_yaml
+from lmlab.settings import PretrainConfig, TrainConfig, load_yaml, resumed_pretrain_config
 
 _MOE = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("moe_"))
 
@@ -97,6 +97,8 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         model.update(moe)
         model.setdefault("ffn", "moe")
     settings["model"] = model
+    if settings.get("resume"):  # the run's own settings from its folder; the ones given may change little
+        return resumed_pretrain_config(settings.pop("out", None) or PretrainConfig.out, settings)
     return PretrainConfig.from_dict(settings, args.config or "command line")
 
 

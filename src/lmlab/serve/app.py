@@ -89,12 +89,14 @@ class _State:
 def _load(cfg: ServeConfig, state: _State, metrics: Metrics) -> None:
     try:
         from lmlab.chat import stop_ids
-        from lmlab.cli.generate import decoding_model
+        from lmlab.io import load
+        from lmlab.tokenizer import load_tokenizer
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model, tok, choice = decoding_model(cfg.model, cfg.dtype, cfg.quantize)
-        state.model, state.tok, state.choice = model, tok, choice
+        model = load(cfg.model, dtype=cfg.dtype, quantize=None if cfg.quantize == "none" else cfg.quantize)
+        tok = load_tokenizer(cfg.model)
+        state.model, state.tok, state.choice = model, tok, model.decoding
         info = Path(cfg.model) / "finetune.json"
         state.task = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
         state.stop_ids = stop_ids(cfg.model, tok) if model.config.has_decoder else []

@@ -171,8 +171,8 @@ def test_finetune_reads_a_yaml_config_and_flags_override_it(tmp_path):
     cfg.write_text("task: ner\nepoch: 2\n")
     with pytest.raises(lmlab.ConfigError, match=r"ft.yaml: unknown setting\(s\) epoch"):
         finetune_config(build_parser().parse_args(["finetune", "--config", str(cfg)]))
-    cfg.write_text("task: ner\nmodel: m\ntrain: t\nout: o\nprecision: fp16\n")
-    with pytest.raises(lmlab.ConfigError, match="precision 'fp16' is unknown; expected one of auto, fp32, bf16"):
+    cfg.write_text("task: ner\nmodel: m\ntrain: t\nout: o\nprecision: fp8\n")
+    with pytest.raises(lmlab.ConfigError, match="precision 'fp8' is unknown; expected one of auto, fp32, bf16, fp16"):
         finetune_config(build_parser().parse_args(["finetune", "--config", str(cfg)]))
     fc = finetune_config(build_parser().parse_args(["finetune", "--config", str(cfg), "--precision", "fp32"]))
     assert fc.precision == "fp32"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmlab.cli.pretrain import torchrun_command
+from lmlab.config import preset
 from lmlab.errors import ConfigError
 from lmlab.pretrain import PretrainConfig, pretrain
 from lmlab.settings import TrainConfig
@@ -29,7 +30,7 @@ EPYC = frozenset({"avx2"})
 
 
 def _tokenizer(tmp_path: Path, corpus: Path, family: str) -> str:
-    """One tokenizer for every run of a test: WordPiece training is not the same from one process to the next."""
+    """One tokenizer for every run of a test, trained once."""
     from lmlab.data.corpus import read_documents
     from lmlab.families import FAMILIES
     from lmlab.tokenizer import train_tokenizer
@@ -283,6 +284,40 @@ def test_expert_parallelism_needs_a_number_of_experts_the_ranks_divide():
     assert experts_per_rank(8, 2) == 4
     with pytest.raises(ConfigError, match="over 3 ranks .* the layer has 8"):
         experts_per_rank(8, 3)
+
+
+def test_switch_with_router_jitter_on_two_expert_parallel_processes_trains_as_one(tmp_path, corpus):
+    """switch-tiny's jitter (0.01) multiplies the router input by noise: every rank draws it for the
+    global batch and keeps its rows, so two expert-parallel processes give the one-process losses."""
+
+    def config(out, **kw):
+        pc = _config(tmp_path, corpus, out, **kw)
+        pc.preset, pc.model = "switch-tiny", {**TINY, "moe_experts": 4}
+        return pc
+
+    assert preset("switch-tiny").moe_jitter == 0.01
+    pretrain(config("one"))
+    reference = _losses(tmp_path / "one")
+    run = _torchrun(config("run", parallel="ddp", expert_parallel=2), tmp_path, "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _losses(tmp_path / "run") == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def test_router_noise_drawn_for_the_global_batch_is_the_one_process_noise():
+    from lmlab.model.moe.router import TokenChoiceRouter
+
+    cfg = preset("switch-tiny", d_model=8)
+    router = TokenChoiceRouter(cfg).train()
+    x = torch.ones(12, 8)
+    torch.manual_seed(0)
+    whole = router._noise(x, "jitter")
+    parts = []
+    for rank in range(3):
+        router.noise_shard = (rank, 3)
+        torch.manual_seed(0)
+        parts.append(router._noise(x[4 * rank : 4 * rank + 4], "jitter"))
+    assert torch.equal(torch.cat(parts), whole)
+    assert (whole - 1).abs().max() <= 0.01 and whole.std() > 0
 
 
 @pytest.mark.parametrize(

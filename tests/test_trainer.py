@@ -241,3 +241,44 @@ def test_torch_compile_gives_the_same_losses(tmp_path, corpus):
     pretrain(_config(tmp_path, corpus, "eager", max_steps=3))
     pretrain(_config(tmp_path, corpus, "compiled", max_steps=3, compile=True))
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(tmp_path, corpus):
+    """float16 autocast (for GPUs without native bf16) scales the loss; the scaler's state is checkpointed."""
+    pretrain(_config(tmp_path, corpus, "straight", precision="fp16"))
+    reference = _losses(tmp_path / "straight")
+    assert len(reference) == 6 and all(math.isfinite(x) for x in reference)
+    state = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    assert state["grad_scaler"]["scale"] > 1  # scaled: 2**16 at the start, halved on an overflow
+
+    def stop_after_four(kind, info):
+        if kind == "step" and info["step"] == 4:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        pretrain(_config(tmp_path, corpus, "cut", precision="fp16"), on_event=stop_after_four)
+    again = _config(tmp_path, corpus, "cut", precision="fp16")
+    again.resume = True
+    assert pretrain(again)["steps"] == 6
+    assert _losses(tmp_path / "cut") == reference
+
+
+def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_fp32_and_offers_fp16(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation (a T4 or V100 says yes, and runs bf16 slower than
+    fp32): lmlab asks for native bf16 only. The GPU is mocked; the choice is what is tested."""
+    from lmlab.quantize import auto_dtype
+    from lmlab.train.trainer import precision_choice
+
+    for native, capability, want in ((False, (7, 5), "fp32"), (False, (6, 1), "fp32"), (True, (8, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n or including_emulation
+        )
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        choice = precision_choice("auto", torch.device("cuda"))
+        assert choice["precision"] == want, (native, capability, choice)
+        assert ("--precision fp16" in choice["why"]) == (not native and capability[0] >= 7)
+        assert auto_dtype("cuda") == (torch.bfloat16 if native else torch.float32)
+        assert precision_choice("fp16", torch.device("cuda"))["precision"] == "fp16"
+    with pytest.raises(lmlab.ConfigError, match="fp16 trains with a gradient scaler"):
+        TrainConfig(max_steps=1, precision="fp16", parallel="fsdp").validate()

@@ -20,13 +20,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.model import Model
+
+if TYPE_CHECKING:  # decoding runs on the model's forward interface; the class is only named here
+    from lmlab.model import Model
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / temperature would overflow to inf (vLLM does the same)
 

@@ -142,6 +142,8 @@ def _pretrain(
     model = _build_model(pc, cfg, world)
     if world.size > 1 and pc.train.moe_stats == "global":
         distributed.use_global_routing_stats(model, world)
+    if world.size > 1:  # router noise as one process draws it for the global batch
+        distributed.share_router_noise(model, world)
     train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
     val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
     trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)

@@ -36,9 +36,10 @@ __all__ = [
 
 
 def auto_dtype(device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
-    """bfloat16 on CUDA GPUs that have it and on CPUs with AMX or AVX-512-bf16; float32 otherwise."""
+    """bfloat16 on CUDA GPUs with native bf16 and on CPUs with AMX or AVX-512-bf16; float32 otherwise."""
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32  # emulated bf16 is slower than float32
     return torch.bfloat16 if native_bf16(flags) else torch.float32
 
 

@@ -19,10 +19,10 @@ def route_text(model_dir: str, text: str, top: int | None = None) -> tuple[list[
     """Run `text` through the model and read every MoE layer's routing. Returns the layer names and, per
     token, the experts (and weights) that took it. Encoder-decoder models get the text on both sides
     (teacher-forced decoder). `top` limits the experts shown per layer (default: all with weight > 0)."""
-    import lmlab
+    from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    model = lmlab.load(model_dir).eval()
+    model = load(model_dir).eval()
     if model.config.ffn != "moe":
         raise LmlabError(f"{model_dir}: the model has no Mixture-of-Experts layers (ffn={model.config.ffn!r})")
     tok = load_tokenizer(model_dir)

@@ -18,8 +18,11 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = "auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX-512-bf16, fp32 elsewhere"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = (
+    "auto: bf16 autocast on a GPU with native bf16 or a CPU with AMX / AVX-512-bf16, fp32 elsewhere; "
+    "fp16: float16 autocast with a gradient scaler (for GPUs without native bf16, such as T4 and V100)"
+)
 PARALLEL = ("none", "ddp", "fsdp")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
@@ -105,6 +108,11 @@ class TrainConfig:
             raise ConfigError(
                 "async_save writes sharded checkpoints: add --checkpoint-format sharded "
                 f"(this run's checkpoints are {self.resolved_checkpoint_format()})"
+            )
+        if self.precision == "fp16" and self.parallel == "fsdp":
+            raise ConfigError(
+                "precision fp16 trains with a gradient scaler, which lmlab does not run under --parallel fsdp; "
+                "use bf16 or fp32 there"
             )
         if self.collective_timeout <= 0:
             raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")

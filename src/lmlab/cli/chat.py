@@ -26,17 +26,6 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
-def fitted_max_new_tokens(given: int | None, default: int, cfg) -> int:
-    """--max-new-tokens as given, or `default` where it leaves half the model's window to the prompt
-    (else that half, said once)."""
-    if given is not None:
-        return given
-    value, note = cfg.fit_default(default, "--max-new-tokens", share=2)
-    if note:  # on standard error: standard output is the generated text
-        error_console().print(f"note: {note}", highlight=False)
-    return value
-
-
 def sampling(args: argparse.Namespace) -> dict:
     return dict(
         do_sample=args.sample,
@@ -58,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_chat(args: argparse.Namespace) -> None:
     from lmlab.chat import ChatSession, stop_ids
-    from lmlab.cli.generate import model_and_tokenizer
+    from lmlab.cli.generate import fitted_max_new_tokens, model_and_tokenizer
 
     model, tok = model_and_tokenizer(args.model)
     max_new = fitted_max_new_tokens(args.max_new_tokens, 128, model.config)

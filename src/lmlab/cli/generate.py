@@ -7,7 +7,7 @@ import sys
 
 from rich.table import Table
 
-from lmlab.cli.output import console
+from lmlab.cli.output import console, error_console
 from lmlab.errors import LmlabError
 
 
@@ -78,8 +78,18 @@ def model_and_tokenizer(folder: str, dtype: str | None = None, quantize: str = "
     return model, tok
 
 
+def fitted_max_new_tokens(given: int | None, default: int, cfg) -> int:
+    """--max-new-tokens as given, or `default` where it leaves half the model's window to the prompt
+    (else that half, said once)."""
+    if given is not None:
+        return given
+    value, note = cfg.fit_default(default, "--max-new-tokens", share=2)
+    if note:  # on standard error: standard output is the generated text
+        error_console().print(f"note: {note}", highlight=False)
+    return value
+
+
 def run_generate(args: argparse.Namespace) -> None:
-    from lmlab.cli.chat import fitted_max_new_tokens
     from lmlab.generate import complete, stream
 
     model, tok = model_and_tokenizer(args.model, args.dtype, args.quantize)

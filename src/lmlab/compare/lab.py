@@ -52,9 +52,9 @@ def machine() -> dict[str, Any]:
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
     info["tokenizers"] = tokenizers.__version__
-    from lmlab import __version__
+    from importlib.metadata import version
 
-    info["lmlab"] = __version__
+    info["lmlab"] = version("lmlab")
     info["cpu"], info["flags"] = _cpu()
     info["threads"] = torch.get_num_threads()
     return info

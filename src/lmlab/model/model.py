@@ -496,16 +496,20 @@ class Model(nn.Module):
 
     # ---- conveniences in transformers' style ---------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> Model:
-        from lmlab.io import load
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> Model:
+        """A folder's model (lmlab or transformers layout); `lmlab.load` also picks a decoding dtype."""
+        from lmlab.checkpoint import load_folder
 
-        return load(path, **kwargs)
+        model = load_folder(path, cls)
+        return model.to(device=device, dtype=dtype) if dtype is not None or device is not None else model
 
     def save_pretrained(self, path: str, format: str = "lmlab") -> Any:
         """Write a folder: format="lmlab" (any model) or "hf" (transformers' Auto classes read it)."""
-        from lmlab.io import save
+        from lmlab.checkpoint import save_folder
 
-        return save(self, path, format=format)
+        return save_folder(self, path, format=format)
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any

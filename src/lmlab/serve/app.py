@@ -147,6 +147,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid" or not loc and "JSON" in msg:
             msg, param = f"the body is not valid JSON ({msg})", None
+        elif first.get("type") == "extra_forbidden":  # as OpenAI answers an argument it does not know
+            msg = "unrecognized request argument: lmlab does not implement this field (the README lists those it does)"
         return JSONResponse(APIError(400, f"{param}: {msg}" if param else msg, param).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

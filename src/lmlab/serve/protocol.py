@@ -32,7 +32,11 @@ def _lone_surrogate(value: Any, where: str = "") -> str | None:
 
 
 class _Request(BaseModel):
-    """Every request body: its strings must be valid Unicode."""
+    """Every request body: its strings must be valid Unicode, and a field lmlab does not implement is
+    refused (400 naming it), never accepted and ignored: a client asking for response_format, tools
+    or logit_bias must not get free text with a 200."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -44,9 +48,8 @@ class _Request(BaseModel):
 
 
 class _Body(_Request):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields lmlab ignores (user, ...)
-
     model: str
+    user: str | None = None  # the end user's id, for the operator's monitoring: nothing to implement
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -68,10 +71,11 @@ class CompletionRequest(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # tool_calls, audio, ...: refused, not dropped
 
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # a participant's name: templates that know it may use it
 
 
 class ChatRequest(_Body):
@@ -83,9 +87,8 @@ class ChatRequest(_Body):
 
 
 class EmbeddingRequest(_Request):
-    model_config = ConfigDict(extra="allow")
-
     model: str
+    user: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

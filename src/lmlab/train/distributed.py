@@ -25,7 +25,9 @@ writes its shard through torch.distributed.checkpoint (lmlab.train.sharded). Wit
 kind resumes on any number of processes, with or without FSDP.
 
 What differs from one process: dropout draws its masks per rank (as in any data-parallel run). MoE
-auxiliary losses count every rank's tokens (`use_global_routing_stats`) unless `--moe-stats local`.
+routers' training noise does not: every rank draws it for the global batch and keeps its rows
+(`share_router_noise`). MoE auxiliary losses count every rank's tokens (`use_global_routing_stats`)
+unless `--moe-stats local`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.families import IGNORE_INDEX
 from lmlab.settings import PARALLEL
+from lmlab.train.dtensor import is_sharded  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,17 @@ def check_expert_parallel(degree: int, world: World, model_cfg: Any) -> None:
     experts_per_rank(model_cfg.moe_experts, degree)
 
 
+def share_router_noise(model: nn.Module, world: World) -> int:
+    """Make every token-choice router draw its training noise (Switch's jitter, Shazeer's noisy
+    logits) for the whole global micro-batch and keep this rank's rows of it (`shard` gives each rank
+    an equal, contiguous share), so that the noise of N processes is the one process's and the run
+    does not depend on the world size. Returns how many routers were set."""
+    routers = [m for m in model.modules() if hasattr(m, "noise_shard")]
+    for m in routers:
+        m.noise_shard = (world.rank, world.size) if world.size > 1 else None
+    return len(routers)
+
+
 def use_global_routing_stats(model: nn.Module, world: World) -> int:
     """Make every MoE layer's load-balancing loss and routing statistics use the counts of all ranks'
     tokens, as one process with the global batch computes them (Megatron's global option). The
@@ -208,11 +222,6 @@ def use_global_routing_stats(model: nn.Module, world: World) -> int:
     for m in layers:
         m.reduce_stats = reduce if size > 1 else None
     return len(layers)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` is under FSDP2 (its parameters are DTensor shards)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:

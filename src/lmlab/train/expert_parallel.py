@@ -248,7 +248,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ over the whole model when its experts are spread over the ranks: the experts'
     squared norms are summed over the ranks, the rest is the same on every rank. Under FSDP2 every
     gradient element lives on one rank: all squared norms are summed over every rank."""
-    from lmlab.train.distributed import is_sharded
+    from lmlab.train.dtensor import is_sharded
 
     if is_sharded(model):
         grads = [p.grad.to_local() for p in model.parameters() if p.grad is not None]

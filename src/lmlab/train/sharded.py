@@ -9,7 +9,7 @@ DCP stores each tensor by its global name and shape. An FSDP2 model's parameters
 are DTensors already; an expert-parallel model's experts are presented as DTensors sharded on the
 expert dimension (`_dcp_view`), so the files describe the whole model whatever wrote them. Loading
 reads, for each rank, the slices it holds: a checkpoint written by N processes resumes on M, with or
-without FSDP or expert parallelism, and in one plain process (`read_model_weights`, which
+without FSDP or expert parallelism, and in one plain process (`lmlab.checkpoint.dcp.read_model_weights`, which
 `lmlab.load` and `lmlab convert` use).
 
 Atomic as the full format: the ranks write into `.tmp-step-*`, and rank 0 renames it and points
@@ -23,8 +23,6 @@ Objects that are not tensors (the optimizer's hyper-parameters) are read with
 
 from __future__ import annotations
 
-import io as _io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +32,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -44,40 +39,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lmlab.checkpoint.dcp import (  # noqa: F401  (re-exported)
+    DCP_DIR,
+    WeightsOnlyLoadPlanner,
+    is_sharded_checkpoint,
+    read_model_weights,
+    why,
+)
 from lmlab.errors import CheckpointError
-from lmlab.train.distributed import is_sharded
-
-DCP_DIR = "dcp"
-# one process without a process group is a case lmlab means (resuming on one process, convert)
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-
-
-def is_sharded_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / DCP_DIR / ".metadata").is_file()
-
-
-class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's planner, except that non-tensor entries are read with weights_only=True."""
-
-    def load_bytes(self, read_item: ReadItem, value: _io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def why(e: BaseException) -> str:
-    """What went wrong, also inside DCP's CheckpointException (which wraps every rank's error)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = failures[min(failures)]
-        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
-            inner = inner[0]  # (exception, its traceback frames)
-        return f"rank {min(failures)}: {type(inner).__name__}: {inner}"
-    return f"{type(e).__name__}: {e}"
+from lmlab.train.dtensor import is_sharded
 
 
 def _alone() -> bool:
@@ -179,27 +149,6 @@ def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
             states[name] = {k: _local(v) for k, v in states[name].items()}
     set_model_state_dict(model, view["model"])
     set_optimizer_state_dict(model, optimizer, view["optim"])
-
-
-def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """A sharded checkpoint's whole model weights, in one process and without a process group."""
-    reader = FileSystemReader(str(folder / DCP_DIR))
-    try:
-        metadata = reader.read_metadata()
-        prefix = "model."
-        state = {
-            key[len(prefix) :]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for key, m in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
-        }
-        if not state:
-            raise CheckpointError("it holds no model tensors")
-        dcp.load({"model": state}, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=True)
-    except CheckpointError as e:
-        raise CheckpointError(f"{folder / DCP_DIR}: {e}") from None
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{folder / DCP_DIR}: not a readable sharded checkpoint ({why(e)})") from None
-    return state
 
 
 class PendingSave:

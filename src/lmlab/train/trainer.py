@@ -57,17 +57,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 def precision_choice(name: str, device: torch.device, flags: frozenset[str] | None = None) -> dict[str, Any]:
-    """What a training run computes in: {"precision": "bf16" | "fp32", "why", "cpu_flags"} from the asked
-    `name` (auto | fp32 | bf16). auto is bf16 autocast where bf16 is faster than float32: CUDA GPUs
-    that support it, and CPUs with AMX or AVX-512-bf16 (on an AMX Xeon a GPT-2-shaped step runs about
-    2x faster under bf16 autocast); float32 elsewhere (AVX2-only CPUs emulate bf16, which is slower)."""
+    """What a training run computes in: {"precision": "bf16" | "fp16" | "fp32", "why", "cpu_flags"} from
+    the asked `name` (auto | fp32 | bf16 | fp16). auto is bf16 autocast where bf16 is faster than float32:
+    CUDA GPUs with native bf16 (Ampere and later), and CPUs with AMX or AVX-512-bf16 (on an AMX Xeon a
+    GPT-2-shaped step runs about 2x faster under bf16 autocast); float32 elsewhere. GPUs that only
+    emulate bf16 (T4, V100: slower than float32) get float32, with fp16 offered: float16 autocast with
+    a gradient scaler, which their tensor cores run natively. AVX2-only CPUs emulate bf16 too."""
     flags = cpu_flags() if flags is None else flags
     shown = sorted(flags)
     if name != "auto":
         return {"precision": name, "why": "as asked", "cpu_flags": shown}
     if device.type == "cuda":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        why = "the GPU supports bf16" if bf16 else "the GPU has no bf16"
+        # is_bf16_supported() alone counts emulation, which is slower than float32
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        why = "the GPU has native bf16"
+        if not bf16:
+            why = "the GPU has no native bf16 (emulated bf16 is slower than fp32)"
+            if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 7:
+                why += "; --precision fp16 runs its tensor cores, with a gradient scaler"
     elif device.type == "cpu":
         bf16 = native_bf16(flags)
         why = "native bf16 matmuls (AMX / AVX-512-bf16)" if bf16 else "no native bf16 matmuls on this CPU"
@@ -141,7 +148,10 @@ class Trainer:
         self.evaluate_fn = evaluate_fn or evaluate  # (model, batches, device, autocast) -> metrics; LM loss by default
         self.device = distributed.device_for(resolve_device(cfg.device), self.world)
         self.precision = precision_choice(cfg.precision, self.device)
-        self.autocast = torch.bfloat16 if self.precision["precision"] == "bf16" else None
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision["precision"])
+        # float16's narrow range: the loss is scaled up before the backward, the gradients down before
+        # clipping, and a step whose gradients overflowed is skipped (torch.amp.GradScaler)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
         self.sharded = distributed.is_sharded(model)  # FSDP2: every rank takes part in each forward
         self.expert_parallel = bool(expert_parallel.expert_parameters(model))
         if self.sharded:
@@ -216,6 +226,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def resume(self) -> bool:
@@ -230,6 +242,8 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         return True
 
     def _truncate_metrics(self) -> None:
@@ -354,7 +368,7 @@ class Trainer:
                     if weight != 1.0 and out.vocab_loss is not None:
                         loss = loss + (weight - 1.0) * out.vocab_loss
                     loss = loss / cfg.grad_accum
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             step_loss += loss.item()
             if self._routers:
                 self._collect_routing(out.routing)
@@ -394,6 +408,8 @@ class Trainer:
                     f"rank {self.world.rank} of {self.world.size}, step {self.step + 1}: a collective failed "
                     f"(timeout {cfg.collective_timeout:g} s; another process may have stopped): {e}"
                 ) from e
+            if self.scaler is not None:  # clip the true gradients
+                self.scaler.unscale_(self.optimizer)
             if self.expert_parallel:
                 expert_parallel.sync_replicas(self.model)
                 grad_norm = expert_parallel.clip_grad_norm(self.model, cfg.grad_clip)
@@ -401,7 +417,11 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # skipped when the gradients overflowed; the scale adapts
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

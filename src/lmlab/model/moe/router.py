@@ -48,11 +48,23 @@ class TokenChoiceRouter(nn.Module):
         self.residual = (
             nn.Linear(self.n_experts, self.n_experts, bias=False) if cfg.moe_gating_residual and has_previous else None
         )
+        # (rank, world size) of a data-parallel run, set by lmlab.train.distributed.share_router_noise:
+        # the training noise is then drawn for every rank's tokens and this rank keeps its own, so N
+        # processes draw what one process draws for the global batch
+        self.noise_shard: tuple[int, int] | None = None
+
+    def _noise(self, like: torch.Tensor, draw: str) -> torch.Tensor:
+        """Noise shaped like `like` (this rank's tokens x features): U(1-eps, 1+eps) or N(0, 1)."""
+        rank, size = self.noise_shard or (0, 1)
+        T = like.shape[0]
+        full = torch.empty((size * T, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        full = full.uniform_(1.0 - self.jitter, 1.0 + self.jitter) if draw == "jitter" else full.normal_()
+        return full[rank * T : (rank + 1) * T]
 
     def logits(self, x_TD: torch.Tensor, previous_TE: torch.Tensor | None = None) -> torch.Tensor:
         """Clean router logits (T, E), float32, the gating residual included."""
         if self.jitter and self.training:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * self._noise(x_TD, "jitter")
         logits_TE = self.gate(x_TD).float()
         if self.residual is not None and previous_TE is not None and previous_TE.shape == logits_TE.shape:
             logits_TE = logits_TE + self.residual(previous_TE.to(self.residual.weight.dtype)).float()
@@ -63,7 +75,7 @@ class TokenChoiceRouter(nn.Module):
         noise_TE, chosen_TE = None, logits_TE
         if self.noise is not None and self.training:
             noise_TE = F.softplus(self.noise(x_TD).float()) + 1e-2  # Shazeer's noise epsilon
-            chosen_TE = logits_TE + torch.randn_like(logits_TE) * noise_TE
+            chosen_TE = logits_TE + self._noise(logits_TE, "normal") * noise_TE
         probs_TE = chosen_TE.softmax(-1)
         if self.kind == "dense":
             experts_TK = torch.arange(self.n_experts, device=x_TD.device).expand(x_TD.shape[0], -1)

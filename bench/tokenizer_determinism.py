@@ -3,7 +3,7 @@
 `tokenizers`' WordPieceTrainer and UnigramTrainer break ties in a per-process hash order, so the same
 corpus gave other vocabularies from run to run. lmlab trains WordPiece through the BPE trainer over
 private-use stand-ins and Unigram through SentencePiece (lmlab.tokenizer). This prints, for each kind
-and vocabulary size: how many distinct vocabularies `--runs` fresh processes gave with each trainer,
+and vocabulary size: how many distinct tokenizer.json files `--runs` fresh processes gave with each trainer,
 and held-out tokens per byte of both (lower is better; the claim is lmlab's within 1% or below).
 
     python bench/tokenizer_determinism.py                     # the built-in KJV: 3 MB to train, 0.5 MB held out
@@ -67,7 +67,7 @@ def main() -> None:
             note=f"KJV: {cut:,} bytes to train, {len(text) - held_from - 1:,} held out; {args.runs} fresh processes each"
         )
     )
-    print("| kind | vocab | trainer | distinct vocabularies | held-out tokens/byte | lmlab vs tokenizers |")
+    print("| kind | vocab | trainer | distinct tokenizer.json files | held-out tokens/byte | lmlab vs tokenizers |")
     print("|---|---|---|---|---|---|")
     for kind in ("wordpiece", "unigram"):
         for size in args.sizes:

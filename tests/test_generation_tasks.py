@@ -404,6 +404,21 @@ def test_length_defaults_fit_a_64_position_model_and_given_values_are_checked(ti
     assert "--max-len 128 is longer than the model's max_seq_len=64" in capsys.readouterr().err
 
 
+def test_qa_and_seq2seq_length_defaults_fit_the_model(tiny_pretrained):
+    from lmlab.finetune import fit_lengths
+
+    small = lmlab.load(tiny_pretrained["bert"]).config  # 64 learned positions
+    qa = FinetuneConfig(task="qa", model="m", train="t", out="o")
+    notes = fit_lengths(qa, small)
+    assert (qa.max_len, qa.doc_stride) == (64, 16) and len(notes) == 2
+    big = small.replace(max_seq_len=512)
+    qa = FinetuneConfig(task="qa", model="m", train="t", out="o")
+    assert fit_lengths(qa, big) == [] and (qa.max_len, qa.max_target_len, qa.doc_stride) == (128, 64, 32)
+    given = FinetuneConfig(task="qa", model="m", train="t", out="o", max_len=48, doc_stride=20)
+    fit_lengths(given, small)
+    assert (given.max_len, given.doc_stride) == (48, 20)
+
+
 def test_chat_is_refused_for_encoder_decoders(tiny_pretrained, tmp_path):
     with pytest.raises(lmlab.ConfigError, match="encoder-decoder model cannot be fine-tuned for chat"):
         finetune(

@@ -68,7 +68,7 @@ def task_model(base: Model, task: str, labels: list[str] | None, pooling: str | 
 
 
 # ---- the run ------------------------------------------------------------------------------------
-DEFAULT_MAX_LEN, DEFAULT_MAX_TARGET_LEN = 128, 64
+DEFAULT_MAX_LEN, DEFAULT_MAX_TARGET_LEN, DEFAULT_DOC_STRIDE = 128, 64, 32
 
 
 def fit_lengths(fc: FinetuneConfig, cfg: Any) -> list[str]:
@@ -88,7 +88,11 @@ def fit_lengths(fc: FinetuneConfig, cfg: Any) -> list[str]:
                 if fc.max_target_len == DEFAULT_MAX_TARGET_LEN
                 else f"--max-target-len is {fc.max_target_len} here, half of --max-len {fc.max_len}, not the usual default of {DEFAULT_MAX_TARGET_LEN}"
             )
-        notes += [note] if note else []
+        notes += [note] if note and fc.task in ("seq2seq", "chat") else []  # the tasks that generate
+    if fc.doc_stride is None:  # QA windows overlap by a quarter of the window at most
+        fc.doc_stride = min(DEFAULT_DOC_STRIDE, fc.max_len // 4)
+        if fc.doc_stride != DEFAULT_DOC_STRIDE and fc.task == "qa":
+            notes.append(f"--doc-stride is {fc.doc_stride} here, a quarter of --max-len {fc.max_len}")
     return notes
 
 

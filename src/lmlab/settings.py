@@ -196,7 +196,9 @@ class FinetuneConfig:
         choices=("cls", "mean", "last"),
     )
     label_column: str | None = option(None, "classification label column (default: found by name)")
-    doc_stride: int = option(32, "QA: tokens shared by neighbouring context windows")
+    doc_stride: int | None = option(
+        None, "QA: tokens shared by neighbouring context windows (default: 32, or a quarter of --max-len if smaller)"
+    )
     max_answer_len: int = option(30, "QA: longest answer in tokens")
     source_field: str = option("source", "seq2seq: the JSONL field / table column of the input text")
     target_field: str = option("target", "seq2seq: the JSONL field / table column of the output text")

@@ -56,7 +56,7 @@ def test_a_flag_that_would_change_the_run_is_refused_with_both_values(tmp_path, 
         (["--precision", "bf16"], ["--precision 'bf16'", "has 'fp32'"]),
         (["--family", "encoder"], ["--family 'encoder'", "has 'decoder'"]),
         (["--data", str(tmp_path / "other.txt")], ["--data", "other.txt", "corpus.txt"]),
-        (["--model-set", "n_layers=2"], ["n_layers=2", "has 1"]),
+        (["--model-set", "n_layers=2"], ["model setting n_layers 2", "has 1"]),
     ):
         assert main(["pretrain", "--out", str(run), "--resume", *flags]) == 2, flags
         err = capsys.readouterr().err

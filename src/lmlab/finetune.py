@@ -78,21 +78,19 @@ def fit_lengths(fc: FinetuneConfig, cfg: Any) -> list[str]:
     if fc.max_len is None:
         fc.max_len, note = cfg.fit_default(DEFAULT_MAX_LEN, "--max-len")
         notes += [note] if note else []
-    if fc.max_target_len is None:
-        if cfg.spec.seq2seq:  # the decoder's own positions hold the target
-            fc.max_target_len, note = cfg.fit_default(DEFAULT_MAX_TARGET_LEN, "--max-target-len")
-        else:  # a decoder reads source, separator and target in one window: leave the source half of it
-            fc.max_target_len = min(DEFAULT_MAX_TARGET_LEN, fc.max_len // 2)
-            note = (
-                None
-                if fc.max_target_len == DEFAULT_MAX_TARGET_LEN
-                else f"--max-target-len is {fc.max_target_len} here, half of --max-len {fc.max_len}, not the usual default of {DEFAULT_MAX_TARGET_LEN}"
-            )
-        notes += [note] if note and fc.task in ("seq2seq", "chat") else []  # the tasks that generate
-    if fc.doc_stride is None:  # QA windows overlap by a quarter of the window at most
-        fc.doc_stride = min(DEFAULT_DOC_STRIDE, fc.max_len // 4)
-        if fc.doc_stride != DEFAULT_DOC_STRIDE and fc.task == "qa":
-            notes.append(f"--doc-stride is {fc.doc_stride} here, a quarter of --max-len {fc.max_len}")
+    # (setting, usual default, the most that fits, why, the task it matters to)
+    rest = [("doc_stride", DEFAULT_DOC_STRIDE, fc.max_len // 4, f"a quarter of --max-len {fc.max_len}", ("qa",))]
+    if cfg.spec.seq2seq:  # the decoder's own positions hold the target
+        room = cfg.max_seq_len if cfg.has_absolute_positions else DEFAULT_MAX_TARGET_LEN
+        why = f"the model's max_seq_len of {cfg.max_seq_len}"
+    else:  # a decoder reads source, separator and target in one window: half of it stays the source's
+        room, why = fc.max_len // 2, f"half of --max-len {fc.max_len}"
+    rest.append(("max_target_len", DEFAULT_MAX_TARGET_LEN, room, why, ("seq2seq", "chat")))
+    for name, default, most, why, tasks in rest:
+        if getattr(fc, name) is None:
+            setattr(fc, name, min(default, most))
+            if most < default and fc.task in tasks:
+                notes.append(f"--{name.replace('_', '-')} is {most} here, {why}, not the usual default of {default}")
     return notes
 
 

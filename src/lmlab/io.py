@@ -16,19 +16,7 @@ from typing import Any
 
 import torch
 
-from lmlab.checkpoint import (  # noqa: F401  (re-exported: what io offered before lmlab.checkpoint)
-    CONFIG,
-    FORMAT_VERSION,
-    MANIFEST,
-    load_config,
-    load_folder,
-    migrate,
-    read_config,
-    read_lmlab_weights,
-    read_weights,
-    resolve,
-    save_folder,
-)
+from lmlab.checkpoint import load_config, load_folder, read_lmlab_weights, read_weights, resolve, save_folder  # noqa: F401  (load_config, read_weights: re-exported)
 from lmlab.errors import CheckpointError
 from lmlab.model import Model
 
@@ -50,7 +38,7 @@ def load(
     CPUs with AMX / AVX-512-bf16), float32 elsewhere, as `lmlab generate --dtype auto` picks
     (transformers' dtype="auto" takes the saved dtype instead; lmlab saves float32). quantize="int8"
     swaps the linear layers for int8 ones (lmlab.quantize; float32 activations, CPU only). What was
-    chosen, and why, is `model.decoding` when dtype or quantize is a name."""
+    chosen, and why, is `model.decoding` when dtype or quantize is given by name."""
     choice = None
     if isinstance(dtype, str) or quantize is not None:  # checked before any weight is read
         from lmlab.quantize import decoding_choice

@@ -279,18 +279,32 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _merge_resumed(
-    recorded: dict[str, Any], given: dict[str, Any], may_change: frozenset[str], where: str, changeable: frozenset[str]
+    recorded: dict[str, Any],
+    given: dict[str, Any],
+    may_change: frozenset[str],
+    where: str,
+    changeable: frozenset[str],
+    label: Any = _flag,
 ) -> None:
     """Put `given` over `recorded` in place: a setting outside `may_change` must equal the recorded one
-    (the error lists `changeable`, every setting a resumed run may change)."""
+    (the error names it by `label` and lists `changeable`, every setting a resumed run may change)."""
     for name, value in given.items():
         if name in may_change:
             recorded[name] = value
         elif not _same(value, recorded.get(name)):
             raise ConfigError(
-                f"{_flag(name)} {value!r} would change the run being resumed ({where} has {recorded.get(name)!r}); "
+                f"{label(name)} {value!r} would change the run being resumed ({where} has {recorded.get(name)!r}); "
                 f"a resumed run may change only {', '.join(_flag(n) for n in sorted(changeable - {'resume', 'out'}))}"
             )
+
+
+def _keep_precision(record: dict[str, Any], recorded: dict[str, Any], given: dict[str, Any]) -> None:
+    """A resumed run computes in the precision it trained in, which `auto` given on top means too: auto
+    would choose again, on this machine, and a run started in fp32 then resumed in bf16 is not exact."""
+    if _trained_in(record):
+        recorded["precision"] = _trained_in(record)
+    if given.get("precision") == "auto":
+        del given["precision"]
 
 
 def _trained_in(record: dict[str, Any]) -> str | None:
@@ -318,29 +332,18 @@ def read_run_record(out: str | os.PathLike[str], key: str) -> dict[str, Any]:
 def resumed_pretrain_config(out: str | os.PathLike[str], given: dict[str, Any] | None = None) -> PretrainConfig:
     """The settings of the pre-training run in `out`, to continue it: every setting from its run.json,
     then `given` (settings as PretrainConfig.from_dict takes them) on top, which may change only the
-    budget, logging, evaluation, checkpointing and where it runs. precision is the one the run trained
-    in: `auto` would choose again, on this machine, and a run started in fp32 then resumed in bf16 is no
-    longer exact."""
+    budget, logging, evaluation, checkpointing and where it runs; precision is the one it trained in."""
     record = read_run_record(out, "pretrain")
     where = str(Path(out) / RUN_RECORD)
     settings = dict(record["pretrain"])
-    train = dict(settings.get("train") or {})
-    if _trained_in(record):
-        train["precision"] = _trained_in(record)
+    train, model = dict(settings.get("train") or {}), dict(settings.get("model") or {})
     given = dict(given or {})
-    given_train = dict(given.pop("train", None) or {})
-    if given_train.get("precision") == "auto":
-        given_train.pop("precision")
-    given_model = given.pop("model", None) or {}
+    given_train, given_model = dict(given.pop("train", None) or {}), given.pop("model", None) or {}
+    _keep_precision(record, train, given_train)
     changeable = RESUMABLE_PRETRAIN | RESUMABLE_TRAIN
     _merge_resumed(settings, given, RESUMABLE_PRETRAIN, where, changeable)
     _merge_resumed(train, given_train, RESUMABLE_TRAIN, where, changeable)
-    for name, value in given_model.items():
-        if not _same(value, (settings.get("model") or {}).get(name)):
-            raise ConfigError(
-                f"model setting {name}={value!r} would change the model being resumed ({where} has "
-                f"{(settings.get('model') or {}).get(name)!r})"
-            )
+    _merge_resumed(model, given_model, frozenset(), where, changeable, lambda n: f"model setting {n}")
     settings["train"], settings["resume"], settings["out"] = train, True, str(out)
     return PretrainConfig.from_dict(settings, where)
 
@@ -348,12 +351,8 @@ def resumed_pretrain_config(out: str | os.PathLike[str], given: dict[str, Any] |
 def resumed_finetune_config(out: str | os.PathLike[str], given: dict[str, Any] | None = None) -> FinetuneConfig:
     """The settings of the fine-tuning run in `out`, to continue it, as `resumed_pretrain_config` does."""
     record = read_run_record(out, "finetune")
-    settings = dict(record["finetune"])
-    if _trained_in(record):
-        settings["precision"] = _trained_in(record)
-    given = dict(given or {})
-    if given.get("precision") == "auto":
-        given.pop("precision")
+    settings, given = dict(record["finetune"]), dict(given or {})
+    _keep_precision(record, settings, given)
     _merge_resumed(settings, given, RESUMABLE_FINETUNE, str(Path(out) / RUN_RECORD), RESUMABLE_FINETUNE)
     settings["resume"], settings["out"] = True, str(out)
     return FinetuneConfig.from_dict(settings, str(Path(out) / RUN_RECORD))

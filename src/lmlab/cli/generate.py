@@ -65,12 +65,12 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def model_and_tokenizer(folder: str, dtype: str | None = None, quantize: str = "none"):
+def model_and_tokenizer(folder: str, dtype: str | None = None, quantize: str | None = None):
     """The folder's model (`lmlab.load` with `dtype` and `quantize`; as saved without them) and its tokenizer."""
     from lmlab.io import load
     from lmlab.tokenizer import load_tokenizer
 
-    model = load(folder, dtype=dtype, quantize=None if quantize == "none" else quantize)
+    model = load(folder, dtype=dtype, quantize=quantize)
     try:
         tok = load_tokenizer(folder)
     except LmlabError as e:

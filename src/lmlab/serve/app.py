@@ -94,7 +94,7 @@ def _load(cfg: ServeConfig, state: _State, metrics: Metrics) -> None:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model = load(cfg.model, dtype=cfg.dtype, quantize=None if cfg.quantize == "none" else cfg.quantize)
+        model = load(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
         tok = load_tokenizer(cfg.model)
         state.model, state.tok, state.choice = model, tok, model.decoding
         info = Path(cfg.model) / "finetune.json"

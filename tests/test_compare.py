@@ -15,7 +15,7 @@ import lmlab
 from lmlab.cli import main
 from lmlab.compare import CompareConfig
 from lmlab.compare.contenders import batch_tokens, contenders, model_config, train_flops_per_step
-from lmlab.compare.report import _strip_timings, verdict
+from lmlab.compare.report import _strip_timings
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, vocab_size=600, batch_size=8, warmup_steps=4)
 
@@ -108,12 +108,59 @@ def test_an_encoder_decoder_counts_each_stack_for_its_own_tokens(shared_tok):
     assert tokens["attention"] == 2 * (2 * 32**2) + 2 * 2 * (6**2 + 6 * 32)  # 2 layers in each stack
 
 
-def test_verdicts_need_a_margin_of_two_standard_deviations():
-    a, b = {"mean": 0.8, "std": 0.02}, {"mean": 0.7, "std": 0.03}
-    assert verdict(a, b, higher_is_better=True) == "confirmed"
-    assert verdict(a, b, higher_is_better=False) == "contradicted"
-    assert verdict({"mean": 0.75, "std": 0.05}, b, True) == "tie"
-    assert verdict(None, b, True) == "not measured"
+def _evidence(values, seeds=1, noise=0.0, seed=0):
+    """lmlab.metrics.evidence records, one per seed, of per-example 0/1 or real values."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(seeds):
+        v = np.asarray(values, float) + rng.normal(0, noise, len(values)) * (noise > 0)
+        out.append(
+            {"metric": "accuracy", "ids": [str(i) for i in range(len(v))], "num": v.tolist(), "den": [1.0] * len(v)}
+        )
+    return out
+
+
+def test_the_same_contender_twice_is_a_tie_and_a_crippled_one_is_undetermined():
+    from lmlab.compare.stats import Evidence, Side, judge
+
+    rng = np.random.default_rng(0)
+    n = 400
+    baseline = Evidence.of_seeds(_evidence(np.full(n, 0.25)))  # chance on 4 choices
+    learned = (rng.random(n) < 0.6).astype(float)  # right on 60% of the questions
+    a = Evidence.of_seeds(_evidence(learned, seeds=3, noise=0.05, seed=1))
+    twin = Evidence.of_seeds(_evidence(learned, seeds=3, noise=0.05, seed=1))  # the same contender, renamed
+    j = judge(Side("a", a, baseline, "chance"), Side("a-again", twin, baseline, "chance"), higher_is_better=True)
+    assert j.verdict == "tie" and j.difference.low <= 0 <= j.difference.high
+    # learning rate 0: answers at chance
+    crippled = Evidence.of_seeds(_evidence((rng.random(n) < 0.25).astype(float), seeds=3))
+    j = judge(Side("a", a, baseline, "chance"), Side("crippled", crippled, baseline, "chance"), True)
+    assert j.verdict == "undetermined" and "crippled is not above its baseline (chance)" in j.reason
+    assert "a is not" not in j.reason
+    # a real difference between two contenders that both learned
+    better = Evidence.of_seeds(_evidence((rng.random(n) < 0.8).astype(float), seeds=3))
+    assert judge(Side("b", better, baseline, "chance"), Side("a", a, baseline, "chance"), True).verdict == "confirmed"
+    assert (
+        judge(Side("a", a, baseline, "chance"), Side("b", better, baseline, "chance"), True).verdict == "contradicted"
+    )
+    # lower is better (bits per byte): the baseline must be beaten downwards
+    j = judge(Side("a", a, baseline, "x"), Side("b", better, baseline, "x"), higher_is_better=False)
+    assert j.verdict == "undetermined"
+
+
+def test_intervals_combine_examples_and_seeds():
+    from lmlab.compare.stats import Evidence, interval
+
+    rng = np.random.default_rng(0)
+    values = (rng.random(400) < 0.5).astype(float)
+    one = interval(Evidence.of_seeds(_evidence(values)))
+    assert one.low < 0.5 < one.high and 0.07 < one.high - one.low < 0.13  # about 2 x 1.96 x sqrt(.25 / 400)
+    # seeds that disagree widen the interval beyond what the examples alone give
+    spread = [_evidence(values + shift)[0] for shift in (-0.1, 0.0, 0.1)]
+    wide = interval(Evidence.of_seeds(spread))
+    assert wide.high - wide.low > one.high - one.low + 0.05
+    # a ratio metric: sums of numerators over sums of denominators (bits over bytes)
+    ev = Evidence.of_seeds([{"metric": "bpb", "ids": ["0", "1"], "num": [10.0, 30.0], "den": [10.0, 10.0]}])
+    assert ev.value == pytest.approx(2.0)
 
 
 def test_generation_statistics():
@@ -191,42 +238,60 @@ def full_run(tmp_path_factory, kjv_lines):
         samples=2,
         max_task_examples=60,
         val_fraction=0.1,
+        objectives=["encoder-decoder=span"],
     )
     summary = compare(cc, lambda kind, info: events.append((kind, info)))
-    return {"out": out / "run", "summary": summary, "events": events, "cc": cc}
+    questions = (out / "run" / "questions.jsonl").read_text().splitlines()
+    return {"out": out / "run", "summary": summary, "events": events, "cc": cc, "questions": questions}
 
 
 def test_every_contender_gets_every_metric_that_applies(full_run):
     summary = full_run["summary"]
     names = [c["name"] for c in summary["contenders"]]
-    assert names == ["encoder", "decoder", "decoder+switch", "decoder+switch-nobalance", "encoder-decoder", "prefix-lm"]
+    assert names == [
+        "encoder",
+        "decoder",
+        "decoder+switch",
+        "decoder+switch-nobalance",
+        "encoder-decoder",
+        "encoder-decoder[span]",
+        "prefix-lm",
+    ]
     for c in summary["contenders"]:
-        m = c["metrics"]
+        m, est = c["metrics"], c["estimates"]
         generative = c["family"] != "encoder"
-        keys = ["fewshot_k0_acc", "fewshot_k3_acc_norm", "val_loss", "train_tokens_per_s", "peak_rss_mb"]
-        keys += (
-            ["bpb", "distinct_2", "repetition_4", "decode_tokens_per_s"]
-            if generative
-            else ["pll_bpb", "masked_accuracy"]
-        )
+        keys = ["fewshot_k3_acc_norm", "val_loss", "train_tokens_per_s", "peak_rss_mb"]
+        keys += ["distinct_2", "repetition_4", "decode_tokens_per_s"] if generative else ["pll_bpb"]
         keys += ["load_cv", "dropped"] if c["moe"] else []
         for k in keys:
             assert m[k] is not None and m[k]["n"] == 2 and math.isfinite(m[k]["std"]), (c["name"], k)
-        assert (m["bpb"] is None) == (not generative) and (m["pll_bpb"] is None) == generative
-        assert c["tasks"]["sections"]["accuracy"]["n"] == 2
+        measured = ["mc_k0", "mc_k3", "task:sections"] + (["bpb"] if generative else ["masked_accuracy"])
+        for k in measured:
+            e = est[k]
+            assert e["seeds"] == 2 and e["low"] <= e["value"] <= e["high"], (c["name"], k)
+            assert e["beats_baseline"] in (True, False)  # every one of these metrics has a baseline
+        assert est["mc_k0"]["examples"] == len(full_run["questions"])
+        assert ("bpb" in est) == generative and ("masked_accuracy" in est) != generative
+        # bits per byte ranks only contenders trained to continue text
+        assert est.get("bpb", {"ranked": True})["ranked"] == (c["objective"] != "span")
         assert c["train_flops"] == c["steps"] * c["flops_per_step"] > 0  # a tokens budget: FLOPs reported beside
         assert c["tokens_seen"] <= 12_000
     moe = next(c for c in summary["contenders"] if c["name"] == "decoder+switch")
     layer = moe["routing_seed0"]["layers"][0]
     assert len(layer["experts"]) == 8 and layer["mi_token_shuffled_bits"] >= 0
-    assert 0 < summary["baselines"]["kneser_ney_bpb"] < 8
+    assert 0 < summary["baselines"]["bpb"]["value"] < 8
+    assert summary["baselines"]["mc_k0"]["value"] == pytest.approx(0.25)
+    assert summary["baselines"]["task:sections"]["name"] == "majority class"
 
 
 def test_the_report_states_why_a_metric_does_not_apply_and_computes_its_claims(full_run):
     out = full_run["out"]
     md = (out / "report.md").read_text()
     assert "n/a (an encoder cannot score text left to right)" in md and "n/a (not an encoder)" in md
-    claims = {c["claim"]: c for c in full_run["summary"]["claims"]}
+    assert "trained for span, not for continuing text" in md
+    claims = {}
+    for c in full_run["summary"]["claims"]:
+        claims.setdefault(c["claim"], []).append(c)
     assert set(claims) == {
         "understanding tasks favour the encoder",
         "generation favours the decoder",
@@ -234,11 +299,16 @@ def test_the_report_states_why_a_metric_does_not_apply_and_computes_its_claims(f
         "MoE reaches lower loss than dense at equal FLOPs",
         "load balancing lowers expert-load CV",
     }
-    for c in claims.values():
-        assert c["verdict"] in ("confirmed", "contradicted", "tie", "not measured")
-    assert claims["encoder-decoders suit translation"]["verdict"] == "not measured"  # no seq2seq pairs given
-    assert "seq2seq" in claims["encoder-decoders suit translation"]["why"]
-    assert claims["load balancing lowers expert-load CV"]["verdict"] != "not measured"
+    for rows in claims.values():
+        for c in rows:
+            assert c["verdict"] in ("confirmed", "contradicted", "tie", "undetermined", "not measured")
+            if c["verdict"] in ("confirmed", "contradicted"):  # never from a contender below its baseline
+                assert all(d["high"] < 0 or d["low"] > 0 for d in c["against_baseline"].values())
+    (translation,) = claims["encoder-decoders suit translation"]
+    assert translation["verdict"] == "not measured" and "seq2seq" in translation["why"]
+    (generation,) = claims["generation favours the decoder"]
+    assert generation["b"] in ("encoder-decoder", "prefix-lm")  # never the span-corruption contender
+    assert claims["load balancing lowers expert-load CV"][0]["verdict"] != "not measured"
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
     saved = json.loads((out / "results.json").read_text())
@@ -364,33 +434,33 @@ def test_the_builtin_tasks_are_real_read_by_the_task_readers_and_limited(tmp_pat
 
 
 def test_understanding_claims_cover_every_classification_tagging_and_qa_task():
-    from lmlab.compare.report import claims
+    from lmlab.compare.report import Evidences, claims
 
-    def stat(mean, sd=0.01):
-        return {"mean": mean, "std": sd, "n": 3}
+    rng = np.random.default_rng(0)
+
+    def ev(p, n=300):  # per-example 0/1 outcomes, right with probability p, two seeds
+        return [_evidence((rng.random(n) < p).astype(float))[0] for _ in range(2)]
 
     def row(family, tasks):
-        return {
-            "name": family,
-            "family": family,
-            "moe": None,
-            "dense_twin": None,
-            "metrics": {"bpb": None},
-            "tasks": tasks,
-        }
+        runs = [{"evidence": {f"task:{t}": e[s] for t, e in tasks.items()}} for s in range(2)]
+        return {"name": family, "family": family, "moe": None, "dense_twin": None, "objective": "x"}, runs
 
+    base = {f"task:{t}": {"majority class": _evidence(np.full(300, 0.3))[0]} for t in "ctq"}
     summary = {
         "tasks": [{"name": "c", "task": "classify"}, {"name": "t", "task": "ner"}, {"name": "q", "task": "qa"}],
-        "contenders": [
-            row("encoder", {"c": {"accuracy": stat(0.5)}, "t": {"f1": stat(0.2)}, "q": {"f1": stat(20.0)}}),
-            row("decoder", {"c": {"accuracy": stat(0.4)}, "t": {"f1": stat(0.0)}, "q": {"f1": stat(20.01)}}),
-        ],
+        "contenders": [],
     }
-    rows = [c for c in claims(summary) if c["claim"] == "understanding tasks favour the encoder"]
-    assert [(c["metric"].split()[0], c["verdict"]) for c in rows] == [
+    for family, tasks in (
+        ("encoder", {"c": ev(0.8), "t": ev(0.6), "q": ev(0.3)}),
+        ("decoder", {"c": ev(0.5), "t": ev(0.6), "q": ev(0.7)}),
+    ):
+        c, runs = row(family, tasks)
+        summary["contenders"].append({**c, "runs": runs, "default_objective": True, "language_model": True})
+    rows = [c for c in claims(summary, Evidences(summary["contenders"], base, summary["tasks"]))]
+    assert [(c.metric.split()[0], c.verdict) for c in rows if c.claim.startswith("understanding")] == [
         ("c", "confirmed"),
-        ("t", "confirmed"),
-        ("q", "tie"),
+        ("t", "tie"),
+        ("q", "undetermined"),  # the encoder is at the baseline's 0.3
     ]
 
 

@@ -154,6 +154,23 @@ def test_prefix_lm_ignores_the_prefix(bpe):
     assert np.std(splits) > 10  # drawn, not fixed
 
 
+def test_prefix_seq2seq_reads_the_prefix_and_predicts_every_later_token(unigram):
+    """T5's prefix-LM objective for an encoder-decoder: the window's prefix (and </s>) in the encoder,
+    every token after the split as the decoder's target, so its loss is the prefix-LM's question."""
+    tok, store = unigram
+    obj, examples = _examples("prefix-seq2seq", tok, store, seq_len=64, n=300)
+    splits = []
+    for u, ex in enumerate(examples):
+        window = obj.chunk(u)
+        inputs = ex["input_ids"][ex["attention_mask"] == 1]
+        target = ex["labels"][ex["labels"] != IGNORE_INDEX]
+        k = len(inputs) - 1
+        assert inputs[-1] == tok.eos_id and (inputs[:-1] == window[:k]).all()
+        assert (target == window[k:]).all() and k + len(target) == 64
+        splits.append(k)
+    assert min(splits) >= 1 and max(splits) <= 63 and np.std(splits) > 10
+
+
 def test_clm_labels_are_the_inputs(bpe):
     tok, store = bpe
     _, examples = _examples("clm", tok, store, seq_len=32, n=10)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # the label of a position that carries no loss (transformers' and torch's convention)
-OBJECTIVES = ("clm", "mlm-nsp", "mlm", "span", "infilling", "prefix-lm")  # lmlab.data.objectives
+OBJECTIVES = ("clm", "mlm-nsp", "mlm", "span", "infilling", "prefix-lm", "prefix-seq2seq")  # lmlab.data.objectives
 TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")  # lmlab.tokenizer
 
 
@@ -86,7 +86,7 @@ FAMILIES: dict[str, FamilySpec] = {
         self_attention="causal",
         default_preset="t5-tiny",
         default_objective="span",
-        objectives=("span", "infilling"),
+        objectives=("span", "infilling", "prefix-seq2seq"),
         tokenizer_kind="unigram",
         eval_method="span",
         lm_heads=("lm",),

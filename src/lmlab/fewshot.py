@@ -194,7 +194,8 @@ def score_items(
     if shots >= len(items):
         raise ConfigError(f"{shots} shots need more than {len(items)} questions")
     rng = random.Random(seed)
-    correct = correct_norm = 0
+    correct: list[int] = []
+    correct_norm: list[int] = []
     evaluated = items[:limit] if limit else items
     for i, item in enumerate(evaluated):
         pool = [j for j in range(len(items)) if j != i]
@@ -202,14 +203,16 @@ def score_items(
         lps = choice_logprobs(model, tok, fewshot_prompt(demos, item["query"], delimiter), item["choices"], delimiter)
         best = max(range(len(lps)), key=lambda k: lps[k])
         best_norm = max(range(len(lps)), key=lambda k: lps[k] / max(len(item["choices"][k]), 1))
-        correct += best == item["gold"]
-        correct_norm += best_norm == item["gold"]
+        correct.append(int(best == item["gold"]))
+        correct_norm.append(int(best_norm == item["gold"]))
     n = len(evaluated)
     return {
         "questions": n,
         "shots": shots,
-        "accuracy": correct / n,
-        "accuracy_norm": correct_norm / n,
+        "accuracy": sum(correct) / n,
+        "accuracy_norm": sum(correct_norm) / n,
+        "correct": correct,  # per question, in order: what a paired bootstrap resamples
+        "correct_norm": correct_norm,
         "chance": sum(1 / len(it["choices"]) for it in evaluated) / n,
         "method": "pseudo-log-likelihood" if not model.config.spec.has_decoder else "log-likelihood",
     }

@@ -21,7 +21,7 @@ import collections
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -138,6 +138,29 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
     recall = tp / len(g_set) if g_set else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_evidence(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity F1 as a ratio of per-sentence sums: 2 x true positives over predicted + gold entities,
+    so resampling sentences and summing gives the micro F1 of the resample (lmlab compare's intervals)."""
+    num, den = [], []
+    for g, p in zip(gold, pred):
+        g_set, p_set = set(entities(g)), set(entities(p))
+        num.append(2.0 * len(g_set & p_set))
+        den.append(float(len(g_set) + len(p_set)))
+    return evidence("f1", range(len(gold)), num, den)
+
+
+def evidence(
+    metric: str, ids: Iterable[Any], num: Sequence[float], den: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """A metric as per-example numerators and denominators (the metric is sum(num) / sum(den); den
+    defaults to 1 per example), keyed by example id: what a paired bootstrap resamples."""
+    ids = [str(i) for i in ids]
+    den = list(den) if den is not None else [1.0] * len(ids)
+    if not len(ids) == len(num) == len(den):
+        raise ValueError(f"{metric}: {len(ids)} ids, {len(num)} numerators and {len(den)} denominators")
+    return {"metric": metric, "ids": ids, "num": [float(x) for x in num], "den": [float(x) for x in den]}
 
 
 # ---- extractive QA --------------------------------------------------------------------------------

@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> None:
     with table.live:
         summary = compare(cc, table.on_event)
     claims = Table(
-        title="claims (computed from the measurements; tie = within two standard deviations)", title_justify="left"
+        title="claims (from the measurements: confirmed / contradicted when both sides beat their baselines and "
+        "the 95% interval of the difference excludes 0)",
+        title_justify="left",
     )
     for col in ("claim", "measured", "verdict"):
         claims.add_column(col)

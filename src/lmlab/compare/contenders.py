@@ -26,10 +26,16 @@ from lmlab.errors import ConfigError
 from lmlab.families import FAMILIES, IGNORE_INDEX
 from lmlab.tokenizer import Tokenizer
 
-# the objective each family is pre-trained with in a comparison: the family's own, except that the
-# encoder uses RoBERTa's dynamic masking without next-sentence prediction (docs/benchmarks.md: the
-# tiny BERT's recipe), and the encoder-decoder T5's span corruption
-OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder-decoder": "span", "prefix-lm": "prefix-lm"}
+# the objective each family is pre-trained with in a comparison by default: architecture and objective
+# are two axes (T5's Table 2), and the default grid puts the three generative architectures on one
+# language-modelling task (the decoder next-token, the prefix-LM and the encoder-decoder the rest of a
+# window from a prefix), beside the encoder's masked LM (RoBERTa's dynamic masking without
+# next-sentence prediction: docs/benchmarks.md, the tiny BERT's recipe). --objectives adds contenders on
+# other objectives, e.g. encoder-decoder=span (T5's span corruption).
+OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder-decoder": "prefix-seq2seq", "prefix-lm": "prefix-lm"}
+# objectives that teach what held-out bits per byte asks (the rest of a text given its start): only
+# contenders trained with one of these are ranked on it
+LM_OBJECTIVES = frozenset({"clm", "prefix-lm", "prefix-seq2seq"})
 
 
 @dataclass
@@ -44,11 +50,24 @@ class Contender:
     def dense_twin(self) -> str | None:
         return self.family if self.moe else None
 
+    @property
+    def language_model(self) -> bool:
+        """Trained to continue text: ranked on held-out bits per byte."""
+        return self.objective in LM_OBJECTIVES
+
+
+def contender_name(family: str, objective: str) -> str:
+    return family if objective == OBJECTIVE[family] else f"{family}[{objective}]"
+
 
 def contenders(cc: CompareConfig) -> list[Contender]:
     out = []
+    extra = cc.extra_objectives()
     for fam in cc.families:
         out.append(Contender(fam, fam, None, OBJECTIVE[fam]))
+        for objective in extra.get(fam, []):
+            if objective != OBJECTIVE[fam]:
+                out.append(Contender(contender_name(fam, objective), fam, None, objective))
         if fam in cc.moe_families:
             for variant in cc.variants:
                 changes = dict(MOE_VARIANTS[variant])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lmlab.compare import measure
+from lmlab.compare.baselines import chance, task_baselines
 from lmlab.compare.contenders import Contender, batch_tokens, contenders, model_config, train_flops_per_step
 from lmlab.compare.settings import CompareConfig
 from lmlab.compare.unit import write_json
@@ -38,6 +39,7 @@ from lmlab.tokenizer import load_tokenizer, train_shared_tokenizer
 # plateau (112 steps of the default body: 25% masked-token accuracy, 3x the unigram baseline;
 # docs/benchmarks.md, lmlab compare); --quick: a third (the decoder's 20 steps, the least that trains)
 DEMO_FLOPS = 0.8e12
+RESULTS_FORMAT = 2  # 2: per-example evidence; results of another format are measured again
 MIN_STEPS = 20  # fewer optimizer steps than this train nothing worth comparing
 EVENT = Callable[[str, dict[str, Any]], None]
 
@@ -268,7 +270,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     cc.validate()
     if cc.quick:  # a third of the budget (Plan), two seeds, fewer held-out measurements
         cc.seeds = min(cc.seeds, 2)
-        cc.questions, cc.eval_windows = min(cc.questions, 24), min(cc.eval_windows, 16)
+        cc.questions, cc.eval_windows = min(cc.questions, 200), min(cc.eval_windows, 64)
         cc.max_task_examples, cc.samples = min(cc.max_task_examples, 100), min(cc.samples, 4)
         cc.max_eval_examples = min(cc.max_eval_examples or 200, 200)
     out = Path(cc.out)
@@ -306,16 +308,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     # what does not depend on a model
     emit("stage", {"text": "baselines and questions"})
     wins = measure.windows(val_stream, cc.seq_len, cc.eval_windows)
-    base_key = cc.fingerprint({"only": "baselines", "tok": tok_key})
-    baselines = _read(out / "baselines.json")
-    if baselines.get("key") != base_key:
-        baselines = {
-            "key": base_key,
-            "kneser_ney": measure.kneser_ney_bpb(tok, train_stream, wins),
-            "unigram_top": measure.unigram_top(tok, train_stream),
-        }
-        baselines["unigram_token"] = tok.decode([baselines["unigram_top"]])
-        write_json(out / "baselines.json", baselines)
+    base_key = cc.fingerprint({"only": "baselines", "tok": tok_key, "format": RESULTS_FORMAT})
     questions_path = out / "questions.jsonl"
     questions = measure.build_questions(tok, val_stream, cc.questions, seed=0)
     if len(questions) < 8:
@@ -325,6 +318,33 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         )
     questions_path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
     tasks, notes = build_tasks(cc, out, builtin)
+    if len(questions) < cc.questions:
+        notes.append(
+            f"the held-out text yields {len(questions)} multiple-choice questions of the {cc.questions} asked for: "
+            "their intervals are wider (give more text or a larger --val-fraction)"
+        )
+    baselines = _read(out / "baselines.json")
+    if baselines.get("key") != base_key:
+        top = measure.unigram_top(tok, train_stream)
+        kn = measure.kneser_ney_bpb(tok, train_stream, wins)
+        evidence = {
+            "bpb": {"Kneser-Ney trigram": kn.pop("evidence")},
+            "masked_accuracy": {"unigram (most frequent token)": measure.unigram_evidence(tok, wins, top, cc.seq_len)},
+            "mc_k0": {"chance": chance(questions)},
+            "mc_k3": {"chance": chance(questions)},
+        }
+        for t in tasks:
+            found = task_baselines(t)
+            if found:
+                evidence[f"task:{t['name']}"] = found
+        baselines = {
+            "key": base_key,
+            "kneser_ney": kn,
+            "unigram_top": top,
+            "unigram_token": tok.decode([top]),
+            "evidence": evidence,
+        }
+        write_json(out / "baselines.json", baselines)
 
     # the units, one process at a time
     results: dict[str, list[dict[str, Any]]] = {}
@@ -348,7 +368,14 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
                 "tasks": tasks,
             }
             spec["fingerprint"] = cc.fingerprint(
-                {"contender": c.__dict__, "seed": seed, "steps": row["steps"], "tasks": tasks, "tok": tok_key}
+                {
+                    "contender": c.__dict__,
+                    "seed": seed,
+                    "steps": row["steps"],
+                    "tasks": tasks,
+                    "tok": tok_key,
+                    "format": RESULTS_FORMAT,
+                }
             )
             done = _read(unit_dir / "result.json")
             if done.get("fingerprint") == spec["fingerprint"]:

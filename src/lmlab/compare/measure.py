@@ -2,8 +2,9 @@
 
 bits per byte (generative families): every held-out window of seq_len tokens is cut in half; the
     second half is scored given the first. A decoder reads the window causally, a prefix-LM with the
-    first half as its bidirectional prefix, an encoder-decoder (span corruption) reads the first half and
-    a sentinel in its encoder and the second half as the span after that sentinel. Nats are summed over
+    first half as its bidirectional prefix, an encoder-decoder reads the first half in its encoder and
+    predicts the second half with its decoder (trained with span corruption: as the span after a
+    sentinel, a question it was not trained for, so it is reported but not ranked). Nats are summed over
     the second half's tokens and divided by ln 2 x the UTF-8 bytes of its text, so tokenizers of any
     kind would compare (here all contenders share one). Special tokens (document separators) are scored
     by nobody.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmlab.metrics import evidence
 from lmlab.ngram import KneserNeyTrigram
 
 LN2 = math.log(2)
@@ -48,17 +50,23 @@ def _bytes(tok: Any, ids: np.ndarray) -> int:
 
 
 @torch.no_grad()
-def second_half_nats(model: Any, tok: Any, win: np.ndarray) -> np.ndarray:
-    """Per-token negative log-likelihood of the window's second half given its first half."""
+def second_half_nats(model: Any, tok: Any, win: np.ndarray, objective: str | None = None) -> np.ndarray:
+    """Per-token negative log-likelihood of the window's second half given its first half. An
+    encoder-decoder is asked in the form of its objective: after span corruption, the second half is the
+    span behind a sentinel; otherwise (prefix-seq2seq) it is the decoder's whole target."""
     cfg = model.config
     half = len(win) // 2
     first, second = win[:half].tolist(), win[half:].tolist()
-    if cfg.spec.seq2seq:
+    start = cfg.decoder_start_token_id
+    if cfg.spec.seq2seq and objective == "span":
         sentinel = tok.sentinel_ids[0]
         enc = torch.tensor([first + [sentinel, tok.eos_id]])
-        start = cfg.decoder_start_token_id
         dec_in = torch.tensor([[start, sentinel] + second[:-1]])
         logits = model(input_ids=enc, decoder_input_ids=dec_in).logits[0, 1:].float()
+    elif cfg.spec.seq2seq:
+        enc = torch.tensor([first + [tok.eos_id]])
+        dec_in = torch.tensor([[start] + second[:-1]])
+        logits = model(input_ids=enc, decoder_input_ids=dec_in).logits[0].float()
     else:
         x = torch.tensor([win.tolist()])
         kw = {"prefix_lengths": torch.tensor([half])} if cfg.family == "prefix-lm" else {}
@@ -84,19 +92,23 @@ def pseudo_second_half_nats(model: Any, tok: Any, win: np.ndarray, batch: int = 
     return torch.cat(out).numpy()
 
 
-def bits_per_byte(tok: Any, wins: list[np.ndarray], nats_of) -> dict[str, float]:
-    nats, nbytes, tokens = 0.0, 0, 0
+def bits_per_byte(tok: Any, wins: list[np.ndarray], nats_of) -> dict[str, Any]:
+    """Bits per byte of the windows' second halves, and per window (bits, bytes): the evidence a paired
+    bootstrap resamples."""
+    bits, nbytes, tokens = [], [], 0
     for win in wins:
         second = win[len(win) // 2 :]
         keep = _scored(tok, second)
-        nats += float(nats_of(win)[keep].sum())
-        nbytes += _bytes(tok, second)
+        bits.append(float(nats_of(win)[keep].sum()) / LN2)
+        nbytes.append(_bytes(tok, second))
         tokens += int(keep.sum())
+    total_bits, total_bytes = sum(bits), sum(nbytes)
     return {
-        "bpb": nats / LN2 / max(nbytes, 1),
-        "nats_per_token": nats / max(tokens, 1),
+        "bpb": total_bits / max(total_bytes, 1),
+        "nats_per_token": total_bits * LN2 / max(tokens, 1),
         "tokens": tokens,
-        "bytes": nbytes,
+        "bytes": total_bytes,
+        "evidence": evidence("bpb", range(len(wins)), bits, nbytes),
     }
 
 
@@ -117,22 +129,44 @@ def unigram_top(tok: Any, train_stream: np.ndarray) -> int:
     return int(counts.argmax())
 
 
+def masked_positions(tok: Any, win: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's view of a window (<s> window </s>, cut to max_len) and the positions masked in it:
+    every MASK_EVERY-th token from position 3, special tokens left alone."""
+    ids = torch.tensor([tok.cls_id] + win.tolist()[: max_len - 2] + [tok.sep_id])
+    pos = torch.arange(1 + 3, len(ids) - 1, MASK_EVERY)
+    return ids, pos[torch.from_numpy(_scored(tok, ids[pos].numpy()))]
+
+
 @torch.no_grad()
-def masked_accuracy(model: Any, tok: Any, wins: list[np.ndarray], top_token: int) -> dict[str, float]:
-    """Every MASK_EVERY-th token masked (from position 3), predicted with the rest visible; and the
-    unigram baseline (always `top_token`) on the same positions."""
-    right = base = n = 0
+def masked_accuracy(model: Any, tok: Any, wins: list[np.ndarray], top_token: int) -> dict[str, Any]:
+    """Every MASK_EVERY-th token masked at once, predicted with the rest visible; and the unigram
+    baseline (always `top_token`) on the same positions."""
+    right, base, n = [], [], []
     for win in wins:
-        ids = torch.tensor([tok.cls_id] + win.tolist()[: model.config.max_seq_len - 2] + [tok.sep_id])
-        pos = torch.arange(1 + 3, len(ids) - 1, MASK_EVERY)
-        pos = pos[torch.from_numpy(_scored(tok, ids[pos].numpy()))]
+        ids, pos = masked_positions(tok, win, model.config.max_seq_len)
         x = ids.clone()
         x[pos] = tok.mask_id
         pred = model(input_ids=x[None]).logits[0, pos].argmax(-1)
-        right += int((pred == ids[pos]).sum())
-        base += int((ids[pos] == top_token).sum())
-        n += len(pos)
-    return {"accuracy": right / max(n, 1), "unigram_accuracy": base / max(n, 1), "positions": n}
+        right.append(int((pred == ids[pos]).sum()))
+        base.append(int((ids[pos] == top_token).sum()))
+        n.append(len(pos))
+    total = max(sum(n), 1)
+    return {
+        "accuracy": sum(right) / total,
+        "unigram_accuracy": sum(base) / total,
+        "positions": sum(n),
+        "evidence": evidence("accuracy", range(len(wins)), right, n),
+    }
+
+
+def unigram_evidence(tok: Any, wins: list[np.ndarray], top_token: int, max_len: int) -> dict[str, Any]:
+    """The unigram baseline of masked_accuracy, per window, without a model."""
+    hits, n = [], []
+    for win in wins:
+        ids, pos = masked_positions(tok, win, max_len)
+        hits.append(int((ids[pos] == top_token).sum()))
+        n.append(len(pos))
+    return evidence("accuracy", range(len(wins)), hits, n)
 
 
 # ---- multiple choice built from held-out text ----------------------------------------------------------
@@ -201,13 +235,18 @@ def repetition_rate(texts: list[list[int]], n: int = 4) -> float:
 
 
 @torch.no_grad()
-def sample_continuations(model: Any, tok: Any, wins: list[np.ndarray], n: int, seed: int, new_tokens: int = 32):
+def sample_continuations(
+    model: Any, tok: Any, wins: list[np.ndarray], n: int, seed: int, new_tokens: int = 32, objective: str | None = None
+):
     """Sampled continuations (top-k 40, temperature 0.8) of the first 16 tokens of n held-out windows;
-    distinct-1/2, 4-gram repetition rate and decoding tokens/s."""
+    distinct-1/2, 4-gram repetition rate and decoding tokens/s. An encoder-decoder continues as its
+    objective taught it (the span after a sentinel, or the rest after the prefix)."""
     cfg = model.config
     prompts = [w[:16].tolist() for w in wins[:n]]
     eos = [tok.eos_id]
-    if cfg.spec.seq2seq:
+    if cfg.spec.seq2seq and objective != "span":
+        inputs = [p + [tok.eos_id] for p in prompts]
+    elif cfg.spec.seq2seq:
         sentinels = tok.sentinel_ids
         inputs = [p + [sentinels[0], tok.eos_id] for p in prompts]
         eos = [tok.eos_id, sentinels[1]]

@@ -30,6 +30,7 @@ from lmlab.compare.settings import CompareConfig
 from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
 from lmlab.data.store import build_store
 from lmlab.errors import LmlabError
+from lmlab.metrics import evidence
 from lmlab.model import Model
 from lmlab.tokenizer import load_tokenizer
 from lmlab.train import distributed
@@ -118,7 +119,7 @@ class Unit:
             with torch.no_grad():
                 if cfg.spec.generative:
                     r["bpb"] = measure.bits_per_byte(
-                        tok, curve_wins, lambda w: measure.second_half_nats(model, tok, w)
+                        tok, curve_wins, lambda w: measure.second_half_nats(model, tok, w, c.objective)
                     )["bpb"]
                 else:
                     r["masked_accuracy"] = measure.masked_accuracy(model, tok, curve_wins, top)["accuracy"]
@@ -177,7 +178,9 @@ class Unit:
         result["fewshot"] = {f"k{k}": score_items(model, tok, questions, shots=k, seed=self.seed) for k in (0, 3)}
         self.stage("generation")
         if cfg.spec.generative:
-            result["samples"] = measure.sample_continuations(model, tok, wins, cc.samples, self.seed)
+            result["samples"] = measure.sample_continuations(
+                model, tok, wins, cc.samples, self.seed, objective=c.objective
+            )
         else:
             result["fill_mask"] = measure.fill_mask_candidates(model, tok, FILL_MASK)
         if cfg.ffn == "moe":
@@ -187,19 +190,40 @@ class Unit:
         for task in self.spec["tasks"]:
             self.stage(f"fine-tune {task['name']}")
             result["tasks"][task["name"]] = self.finetune(task, cfg)
+        result["evidence"] = self.evidence(result)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["unit_minutes"] = (time.perf_counter() - self.started) / 60
         return result
 
+    @staticmethod
+    def evidence(result: dict[str, Any]) -> dict[str, Any]:
+        """Every measurement per example (lmlab.metrics.evidence), keyed by metric: what the report's
+        intervals resample. Taken out of the measurements' records so results.json holds each once."""
+        out: dict[str, Any] = {}
+        for key in ("bpb", "masked_accuracy"):
+            if key in result["intrinsic"]:
+                out[key] = result["intrinsic"].pop("evidence")
+        for k in ("k0", "k3"):
+            few = result["fewshot"][k]
+            out[f"mc_{k}"] = evidence("accuracy", range(len(few["correct"])), few.pop("correct"))
+            few.pop("correct_norm")
+        for name, task in result["tasks"].items():
+            if "evidence" in task:
+                out[f"task:{name}"] = task.pop("evidence")
+        if result.get("moe"):
+            out["load_cv"] = evidence("load_cv", ["training"], [result["moe"]["load_cv"]])
+        return out
+
     def intrinsic(self, model: Model, wins: list[np.ndarray]) -> dict[str, Any]:
         tok, cfg = self.tok, model.config
         if cfg.spec.generative:
-            r = measure.bits_per_byte(tok, wins, lambda w: measure.second_half_nats(model, tok, w))
+            r = measure.bits_per_byte(tok, wins, lambda w: measure.second_half_nats(model, tok, w, self.c.objective))
             return {
                 "bpb": r["bpb"],
                 "tokens": r["tokens"],
                 "bytes": r["bytes"],
                 "method": "second half given the first",
+                "evidence": r["evidence"],
             }
         r = measure.bits_per_byte(tok, wins, lambda w: measure.pseudo_second_half_nats(model, tok, w))
         acc = measure.masked_accuracy(model, tok, wins, self.spec["unigram_top"])
@@ -210,6 +234,7 @@ class Unit:
             "masked_accuracy": acc["accuracy"],
             "unigram_accuracy": acc["unigram_accuracy"],
             "masked_positions": acc["positions"],
+            "evidence": acc["evidence"],
             "method": "pseudo-log-likelihood: each second-half token masked in turn, both halves visible",
         }
 
@@ -239,7 +264,10 @@ class Unit:
         except LmlabError as e:  # the task's data does not suit this contender: reported, not fatal
             return {"skipped": f"could not fine-tune: {e}"}
         metrics = {k: v for k, v in (r["eval"] or {}).items() if isinstance(v, (int, float))}
-        return {"metrics": metrics, "steps": r["steps"], "minutes": r["minutes"], "train_examples": r["train_examples"]}
+        out = {"metrics": metrics, "steps": r["steps"], "minutes": r["minutes"], "train_examples": r["train_examples"]}
+        if (r["eval"] or {}).get("evidence"):
+            out["evidence"] = r["eval"]["evidence"]
+        return out
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,8 @@ mlm          encoder (RoBERTa) the same masking, re-drawn every epoch, full-sent
 span         encoder-decoder   T5 span corruption: noise spans -> sentinels, targets = sentinel + span
 infilling    encoder-decoder   BART text infilling: Poisson(3) spans -> one <mask> each, target = original
 prefix-lm    prefix-lm         random split: bidirectional prefix, loss on the suffix only
+prefix-seq2seq encoder-decoder the same split (T5's "prefix LM" objective): the encoder reads the prefix,
+                               the decoder predicts the rest, every token of it
 """
 
 from __future__ import annotations
@@ -210,6 +212,29 @@ class PrefixLM(CausalLM):
         labels = ids.copy()
         labels[:split] = IGNORE_INDEX  # the prefix is context, not target
         return {"input_ids": ids, "labels": labels, "prefix_lengths": np.array(split, dtype=np.int64)}
+
+
+class PrefixSeq2Seq(_Stream):
+    """T5's prefix language modelling for an encoder-decoder (Raffel et al., Table 4): a window split at a
+    point drawn uniformly in [1, seq_len - 1]; the encoder reads the prefix and </s>, the decoder
+    predicts every token after the split. The same task as PrefixLM's, so the two architectures compare
+    on one objective (the paper's Table 2)."""
+
+    name, dynamic = "prefix-seq2seq", True
+
+    def __init__(self, stream: np.ndarray, tok: Tokenizer, cfg: ObjectiveConfig) -> None:
+        super().__init__(stream, cfg.seq_len)
+        self.eos, self.pad = _need(tok, "eos", cfg.name), _need(tok, "pad", cfg.name)
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.window + 1
+
+    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ids = self.chunk(unit)
+        split = int(rng.integers(1, len(ids)))
+        inputs = np.concatenate([ids[:split], [self.eos]])
+        return _seq2seq_example(inputs, ids[split:], self.window, self.window, self.pad)
 
 
 class _Masking:
@@ -430,6 +455,8 @@ def make_objective(
         return SpanCorruption(stream, tok, cfg)
     if cfg.name == "infilling":
         return TextInfilling(stream, tok, cfg)
+    if cfg.name == "prefix-seq2seq":
+        return PrefixSeq2Seq(stream, tok, cfg)
     raise ConfigError(f"objective {cfg.name!r} is unknown; expected one of {', '.join(OBJECTIVES)}")
 
 

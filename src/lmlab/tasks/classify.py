@@ -132,6 +132,8 @@ def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
             "accuracy": metrics.accuracy(gold, pred),
             "macro_f1": metrics.macro_f1(gold, pred),
             "mcc": metrics.matthews_corrcoef(gold, pred),
+            # per example, in file order: what lmlab compare's intervals resample (never logged as a metric)
+            "evidence": metrics.evidence("accuracy", range(n), [float(g == p) for g, p in zip(gold, pred)]),
         }
 
     return run

@@ -103,6 +103,7 @@ def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
             "loss": loss / max(n, 1),
             **metrics.entity_scores(gold, pred),
             "token_accuracy": metrics.accuracy(flat_gold, flat_pred),
+            "evidence": metrics.entity_evidence(gold, pred),
         }
 
     return run

@@ -177,7 +177,13 @@ def qa_eval(
         preds = best_answers(examples, meta, starts, ends, max_answer_len, allow_empty)
         golds = {ex.id: [a for a, _ in ex.answers] for ex in examples}
         scores = metrics.squad_scores(preds, golds)
-        return {"loss": loss / max(n, 1), "exact_match": scores["exact_match"], "f1": scores["f1"]}
+        f1 = [100 * metrics.token_f1(preds.get(q, ""), g) for q, g in golds.items()]
+        return {
+            "loss": loss / max(n, 1),
+            "exact_match": scores["exact_match"],
+            "f1": scores["f1"],
+            "evidence": metrics.evidence("f1", list(golds), f1),
+        }
 
     return run
 

@@ -452,8 +452,10 @@ class Trainer:
             together = self.sharded or self.expert_parallel
             if self.val and (self.world.main or together) and (self.step % cfg.eval_every == 0 or done):
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
-                self._log({"step": self.step, "split": "val", **last_eval})
-                self.on_event("eval", {"step": self.step, **last_eval})
+                # per-example evidence (lmlab.metrics.evidence) stays in the summary, out of the plotted log
+                shown = {k: v for k, v in last_eval.items() if k != "evidence"}
+                self._log({"step": self.step, "split": "val", **shown})
+                self.on_event("eval", {"step": self.step, **shown})
             self.settle(wait=False)
             if self.step % cfg.save_every == 0 or done:
                 self.elapsed += time.perf_counter() - started

@@ -405,7 +405,7 @@ def test_the_builtin_tasks_are_real_read_by_the_task_readers_and_limited(tmp_pat
     from lmlab.tasks.qa import read_squad
 
     cc = CompareConfig(out=str(tmp_path), max_task_examples=50)
-    tasks, notes = build_tasks(cc, tmp_path, builtin_corpus=True)
+    tasks, notes = build_tasks(cc, tmp_path, builtin_corpus="kjv")
     assert [(t["name"], t["task"]) for t in tasks] == [
         ("kjv-sections", "classify"),
         ("kjv-italics", "ner"),
@@ -429,8 +429,8 @@ def test_the_builtin_tasks_are_real_read_by_the_task_readers_and_limited(tmp_pat
     # the verse names more than one person or place: the first capitalised name is often not the answer
     assert sum(ex.context.split(" ")[0] != ex.answers[0][0] for ex in qa) > len(qa) / 2
     # another corpus: the built-in tasks are left out, with the reason
-    tasks, notes = build_tasks(cc, tmp_path / "other", builtin_corpus=False)
-    assert tasks == [] and "KJV" in notes[0]
+    tasks, notes = build_tasks(cc, tmp_path / "other", builtin_corpus=None)
+    assert tasks == [] and "built-in corpora" in notes[0]
 
 
 def test_understanding_claims_cover_every_classification_tagging_and_qa_task():
@@ -496,3 +496,36 @@ def test_compare_nproc_pretrains_each_contender_on_two_processes_as_on_one(tmp_p
 def test_compare_nproc_must_divide_the_batch():
     with pytest.raises(lmlab.errors.ConfigError, match="--batch-size 8 .* does not divide among --nproc 3"):
         CompareConfig(nproc=3, **TINY).validate()
+
+
+def test_questions_are_cut_at_words_or_at_characters_where_a_script_has_no_spaces():
+    from lmlab.compare.measure import text_units
+
+    units = [u.group() for u in text_units("兰叶春葳蕤，桂华秋皎洁。And God said, Let")]
+    assert units[:6] == ["兰", "叶", "春", "葳", "蕤", "，"] and units[-4:] == ["And", "God", "said,", "Let"]
+
+
+def test_compare_runs_on_the_builtin_chinese_corpus_with_every_measurement(tmp_path):
+    """`lmlab compare --data zh`: questions cut at characters, the zh-poets task, every estimate."""
+    summary = _run(
+        tmp_path / "zh",
+        data=["zh"],
+        quick=True,
+        families=["encoder", "decoder"],
+        moe=["none"],
+        seeds=1,
+        budget="tokens",
+        budget_value=8_000,
+        questions=400,
+        eval_windows=64,
+        seq_len=48,
+        vocab_size=1200,
+    )
+    questions = [json.loads(q) for q in (tmp_path / "zh" / "questions.jsonl").read_text().splitlines()]
+    assert len(questions) >= 100 and all(len(q["choices"]) == 4 for q in questions)
+    assert all(" " not in q["choices"][q["gold"]] for q in questions[:20])  # Chinese: no words to cut at
+    assert [t["name"] for t in summary["tasks"]] == ["zh-poets"]
+    for c in summary["contenders"]:
+        keys = {"mc_k0", "mc_k3", "task:zh-poets", "bpb" if c["family"] == "decoder" else "masked_accuracy"}
+        assert keys <= set(c["estimates"]), c["name"]
+    assert summary["baselines"]["task:zh-poets"]["name"] == "majority class"

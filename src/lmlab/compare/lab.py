@@ -131,22 +131,49 @@ class Plan:
             )
 
 
-def build_tasks(cc: CompareConfig, out: Path, builtin_corpus: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """The fine-tuning tasks: kjv-sections from the built-in corpus, and the user's files (a file is
-    split 80/20 by line unless given as TRAIN:EVAL). Returns (tasks, notes)."""
-    tasks, notes = [], []
-    from lmlab.data.kjv import BUILTIN_TASKS, builtin_task
+# the built-in corpora `--data NAME` names: (file of lmlab.data.demo, its fine-tuning tasks, the least
+# held-out fraction: the Chinese corpus is small, and a fifth of it gives about 200 questions)
+BUILTIN_DATA: dict[str, tuple[str, tuple[str, ...], float]] = {
+    "kjv": ("kjv", ("kjv-sections", "kjv-italics", "nave-qa"), 0.0),
+    "zh": ("zh-poems", ("zh-poets",), 0.2),
+}
 
+
+def builtin_data(cc: CompareConfig) -> str | None:
+    """The built-in corpus a comparison reads (no --data: kjv), or None for the user's files."""
+    if not cc.data:
+        return "kjv"
+    if len(cc.data) == 1 and cc.data[0] in BUILTIN_DATA and not Path(cc.data[0]).exists():
+        return cc.data[0]
+    return None
+
+
+def _builtin_task(name: str, out: Path) -> dict[str, Any]:
+    if name == "zh-poets":
+        from lmlab.data.zh import build_zh_poets
+
+        return build_zh_poets(out)
+    from lmlab.data.kjv import builtin_task
+
+    return builtin_task(name, out)
+
+
+def build_tasks(cc: CompareConfig, out: Path, builtin_corpus: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The fine-tuning tasks: the built-in corpus's own, and the user's files (a file is split 80/20 by
+    line unless given as TRAIN:EVAL). Returns (tasks, notes)."""
+    tasks, notes = [], []
+    every = {name: corpus for corpus, (_, names, _) in BUILTIN_DATA.items() for name in names}
     for entry in cc.tasks:
-        if entry == "builtin" or entry in BUILTIN_TASKS:
-            if not builtin_corpus:
+        if entry == "builtin" or entry in every:
+            wanted = BUILTIN_DATA[builtin_corpus][1] if entry == "builtin" and builtin_corpus else [entry]
+            if builtin_corpus is None or any(every[name] != builtin_corpus for name in wanted):
                 notes.append(
-                    f"{entry}: the built-in tasks ({', '.join(BUILTIN_TASKS)}) are KJV text; this comparison "
-                    "reads other text, so they were left out"
+                    f"{entry}: the built-in tasks ({', '.join(every)}) are built from the built-in corpora; this "
+                    "comparison reads other text, so they were left out"
                 )
                 continue
-            for name in BUILTIN_TASKS if entry == "builtin" else [entry]:
-                tasks.append(_limit(builtin_task(name, out / "tasks"), cc, out))
+            for name in wanted:
+                tasks.append(_limit(_builtin_task(name, out / "tasks"), cc, out))
             continue
         train, _, evaluation = entry.partition(":")
         path = Path(train)
@@ -275,10 +302,11 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         cc.max_eval_examples = min(cc.max_eval_examples or 200, 200)
     out = Path(cc.out)
     out.mkdir(parents=True, exist_ok=True)
-    builtin = not cc.data
-    data = [str(demo_corpus("kjv"))] if builtin else list(cc.data)
+    builtin = builtin_data(cc)
+    data = [str(demo_corpus(BUILTIN_DATA[builtin][0]))] if builtin else list(cc.data)
     if builtin:
         cc.doc_sep = "blank"
+        cc.val_fraction = max(cc.val_fraction, BUILTIN_DATA[builtin][2])
     files = corpus_files(data)
     cache = _cache(cc)
 

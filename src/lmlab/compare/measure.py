@@ -18,6 +18,7 @@ Kneser-Ney: a trigram model of the training split scores the same second halves 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -170,34 +171,49 @@ def unigram_evidence(tok: Any, wins: list[np.ndarray], top_token: int, max_len: 
 
 
 # ---- multiple choice built from held-out text ----------------------------------------------------------
+# scripts written without spaces between words: each character is a unit of its own (CJK ideographs and
+# punctuation, kana, fullwidth forms, Thai, Lao, Myanmar, Khmer)
+NO_SPACE = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0002fa1f"
+)
+UNIT = re.compile(f"[{NO_SPACE}]|[^\\s{NO_SPACE}]+")
+
+
+def text_units(text: str) -> list[re.Match[str]]:
+    """The units a text is cut at: words between spaces, and single characters of scripts without spaces."""
+    return list(UNIT.finditer(text))
+
+
 def build_questions(tok: Any, stream: np.ndarray, n: int, seed: int, query_tokens: int = 14, choice_tokens: int = 6):
-    """Pick-the-true-continuation questions: a held-out passage of `query_tokens` tokens, its true next
-    `choice_tokens` tokens and three continuations taken from other passages, cut at word starts."""
-    starts_word = _word_starts(tok)
+    """Pick-the-true-continuation questions: a held-out passage of about `query_tokens` tokens, its true
+    next `choice_tokens` or so and three continuations taken from other passages. Passages are cut in
+    the text, at units (lmlab.compare.measure.text_units), so any script works: English at words,
+    Chinese at characters."""
     rng = np.random.default_rng(seed)
     span = query_tokens + choice_tokens
     passages = []
-    for s in range(0, len(stream) - span - 1, span + 7):
+    for s in range(0, len(stream) - span - 8, span + 8):
         ids = np.asarray(stream[s : s + span + 8], dtype=np.int64)
-        first = next((k for k in range(4) if starts_word[ids[k]]), None)  # begin at a word
-        if first is None:
-            continue
-        ids = ids[first:]
         if not _scored(tok, ids).all():
             continue
-        cut = next((k for k in range(query_tokens, query_tokens + 4) if starts_word[ids[k]]), None)
-        end = next((k for k in range(cut + choice_tokens, len(ids)) if starts_word[ids[k]]), None) if cut else None
-        if cut is None or end is None:
+        text = tok.decode(ids.tolist())
+        units = [u for u in text_units(text) if "\ufffd" not in u.group()][1:]  # the first may be cut
+        if len(units) < 4:
             continue
-        query = tok.decode(ids[:cut].tolist()).strip()
-        choice = tok.decode(ids[cut:end].tolist()).strip()
+        per_token = len(units) / len(ids)
+        q = max(2, round(query_tokens * per_token))
+        c = max(1, round(choice_tokens * per_token))
+        if q + c >= len(units):
+            continue
+        query = text[units[0].start() : units[q].start()].strip()
+        choice = text[units[q].start() : units[q + c].start()].strip()
         if query and choice:
             passages.append((query, choice))
     order = rng.permutation(len(passages))
     questions = []
     for i in order[:n]:
         query, right = passages[i]
-        others = [passages[j][1] for j in rng.choice(len(passages), 8, replace=False) if j != i]
+        others = [passages[j][1] for j in rng.choice(len(passages), min(8, len(passages)), replace=False) if j != i]
         wrong = list(dict.fromkeys(o for o in others if o != right))[:3]
         if len(wrong) < 3:
             continue
@@ -205,14 +221,6 @@ def build_questions(tok: Any, stream: np.ndarray, n: int, seed: int, query_token
         rng.shuffle(choices)
         questions.append({"query": query, "choices": choices, "gold": choices.index(right)})
     return questions
-
-
-def _word_starts(tok: Any) -> np.ndarray:
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    out = np.zeros(tok.vocab_size, dtype=bool)
-    for t, i in vocab.items():
-        out[i] = t.startswith(("Ġ", "▁")) or tok.kind == "wordpiece" and not t.startswith("##")
-    return out
 
 
 # ---- generation -----------------------------------------------------------------------------------------
@@ -297,7 +305,9 @@ def fill_mask_candidates(model: Any, tok: Any, sentences: list[tuple[str, str]],
 
 
 # ---- routing ------------------------------------------------------------------------------------------------
-def token_kind(text: str, function_words: frozenset[str]) -> str:
+def token_kind(text: str, frequent: frozenset[str]) -> str:
+    """punctuation, number, frequent (among the most frequent tokens of the text routed: function words
+    in English, particles in Chinese), capitalised, or other: defined for any script."""
     t = text.strip()
     if not t:
         return "space"
@@ -305,19 +315,17 @@ def token_kind(text: str, function_words: frozenset[str]) -> str:
         return "punctuation"
     if any(c.isdigit() for c in t):
         return "number"
-    if t.lower() in function_words:
-        return "function word"
+    if t.lower() in frequent:
+        return "frequent"
     if t[0].isupper():
         return "capitalised"
-    return "other word"
+    return "other"
 
 
-FUNCTION_WORDS = frozenset(
-    "a an the and or but nor for so yet of in on at to from by with without into unto upon over under "
-    "is are was were be been am art shall will would should may might must can could have hath had has "
-    "do did doth not no he she it they them his her its their i me my we us our you ye thee thou thy "
-    "that this these those which who whom whose what when where there then than as if".split()
-)
+def frequent_texts(texts: list[str], top: int = 32) -> frozenset[str]:
+    """The `top` most frequent word-like token texts (lower-cased) of a text."""
+    counts = Counter(t.strip().lower() for t in texts if any(c.isalpha() for c in t))
+    return frozenset(t for t, _ in counts.most_common(top))
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
@@ -342,7 +350,8 @@ def routing_report(model: Any, tok: Any, wins: list[np.ndarray], seed: int, top:
         out = model(input_ids=ids)
     flat = ids.flatten().numpy()
     text = {int(i): tok.decode([int(i)]) for i in np.unique(flat)}
-    kinds_of = {i: token_kind(t, FUNCTION_WORDS) for i, t in text.items()}
+    frequent = frequent_texts([text[int(i)] for i in flat])
+    kinds_of = {i: token_kind(t, frequent) for i, t in text.items()}
     kinds = np.array([kinds_of[int(i)] for i in flat])
     kind_ids = np.unique(kinds, return_inverse=True)[1]
     rng = np.random.default_rng(seed)

@@ -463,7 +463,7 @@ def tables(summary: dict[str, Any]) -> list[Table]:
                 [metric_of(k, summary["tasks"]).label, b["name"], f"{b['value']:.3f}", str(b["examples"])]
                 for k, b in base.items()
             ],
-            "A contender whose interval against its baseline does not exclude 0 is marked (at baseline).",
+            "A contender whose interval against its baseline does not exclude 0 is marked (not above baseline).",
         )
     )
     intrinsic = []

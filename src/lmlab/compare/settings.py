@@ -42,7 +42,11 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
 @dataclass
 class CompareConfig:
     out: str = option("runs/compare", "output folder (results.json, report.md, report.html, one folder per run)")
-    data: list[str] = option(list, "text / jsonl files or folders (.gz too); default: the built-in demo corpus")
+    data: list[str] = option(
+        list,
+        "text / jsonl files or folders (.gz too), or a built-in corpus: kjv (the default: the King James Bible) "
+        "or zh (Tang and Song poems, held-out fraction at least 0.2)",
+    )
     doc_sep: str = option("line", "one document per line, or blank-line separated", choices=("line", "blank"))
     field: str = option("text", "JSONL field holding the text")
     families: list[str] = option(

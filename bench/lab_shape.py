@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from common import environment
@@ -36,7 +35,12 @@ def lmlab_model(a: argparse.Namespace):
     from lmlab.tokenizer import train_shared_tokenizer
 
     cc = CompareConfig(
-        d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, d_ff=a.d_ff, seq_len=a.seq_len, vocab_size=a.vocab_size
+        d_model=a.d_model,
+        n_layers=a.n_layers,
+        n_heads=a.n_heads,
+        d_ff=a.d_ff,
+        seq_len=a.seq_len,
+        vocab_size=a.vocab_size,
     )
     text = [" ".join(f"w{i % 997}x{i % 13}" for i in range(k, k + 400)) for k in range(0, 40000, 400)]
     tok = train_shared_tokenizer(text, a.vocab_size)

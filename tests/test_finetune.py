@@ -97,6 +97,10 @@ def test_ner_learns_names_and_places(family, tiny_pretrained, tmp_path):
     )
     result = json.loads((out / "eval_results.json").read_text())
     assert result["eval"]["f1"] >= 0.9 and result["labels"] == ["B-LOC", "B-PER", "O"]
+    evidence = result["eval"]["evidence"]  # per sentence: 2 x true positives over predicted + gold entities
+    assert len(evidence["ids"]) == 60 and sum(evidence["num"]) / sum(evidence["den"]) == pytest.approx(
+        result["eval"]["f1"]
+    )
     assert main(["predict", "--model", str(out), "--data", str(dev), "--out", str(tmp_path / "p.jsonl")]) == 0
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert len(first["tokens"]) == len(first["tags"]) == 8

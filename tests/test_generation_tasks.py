@@ -184,6 +184,12 @@ def test_seq2seq_finetunes_evaluates_and_predicts(family, tiny_pretrained, tmp_p
     assert len(records) == 24 and records[0]["where"].endswith("dev.jsonl:1")
     again = metrics.generation_scores([r["prediction"] for r in records], [r["target"] for r in records])
     assert ev["chrf"] == pytest.approx(again["chrf"]) and ev["exact_match"] == pytest.approx(again["exact_match"])
+    # per pair, for lmlab compare's intervals: sentence chrF keyed by the pair's line
+    evidence = ev["evidence"]
+    assert evidence["ids"] == [str(i) for i in range(1, 25)]
+    assert evidence["num"] == pytest.approx(
+        [sacrebleu.sentence_chrf(r["prediction"], [r["target"]]).score for r in records]
+    )
     base, tok = lmlab.load(tiny_pretrained[family]), load_tokenizer(tiny_pretrained[family])
     rows = encode_pairs(read_pairs(dev), tok, Layout.of(tok, base.config, fc), truncate=False)[0]
     before = teacher_forced(base, [Seq2SeqData(rows, pad_id(tok), False).collate(rows)], torch.device("cpu"))

@@ -234,6 +234,13 @@ def _need(module: str) -> Any:
         ) from None
 
 
+def sentence_chrf(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """sacreBLEU's chrF of each prediction against its reference (in %)."""
+    _same_length(references, predictions)
+    chrf = _need("sacrebleu").metrics.CHRF()
+    return [chrf.sentence_score(str(p), [str(r)]).score for p, r in zip(predictions, references)]
+
+
 def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
     """BLEU, chrF, ROUGE-1/2/L/Lsum and exact match (all in %) of predictions against one reference each,
     with sacreBLEU's signatures."""

@@ -10,6 +10,7 @@ so a paired bootstrap (lmlab.compare.stats) compares each contender with them ex
 - classification: the majority class of the training file
 - tagging: each word's most frequent tag in the training file (O for unseen words), the classic
   memorisation baseline of CoNLL
+- seq2seq: the source copied as the output (sentence chrF)
 - extractive QA: the first capitalised word of the context that does not start a sentence (names are
   what Nave's questions ask for), else the context's first word
 """
@@ -76,11 +77,20 @@ def qa_heuristic(evaluation: str) -> dict[str, Any]:
     return metrics.evidence("f1", [ex.id for ex in examples], f1)
 
 
+def copy_source(evaluation: str) -> dict[str, Any]:
+    from lmlab.tasks.seq2seq import read_pairs
+
+    pairs = read_pairs(evaluation)
+    chrf = metrics.sentence_chrf([p.source for p in pairs], [p.target for p in pairs])
+    return metrics.evidence("chrf", [p.where.rsplit(":", 1)[-1] for p in pairs], chrf)
+
+
 # task kind -> (the metric it is judged by, its baselines: name -> builder(task spec))
 TASK_BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
     "classify": ("accuracy", {"majority class": lambda t: majority_class(t["train"], t["eval"])}),
     "ner": ("f1", {"most frequent tag per word": lambda t: word_tags(t["train"], t["eval"])}),
     "qa": ("f1", {"first capitalised non-initial word": lambda t: qa_heuristic(t["eval"])}),
+    "seq2seq": ("chrf", {"copy the source": lambda t: copy_source(t["eval"])}),
 }
 
 

@@ -24,7 +24,16 @@ import numpy as np
 from lmlab.compare.stats import Evidence, Side, interval, judge
 from lmlab.compare.unit import write_json
 
-TIMING_KEYS = ("minutes", "train_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "unit_minutes", "elapsed")
+TIMING_KEYS = (
+    "minutes",
+    "pretrain_share",
+    "train_tokens_per_s",
+    "decode_tokens_per_s",
+    "peak_rss_mb",
+    "unit_minutes",
+    "elapsed",
+    "stage_seconds",
+)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -49,6 +58,8 @@ def metric_of(key: str, tasks: list[dict[str, Any]]) -> Metric:
     name = key.split(":", 1)[1]
     task = next(t for t in tasks if t["name"] == name)
     score = TASK_METRIC[task["task"]]
+    if task["task"] == "seq2seq":  # per pair, so an interval exists: the mean of sentence chrF
+        return Metric(key, f"{name} sentence chrF", True, 1)
     return Metric(key, f"{name} {score}", True, 1 if score == "f1" and task["task"] == "qa" else 3)
 
 
@@ -341,6 +352,15 @@ def aggregate(cc, plan, results, baselines, tasks, notes, machine) -> dict[str, 
             "train_tokens_per_s": stat([_get(r, "pretrain", "train_tokens_per_s") for r in runs]),
             "decode_tokens_per_s": stat([_get(r, "samples", "decode_tokens_per_s") for r in runs]) if gen else None,
             "peak_rss_mb": stat([r.get("peak_rss_mb") for r in runs]),
+            "unit_minutes": stat([r.get("unit_minutes") for r in runs]),
+            "pretrain_share": stat(
+                [
+                    _get(r, "stage_seconds", "pretrain") / (60 * r["unit_minutes"])
+                    if _get(r, "stage_seconds", "pretrain") and r.get("unit_minutes")
+                    else None
+                    for r in runs
+                ]
+            ),
             "load_cv": stat([_get(r, "moe", "load_cv") for r in runs]) if c.moe else None,
             "dropped": stat([_get(r, "moe", "dropped") for r in runs]) if c.moe else None,
         }
@@ -581,6 +601,7 @@ def tables(summary: dict[str, Any]) -> list[Table]:
                 "train tokens/s",
                 "decode tokens/s",
                 "peak RSS MB",
+                "unit minutes (pre-training share)",
                 "expert-load CV",
                 "dropped",
             ],
@@ -596,6 +617,8 @@ def tables(summary: dict[str, Any]) -> list[Table]:
                     _fmt(r["metrics"]["train_tokens_per_s"], 0),
                     _fmt(r["metrics"]["decode_tokens_per_s"], 0) if r["metrics"]["decode_tokens_per_s"] else "n/a",
                     _fmt(r["metrics"]["peak_rss_mb"], 0),
+                    (f"{r['metrics']['unit_minutes']['mean']:.2f}" if r["metrics"]["unit_minutes"] else "-")
+                    + (f" ({r['metrics']['pretrain_share']['mean']:.0%})" if r["metrics"]["pretrain_share"] else ""),
                     _fmt(r["metrics"]["load_cv"]) if r["metrics"]["load_cv"] else "-",
                     _fmt(r["metrics"]["dropped"]) if r["metrics"]["dropped"] else "-",
                 ]
@@ -769,8 +792,12 @@ def _figures(summary: dict[str, Any]) -> dict[str, str]:
         if pts:
             panels.append((key, pts))
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8))
-        for ax, (key, pts) in zip(np.atleast_1d(axes), panels):
+        cols = min(4, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax, (key, pts) in zip(axes.flat, panels):
             vals = [e.value for _, e in pts]
             err = [[e.value - e.low for _, e in pts], [e.high - e.value for _, e in pts]]
             colors = ["#4878a8" if e.beats_baseline is not False else "#c0c0c0" for _, e in pts]

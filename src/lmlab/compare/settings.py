@@ -53,7 +53,9 @@ class CompareConfig:
         lambda: list(FAMILY_NAMES), f"families to compare (default: all four: {' '.join(FAMILY_NAMES)})"
     )
     moe: list[str] = option(
-        lambda: ["switch"], f"MoE variants trained beside their dense twins ({', '.join(MOE_VARIANTS)}; 'none')"
+        list,
+        f"MoE variants trained beside their dense twins ({', '.join(MOE_VARIANTS)}; default none: the default "
+        "grid answers BERT vs GPT vs T5 vs prefix-LM)",
     )
     moe_families: list[str] = option(lambda: ["decoder"], "families that get the MoE variants")
     objectives: list[str] = option(

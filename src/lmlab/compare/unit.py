@@ -59,6 +59,8 @@ class Unit:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tok = load_tokenizer(spec["tokenizer"])
         self.started = time.perf_counter()
+        self._stage: tuple[str, float] = ("start-up", self.started)
+        self.stage_seconds: dict[str, float] = {}
         # under torchrun (lmlab compare --nproc): this process's rank; otherwise rank 0 of 1
         self.world = distributed.env_world()
         self.threads = int(spec.get("threads") or len(os.sched_getaffinity(0)))
@@ -66,6 +68,10 @@ class Unit:
     def stage(self, name: str, **info: Any) -> None:
         if not self.world.main:
             return
+        now = time.perf_counter()
+        if name != self._stage[0]:  # where the unit's time goes: seconds per stage, in results.json
+            self.stage_seconds[self._stage[0]] = self.stage_seconds.get(self._stage[0], 0.0) + now - self._stage[1]
+            self._stage = (name, now)
         write_json(self.dir / "stage.json", {"stage": name, **info})
 
     def data(self):
@@ -192,6 +198,8 @@ class Unit:
             result["tasks"][task["name"]] = self.finetune(task, cfg)
         result["evidence"] = self.evidence(result)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.stage("done")
+        result["stage_seconds"] = self.stage_seconds
         result["unit_minutes"] = (time.perf_counter() - self.started) / 60
         return result
 

@@ -264,6 +264,12 @@ def seq2seq_eval(
             **scores,
             **speed,
             "beams": beams,
+            # per pair, by file:line: sentence chrF (a paired bootstrap resamples these; corpus chrF is above)
+            "evidence": metrics.evidence(
+                "chrf",
+                [p.where.rsplit(":", 1)[-1] for p in pairs],
+                metrics.sentence_chrf(texts, [p.target for p in pairs]),
+            ),
         }
 
     return run, records

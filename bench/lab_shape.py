@@ -42,8 +42,11 @@ def lmlab_model(a: argparse.Namespace):
         seq_len=a.seq_len,
         vocab_size=a.vocab_size,
     )
-    text = [" ".join(f"w{i % 997}x{i % 13}" for i in range(k, k + 400)) for k in range(0, 40000, 400)]
-    tok = train_shared_tokenizer(text, a.vocab_size)
+    from lmlab.data.corpus import demo_corpus, read_corpus
+
+    tok = train_shared_tokenizer(read_corpus([demo_corpus("kjv")], "blank", "text"), a.vocab_size)  # the lab's own
+    if tok.vocab_size < a.vocab_size:
+        raise SystemExit(f"the tokenizer has {tok.vocab_size} tokens, fewer than --vocab-size {a.vocab_size}")
     cfg = model_config(cc, Contender("decoder", "decoder", None, "clm"), tok)
     torch.manual_seed(0)
     model = Model(cfg)

@@ -14,7 +14,7 @@ import torch
 import lmlab
 from lmlab.cli import main
 from lmlab.compare import CompareConfig
-from lmlab.compare.contenders import batch_tokens, contenders, model_config, train_flops_per_step
+from lmlab.compare.contenders import Contender, batch_tokens, contenders, model_config, train_flops_per_step
 from lmlab.compare.report import _strip_timings
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, vocab_size=600, batch_size=8, warmup_steps=4)
@@ -326,9 +326,8 @@ def test_rerunning_the_same_command_skips_what_is_finished(full_run):
 
 
 def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
-    # the encoder's masking and the prefix objectives' split points draw randomness (the decoder's runs are
-    # compared in the --nproc test)
-    kw = dict(data=[str(kjv_lines)], families=["encoder", "encoder-decoder", "prefix-lm"], moe=["none"], seeds=1)
+    # every family: the encoder's masking and the prefix objectives' split points draw randomness
+    kw = dict(data=[str(kjv_lines)], moe=["none"], seeds=1)
     kw["budget"] = "tokens"
     kw.update(budget_value=12_000, tasks=[], val_fraction=0.1)
     _run(tmp_path / "a", **kw)
@@ -337,7 +336,40 @@ def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
     _run(tmp_path / "a", **kw)
     second = json.loads((tmp_path / "a" / "results.json").read_text())
     assert _strip_timings(first) == _strip_timings(second)
-    assert len(first["contenders"]) == 3 and first["contenders"][0]["runs"][0]["pretrain"]["curve"]  # losses too
+    assert len(first["contenders"]) == 4 and first["contenders"][0]["runs"][0]["pretrain"]["curve"]  # losses too
+
+
+def test_contenders_that_learned_nothing_get_no_verdict(tmp_path, kjv_lines):
+    """Learning rate ~0: every contender stays at its initialisation, and no claim is confirmed or
+    contradicted; the generation claim names the decoder as not above its baseline."""
+    summary = _run(
+        tmp_path,
+        data=[str(kjv_lines)],
+        families=["decoder", "prefix-lm"],
+        moe=["none"],
+        seeds=1,
+        lr=1e-9,  # the trainer refuses 0: this one learns nothing either
+        budget="tokens",
+        budget_value=6_000,
+        tasks=[],
+        val_fraction=0.1,
+    )
+    verdicts = {c["claim"]: c for c in summary["claims"]}
+    generation = verdicts["generation favours the decoder"]
+    assert generation["verdict"] == "undetermined"
+    assert "decoder is not above its baseline (Kneser-Ney trigram)" in generation["why"]
+    assert all(c["verdict"] in ("undetermined", "not measured") for c in summary["claims"])
+    for c in summary["contenders"]:
+        assert c["estimates"]["bpb"]["beats_baseline"] is False
+        assert c["estimates"]["mc_k0"]["beats_baseline"] is False
+
+
+def test_the_html_report_escapes_what_it_shows(full_run):
+    from lmlab.compare.report import to_html
+
+    summary = dict(full_run["summary"], notes=["<script>alert(1)</script>"])
+    page = to_html(summary, {})
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 def test_report_renders_in_headless_chromium(full_run, tmp_path):
@@ -531,3 +563,24 @@ def test_compare_runs_on_the_builtin_chinese_corpus_with_every_measurement(tmp_p
         keys = {"mc_k0", "mc_k3", "task:zh-poets", "bpb" if c["family"] == "decoder" else "masked_accuracy"}
         assert keys <= set(c["estimates"]), c["name"]
     assert summary["baselines"]["task:zh-poets"]["name"] == "majority class"
+
+
+def test_an_encoder_decoder_is_scored_in_the_form_of_its_objective(shared_tok):
+    """prefix-seq2seq: the encoder reads the context and </s>, the decoder continues it; the summed
+    log-likelihood is minus the model's own loss on that example, and differs from the span form."""
+    from lmlab.fewshot import loglikelihood
+    from lmlab.model import Model
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shared_tok)
+    cc = CompareConfig(**TINY)
+    torch.manual_seed(0)
+    model = Model(model_config(cc, Contender("encoder-decoder", "encoder-decoder", None, "prefix-seq2seq"), tok)).eval()
+    context, continuation = "In the beginning God created", " the heaven and the earth"
+    ctx = tok.encode(context, add_special_tokens=False)
+    cont = tok.encode(continuation, add_special_tokens=False)
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ctx + [tok.eos_id]]), labels=torch.tensor([cont])).loss
+    got = loglikelihood(model, tok, context, continuation, seq2seq_form="prefix")
+    assert got == pytest.approx(-float(loss) * len(cont), rel=1e-4)
+    assert loglikelihood(model, tok, context, continuation, seq2seq_form="span") != pytest.approx(got, rel=1e-3)

@@ -118,15 +118,18 @@ def window(ctx: list[int], cont: list[int], max_len: int) -> Window:
 
 # ---- scoring, per family ---------------------------------------------------------------------------------
 @torch.no_grad()
-def loglikelihood(model: Any, tok: Any, context: str, continuation: str) -> float:
-    """Summed log P(continuation tokens | context) (pseudo-log-likelihood for encoders)."""
+def loglikelihood(model: Any, tok: Any, context: str, continuation: str, seq2seq_form: str = "span") -> float:
+    """Summed log P(continuation tokens | context) (pseudo-log-likelihood for encoders). An
+    encoder-decoder is asked in the form it was trained with: "span" (T5's span corruption: the
+    continuation is the span behind a sentinel) or "prefix" (the prefix-LM objective, prefix-seq2seq:
+    the encoder reads the context, the decoder continues it)."""
     cfg = model.config
     spec = cfg.spec
     ctx, cont = encode_pair(tok, context, continuation, special=spec.has_decoder and not spec.seq2seq)
     if not spec.has_decoder:
         return _pseudo_loglikelihood(model, tok, ctx, cont)
     if spec.seq2seq:
-        return _seq2seq_loglikelihood(model, tok, ctx, cont)
+        return _seq2seq_loglikelihood(model, tok, ctx, cont, seq2seq_form)
     w = window(ctx, cont, cfg.max_seq_len)
     x = torch.tensor([w.inputs])
     kw = {"prefix_lengths": torch.tensor([w.context_in_inputs])} if cfg.family == "prefix-lm" else {}
@@ -134,9 +137,11 @@ def loglikelihood(model: Any, tok: Any, context: str, continuation: str) -> floa
     return float(F.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum())
 
 
-def _seq2seq_loglikelihood(model: Any, tok: Any, ctx: list[int], cont: list[int]) -> float:
+def _seq2seq_loglikelihood(model: Any, tok: Any, ctx: list[int], cont: list[int], form: str = "span") -> float:
     cfg = model.config
-    sentinel = tok.sentinel_ids[:1]
+    if form not in ("span", "prefix"):
+        raise ConfigError(f"seq2seq_form {form!r} is unknown; expected span or prefix")
+    sentinel = tok.sentinel_ids[:1] if form == "span" else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
     room = cfg.max_seq_len - len(sentinel) - len(eos)
     enc = ctx[-room:] + sentinel + eos
@@ -170,10 +175,10 @@ def _pseudo_loglikelihood(model: Any, tok: Any, ctx: list[int], cont: list[int])
 
 
 def choice_logprobs(
-    model: Any, tok: Any, prompt: str, choices: list[str], delimiter: str = TARGET_DELIMITER
+    model: Any, tok: Any, prompt: str, choices: list[str], delimiter: str = TARGET_DELIMITER, seq2seq_form: str = "span"
 ) -> list[float]:
     """The score of each choice after `prompt`: loglikelihood(prompt, delimiter + choice)."""
-    return [loglikelihood(model, tok, prompt, delimiter + c) for c in choices]
+    return [loglikelihood(model, tok, prompt, delimiter + c, seq2seq_form) for c in choices]
 
 
 def fewshot_prompt(demos: list[dict[str, Any]], query: str, delimiter: str = TARGET_DELIMITER) -> str:
@@ -188,9 +193,10 @@ def score_items(
     seed: int = 0,
     limit: int | None = None,
     delimiter: str = TARGET_DELIMITER,
+    seq2seq_form: str = "span",
 ) -> dict[str, Any]:
     """acc, acc_norm and chance over `items` (the first `limit`), each prompt with `shots` solved
-    examples drawn with `seed` from the other items."""
+    examples drawn with `seed` from the other items (seq2seq_form: see loglikelihood)."""
     if shots >= len(items):
         raise ConfigError(f"{shots} shots need more than {len(items)} questions")
     rng = random.Random(seed)
@@ -200,7 +206,8 @@ def score_items(
     for i, item in enumerate(evaluated):
         pool = [j for j in range(len(items)) if j != i]
         demos = [items[j] for j in rng.sample(pool, shots)]
-        lps = choice_logprobs(model, tok, fewshot_prompt(demos, item["query"], delimiter), item["choices"], delimiter)
+        prompt = fewshot_prompt(demos, item["query"], delimiter)
+        lps = choice_logprobs(model, tok, prompt, item["choices"], delimiter, seq2seq_form)
         best = max(range(len(lps)), key=lambda k: lps[k])
         best_norm = max(range(len(lps)), key=lambda k: lps[k] / max(len(item["choices"][k]), 1))
         correct.append(int(best == item["gold"]))

@@ -3,10 +3,13 @@
 settings.py    CompareConfig and the MoE variants (no torch)
 contenders.py  the contenders on one shared body, and the FLOPs each step costs
 measure.py     held-out bits per byte, pseudo-log-likelihood, masked-token accuracy, n-gram and unigram
-               baselines, multiple-choice questions, samples, fill-mask, routing specialisation
+               baselines, multiple-choice questions (any script), samples, fill-mask, routing specialisation
+baselines.py   the trivial baseline of every metric, per example, on the contenders' own examples
+stats.py       evidence per example, 95% intervals (bootstrap over examples and seeds), verdicts
 unit.py        one (contender, seed) from pre-training to its last measurement, in its own process
 lab.py         the plan, the shared parts, the units, resume by fingerprint
-report.py      aggregation over seeds, the claims, results.json / report.md / report.html
+report.py      estimates, the claims as data, one table model for results.json / report.md /
+               report.html (report.html.j2, Jinja2 with autoescape)
 """
 
 from typing import Any

@@ -67,7 +67,9 @@ class CompareConfig:
     budget_value: float | None = option(
         None, "the amount: training FLOPs, training tokens or minutes (default: the demo's, --quick: a third)"
     )
-    seeds: int = option(3, "seeds per contender (initialisation and data order); standard deviations over them")
+    seeds: int = option(
+        2, "seeds per contender (initialisation and data order): the intervals resample them with the examples"
+    )
     tasks: list[str] = option(
         lambda: ["builtin"],
         "fine-tuning tasks: 'builtin' (kjv-sections, kjv-italics and nave-qa, on the built-in corpus), one of "
@@ -75,21 +77,25 @@ class CompareConfig:
         "(.tsv/.csv/.jsonl classification, .conll tagging, SQuAD .json, seq2seq .jsonl with source/target)",
     )
     quick: bool = option(
-        False, "a third of the budget, two seeds, fewer questions and task examples: the whole report in minutes"
+        False,
+        "a preview: a third of the budget, one seed, fewer questions and task examples (the whole report in "
+        "minutes; more verdicts stay undetermined)",
     )
-    d_model: int = option(128, "width of every contender")
+    # the body: the best held-out bits per byte of a decoder at the demo budget in a recorded sweep
+    # (bench/compare_sweep.py, docs/benchmarks.md): small and fed many tokens, as Chinchilla would have it
+    d_model: int = option(64, "width of every contender")
     n_layers: int = option(2, "layers of every stack (an encoder-decoder has this many in each)")
-    n_heads: int = option(4, "attention heads")
-    d_ff: int = option(512, "FFN width (MoE experts: the same, or a quarter for deepseekmoe)")
+    n_heads: int = option(2, "attention heads")
+    d_ff: int = option(256, "FFN width (MoE experts: the same, or a quarter for deepseekmoe)")
     position: str = option("rope", "position scheme of every contender", choices=("learned", "rope"))
     seq_len: int = option(64, "tokens per pre-training example")
     vocab_size: int = option(4096, "size of the one shared vocabulary")
-    batch_size: int = option(32, "sequences per step")
+    batch_size: int = option(16, "sequences per step")
     init_std: float = option(
         0.05,
         "initialisation std of every contender (0.02, GPT-2's for width 768, keeps a 128-wide encoder on the unigram plateau)",
     )
-    lr: float = option(2e-3, "peak learning rate of every contender (pre-LN, warm-up then cosine)")
+    lr: float = option(4e-3, "peak learning rate of every contender (pre-LN, warm-up then cosine)")
     warmup_steps: int = option(10, "warm-up steps")
     mask_prob: float = option(0.3, "the encoder's masking rate (docs/benchmarks.md: the tiny BERT's recipe)")
     val_fraction: float = option(0.05, "documents held out for the intrinsic and few-shot measurements")

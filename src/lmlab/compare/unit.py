@@ -181,7 +181,10 @@ class Unit:
         questions = [json.loads(line) for line in Path(self.spec["questions"]).read_text().splitlines() if line]
         from lmlab.fewshot import score_items
 
-        result["fewshot"] = {f"k{k}": score_items(model, tok, questions, shots=k, seed=self.seed) for k in (0, 3)}
+        form = "span" if c.objective == "span" else "prefix"  # an encoder-decoder is asked as it was trained
+        result["fewshot"] = {
+            f"k{k}": score_items(model, tok, questions, shots=k, seed=self.seed, seq2seq_form=form) for k in (0, 3)
+        }
         self.stage("generation")
         if cfg.spec.generative:
             result["samples"] = measure.sample_continuations(

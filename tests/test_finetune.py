@@ -294,7 +294,7 @@ def test_acc_norm_divides_by_the_choice_without_the_delimiter(monkeypatch):
     import lmlab.fewshot as fs
 
     scores = {" ab": -2.0, " abcdef": -5.0}
-    monkeypatch.setattr(fs, "loglikelihood", lambda model, tok, ctx, cont: scores[cont])
+    monkeypatch.setattr(fs, "loglikelihood", lambda model, tok, ctx, cont, form="span": scores[cont])
 
     class Stub:
         class config:

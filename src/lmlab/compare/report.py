@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.compare.stats import Evidence, Side, interval, judge
+from lmlab.compare.stats import Evidence, Side, interval, judge, learned
 from lmlab.compare.unit import write_json
 
 TIMING_KEYS = (
@@ -221,19 +221,10 @@ class Evidences:
         if ev is None:
             return None
         iv = interval(ev)
-        per_seed = [float(np.divide(n.sum(), d.sum())) if d.sum() else 0.0 for n, d in zip(ev.num, ev.den)]
-        est = Estimate(
-            iv.value,
-            iv.low,
-            iv.high,
-            float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-            ev.seeds,
-            len(ev.ids),
-        )
+        sd = float(np.std(ev.per_seed, ddof=1)) if ev.seeds > 1 else 0.0
+        est = Estimate(iv.value, iv.low, iv.high, sd, ev.seeds, len(ev.ids))
         est.ranked = self.ranked(name, key)
         if key in self.baselines:
-            from lmlab.compare.stats import learned
-
             ok, d = learned(self.side(name, key), metric_of(key, self.tasks).higher_is_better)
             est.beats_baseline = ok
             est.baseline_difference = d.to_dict() if d else None

@@ -45,7 +45,8 @@ class Evidence:
         per_seed = [p for p in per_seed if p]
         if not per_seed:
             return None
-        ids = [i for i in per_seed[0]["ids"] if all(i in set(p["ids"]) for p in per_seed[1:])]
+        others = [set(p["ids"]) for p in per_seed[1:]]
+        ids = [i for i in per_seed[0]["ids"] if all(i in o for o in others)]
         num, den = [], []
         for p in per_seed:
             where = {i: k for k, i in enumerate(p["ids"])}
@@ -58,8 +59,12 @@ class Evidence:
         return self.num.shape[0]
 
     @property
+    def per_seed(self) -> np.ndarray:
+        return _ratio(self.num.sum(1), self.den.sum(1))
+
+    @property
     def value(self) -> float:
-        return float(np.mean([_ratio(n.sum(), d.sum()) for n, d in zip(self.num, self.den)]))
+        return float(np.mean(self.per_seed))
 
     def on(self, ids: list[str]) -> Evidence:
         """The same evidence restricted to (and ordered by) `ids`."""
@@ -106,7 +111,8 @@ def _draws(evs: list[Evidence], draws: int, seed: int) -> list[np.ndarray]:
 
 
 def _aligned(evs: list[Evidence]) -> list[Evidence]:
-    common = [i for i in evs[0].ids if all(i in set(e.ids) for e in evs[1:])]
+    others = [set(e.ids) for e in evs[1:]]
+    common = [i for i in evs[0].ids if all(i in o for o in others)]
     return [e.on(common) for e in evs]
 
 

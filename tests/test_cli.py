@@ -149,6 +149,17 @@ def test_flags_are_generated_from_the_settings_dataclasses():
     assert {f.name for f in dataclasses.fields(FinetuneConfig)} <= set(finetune)
 
 
+def test_every_commands_help_renders():
+    """argparse %-formats help text: a literal '%' in a setting's help (\"a 95% interval\") broke --help."""
+    from lmlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, parser in sub.items():
+        text = parser.format_help()
+        assert "usage:" in text, name
+    assert "95% interval" in sub["compare"].format_help()
+
+
 def test_help_starts_without_importing_torch():
     import subprocess
     import sys

@@ -325,6 +325,31 @@ def test_rerunning_the_same_command_skips_what_is_finished(full_run):
     assert _strip_timings(again) == _strip_timings(full_run["summary"])
 
 
+def test_a_units_result_is_one_typed_record_shared_with_the_report(full_run):
+    """Every unit's result.json reads back as a UnitResult and writes out unchanged; a field that does
+    not fit the schema is named."""
+    from lmlab.compare.results import Intrinsic, UnitResult
+
+    paths = sorted(Path(full_run["cc"].out).glob("runs/*/seed*/result.json"))
+    assert paths
+    for path in paths:
+        data = json.loads(path.read_text())
+        r = UnitResult.from_dict(data, str(path))
+        assert isinstance(r.intrinsic, Intrinsic) and r.to_dict() == data
+        assert (r.intrinsic.bpb is None) == (r.samples is None)  # generative contenders: bits per byte and samples
+        assert set(r.evidence) >= {"mc_k0", "mc_k3"} and r.pretrain.steps > 0
+    bad = json.loads(paths[0].read_text())
+    bad["pretrain"]["steps"] = "many"
+    with pytest.raises(lmlab.ConfigError, match=r"result.json.pretrain.steps: expected int, got 'many'"):
+        UnitResult.from_dict(bad, str(paths[0]))
+    bad = {**json.loads(paths[0].read_text()), "bits": 1.0}
+    with pytest.raises(lmlab.ConfigError, match="unknown field.* bits"):
+        UnitResult.from_dict(bad, "r")
+    del bad["bits"], bad["fewshot"]
+    with pytest.raises(lmlab.ConfigError, match=r"r.fewshot: missing"):
+        UnitResult.from_dict(bad, "r")
+
+
 def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
     # every family: the encoder's masking and the prefix objectives' split points draw randomness
     kw = dict(data=[str(kjv_lines)], moe=["none"], seeds=1)

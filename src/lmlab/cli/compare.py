@@ -91,13 +91,14 @@ class LiveTable:
             else:
                 row["done"] = row.get("done", 0) + 1
                 row["now"] = "" if row["done"] >= self.seeds else row.get("now", "")
-                r = info.get("result") or {}
-                bpb = (r.get("intrinsic") or {}).get("bpb") or (r.get("intrinsic") or {}).get("pll_bpb")
-                if bpb is not None:
-                    row["bpb"] = f"{bpb:.3f}" + ("" if "bpb" in r["intrinsic"] else " (PLL)")
-                fs = ((r.get("fewshot") or {}).get("k3") or {}).get("accuracy")
-                if fs is not None:
-                    row["fs"] = f"{fs:.3f}"
+                r = info.get("result")  # a lmlab.compare.results.UnitResult
+                if r is not None:
+                    i = r.intrinsic
+                    bpb = i.bpb if i.bpb is not None else i.pll_bpb
+                    if bpb is not None:
+                        row["bpb"] = f"{bpb:.3f}" + ("" if i.bpb is not None else " (PLL)")
+                    if "k3" in r.fewshot:
+                        row["fs"] = f"{r.fewshot['k3'].accuracy:.3f}"
         self.live.update(self.render())
 
 

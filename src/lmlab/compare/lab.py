@@ -26,6 +26,7 @@ import torch
 from lmlab.compare import measure
 from lmlab.compare.baselines import chance, task_baselines
 from lmlab.compare.contenders import Contender, batch_tokens, contenders, model_config, train_flops_per_step
+from lmlab.compare.results import UnitResult
 from lmlab.compare.settings import CompareConfig
 from lmlab.compare.unit import write_json
 from lmlab.data.corpus import corpus_files, demo_corpus, read_corpus
@@ -375,7 +376,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         write_json(out / "baselines.json", baselines)
 
     # the units, one process at a time
-    results: dict[str, list[dict[str, Any]]] = {}
+    results: dict[str, list[UnitResult]] = {}
     for row in plan.rows:
         c: Contender = row["contender"]
         results[c.name] = []
@@ -407,6 +408,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
             )
             done = _read(unit_dir / "result.json")
             if done.get("fingerprint") == spec["fingerprint"]:
+                done = UnitResult.from_dict(done, str(unit_dir / "result.json"))
                 emit("unit", {"contender": c.name, "seed": seed, "status": "done (kept)", "result": done})
                 results[c.name].append(done)
                 continue
@@ -438,7 +440,7 @@ def unit_command(spec: dict[str, Any], spec_path: Path) -> list[str]:
     return launcher + ["-m", "lmlab.compare.unit", str(spec_path)]
 
 
-def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> dict[str, Any]:
+def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> UnitResult:
     unit_dir.mkdir(parents=True, exist_ok=True)
     (unit_dir / "result.json").unlink(missing_ok=True)
     spec_path = unit_dir / "spec.json"
@@ -468,6 +470,6 @@ def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> dict[str, An
             f"the unit {name} seed {seed} failed (exit {proc.returncode}); its log is {unit_dir / 'unit.log'}:\n"
             + "\n".join(tail)
         )
-    result = _read(unit_dir / "result.json")
+    result = UnitResult.from_dict(_read(unit_dir / "result.json"), str(unit_dir / "result.json"))
     emit("unit", {"contender": name, "seed": seed, "status": "done", "result": result})
     return result

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lmlab.compare.results import UnitResult
 from lmlab.compare.stats import Evidence, Side, interval, judge, learned
 from lmlab.compare.unit import write_json
 
@@ -325,7 +326,7 @@ def _label(claim: Claim, tasks: list[dict[str, Any]]) -> str:
 
 
 # ---- aggregation --------------------------------------------------------------------------------------------
-def aggregate(cc, plan, results, baselines, tasks, notes, machine) -> dict[str, Any]:
+def aggregate(cc, plan, results: dict[str, list[UnitResult]], baselines, tasks, notes, machine) -> dict[str, Any]:
     contenders = []
     task_names = [t["name"] for t in tasks]
     for row in plan.rows:
@@ -333,37 +334,38 @@ def aggregate(cc, plan, results, baselines, tasks, notes, machine) -> dict[str, 
         runs = results[c.name]
         gen = cfg.spec.generative
         m: dict[str, Any] = {
-            "pll_bpb": stat([_get(r, "intrinsic", "pll_bpb") for r in runs]) if not gen else None,
-            "val_loss": stat([_get(r, "pretrain", "val", "loss") for r in runs]),
-            "fewshot_k0_acc_norm": stat([_get(r, "fewshot", "k0", "accuracy_norm") for r in runs]),
-            "fewshot_k3_acc_norm": stat([_get(r, "fewshot", "k3", "accuracy_norm") for r in runs]),
-            "distinct_1": stat([_get(r, "samples", "distinct_1") for r in runs]) if gen else None,
-            "distinct_2": stat([_get(r, "samples", "distinct_2") for r in runs]) if gen else None,
-            "repetition_4": stat([_get(r, "samples", "repetition_4") for r in runs]) if gen else None,
-            "train_tokens_per_s": stat([_get(r, "pretrain", "train_tokens_per_s") for r in runs]),
-            "decode_tokens_per_s": stat([_get(r, "samples", "decode_tokens_per_s") for r in runs]) if gen else None,
-            "peak_rss_mb": stat([r.get("peak_rss_mb") for r in runs]),
-            "unit_minutes": stat([r.get("unit_minutes") for r in runs]),
+            "pll_bpb": stat([r.intrinsic.pll_bpb for r in runs]) if not gen else None,
+            "val_loss": stat([r.pretrain.val.get("loss") for r in runs]),
+            "fewshot_k0_acc_norm": stat([r.fewshot["k0"].accuracy_norm for r in runs if "k0" in r.fewshot]),
+            "fewshot_k3_acc_norm": stat([r.fewshot["k3"].accuracy_norm for r in runs if "k3" in r.fewshot]),
+            "distinct_1": stat([r.samples.distinct_1 for r in runs if r.samples]) if gen else None,
+            "distinct_2": stat([r.samples.distinct_2 for r in runs if r.samples]) if gen else None,
+            "repetition_4": stat([r.samples.repetition_4 for r in runs if r.samples]) if gen else None,
+            "train_tokens_per_s": stat([r.pretrain.train_tokens_per_s for r in runs]),
+            "decode_tokens_per_s": stat([r.samples.decode_tokens_per_s for r in runs if r.samples]) if gen else None,
+            "peak_rss_mb": stat([r.peak_rss_mb for r in runs]),
+            "unit_minutes": stat([r.unit_minutes for r in runs]),
             "pretrain_share": stat(
                 [
-                    _get(r, "stage_seconds", "pretrain") / (60 * r["unit_minutes"])
-                    if _get(r, "stage_seconds", "pretrain") and r.get("unit_minutes")
+                    r.stage_seconds["pretrain"] / (60 * r.unit_minutes)
+                    if r.stage_seconds.get("pretrain") and r.unit_minutes
                     else None
                     for r in runs
                 ]
             ),
-            "load_cv": stat([_get(r, "moe", "load_cv") for r in runs]) if c.moe else None,
-            "dropped": stat([_get(r, "moe", "dropped") for r in runs]) if c.moe else None,
+            "load_cv": stat([r.moe.load_cv for r in runs if r.moe]) if c.moe else None,
+            "dropped": stat([r.moe.dropped for r in runs if r.moe]) if c.moe else None,
         }
         task_results: dict[str, Any] = {}
         for name in task_names:
-            per = [_get(r, "tasks", name) for r in runs]
-            if any(p and "skipped" in p for p in per):
-                task_results[name] = {"skipped": next(p["skipped"] for p in per if p and "skipped" in p)}
+            per = [r.tasks[name] for r in runs if name in r.tasks]
+            skipped = next((p.skipped for p in per if p.skipped), None)
+            if skipped:
+                task_results[name] = {"skipped": skipped}
                 continue
-            keys = sorted({k for p in per if p for k in p.get("metrics", {})})
-            task_results[name] = {k: stat([_get(p, "metrics", k) for p in per]) for k in keys}
-        routing = next((r.get("routing") for r in runs if r.get("routing")), None)
+            keys = sorted({k for p in per for k in p.metrics})
+            task_results[name] = {k: stat([p.metrics.get(k) for p in per]) for k in keys}
+        routing = next((r.routing for r in runs if r.routing), None)
         contenders.append(
             {
                 "name": c.name,
@@ -384,12 +386,12 @@ def aggregate(cc, plan, results, baselines, tasks, notes, machine) -> dict[str, 
                 "metrics": m,
                 "tasks": task_results,
                 "routing_seed0": routing,
-                "precision": sorted({_get(r, "pretrain", "precision") or "fp32" for r in runs}),
-                "samples_seed0": _get(runs[0], "samples", "samples") if runs else None,
-                "fill_mask_seed0": runs[0].get("fill_mask") if runs else None,
-                "curves": [_get(r, "pretrain", "curve") for r in runs],
-                "val_curves": [_get(r, "pretrain", "val_curve") for r in runs],
-                "runs": runs,
+                "precision": sorted({r.pretrain.precision or "fp32" for r in runs}),
+                "samples_seed0": runs[0].samples.samples if runs and runs[0].samples else None,
+                "fill_mask_seed0": runs[0].fill_mask if runs else None,
+                "curves": [r.pretrain.curve for r in runs],
+                "val_curves": [r.pretrain.val_curve for r in runs],
+                "runs": [r.to_dict() for r in runs],
             }
         )
     evidences = Evidences(contenders, baselines["evidence"], tasks)

@@ -26,6 +26,7 @@ import torch
 
 from lmlab.compare import measure
 from lmlab.compare.contenders import Contender, model_config
+from lmlab.compare.results import FewShot, Intrinsic, MoeStats, Pretrain, Samples, TaskResult, UnitResult
 from lmlab.compare.settings import CompareConfig
 from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
 from lmlab.data.store import build_store
@@ -80,7 +81,7 @@ class Unit:
         splits = store.split(cc.val_fraction, 0)  # the same held-out documents for every contender and seed
         return store, splits
 
-    def run(self) -> dict[str, Any] | None:
+    def run(self) -> UnitResult | None:
         cc, c, tok = self.cc, self.c, self.tok
         store, splits = self.data()
         cfg = model_config(cc, c, tok)
@@ -157,104 +158,93 @@ class Unit:
         model.save_pretrained(self.dir / "model")
         tok.save(self.dir / "model")
         model.eval()
-        result: dict[str, Any] = {
-            "contender": c.name,
-            "seed": self.seed,
-            "pretrain": {
-                "processes": world.size,
-                "parallel": tc.parallel,
-                "precision": precision,
-                "steps": summary["steps"],
-                "tokens": summary["tokens"],
-                "minutes": summary["minutes"],
-                "train_tokens_per_s": summary["tokens"] / max(summary["minutes"] * 60, 1e-9),
-                "val": summary["val"],
-                "curve": _curve(self.dir / "pretrain" / "metrics.jsonl"),
-                "val_curve": _val_curve(self.dir / "pretrain" / "metrics.jsonl"),
-            },
-        }
-        result["moe"] = _moe_stats(self.dir / "pretrain" / "metrics.jsonl") if cfg.ffn == "moe" else None
+        pretrain = Pretrain(
+            processes=world.size,
+            parallel=tc.parallel,
+            precision=precision,
+            steps=summary["steps"],
+            tokens=summary["tokens"],
+            minutes=summary["minutes"],
+            train_tokens_per_s=summary["tokens"] / max(summary["minutes"] * 60, 1e-9),
+            val=summary["val"],
+            curve=_curve(self.dir / "pretrain" / "metrics.jsonl"),
+            val_curve=_val_curve(self.dir / "pretrain" / "metrics.jsonl"),
+        )
+        moe = _moe_stats(self.dir / "pretrain" / "metrics.jsonl") if cfg.ffn == "moe" else None
+        ev: dict[str, dict[str, Any]] = {}  # every measurement per example, keyed by metric
         self.stage("intrinsic")
         with torch.no_grad():
-            result["intrinsic"] = self.intrinsic(model, wins)
+            intrinsic = self.intrinsic(model, wins, ev)
         self.stage("few-shot")
         questions = [json.loads(line) for line in Path(self.spec["questions"]).read_text().splitlines() if line]
         from lmlab.fewshot import score_items
 
         form = "span" if c.objective == "span" else "prefix"  # an encoder-decoder is asked as it was trained
-        result["fewshot"] = {
-            f"k{k}": score_items(model, tok, questions, shots=k, seed=self.seed, seq2seq_form=form) for k in (0, 3)
-        }
+        fewshot = {}
+        for k in (0, 3):
+            r = score_items(model, tok, questions, shots=k, seed=self.seed, seq2seq_form=form)
+            ev[f"mc_k{k}"] = evidence("accuracy", range(len(r["correct"])), r["correct"])
+            fewshot[f"k{k}"] = FewShot(**{f: r[f] for f in FewShot.__dataclass_fields__})
         self.stage("generation")
+        samples = fill_mask = routing = None
         if cfg.spec.generative:
-            result["samples"] = measure.sample_continuations(
-                model, tok, wins, cc.samples, self.seed, objective=c.objective
+            samples = Samples(
+                **measure.sample_continuations(model, tok, wins, cc.samples, self.seed, objective=c.objective)
             )
         else:
-            result["fill_mask"] = measure.fill_mask_candidates(model, tok, FILL_MASK)
+            fill_mask = measure.fill_mask_candidates(model, tok, FILL_MASK)
         if cfg.ffn == "moe":
             self.stage("routing")
-            result["routing"] = measure.routing_report(model, tok, wins[:8], self.seed)
-        result["tasks"] = {}
+            routing = measure.routing_report(model, tok, wins[:8], self.seed)
+        tasks = {}
         for task in self.spec["tasks"]:
             self.stage(f"fine-tune {task['name']}")
-            result["tasks"][task["name"]] = self.finetune(task, cfg)
-        result["evidence"] = self.evidence(result)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            tasks[task["name"]] = self.finetune(task, cfg, ev)
+        if moe:
+            ev["load_cv"] = evidence("load_cv", ["training"], [moe.load_cv])
         self.stage("done")
-        result["stage_seconds"] = self.stage_seconds
-        result["unit_minutes"] = (time.perf_counter() - self.started) / 60
-        return result
+        return UnitResult(
+            contender=c.name,
+            seed=self.seed,
+            pretrain=pretrain,
+            intrinsic=intrinsic,
+            fewshot=fewshot,
+            tasks=tasks,
+            evidence=ev,
+            samples=samples,
+            fill_mask=fill_mask,
+            routing=routing,
+            moe=moe,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            stage_seconds=self.stage_seconds,
+            unit_minutes=(time.perf_counter() - self.started) / 60,
+        )
 
-    @staticmethod
-    def evidence(result: dict[str, Any]) -> dict[str, Any]:
-        """Every measurement per example (lmlab.metrics.evidence), keyed by metric: what the report's
-        intervals resample. Taken out of the measurements' records so results.json holds each once."""
-        out: dict[str, Any] = {}
-        for key in ("bpb", "masked_accuracy"):
-            if key in result["intrinsic"]:
-                out[key] = result["intrinsic"].pop("evidence")
-        for k in ("k0", "k3"):
-            few = result["fewshot"][k]
-            out[f"mc_{k}"] = evidence("accuracy", range(len(few["correct"])), few.pop("correct"))
-            few.pop("correct_norm")
-        for name, task in result["tasks"].items():
-            if "evidence" in task:
-                out[f"task:{name}"] = task.pop("evidence")
-        if result.get("moe"):
-            out["load_cv"] = evidence("load_cv", ["training"], [result["moe"]["load_cv"]])
-        return out
-
-    def intrinsic(self, model: Model, wins: list[np.ndarray]) -> dict[str, Any]:
+    def intrinsic(self, model: Model, wins: list[np.ndarray], ev: dict[str, Any]) -> Intrinsic:
         tok, cfg = self.tok, model.config
         if cfg.spec.generative:
             r = measure.bits_per_byte(tok, wins, lambda w: measure.second_half_nats(model, tok, w, self.c.objective))
-            return {
-                "bpb": r["bpb"],
-                "tokens": r["tokens"],
-                "bytes": r["bytes"],
-                "method": "second half given the first",
-                "evidence": r["evidence"],
-            }
+            ev["bpb"] = r["evidence"]
+            return Intrinsic(bpb=r["bpb"], tokens=r["tokens"], bytes=r["bytes"], method="second half given the first")
         r = measure.bits_per_byte(tok, wins, lambda w: measure.pseudo_second_half_nats(model, tok, w))
         acc = measure.masked_accuracy(model, tok, wins, self.spec["unigram_top"])
-        return {
-            "pll_bpb": r["bpb"],
-            "tokens": r["tokens"],
-            "bytes": r["bytes"],
-            "masked_accuracy": acc["accuracy"],
-            "unigram_accuracy": acc["unigram_accuracy"],
-            "masked_positions": acc["positions"],
-            "evidence": acc["evidence"],
-            "method": "pseudo-log-likelihood: each second-half token masked in turn, both halves visible",
-        }
+        ev["masked_accuracy"] = acc["evidence"]
+        return Intrinsic(
+            pll_bpb=r["bpb"],
+            tokens=r["tokens"],
+            bytes=r["bytes"],
+            masked_accuracy=acc["accuracy"],
+            unigram_accuracy=acc["unigram_accuracy"],
+            masked_positions=acc["positions"],
+            method="pseudo-log-likelihood: each second-half token masked in turn, both halves visible",
+        )
 
-    def finetune(self, task: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    def finetune(self, task: dict[str, Any], cfg: Any, ev: dict[str, Any]) -> TaskResult:
         from lmlab.finetune import finetune
         from lmlab.settings import FinetuneConfig
 
         if task["task"] not in cfg.spec.tasks:
-            return {"skipped": f"{cfg.family} models cannot be fine-tuned for {task['task']}"}
+            return TaskResult(skipped=f"{cfg.family} models cannot be fine-tuned for {task['task']}")
         fc = FinetuneConfig(
             task=task["task"],
             model=str(self.dir / "model"),
@@ -273,12 +263,11 @@ class Unit:
         try:
             r = finetune(fc)
         except LmlabError as e:  # the task's data does not suit this contender: reported, not fatal
-            return {"skipped": f"could not fine-tune: {e}"}
-        metrics = {k: v for k, v in (r["eval"] or {}).items() if isinstance(v, (int, float))}
-        out = {"metrics": metrics, "steps": r["steps"], "minutes": r["minutes"], "train_examples": r["train_examples"]}
+            return TaskResult(skipped=f"could not fine-tune: {e}")
+        metrics = {k: float(v) for k, v in (r["eval"] or {}).items() if isinstance(v, (int, float))}
         if (r["eval"] or {}).get("evidence"):
-            out["evidence"] = r["eval"]["evidence"]
-        return out
+            ev[f"task:{task['name']}"] = r["eval"]["evidence"]
+        return TaskResult(metrics=metrics, steps=r["steps"], minutes=r["minutes"], train_examples=r["train_examples"])
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -301,7 +290,7 @@ def _val_curve(path: Path) -> list[list[float]]:
     ]
 
 
-def _moe_stats(path: Path) -> dict[str, Any] | None:
+def _moe_stats(path: Path) -> MoeStats | None:
     """Expert-load CV and dropped fraction, averaged over the MoE layers and the last quarter of training."""
     recs = [r for r in _records(path) if r.get("split") == "train" and r.get("moe")]
     if not recs:
@@ -309,7 +298,7 @@ def _moe_stats(path: Path) -> dict[str, Any] | None:
     tail = recs[-max(1, len(recs) // 4) :]
     cv = [layer["cv"] for r in tail for layer in r["moe"]]
     dropped = [layer.get("dropped", 0.0) for r in tail for layer in r["moe"]]
-    return {"load_cv": float(np.mean(cv)), "dropped": float(np.mean(dropped)), "layers": len(tail[-1]["moe"])}
+    return MoeStats(load_cv=float(np.mean(cv)), dropped=float(np.mean(dropped)), layers=len(tail[-1]["moe"]))
 
 
 def main(argv: list[str]) -> int:
@@ -323,8 +312,8 @@ def main(argv: list[str]) -> int:
     result = unit.run()
     if result is None:  # a rank other than 0: its part was the pre-training
         return 0
-    result["fingerprint"] = spec["fingerprint"]
-    write_json(unit.dir / "result.json", result)
+    result.fingerprint = spec["fingerprint"]
+    write_json(unit.dir / "result.json", result.to_dict())
     unit.stage("done")
     return 0
 

@@ -39,7 +39,8 @@ def add_fields(
         if default not in (None, "", False) and not kind.startswith("list"):
             shown = repr(default) if isinstance(default, str) and default != default.strip() else default
             text += f" (default: {shown})"
-        kw: dict[str, Any] = {"dest": dest + f.name, "default": None, "help": text.replace("%", "%%")}  # argparse formats help
+        # argparse %-formats help text: a literal % is doubled
+        kw: dict[str, Any] = {"dest": dest + f.name, "default": None, "help": text.replace("%", "%%")}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         if kind == "bool":

@@ -557,6 +557,27 @@ def test_compare_nproc_must_divide_the_batch():
         CompareConfig(nproc=3, **TINY).validate()
 
 
+def test_compile_is_on_off_or_auto_and_auto_needs_a_compiler(monkeypatch):
+    import shutil
+
+    from lmlab.runtime import can_compile
+
+    with pytest.raises(lmlab.errors.ConfigError, match="--compile 'yes' is unknown; expected auto, on or off"):
+        CompareConfig(compile="yes", **TINY).validate()
+    from lmlab.compare.unit import compiles
+    from lmlab.data.objectives import BertMLMNSP, CausalLM, PrefixSeq2Seq, RobertaMLM
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # the path without a C++ compiler
+    assert not can_compile("cpu") and can_compile("cuda")
+    assert not compiles("auto", CausalLM, "cpu") and compiles("on", CausalLM, "cpu")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert can_compile("cpu")
+    # auto: where the compiled step wins, objectives that label most positions; masked LMs run eager
+    assert compiles("auto", CausalLM, "cpu") and compiles("auto", PrefixSeq2Seq, "cpu")
+    assert not compiles("auto", RobertaMLM, "cpu") and not compiles("auto", BertMLMNSP, "cpu")
+    assert not compiles("off", CausalLM, "cpu")
+
+
 def test_questions_are_cut_at_words_or_at_characters_where_a_script_has_no_spaces():
     from lmlab.compare.measure import text_units
 

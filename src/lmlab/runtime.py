@@ -63,6 +63,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def can_compile(device_type: str = "cpu") -> bool:
+    """Whether torch.compile can build kernels here: on a CPU, inductor compiles C++ (g++ or clang++,
+    or the compiler $CXX names); on CUDA it needs Triton, which the CUDA wheels ship."""
+    if device_type == "cuda":
+        return True
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c)
+
+
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether the CPU multiplies bf16 natively (AMX or AVX-512-bf16)."""
     flags = cpu_flags() if flags is None else flags

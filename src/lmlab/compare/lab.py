@@ -34,6 +34,7 @@ from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
 from lmlab.data.store import build_store
 from lmlab.errors import ConfigError, DataError
 from lmlab.info import model_stats, stack_matmul_weights
+from lmlab.runtime import can_compile
 from lmlab.tokenizer import load_tokenizer, train_shared_tokenizer
 
 # the demo's budget: equal training FLOPs, the smallest on the recorded budget curve at which a decoder of
@@ -352,6 +353,8 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
             f"the held-out text yields {len(questions)} multiple-choice questions of the {cc.questions} asked for: "
             "their intervals are wider (give more text or a larger --val-fraction)"
         )
+    if cc.compile == "auto" and not can_compile():
+        notes.append("torch.compile needs a C++ compiler (g++ or clang++) on a CPU; none was found: trained eager")
     baselines = _read(out / "baselines.json")
     if baselines.get("key") != base_key:
         top = measure.unigram_top(tok, train_stream)

@@ -387,6 +387,7 @@ def aggregate(cc, plan, results: dict[str, list[UnitResult]], baselines, tasks, 
                 "tasks": task_results,
                 "routing_seed0": routing,
                 "precision": sorted({r.pretrain.precision or "fp32" for r in runs}),
+                "compiled": any(r.pretrain.compiled for r in runs),
                 "samples_seed0": runs[0].samples.samples if runs and runs[0].samples else None,
                 "fill_mask_seed0": runs[0].fill_mask if runs else None,
                 "curves": [r.pretrain.curve for r in runs],
@@ -620,7 +621,13 @@ def tables(summary: dict[str, Any]) -> list[Table]:
             "Training FLOPs as the T5 paper counts them: each stack for the tokens it processes. Peak RSS is the "
             "whole unit's process (pre-training, measurements and fine-tuning). Pre-trained in "
             + " and ".join(sorted({p for r in rows for p in r.get("precision", ["fp32"])}))
-            + f" (--precision {summary['settings'].get('precision', 'auto')}). Cost cells: mean ± sd over seeds.",
+            + f" (--precision {summary['settings'].get('precision', 'auto')}); "
+            + (
+                "torch.compile'd: " + ", ".join(r["name"] for r in rows if r.get("compiled"))
+                if any(r.get("compiled") for r in rows)
+                else "eager"
+            )
+            + f" (--compile {summary['settings'].get('compile', 'off')}). Cost cells: mean ± sd over seeds.",
         )
     )
     routing = [

@@ -30,6 +30,7 @@ class Pretrain:
     val: dict[str, float]  # the objective's own validation metrics at the end
     curve: list[list[float]]  # [step, tokens, training loss]
     val_curve: list[list[float]]  # [step, held-out bits per byte or masked-token accuracy]
+    compiled: bool = False  # torch.compile'd training step
 
 
 @dataclass
@@ -150,5 +151,9 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if tp in (int, str):
         if isinstance(value, bool) or not isinstance(value, tp):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     return value  # Any

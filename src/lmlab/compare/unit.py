@@ -33,6 +33,7 @@ from lmlab.data.store import build_store
 from lmlab.errors import LmlabError
 from lmlab.metrics import evidence
 from lmlab.model import Model
+from lmlab.runtime import can_compile
 from lmlab.tokenizer import load_tokenizer
 from lmlab.train import distributed
 from lmlab.train.trainer import TrainConfig, Trainer, evaluate, resolve_device
@@ -112,6 +113,7 @@ class Unit:
             seed=self.seed,
             parallel=cc.parallel if world.size > 1 else "none",
             precision=cc.precision,
+            compile=compiles(cc.compile, train_obj, resolve_device("auto").type),
         )
         train = Batches(train_obj, cc.batch_size, self.seed)
         val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
@@ -162,6 +164,7 @@ class Unit:
             processes=world.size,
             parallel=tc.parallel,
             precision=precision,
+            compiled=tc.compile,
             steps=summary["steps"],
             tokens=summary["tokens"],
             minutes=summary["minutes"],
@@ -268,6 +271,15 @@ class Unit:
         if (r["eval"] or {}).get("evidence"):
             ev[f"task:{task['name']}"] = r["eval"]["evidence"]
         return TaskResult(metrics=metrics, steps=r["steps"], minutes=r["minutes"], train_examples=r["train_examples"])
+
+
+def compiles(setting: str, objective: Any, device_type: str) -> bool:
+    """Whether a unit torch.compiles its training step: --compile on, or auto where it wins (docs/benchmarks.md:
+    1.2-1.7x for objectives that label most positions; masked LMs, which project only their masked positions
+    eager, run 0.66x compiled) and a compiler is found."""
+    if setting != "auto":
+        return setting == "on"
+    return bool(objective.dense_labels) and can_compile(device_type)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

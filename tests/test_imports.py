@@ -44,7 +44,16 @@ LAYERS: list[tuple[str, ...]] = [
     # models), so Model.generate delegates down to it
     ("lmlab.generate",),
     ("lmlab.model",),
-    ("lmlab.io", "lmlab.quantize", "lmlab.info", "lmlab.embed", "lmlab.route", "lmlab.chat", "lmlab.fewshot"),
+    (
+        "lmlab.io",
+        "lmlab.export_gguf",
+        "lmlab.quantize",
+        "lmlab.info",
+        "lmlab.embed",
+        "lmlab.route",
+        "lmlab.chat",
+        "lmlab.fewshot",
+    ),
     ("lmlab.train",),
     ("lmlab.tasks", "lmlab.evaluate", "lmlab.pretrain", "lmlab.finetune"),
     ("lmlab.compare", "lmlab.serve", "lmlab.demo"),  # drivers

@@ -181,6 +181,19 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(tmp_path, bpe_tok):
         write_gguf(dec, tmp_path / "w.gguf", force=True)
 
 
+def test_the_chat_template_goes_in_with_the_tokenizer(tmp_path, bpe_tok):
+    from lmlab.chat import DEFAULT_TEMPLATE
+    from lmlab.export_gguf import write_gguf
+    from lmlab.tokenizer import load_tokenizer
+
+    _, folder = _folder(tmp_path, "gpt2-tiny", bpe_tok)
+    tok = load_tokenizer(folder)
+    tok.chat_template = DEFAULT_TEMPLATE
+    tok.save(folder)
+    write_gguf(folder, tmp_path / "c.gguf")
+    assert _fields(gguf.GGUFReader(tmp_path / "c.gguf"))["tokenizer.chat_template"] == DEFAULT_TEMPLATE
+
+
 def test_convert_cli_writes_gguf(tmp_path, bpe_tok, capsys):
     from lmlab.cli import main
 

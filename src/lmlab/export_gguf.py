@@ -75,9 +75,9 @@ def _tensors(model: Any, model_type: str) -> list[tuple[str, torch.Tensor]]:
             raise ConfigError(f"GGUF: no llama.cpp tensor name for {key!r} ({model_type})")
         if model_type == "gpt2" and key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             t = t.t()  # Conv1D stores (in, out)
-        if model_type == "llama" and key.endswith("self_attn.q_proj.weight"):
+        if model_type == "llama" and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             t = _interleave_rotary(t, cfg.n_heads)
-        if model_type == "llama" and key.endswith("self_attn.k_proj.weight"):
+        if model_type == "llama" and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             t = _interleave_rotary(t, cfg.kv_heads)
         out.append((name, t.contiguous()))
     if not any(n == "output.weight" for n, _ in out):  # tied: llama.cpp reads the output projection by name

@@ -10,6 +10,15 @@ the median of the repeats is reported.
     python bench/generate.py --dtype bfloat16         # both in bf16; transformers in float32 timed too
     python bench/generate.py --int8 --batches 1       # and lmlab with int8 linear layers (lmlab.quantize)
     python bench/generate.py --int8 --floor           # and the floor those int8 kernels allow (below)
+    python bench/generate.py --int8 --llama-cpp f32 f16 q8_0 q4_0 --batches 1   # and llama.cpp (below)
+
+`--llama-cpp Q...` also decodes with llama.cpp (llama-cpp-python, built from its source distribution;
+see bench/gguf_parity.py) from the same weights written to GGUF at each type Q (`lmlab convert --to
+gguf`, with a small byte-level BPE vocabulary of the built-in corpus: the prompts are ids, so only the
+vocabulary's size matters), greedy through llama-cpp-python's `generate` (its Python loop per token
+is what its users get). Batch 1 only: llama-cpp-python's high-level API decodes one sequence. llama.cpp
+computes GELU from a float16 table, so its greedy tokens may part ways with lmlab's at some step; the
+share of new tokens they agree on is printed.
 
 `--floor` times a hand-written decode loop on lmlab's int8 weights: no modules, no checks, a cache
 preallocated for the whole run, the GPT-2 block written out op by op, greedy. It is not a way to run
@@ -49,6 +58,9 @@ def main() -> None:
     )
     ap.add_argument("--int8", action="store_true", help="also time lmlab with int8 linear layers (lmlab.quantize)")
     ap.add_argument("--floor", action="store_true", help="with --int8: also time the hand-written int8 floor")
+    ap.add_argument(
+        "--llama-cpp", nargs="+", default=[], metavar="Q", help="also llama.cpp at these GGUF types (batch 1)"
+    )
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
@@ -71,6 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = lmlab.load(d, dtype=dtype).eval()
+        llms = llama_cpp_models(d, a) if a.llama_cpp else {}
     if a.int8:
         from lmlab.quantize import quantize_int8
 
@@ -103,10 +116,16 @@ def main() -> None:
             runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         if a.int8 and a.floor:
             runs["int8 floor"] = lambda: int8_floor(ours8, ids, a.new)
+        if batch == 1:
+            for q, llm in llms.items():
+                runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_generate(llm, ids, a.new)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens of both
         if a.int8:
             same8 = outputs["lmlab int8"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"int8, batch {batch}"] = same8.float().mean().item()
+        for q in llms if batch == 1 else ():
+            same_q = outputs[f"llama.cpp {q}"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
+            agree[f"llama.cpp {q} vs lmlab, batch {batch}"] = same_q.float().mean().item()
         if "int8 floor" in outputs:
             floor = outputs["int8 floor"][:, a.prompt :] == outputs["lmlab int8"][:, a.prompt :]
             agree[f"int8 floor vs lmlab int8, batch {batch}"] = floor.float().mean().item()
@@ -138,7 +157,7 @@ def main() -> None:
         f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
     )
     print(environment())
-    if dtype != torch.float32 or a.int8:
+    if dtype != torch.float32 or a.int8 or llms:
         print(
             "new tokens on which the contenders agree with lmlab / transformers: "
             + ", ".join(f"{b if isinstance(b, str) else f'batch {b}'}: {v:.1%}" for b, v in agree.items())
@@ -157,6 +176,42 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=2)
+
+
+def llama_cpp_models(hf_folder: str, a: argparse.Namespace) -> dict:
+    """llama.cpp models of the same weights, one per GGUF type in a.llama_cpp."""
+    import gzip
+    import pathlib
+
+    import llama_cpp
+
+    from lmlab.data.corpus import demo_corpus
+    from lmlab.export_gguf import write_gguf
+    from lmlab.tokenizer import train_tokenizer
+
+    folder = pathlib.Path(hf_folder)
+    docs = gzip.open(demo_corpus("kjv"), "rt").read()[:300_000].split("\n\n")
+    train_tokenizer("bpe", docs, min(1000, a.vocab)).save(folder)
+    out = {}
+    for q in a.llama_cpp:
+        path = folder / f"{q}.gguf"
+        write_gguf(folder, path, q)
+        out[q] = llama_cpp.Llama(
+            model_path=str(path), n_ctx=a.prompt + a.new, n_threads=torch.get_num_threads(), verbose=False
+        )
+    return out
+
+
+def llama_cpp_generate(llm, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding of one sequence in llama.cpp: prompt, then `new` tokens (EOS not honoured)."""
+    prompt = ids[0].tolist()
+    made = []
+    llm.reset()
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        made.append(token)
+        if len(made) == new:
+            break
+    return torch.tensor([prompt + made])
 
 
 @torch.no_grad()

@@ -120,7 +120,7 @@ class CompareConfig:
         "off",
         "torch.compile each contender's pre-training step: on, off (the default: results.json bit-equal run to "
         "run), or auto (on for the objectives that label most positions, 1.2-1.7x faster on a CPU, where a C++ "
-        "compiler is found; held-out scores then vary in the 8th digit run to run)",
+        "compiler is found; held-out scores then vary in the 8th-9th significant digit run to run)",
         choices=("auto", "on", "off"),
     )
 

@@ -250,3 +250,27 @@ def test_llama_cpp_gives_lmlabs_logits_and_tokens(tmp_path, bpe_tok, name):
     write_gguf(folder, tmp_path / "q8.gguf", "q8_0")
     top = (_llama_cpp_logits(tmp_path / "q8.gguf", ids).argmax(-1) == ours.argmax(-1)).mean()
     assert top >= 0.9
+
+
+def test_a_chat_models_gguf_answers_through_llama_cpps_chat_template(tmp_path, bpe_tok):
+    """llama-cpp-python renders the template the GGUF carries as lmlab renders it, and answers with it."""
+    from lmlab.chat import DEFAULT_TEMPLATE, render
+    from lmlab.export_gguf import write_gguf
+    from lmlab.tokenizer import load_tokenizer
+
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    _, folder = _folder(tmp_path, "llama-tiny", bpe_tok)
+    tok = load_tokenizer(folder)
+    tok.chat_template = DEFAULT_TEMPLATE
+    tok.save(folder)
+    write_gguf(folder, tmp_path / "chat.gguf", "f32")
+    llm = _llama(tmp_path / "chat.gguf")
+    assert llm.metadata["tokenizer.chat_template"] == DEFAULT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who made the earth?"}]
+    eos = bpe_tok.backend.id_to_token(bpe_tok.eos_id)
+    theirs = Jinja2ChatFormatter(DEFAULT_TEMPLATE, eos_token=eos, bos_token=eos)(messages=messages).prompt
+    assert theirs == render(DEFAULT_TEMPLATE, messages, add_generation_prompt=True)
+    answer = llm.create_chat_completion(messages=messages, max_tokens=4, temperature=0.0)
+    assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] >= 1

@@ -26,7 +26,7 @@ import torch
 from lmlab.errors import ConfigError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
-ARCHS = {"gpt2": "gpt2", "llama": "llama"}  # transformers model type -> llama.cpp architecture
+ARCHS = ("gpt2", "llama")  # transformers model types written; llama.cpp names its architectures the same
 NOT_WRITTEN = {
     "bert": "llama.cpp runs BERT-style encoders only as embedding models (no MLM head); not written yet",
     "roberta": "llama.cpp runs RoBERTa-style encoders only as embedding models; not written yet",
@@ -64,8 +64,7 @@ def _tensors(model: Any, model_type: str) -> list[tuple[str, torch.Tensor]]:
     from lmlab.hf import lmlab_to_hf
 
     cfg = model.config
-    arch = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}[model_type]
-    names = gguf.get_tensor_name_map(arch, cfg.n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[model_type.upper()], cfg.n_layers)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     hf = lmlab_to_hf(state, cfg, model_type)
     out: list[tuple[str, torch.Tensor]] = []
@@ -169,7 +168,7 @@ def write_gguf(
 
     qtype, file_type = _quant_types()[quantize]
     tmp = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, ARCHS[model_type])
+    writer = gguf.GGUFWriter(tmp, model_type)
     writer.add_name(cfg.name or Path(str(src)).name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
@@ -221,7 +220,7 @@ def write_gguf(
     os.replace(tmp, dst)  # whole or not at all
     return {
         "out": dst,
-        "architecture": ARCHS[model_type],
+        "architecture": model_type,
         "quantize": quantize,
         "tensors": kinds,
         "bytes": dst.stat().st_size,

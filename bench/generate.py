@@ -11,6 +11,7 @@ the median of the repeats is reported.
     python bench/generate.py --int8 --batches 1       # and lmlab with int8 linear layers (lmlab.quantize)
     python bench/generate.py --int8 --floor           # and the floor those int8 kernels allow (below)
     python bench/generate.py --int8 --llama-cpp f32 f16 q8_0 q4_0 --batches 1   # and llama.cpp (below)
+    python bench/generate.py --int8 --onnx            # and ONNX Runtime float32 / int8 (below)
 
 `--llama-cpp Q...` also decodes with llama.cpp (llama-cpp-python, built from its source distribution;
 see bench/gguf_parity.py) from the same weights written to GGUF at each type Q (`lmlab convert --to
@@ -19,6 +20,10 @@ vocabulary's size matters), greedy through llama-cpp-python's `generate` (its Py
 is what its users get). Batch 1 only: llama-cpp-python's high-level API decodes one sequence. llama.cpp
 computes GELU from a float16 table, so its greedy tokens may part ways with lmlab's at some step; the
 share of new tokens they agree on is printed.
+
+`--onnx` also decodes in ONNX Runtime from the same weights exported with `lmlab convert --to onnx
+--quantize int8` (the graph takes and returns the KV cache; lmlab.export_onnx.OnnxDecoder is the greedy
+loop, one `InferenceSession.run` per token), float32 and dynamic int8, at every batch size.
 
 `--floor` times a hand-written decode loop on lmlab's int8 weights: no modules, no checks, a cache
 preallocated for the whole run, the GPT-2 block written out op by op, greedy. It is not a way to run
@@ -61,6 +66,7 @@ def main() -> None:
     ap.add_argument(
         "--llama-cpp", nargs="+", default=[], metavar="Q", help="also llama.cpp at these GGUF types (batch 1)"
     )
+    ap.add_argument("--onnx", action="store_true", help="also ONNX Runtime float32 and int8 (lmlab convert --to onnx)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import transformers
@@ -84,6 +90,7 @@ def main() -> None:
         hf.save_pretrained(d)
         ours = lmlab.load(d, dtype=dtype).eval()
         llms = llama_cpp_models(d, a) if a.llama_cpp else {}
+        onnx = onnx_decoders(d) if a.onnx else {}
     if a.int8:
         from lmlab.quantize import quantize_int8
 
@@ -116,6 +123,8 @@ def main() -> None:
             runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         if a.int8 and a.floor:
             runs["int8 floor"] = lambda: int8_floor(ours8, ids, a.new)
+        for name, dec in onnx.items():
+            runs[name] = lambda dec=dec: torch.from_numpy(dec.greedy(ids.numpy(), a.new))
         if batch == 1:
             for q, llm in llms.items():
                 runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_generate(llm, ids, a.new)
@@ -126,6 +135,9 @@ def main() -> None:
         for q in llms if batch == 1 else ():
             same_q = outputs[f"llama.cpp {q}"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"llama.cpp {q} vs lmlab, batch {batch}"] = same_q.float().mean().item()
+        for name in onnx:
+            same_o = outputs[name][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
+            agree[f"{name} vs lmlab, batch {batch}"] = same_o.float().mean().item()
         if "int8 floor" in outputs:
             floor = outputs["int8 floor"][:, a.prompt :] == outputs["lmlab int8"][:, a.prompt :]
             agree[f"int8 floor vs lmlab int8, batch {batch}"] = floor.float().mean().item()
@@ -157,7 +169,7 @@ def main() -> None:
         f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
     )
     print(environment())
-    if dtype != torch.float32 or a.int8 or llms:
+    if dtype != torch.float32 or a.int8 or llms or onnx:
         print(
             "new tokens on which the contenders agree with lmlab / transformers: "
             + ", ".join(f"{b if isinstance(b, str) else f'batch {b}'}: {v:.1%}" for b, v in agree.items())
@@ -200,6 +212,21 @@ def llama_cpp_models(hf_folder: str, a: argparse.Namespace) -> dict:
             model_path=str(path), n_ctx=a.prompt + a.new, n_threads=torch.get_num_threads(), verbose=False
         )
     return out
+
+
+def onnx_decoders(hf_folder: str) -> dict:
+    """ONNX Runtime greedy loops (lmlab.export_onnx.OnnxDecoder) over the same weights, float32 and int8."""
+    import pathlib
+
+    from lmlab.export_onnx import OnnxDecoder, write_onnx
+
+    out = pathlib.Path(hf_folder) / "onnx"
+    write_onnx(hf_folder, out, quantize="int8")
+    threads = torch.get_num_threads()
+    return {
+        "ONNX Runtime float32": OnnxDecoder(out, threads=threads),
+        "ONNX Runtime int8": OnnxDecoder(out, int8=True, threads=threads),
+    }
 
 
 def llama_cpp_generate(llm, ids: torch.Tensor, new: int) -> torch.Tensor:

@@ -105,7 +105,7 @@ FRESH = [sys.executable, "-m", "lmlab", "pretrain", "--max-steps", "3", "--batch
 def test_the_same_command_gives_the_same_tokenizer_and_losses_in_fresh_processes(tmp_path, corpus, family):
     """WordPiece (encoder) and Unigram (encoder-decoder) vocabularies used to differ from process to process."""
     outs = []
-    for i in range(3):
+    for i in range(2):  # two fresh processes: enough to see a vocabulary or loss that varies between them
         out = tmp_path / f"run{i}"
         flags = ["--family", family, "--data", str(corpus), "--doc-sep", "blank", "--out", str(out)]
         flags += ["--vocab-size", "1000", "--seed", "0", "--precision", "fp32", "--cache-dir", str(tmp_path / f"c{i}")]
@@ -113,4 +113,4 @@ def test_the_same_command_gives_the_same_tokenizer_and_losses_in_fresh_processes
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(out)
     assert len({(o / "tokenizer.json").read_bytes() for o in outs}) == 1
-    assert _losses(outs[0]) == _losses(outs[1]) == _losses(outs[2])
+    assert _losses(outs[0]) == _losses(outs[1])

@@ -9,7 +9,8 @@ from lmlab.cli.output import console
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert a model folder between lmlab and Hugging Face layouts, or to GGUF for llama.cpp"
+        "convert",
+        help="convert a model folder between lmlab and Hugging Face layouts, or to GGUF (llama.cpp) or ONNX (ONNX Runtime)",
     )
     p.add_argument(
         "src",
@@ -19,18 +20,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output folder (a .gguf file with --to gguf)")
     p.add_argument(
         "--to",
-        choices=("hf", "lmlab", "gguf"),
+        choices=("hf", "lmlab", "gguf", "onnx"),
         default="hf",
         help="output layout (default: hf); gguf: one file for llama.cpp / ollama, GPT-2- and LLaMA-style "
-        'decoders, tokenizer included (needs pip install "lmlab[gguf]")',
+        'decoders, tokenizer included (needs pip install "lmlab[gguf]"); onnx: a folder of ONNX graphs '
+        "(encoders; decoders and prefix-LMs with a KV cache; encoder-decoders as encoder + decoder) with the "
+        'tokenizer (needs pip install "lmlab[onnx]")',
     )
     p.add_argument(
         "--quantize",
-        choices=("f32", "f16", "q8_0", "q4_0"),
+        choices=("f32", "f16", "q8_0", "q4_0", "int8"),
         default=None,
-        help="GGUF weight type of the 2-D weights (default: f16; norms and biases stay f32)",
+        help="GGUF: the type of the 2-D weights, f32|f16|q8_0|q4_0 (default: f16; norms and biases stay f32); "
+        "ONNX: int8 also writes ONNX Runtime's dynamically quantized graphs (*.int8.onnx)",
     )
-    p.add_argument("--force", action="store_true", help="replace DST if it exists (GGUF)")
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="ONNX, encoders: fuse attention, residual + norm and GELU into ONNX Runtime's operators",
+    )
+    p.add_argument("--force", action="store_true", help="replace DST if it exists (GGUF, ONNX)")
     p.set_defaults(func=run)
 
 
@@ -38,9 +47,25 @@ def run(args: argparse.Namespace) -> None:
     from lmlab.errors import ConfigError
     from lmlab.io import convert
 
+    if args.to == "onnx":
+        from lmlab.export_onnx import write_onnx
+
+        if args.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {args.quantize} is a GGUF type; ONNX takes --quantize int8")
+        r = write_onnx(args.src, args.dst, optimize=args.optimize, quantize=args.quantize, force=args.force)
+        files = ", ".join(f for g in r["graphs"] for f in (g["file"], g.get("int8")) if f)
+        tok = "with its tokenizer" if r["tokenizer"] else "without a tokenizer (the source folder has none)"
+        console.print(
+            f"wrote ONNX folder [bold]{r['out']}[/] ({r['family']}: {files}; {r['bytes'] / 2**20:.1f} MiB) {tok}"
+        )
+        return
+    if args.optimize:
+        raise ConfigError("--optimize applies to --to onnx only")
     if args.to == "gguf":
         from lmlab.export_gguf import write_gguf
 
+        if args.quantize == "int8":
+            raise ConfigError("--quantize int8 is ONNX's; GGUF takes f32, f16, q8_0 or q4_0 (q8_0 is its int8)")
         r = write_gguf(args.src, args.dst, args.quantize or "f16", force=args.force)
         kinds = ", ".join(f"{n} {k}" for k, n in r["tensors"].items())
         console.print(
@@ -51,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
             console.print(f"note: {note}")
         return
     if args.quantize or args.force:
-        raise ConfigError("--quantize and --force apply to --to gguf only")
+        raise ConfigError("--quantize and --force apply to --to gguf and --to onnx only")
     r = convert(args.src, args.dst, to=args.to)
     fmt = "transformers (Auto classes)" if args.to == "hf" else "lmlab"
     tok = "with its tokenizer" if r["tokenizer"] else "without a tokenizer (the source folder has none)"

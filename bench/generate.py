@@ -12,6 +12,7 @@ the median of the repeats is reported.
     python bench/generate.py --int8 --floor           # and the floor those int8 kernels allow (below)
     python bench/generate.py --int8 --llama-cpp f32 f16 q8_0 q4_0 --batches 1   # and llama.cpp (below)
     python bench/generate.py --int8 --onnx            # and ONNX Runtime float32 / int8 (below)
+    python bench/generate.py --fp16                   # and lmlab with float16 weights (lmlab.quantize)
 
 `--llama-cpp Q...` also decodes with llama.cpp (llama-cpp-python, built from its source distribution;
 see bench/gguf_parity.py) from the same weights written to GGUF at each type Q (`lmlab convert --to
@@ -63,6 +64,7 @@ def main() -> None:
     )
     ap.add_argument("--int8", action="store_true", help="also time lmlab with int8 linear layers (lmlab.quantize)")
     ap.add_argument("--floor", action="store_true", help="with --int8: also time the hand-written int8 floor")
+    ap.add_argument("--fp16", action="store_true", help="also time lmlab with float16-weight linear layers")
     ap.add_argument(
         "--llama-cpp", nargs="+", default=[], metavar="Q", help="also llama.cpp at these GGUF types (batch 1)"
     )
@@ -96,6 +98,11 @@ def main() -> None:
 
         ours8 = copy.deepcopy(ours).float()
         quantize_int8(ours8)
+    if a.fp16:
+        from lmlab.quantize import quantize_fp16
+
+        ours16 = copy.deepcopy(ours).float()
+        quantize_fp16(ours16)
     hf32 = hf  # transformers in float32: timed too when the comparison runs in another dtype
     if dtype != torch.float32:
         hf = copy.deepcopy(hf32).to(dtype)
@@ -121,6 +128,8 @@ def main() -> None:
             runs["transformers float32"] = lambda: hf_generate(hf32, ids)
         if a.int8:
             runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
+        if a.fp16:
+            runs["lmlab fp16 weights"] = lambda: ours16.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         if a.int8 and a.floor:
             runs["int8 floor"] = lambda: int8_floor(ours8, ids, a.new)
         for name, dec in onnx.items():
@@ -135,6 +144,9 @@ def main() -> None:
         for q in llms if batch == 1 else ():
             same_q = outputs[f"llama.cpp {q}"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"llama.cpp {q} vs lmlab, batch {batch}"] = same_q.float().mean().item()
+        if a.fp16:
+            same16 = outputs["lmlab fp16 weights"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
+            agree[f"fp16 weights, batch {batch}"] = same16.float().mean().item()
         for name in onnx:
             same_o = outputs[name][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"{name} vs lmlab, batch {batch}"] = same_o.float().mean().item()
@@ -169,7 +181,7 @@ def main() -> None:
         f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
     )
     print(environment())
-    if dtype != torch.float32 or a.int8 or llms or onnx:
+    if dtype != torch.float32 or a.int8 or a.fp16 or llms or onnx:
         print(
             "new tokens on which the contenders agree with lmlab / transformers: "
             + ", ".join(f"{b if isinstance(b, str) else f'batch {b}'}: {v:.1%}" for b, v in agree.items())
@@ -268,7 +280,7 @@ def int8_floor(model, ids: torch.Tensor, new: int) -> torch.Tensor:
             h = F.layer_norm(x, (C,), b.ffn_norm.weight, b.ffn_norm.bias, cfg.norm_eps)
             x = x + linear(F.gelu(linear(h, b.ffn.up._packed, True), approximate="tanh"), b.ffn.down._packed, True)
         x = F.layer_norm(x, (C,), stack.final_norm.weight, stack.final_norm.bias, cfg.norm_eps)
-        tok = linear(x, model.lm_head.int8._packed, True).argmax(-1)
+        tok = linear(x, model.lm_head.packed._packed, True).argmax(-1)
         seq.append(tok[:, None])
     return torch.cat(seq, dim=1)
 

@@ -12,9 +12,10 @@ from torch import nn
 
 import lmlab
 from lmlab.errors import ConfigError
-from lmlab.quantize import Int8Linear, decoding_choice, int8_engine, quantize_int8
+from lmlab.quantize import Fp16Linear, Int8Linear, decoding_choice, int8_engine, quantize_fp16, quantize_int8
 
 needs_int8 = pytest.mark.skipif(int8_engine() is None, reason="torch has no int8 engine on this machine")
+needs_fbgemm = pytest.mark.skipif(int8_engine() not in ("x86", "fbgemm"), reason="fp16 weights need fbgemm (x86)")
 
 
 def test_the_decoding_choice_follows_the_cpu_flags_on_both_kinds():
@@ -49,6 +50,26 @@ def test_int8_linear_is_close_to_the_float_layer():
     half = q(x.bfloat16())
     assert half.dtype == torch.bfloat16 and half.shape == want.shape
     assert (half.float() - want).abs().max() / want.abs().max() < 0.05
+
+
+@needs_fbgemm
+def test_fp16_weights_change_only_the_rounding_of_each_weight():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 512)
+    x = torch.randn(3, 5, 256)
+    q = Fp16Linear(layer.weight, layer.bias)
+    # the float32 product with every weight rounded to float16: all the layer changes
+    want = torch.nn.functional.linear(x, layer.weight.half().float(), layer.bias)
+    got = q(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert (got - layer(x)).abs().max() > 0  # and the rounding is there
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+    assert decoding_choice("auto", "fp16") == {
+        "dtype": "float32",
+        "quantize": "fp16",
+        "why": decoding_choice("auto", "fp16")["why"],
+    }
 
 
 @needs_int8
@@ -96,6 +117,8 @@ def test_int8_keeps_held_out_perplexity_within_one_percent(tmp_path, monkeypatch
     model, tok = lmlab.load(out).eval(), load_tokenizer(out)
     q = copy.deepcopy(model)
     quantize_int8(q)
+    h = copy.deepcopy(model)
+    quantize_fp16(h) if int8_engine() in ("x86", "fbgemm") else None
 
     def perplexity(m):
         total, n = 0.0, 0
@@ -121,6 +144,8 @@ def test_int8_keeps_held_out_perplexity_within_one_percent(tmp_path, monkeypatch
     assert base < 0.8 * unigram, (base, unigram)  # it learned more than word frequencies
     print(f"held-out perplexity: float32 {base:.3f}, int8 {int8:.3f} ({int8 / base - 1:+.3%})")
     assert abs(int8 / base - 1) < 0.01, (base, int8)
+    fp16 = perplexity(h)  # float16 weights: 11 bits of mantissa, two orders of magnitude closer than int8
+    assert abs(fp16 / base - 1) < 0.001, (base, fp16)
 
 
 def test_load_takes_the_decoding_dtype_and_quantization_by_name(tiny_pretrained):
@@ -135,8 +160,15 @@ def test_load_takes_the_decoding_dtype_and_quantization_by_name(tiny_pretrained)
     assert lmlab.load(folder, dtype=torch.bfloat16).tok_embed.weight.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="dtype 'float8' is unknown; expected one of auto, float32, bfloat16"):
         lmlab.load(folder, dtype="float8")
-    with pytest.raises(ConfigError, match="quantize must be none or int8"):
+    with pytest.raises(ConfigError, match="quantize must be one of none, int8, fp16"):
         lmlab.load(folder, quantize="int4")
     if int8_engine() is not None:
         q = lmlab.load(folder, quantize="int8")
         assert q.decoding["quantize"] == "int8" and any(isinstance(m, Int8Linear) for m in q.modules())
+    if int8_engine() in ("x86", "fbgemm"):
+        h = lmlab.load(folder, quantize="fp16")
+        assert h.decoding["quantize"] == "fp16" and isinstance(h.lm_head.packed, Fp16Linear)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        with torch.no_grad():
+            want, got = lmlab.load(folder)(ids).logits, h(ids).logits
+        assert 0 < (got - want).abs().max() < 1e-3 * want.abs().max()

@@ -37,7 +37,8 @@ def load(
     what decodes fastest on this machine: bfloat16 where its matmuls are native (CUDA GPUs with bf16,
     CPUs with AMX / AVX-512-bf16), float32 elsewhere, as `lmlab generate --dtype auto` picks
     (transformers' dtype="auto" takes the saved dtype instead; lmlab saves float32). quantize="int8"
-    swaps the linear layers for int8 ones (lmlab.quantize; float32 activations, CPU only). What was
+    swaps the linear layers for int8 ones, "fp16" for float16-weight ones (lmlab.quantize; float32
+    activations, CPU only). What was
     chosen, and why, is `model.decoding` when dtype or quantize is given by name."""
     choice = None
     if isinstance(dtype, str) or quantize is not None:  # checked before any weight is read
@@ -49,10 +50,10 @@ def load(
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if choice is not None:
-        if choice["quantize"] == "int8":
-            from lmlab.quantize import quantize_int8
+        if choice["quantize"] != "none":
+            from lmlab.quantize import quantize_linear
 
-            quantize_int8(model.float())
+            quantize_linear(model.float(), choice["quantize"])
         model.decoding = choice
     return model
 

@@ -1,4 +1,4 @@
-"""Fast decoding on the CPU: which dtype the machine does well, and int8 linear layers.
+"""Fast decoding on the CPU: which dtype the machine does well, and int8 / float16-weight linear layers.
 
 `auto_dtype()` (from `lmlab.runtime.cpu_flags()`, the CPU's bf16 and int8 flags) picks bfloat16 where the CPU has
 native bf16 matmuls (AMX or AVX-512-bf16) and float32 otherwise. `quantize_int8(model)` swaps every
@@ -9,6 +9,14 @@ Decoding reads every weight once per token, so a quarter of the bytes is most of
 memory-bound machine (docs/benchmarks.md, "Decoding speed"). Embeddings, norms, routers and grouped
 MoE experts stay in floating point. The quality cost is measured: held-out perplexity within 1% of
 float32 (tests/test_quantize.py).
+
+`quantize_fp16(model)` swaps the same layers for `Fp16Linear`: weights stored in float16, activations
+and accumulation in float32, through fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`), the
+precision class of llama.cpp's F16 files. Half the bytes of float32, and unlike MKL's float32 GEMV
+(about 9.6 GB/s on 2 threads of an AVX-512 EPYC, against 17-19 GB/s for ONNX Runtime and llama.cpp)
+fbgemm's kernel streams them near the machine's bandwidth: 4.1x float32's speed over a decode step's
+matrices at one row (docs/benchmarks.md, "Decoding with float16 weights"). The only change to the
+result is the rounding of each weight to float16.
 """
 
 from __future__ import annotations
@@ -25,14 +33,20 @@ from lmlab.runtime import cpu_flags, native_bf16
 
 __all__ = [
     "DTYPES",
+    "QUANTIZE",
+    "Fp16Linear",
     "Int8Linear",
     "auto_dtype",
     "cpu_flags",
     "decoding_choice",
     "int8_engine",
     "native_bf16",
+    "quantize_fp16",
     "quantize_int8",
+    "quantize_linear",
 ]
+
+QUANTIZE = ("none", "int8", "fp16")
 
 
 def auto_dtype(device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
@@ -91,25 +105,68 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module) -> int:
+_LINEAR_FP16_OP = torch.ops.quantized.linear_dynamic_fp16.default
+_LINEAR_FP16 = getattr(_LINEAR_FP16_OP, "_op", _LINEAR_FP16_OP)
+
+
+class Fp16Linear(nn.Module):
+    """A linear layer with float16 weights packed for fbgemm; float32 activations and accumulation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if int8_engine() not in ("x86", "fbgemm"):
+            raise ConfigError(
+                f"float16-weight layers need torch's fbgemm kernels (x86 CPUs); this is {platform.machine()}"
+            )
+        w = weight.detach().float().cpu()
+        self.out_features, self.in_features = w.shape
+        self._packed = torch.ops.quantized.linear_prepack_fp16(w, None if bias is None else bias.detach().float().cpu())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = _LINEAR_FP16_OP if torch.compiler.is_compiling() else _LINEAR_FP16
+        if x.dtype == torch.float32:
+            return op(x, self._packed)
+        return op(x.float(), self._packed).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+
+_KINDS = {"int8": Int8Linear, "fp16": Fp16Linear}
+
+
+def quantize_linear(model: nn.Module, kind: str) -> int:
     """Swap the attention and FFN projections (lmlab's Linear; MoE routers and gates, whose choices
-    must not move, stay float) and the language-model head for Int8Linear, in place, for inference on
-    the CPU. Returns how many layers were swapped."""
+    must not move, stay float) and the language-model head for Int8Linear (kind "int8") or Fp16Linear
+    ("fp16"), in place, for inference on the CPU. Returns how many layers were swapped."""
+    if kind not in _KINDS:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {kind!r}")
     if next(model.parameters()).device.type != "cpu":
-        raise ConfigError("int8 quantization runs on the CPU; load the model there")
+        raise ConfigError(f"{kind} linear layers run on the CPU; load the model there")
+    layer = _KINDS[kind]
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is Linear:  # the projections; routers, gates and task heads are plain nn.Linear
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
+                setattr(parent, name, layer(child.weight, child.bias))
                 swapped += 1
     head = getattr(model, "lm_head", None)
     if head is not None:
         weight = head.weight if head.weight is not None else model.tok_embed.weight
-        head.int8 = Int8Linear(weight, head.bias)
+        head.packed = layer(weight, head.bias)
         swapped += 1
     model.eval()
     return swapped
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """quantize_linear(model, "int8"): int8 weights per output channel, activations per tensor."""
+    return quantize_linear(model, "int8")
+
+
+def quantize_fp16(model: nn.Module) -> int:
+    """quantize_linear(model, "fp16"): float16 weights, float32 activations and accumulation."""
+    return quantize_linear(model, "fp16")
 
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -122,20 +179,20 @@ def decoding_choice(
     device: str | torch.device = "cpu",
 ) -> dict[str, str]:
     """What a decoding process runs in: {"dtype", "quantize", "why"} from the asked `dtype` (auto,
-    float32, bfloat16 or such a torch.dtype) and `quantize` (none / None or int8). auto is bfloat16
+    float32, bfloat16 or such a torch.dtype) and `quantize` (none / None, int8 or fp16). auto is bfloat16
     where matmuls in it are native (CUDA GPUs with bf16; CPUs with AMX / AVX-512-bf16) and float32
-    otherwise; int8 runs its activations in float32 (CPU only)."""
+    otherwise; int8 and fp16 (weights) run their activations in float32 (CPU only)."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     quantize = "none" if quantize is None else quantize
-    if quantize not in ("none", "int8"):
-        raise ConfigError(f"quantize must be none or int8, got {quantize!r}")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is unknown; expected one of {', '.join(DTYPES)} or a torch.dtype")
     kind = torch.device(device).type
     if kind == "cuda":
-        if quantize == "int8":
-            raise ConfigError("quantize int8 runs on the CPU (torch's fbgemm / x86 kernels), not on a GPU")
+        if quantize != "none":
+            raise ConfigError(f"quantize {quantize} runs on the CPU (torch's fbgemm / x86 kernels), not on a GPU")
         if dtype == "auto":
             name = "bfloat16" if auto_dtype("cuda") == torch.bfloat16 else "float32"
             return {"dtype": name, "quantize": "none", "why": f"auto on the GPU: {name}"}
@@ -146,6 +203,10 @@ def decoding_choice(
         if int8_engine() is None:
             raise ConfigError(f"--quantize int8: torch has no int8 engine on this machine ({platform.machine()})")
         return {"dtype": "float32", "quantize": "int8", "why": f"int8 linear layers ({int8_engine()}); CPU: {shown}"}
+    if quantize == "fp16":
+        if int8_engine() not in ("x86", "fbgemm"):
+            raise ConfigError(f"--quantize fp16 needs torch's fbgemm kernels (x86 CPUs); this is {platform.machine()}")
+        return {"dtype": "float32", "quantize": "fp16", "why": f"float16-weight linear layers (fbgemm); CPU: {shown}"}
     if dtype == "auto":
         if native_bf16(flags):
             return {"dtype": "bfloat16", "quantize": "none", "why": f"native bf16 matmuls; CPU: {shown}"}

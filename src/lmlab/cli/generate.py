@@ -59,9 +59,10 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=("none", "int8"),
+        choices=("none", "int8", "fp16"),
         default="none",
-        help="int8 linear layers through torch's fbgemm kernels (lmlab.quantize): a quarter of the weight bytes",
+        help="linear layers through torch's fbgemm kernels (lmlab.quantize): int8 weights (a quarter of the "
+        "bytes) or fp16 weights (half, float32 activations)",
     )
 
 

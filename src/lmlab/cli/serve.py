@@ -79,9 +79,10 @@ def run_serve(args: argparse.Namespace) -> None:
         quantize=choice["quantize"],
         threads=threads,
     )
+    layers = f" with {choice['quantize']} linear layers" if choice["quantize"] != "none" else ""
     console.print(
         f"serving {args.model} on http://{args.host}:{args.port}: decoding in {choice['dtype']}"
-        f"{' with int8 linear layers' if choice['quantize'] == 'int8' else ''} ({choice['why']}), {threads} torch threads, "
+        f"{layers} ({choice['why']}), {threads} torch threads, "
         f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if args.api_key else ''})",
         highlight=False,
     )

@@ -56,13 +56,13 @@ class LMHead(nn.Module):
         self.scale = cfg.head_input_scale
         self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
-        self.int8: nn.Module | None = None  # lmlab.quantize.quantize_int8 puts an Int8Linear here
+        self.packed: nn.Module | None = None  # lmlab.quantize.quantize_linear puts an Int8Linear / Fp16Linear here
 
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             h = h * self.scale
-        if self.int8 is not None:
-            return self.int8(h)
+        if self.packed is not None:
+            return self.packed(h)
         return linear(h, embedding if self.weight is None else self.weight, self.bias)
 
 

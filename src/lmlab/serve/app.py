@@ -68,7 +68,7 @@ class ServeConfig:
     read_timeout: float = 30.0  # seconds a client may leave the body unfinished between two chunks (408)
     header_timeout: float = 10.0  # seconds a connection has to send a request's headers (408; 0: no limit)
     dtype: str = "auto"  # auto | float32 | bfloat16 (lmlab.quantize.decoding_choice)
-    quantize: str = "none"  # none | int8
+    quantize: str = "none"  # none | int8 | fp16
     threads: int | None = None
     retry_after: int = 1  # seconds, with 429
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API (none)

@@ -16,6 +16,8 @@ from lmlab.model import Model
 
 gguf = pytest.importorskip("gguf")
 
+# Qwen2-MoE: a shared expert behind a sigmoid gate, routing weights not renormalised, biased q/k/v
+QWEN2_MOE = dict(ffn="moe", moe_experts=4, moe_shared_experts=1, moe_shared_gate=True, moe_renormalize=False)
 MULTILINGUAL = "In the beginning God created the heaven and the earth. 日本語のテキスト、中文文本。 Ünïcödé — 123 ok?!"
 
 
@@ -29,6 +31,8 @@ def bpe_tok():
 
 
 def _folder(tmp_path, name, tok, **changes):
+    if name == "qwen2-moe":
+        name, changes = "llama-tiny", {"qkv_bias": True, **QWEN2_MOE, **changes}
     cfg = preset(name, vocab_size=1024, max_seq_len=128, **{**tok.model_ids(), **changes})
     torch.manual_seed(0)
     model = Model(cfg).eval()
@@ -52,14 +56,14 @@ def _fields(reader) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "mixtral-tiny", "qwen2-moe"])
 def test_a_decoder_is_written_whole_and_reads_back(tmp_path, bpe_tok, name):
     from lmlab.export_gguf import write_gguf
 
     model, folder = _folder(tmp_path, name, bpe_tok)
     cfg = model.config
     r = write_gguf(folder, tmp_path / "m.gguf", "f32")
-    arch = {"gpt2-tiny": "gpt2", "llama-tiny": "llama"}[name]
+    arch = {"gpt2-tiny": "gpt2", "llama-tiny": "llama", "mixtral-tiny": "llama", "qwen2-moe": "qwen2moe"}[name]
     assert r["architecture"] == arch and r["tensors"] == {"F32": len(gguf.GGUFReader(tmp_path / "m.gguf").tensors)}
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     f = _fields(reader)
@@ -67,8 +71,12 @@ def test_a_decoder_is_written_whole_and_reads_back(tmp_path, bpe_tok, name):
     assert f[f"{arch}.block_count"] == cfg.n_layers and f[f"{arch}.embedding_length"] == cfg.d_model
     assert f[f"{arch}.context_length"] == 128 and f[f"{arch}.feed_forward_length"] == cfg.d_ff
     assert f[f"{arch}.attention.head_count"] == cfg.n_heads
-    if arch == "llama":
-        assert f["llama.attention.head_count_kv"] == cfg.kv_heads and f["llama.rope.dimension_count"] == cfg.dim_head
+    if arch != "gpt2":
+        assert (
+            f[f"{arch}.attention.head_count_kv"] == cfg.kv_heads and f[f"{arch}.rope.dimension_count"] == cfg.dim_head
+        )
+    if cfg.ffn == "moe":
+        assert f[f"{arch}.expert_count"] == cfg.moe_experts and f[f"{arch}.expert_used_count"] == cfg.moe_top_k
     # the tokenizer, whole: every token by id, padded to the embedding's rows; merges; the pre-tokenizer named
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     tokens = f["tokenizer.ggml.tokens"]
@@ -97,16 +105,25 @@ def test_a_decoder_is_written_whole_and_reads_back(tmp_path, bpe_tok, name):
         assert np.array_equal(got["blk.0.ffn_down.weight"], state[prefix + "ffn.down.weight"].numpy())
         assert np.array_equal(got["blk.0.attn_norm.bias"], state[prefix + "attn_norm.bias"].numpy())
     else:
+        ffn = ("ffn_gate", "ffn_up", "ffn_down")
+        if cfg.ffn == "moe":  # the router, and each projection of every expert stacked in one tensor
+            ffn = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+        if name == "qwen2-moe":  # and the shared expert with its gate
+            ffn += ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
         expected = {"token_embd", "output_norm", "output"}
         expected |= {
             f"blk.{i}.{t}"
             for i in range(cfg.n_layers)
-            for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up")
+            for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", *ffn)
         }
-        expected |= {f"blk.{i}.ffn_down" for i in range(cfg.n_layers)}
         assert {n.rsplit(".", 1)[0] for n in got} == expected
         assert np.array_equal(got["blk.0.ffn_norm.weight"], state[prefix + "ffn_norm.weight"].numpy())
         assert got["blk.0.attn_k.weight"].shape == (cfg.kv_heads * cfg.dim_head, cfg.d_model)
+    if cfg.ffn == "moe":
+        E, ff = cfg.moe_experts, cfg.moe_d_ff or cfg.d_ff
+        assert got["blk.0.ffn_gate_exps.weight"].shape == (E, ff, cfg.d_model)
+        assert got["blk.0.ffn_down_exps.weight"].shape == (E, cfg.d_model, ff)
+        assert got["blk.0.ffn_gate_inp.weight"].shape == (E, cfg.d_model)
 
 
 def test_llama_query_and_key_rows_are_reordered_for_interleaved_rotary():
@@ -158,13 +175,16 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(tmp_path, bpe_tok):
     from lmlab.tokenizer import train_tokenizer
 
     _, enc = _folder(tmp_path, "bert-tiny", bpe_tok)
-    with pytest.raises(lmlab.ConfigError, match="GGUF export writes decoders .* is a encoder model"):
+    with pytest.raises(
+        lmlab.ConfigError,
+        match="GGUF export writes decoders .* is a encoder model: llama.cpp runs BERT-style encoders as embedding",
+    ):
         write_gguf(enc, tmp_path / "e.gguf")
     _, plm = _folder(tmp_path, "prefix-lm-tiny", bpe_tok)
     with pytest.raises(lmlab.ConfigError, match="prefix-LM's bidirectional prefix has no llama.cpp architecture"):
         write_gguf(plm, tmp_path / "p.gguf")
-    _, moe = _folder(tmp_path, "mixtral-tiny", bpe_tok)
-    with pytest.raises(lmlab.ConfigError, match="maps to transformers' mixtral: Mixtral's expert tensors"):
+    _, moe = _folder(tmp_path, "gpt2-tiny", bpe_tok, ffn="moe", moe_experts=4, moe_router="expert-choice")
+    with pytest.raises(lmlab.ConfigError, match="no exact transformers gpt2 counterpart: ffn='moe'"):
         write_gguf(moe, tmp_path / "x.gguf")
     _, dec = _folder(tmp_path, "gpt2-tiny", bpe_tok)
     with pytest.raises(lmlab.ConfigError, match="--quantize 'q5_k' is unknown for GGUF"):
@@ -221,7 +241,7 @@ def _llama_cpp_logits(path, ids):
     return np.array(llm.scores[: len(ids)])
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "mixtral-tiny", "qwen2-moe"])
 def test_llama_cpp_gives_lmlabs_logits_and_tokens(tmp_path, bpe_tok, name):
     from lmlab.export_gguf import write_gguf
 
@@ -233,7 +253,7 @@ def test_llama_cpp_gives_lmlabs_logits_and_tokens(tmp_path, bpe_tok, name):
     theirs = _llama_cpp_logits(tmp_path / "f32.gguf", ids)
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    if name == "llama-tiny":
+    if name != "gpt2-tiny":
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     else:
         # llama.cpp's GPT-2 graph computes GELU from a float16 lookup table: ~1e-4 off. Without the FFN's

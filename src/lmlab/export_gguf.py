@@ -11,8 +11,10 @@ vocabulary by checksum.
 
 Written here: GPT-2-style decoders (learned positions, LayerNorm, GELU), LLaMA-style decoders (RoPE,
 RMSNorm, SwiGLU, grouped-query attention) and Mixtral-style MoE decoders (LLaMA with top-k SwiGLU
-experts: llama.cpp's "llama" architecture with its expert tensors stacked per layer). Every other
-architecture is refused with the reason.
+experts: llama.cpp's "llama" architecture with its expert tensors stacked per layer), Qwen2-MoE-style
+decoders (a gated shared expert beside them), and BERT-style encoders as embedding models (llama.cpp's
+"bert" architecture, mean pooling, the WordPiece vocabulary in llama.cpp's word-start form). Every
+other architecture is refused with the reason.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from lmlab.errors import ConfigError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 # transformers model types written -> llama.cpp's architecture (llama.cpp runs Mixtral as LLaMA with experts)
-ARCHS = {"gpt2": "gpt2", "llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
+ARCHS = {"gpt2": "gpt2", "llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "bert": "bert"}
 WHY_NOT = {  # the families GGUF export refuses, and why
-    "encoder": "llama.cpp runs BERT-style encoders as embedding models only (no MLM head); not written yet",
+    "encoder": "llama.cpp runs BERT-style encoders (learned positions, LayerNorm, GELU) as embedding models",
     "encoder-decoder": "llama.cpp's T5 needs its SentencePiece vocabulary, and it has no BART or Switch "
     "Transformers architecture; not written yet",
     "prefix-lm": "a prefix-LM's bidirectional prefix has no llama.cpp architecture",
 }
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def _quant_types():
@@ -73,6 +79,10 @@ def _tensors(model: Any, model_type: str) -> list[tuple[str, torch.Tensor]]:
     experts: dict[str, dict[int, torch.Tensor]] = {}  # "...experts.w1" -> expert index -> weight
     out: list[tuple[str, torch.Tensor]] = []
     for key, t in hf.items():
+        if model_type == "bert":  # the encoder alone: llama.cpp runs it as an embedding model
+            key = key.removeprefix("bert.")
+            if key.startswith(("cls.", "classifier.", "qa_outputs.", "pooler.")):
+                continue
         expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", key)
         if expert:  # llama.cpp reads one (experts, rows, columns) tensor per projection and layer
             experts.setdefault(f"{expert[1]}.{expert[3]}.weight", {})[int(expert[2])] = t
@@ -87,7 +97,8 @@ def _tensors(model: Any, model_type: str) -> list[tuple[str, torch.Tensor]]:
     for key, per_expert in experts.items():
         stacked = torch.stack([per_expert[e] for e in sorted(per_expert)])
         out.append((_gguf_name(names, key, model_type), stacked.contiguous()))
-    if not any(n == "output.weight" for n, _ in out):  # tied: llama.cpp reads the output projection by name
+    if model_type != "bert" and not any(n == "output.weight" for n, _ in out):
+        # tied: llama.cpp reads the output projection by name
         out.append(("output.weight", state["tok_embed.weight"].contiguous()))
     return out
 
@@ -102,11 +113,6 @@ def _gguf_name(names: Any, key: str, model_type: str) -> str:
 def _tokenizer_metadata(writer: Any, tok: Any, n_vocab: int, source: str) -> None:
     import gguf
 
-    if tok.kind != "bpe":
-        raise ConfigError(
-            f"{source}: GGUF export writes byte-level BPE vocabularies (llama.cpp's 'gpt2' tokenizer model); "
-            f"this tokenizer is {tok.kind}"
-        )
     data = json.loads(tok.backend.to_str())
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     if sorted(vocab.values()) != list(range(len(vocab))):
@@ -114,29 +120,38 @@ def _tokenizer_metadata(writer: Any, tok: Any, n_vocab: int, source: str) -> Non
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     special = tok.special_ids | {a["id"] for a in data.get("added_tokens", []) if a.get("special")}
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    if tok.kind == "wordpiece":
+        # llama.cpp's WordPiece marks the start of a word, not its continuation: "##ing" -> "ing", and
+        # "word" -> "\u2581word" (the phantom space), special tokens as they are
+        tokens = [t if i in special else (t[2:] if t.startswith("##") else "\u2581" + t) for i, t in enumerate(tokens)]
     # llama.cpp takes its vocabulary size from the token list: embedding rows past the tokenizer's
     # tokens are listed as unused placeholders, as llama.cpp's own converter does
     tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
     types += [gguf.TokenType.UNUSED] * (len(tokens) - len(types))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(
-        "gpt-2"
-    )  # GPT-2's pre-tokenizer regex: what tokenizers' ByteLevel(use_regex=True) splits by
+    if tok.kind == "bpe":
+        writer.add_tokenizer_model("gpt2")
+        # GPT-2's pre-tokenizer regex: what tokenizers' ByteLevel(use_regex=True) splits by
+        writer.add_tokenizer_pre("gpt-2")
+    else:
+        writer.add_tokenizer_model("bert")
+        writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for role, add in (
-        ("bos", writer.add_bos_token_id),
-        ("eos", writer.add_eos_token_id),
-        ("pad", writer.add_pad_token_id),
-        ("unk", writer.add_unk_token_id),
-        ("mask", writer.add_mask_token_id),
-    ):
+    if tok.kind == "bpe":
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])])
+    roles = {"pad": writer.add_pad_token_id, "unk": writer.add_unk_token_id, "mask": writer.add_mask_token_id}
+    if tok.kind == "bpe":
+        roles |= {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id}
+    else:  # BERT's [CLS] text [SEP]: llama.cpp adds [CLS] as its BOS and [SEP] as its separator
+        roles |= {"cls": writer.add_bos_token_id, "sep": writer.add_sep_token_id}
+    for role, add in roles.items():
         if tok.id_of(role) is not None:
             add(tok.id_of(role))
-    writer.add_add_bos_token(False)  # lmlab's BPE encoding adds no special tokens; neither does llama.cpp then
+    # lmlab's BPE encoding adds no special tokens, so neither does llama.cpp; WordPiece adds [CLS] and [SEP]
+    writer.add_add_bos_token(tok.kind == "wordpiece")
     writer.add_add_eos_token(False)
+    if tok.kind == "wordpiece":
+        writer.add_add_sep_token(True)
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)
 
@@ -162,21 +177,26 @@ def write_gguf(
         raise ConfigError(f"{dst} exists; pass --force to replace it")
     model = load(src)
     cfg = model.config
-    if cfg.family != "decoder":
+    if cfg.family not in ("decoder", "encoder"):
         raise ConfigError(
-            f"GGUF export writes decoders (GPT-2, LLaMA, Mixtral and Qwen2-MoE style); {src} is a {cfg.family} "
-            f"model: {WHY_NOT[cfg.family]}"
+            f"GGUF export writes decoders (GPT-2, LLaMA, Mixtral and Qwen2-MoE style) and BERT-style encoders; "
+            f"{src} is {_a(cfg.family)} model: {WHY_NOT[cfg.family]}"
         )
     try:
         model_type = hf_model_type(cfg)
     except ConfigError as e:  # llama.cpp's graphs are transformers' architectures: the same exactness
         raise ConfigError(f"GGUF export: {src}: {e}") from None
     if model_type not in ARCHS:
-        raise ConfigError(f"GGUF export: {src} maps to transformers' {model_type}, which is not written")
+        why = f": {WHY_NOT[cfg.family]}" if cfg.family == "encoder" else ""
+        raise ConfigError(f"GGUF export: {src} maps to transformers' {model_type}, which is not written{why}")
     folder = resolve(src)
     if folder.parent.name == "checkpoints" and not (folder / "tokenizer.json").is_file():
         folder = folder.parent.parent
     tok = load_tokenizer(folder)
+    wants = "bpe" if cfg.family == "decoder" else "wordpiece"
+    if tok.kind != wants:
+        kind = {"bpe": "a byte-level BPE", "wordpiece": "a WordPiece"}[wants]
+        raise ConfigError(f"{src}: {_a(cfg.family)}'s GGUF takes {kind} vocabulary; this one is {tok.kind}")
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{src}: the tokenizer has {tok.vocab_size} tokens, the model's embedding {cfg.vocab_size}")
 
@@ -191,7 +211,13 @@ def write_gguf(
     writer.add_head_count(cfg.n_heads)
     writer.add_vocab_size(cfg.vocab_size)
     notes = []
-    if model_type == "gpt2":
+    if model_type == "bert":  # an embedding model: bidirectional, mean-pooled as lmlab.embed pools
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
+        writer.add_token_type_count(cfg.type_vocab_size or 1)
+        notes.append("llama.cpp runs it as an embedding model (mean pooling); its MLM / task heads are not written")
+    elif model_type == "gpt2":
         writer.add_layer_norm_eps(cfg.norm_eps)
         if cfg.activation != "gelu_tanh":
             notes.append(

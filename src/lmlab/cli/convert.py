@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("hf", "lmlab", "gguf", "onnx"),
         default="hf",
         help="output layout (default: hf); gguf: one file for llama.cpp / ollama, GPT-2-, LLaMA-, Mixtral- and Qwen2-MoE-style "
-        'decoders, tokenizer included (needs pip install "lmlab[gguf]"); onnx: a folder of ONNX graphs '
+        'decoders and BERT-style encoders (embeddings), tokenizer included (needs pip install "lmlab[gguf]"); onnx: a folder of ONNX graphs '
         "(encoders; decoders and prefix-LMs with a KV cache; encoder-decoders as encoder + decoder) with the "
         'tokenizer (needs pip install "lmlab[onnx]")',
     )

@@ -18,7 +18,9 @@ the median of the repeats is reported.
 see bench/gguf_parity.py) from the same weights written to GGUF at each type Q (`lmlab convert --to
 gguf`, with a small byte-level BPE vocabulary of the built-in corpus: the prompts are ids, so only the
 vocabulary's size matters), greedy through llama-cpp-python's `generate` (its Python loop per token
-is what its users get). Batch 1 only: llama-cpp-python's high-level API decodes one sequence. llama.cpp
+is what its users get). At batch 1 through llama-cpp-python's high-level `generate`; at larger batches through its ctypes
+binding of llama.h (the high-level API decodes one sequence): all prompts in one `llama_decode`, then
+one `llama_decode` of B tokens per step, one sequence id per row. llama.cpp
 computes GELU from a float16 table, so its greedy tokens may part ways with lmlab's at some step; the
 share of new tokens they agree on is printed.
 
@@ -134,14 +136,16 @@ def main() -> None:
             runs["int8 floor"] = lambda: int8_floor(ours8, ids, a.new)
         for name, dec in onnx.items():
             runs[name] = lambda dec=dec: torch.from_numpy(dec.greedy(ids.numpy(), a.new))
-        if batch == 1:
-            for q, llm in llms.items():
+        for q, llm in llms.items():
+            if batch == 1:
                 runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_generate(llm, ids, a.new)
+            else:  # several sequences in one llama_decode per step (llama.cpp's low-level batch API)
+                runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_batch_generate(llm, ids, a.new)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens of both
         if a.int8:
             same8 = outputs["lmlab int8"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"int8, batch {batch}"] = same8.float().mean().item()
-        for q in llms if batch == 1 else ():
+        for q in llms:
             same_q = outputs[f"llama.cpp {q}"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"llama.cpp {q} vs lmlab, batch {batch}"] = same_q.float().mean().item()
         if a.fp16:
@@ -239,6 +243,51 @@ def onnx_decoders(hf_folder: str) -> dict:
         "ONNX Runtime float32": OnnxDecoder(out, threads=threads),
         "ONNX Runtime int8": OnnxDecoder(out, int8=True, threads=threads),
     }
+
+
+def llama_cpp_batch_generate(llm, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding of B sequences at once in llama.cpp: the B prompts in one llama_decode (sequence
+    ids 0..B-1), then one llama_decode of B tokens per step, through llama-cpp-python's ctypes binding of
+    llama.h (its high-level API decodes one sequence). The context is made once per model and batch
+    size, and its memory cleared before each call."""
+
+    import llama_cpp
+    import numpy as np
+
+    B, T = ids.shape
+    key = ("batch_ctx", B)
+    if key not in llm.__dict__:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = B * (T + new)
+        params.n_batch = params.n_ubatch = max(B * T, 512)
+        params.n_seq_max = B
+        params.n_threads = params.n_threads_batch = torch.get_num_threads()
+        params.type_k = params.type_v = 0  # a float32 KV cache, as the batch-1 path uses
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        llm.__dict__[key] = (ctx, llama_cpp.llama_batch_init(B * T, 0, 1))
+    ctx, batch = llm.__dict__[key]
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    n_vocab = llm.n_vocab()
+
+    def decode(rows: list[list[int]], start: int) -> np.ndarray:
+        n = 0
+        for s, row in enumerate(rows):
+            for j, token in enumerate(row):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + j, 1
+                batch.seq_id[n][0], batch.logits[n] = s, j == len(row) - 1
+                n += 1
+        batch.n_tokens = n
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        last = [sum(len(r) for r in rows[: s + 1]) - 1 for s in range(len(rows))]
+        return np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)) for i in last])
+
+    tokens = decode(ids.tolist(), 0).argmax(-1)
+    made = [tokens]
+    for step in range(1, new):
+        tokens = decode([[int(t)] for t in tokens], T + step - 1).argmax(-1)
+        made.append(tokens)
+    return torch.cat([ids, torch.from_numpy(np.stack(made, 1)).long()], dim=1)
 
 
 def llama_cpp_generate(llm, ids: torch.Tensor, new: int) -> torch.Tensor:

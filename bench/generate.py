@@ -13,6 +13,7 @@ the median of the repeats is reported.
     python bench/generate.py --int8 --llama-cpp f32 f16 q8_0 q4_0 --batches 1   # and llama.cpp (below)
     python bench/generate.py --int8 --onnx            # and ONNX Runtime float32 / int8 (below)
     python bench/generate.py --fp16                   # and lmlab with float16 weights (lmlab.quantize)
+    python bench/generate.py --prompt-lookup 10 --batches 1   # and prompt-lookup drafts of up to 10 tokens
 
 `--llama-cpp Q...` also decodes with llama.cpp (llama-cpp-python, built from its source distribution;
 see bench/gguf_parity.py) from the same weights written to GGUF at each type Q (`lmlab convert --to
@@ -67,6 +68,13 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also time lmlab with int8 linear layers (lmlab.quantize)")
     ap.add_argument("--floor", action="store_true", help="with --int8: also time the hand-written int8 floor")
     ap.add_argument("--fp16", action="store_true", help="also time lmlab with float16-weight linear layers")
+    ap.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time lmlab's prompt-lookup decoding with drafts of up to K tokens (batch 1)",
+    )
     ap.add_argument(
         "--llama-cpp", nargs="+", default=[], metavar="Q", help="also llama.cpp at these GGUF types (batch 1)"
     )
@@ -130,6 +138,10 @@ def main() -> None:
             runs["transformers float32"] = lambda: hf_generate(hf32, ids)
         if a.int8:
             runs["lmlab int8"] = lambda: ours8.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
+        if a.prompt_lookup and batch == 1:
+            runs["lmlab prompt lookup"] = lambda: ours.generate(
+                ids, max_new_tokens=a.new, eos_token_id=-1, prompt_lookup_num_tokens=a.prompt_lookup
+            )
         if a.fp16:
             runs["lmlab fp16 weights"] = lambda: ours16.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         if a.int8 and a.floor:
@@ -148,6 +160,9 @@ def main() -> None:
         for q in llms:
             same_q = outputs[f"llama.cpp {q}"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"llama.cpp {q} vs lmlab, batch {batch}"] = same_q.float().mean().item()
+        if "lmlab prompt lookup" in outputs:
+            same_pl = outputs["lmlab prompt lookup"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
+            agree[f"prompt lookup, batch {batch}"] = same_pl.float().mean().item()
         if a.fp16:
             same16 = outputs["lmlab fp16 weights"][:, a.prompt :] == outputs["lmlab"][:, a.prompt :]
             agree[f"fp16 weights, batch {batch}"] = same16.float().mean().item()
@@ -185,7 +200,7 @@ def main() -> None:
         f"{a.prompt}-token prompt, {a.new} new tokens, {a.dtype}, median of {a.repeats}"
     )
     print(environment())
-    if dtype != torch.float32 or a.int8 or a.fp16 or llms or onnx:
+    if dtype != torch.float32 or a.int8 or a.fp16 or llms or onnx or a.prompt_lookup:
         print(
             "new tokens on which the contenders agree with lmlab / transformers: "
             + ", ".join(f"{b if isinstance(b, str) else f'batch {b}'}: {v:.1%}" for b, v in agree.items())

@@ -287,3 +287,56 @@ def test_complete_batches_prompts_and_stream_yields_the_same_text(tiny_pretraine
     s = stream(model, tok, prompts[0], max_new_tokens=8, stop_strings=[stop])
     assert cut.finish_reason == "stop" and cut.text.endswith(stop) and "".join(s) == cut.text
     assert s.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("name", ["gpt", "prefix"])
+def test_prompt_lookup_decoding_gives_greedys_tokens_in_fewer_forwards(tiny_pretrained, name):
+    """50 prompts of repetitive text: the same tokens (and log-probabilities) as plain greedy decoding,
+    with fewer forward passes once drafts copied from the text are accepted."""
+    from conftest import tiny_text
+
+    from lmlab.generate import find_draft
+    from lmlab.tokenizer import load_tokenizer
+
+    assert find_draft([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1] and find_draft([5, 6, 7], 3) == []
+    assert find_draft([4, 1, 8, 2, 1], 3) == [8, 2, 1]  # the last 1-gram, when no longer one recurs
+    model, tok = lmlab.load(tiny_pretrained[name]).eval(), load_tokenizer(tiny_pretrained[name])
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    lines = tiny_text()
+    plain_calls = lookup_calls = 0
+    for i in range(50):
+        ids = torch.tensor([tok.encode(" ".join(lines[i : i + 3]) + " " + lines[200 + i % 50])[-36:]])
+        calls.clear()
+        want = model.generate(
+            ids, max_new_tokens=24, eos_token_id=[], return_dict_in_generate=True, output_logprobs=True
+        )
+        plain_calls += len(calls)
+        calls.clear()
+        got = model.generate(
+            ids,
+            max_new_tokens=24,
+            eos_token_id=[],
+            return_dict_in_generate=True,
+            output_logprobs=True,
+            prompt_lookup_num_tokens=8,
+        )
+        lookup_calls += len(calls)
+        assert torch.equal(got.sequences, want.sequences), i
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4)
+    assert lookup_calls < 0.8 * plain_calls, (lookup_calls, plain_calls)
+    with pytest.raises(lmlab.ConfigError, match="one sequence"):
+        model.generate(ids.repeat(2, 1), prompt_lookup_num_tokens=4)
+    with pytest.raises(lmlab.ConfigError, match="prompt lookup decoding is greedy"):
+        model.generate(ids, do_sample=True, prompt_lookup_num_tokens=4)
+
+
+def test_generate_cli_prompt_lookup_prints_greedys_text(tiny_pretrained, capsys):
+    from lmlab.cli import main
+
+    base = ["generate", "--model", str(tiny_pretrained["gpt"]), "the lord said unto moses", "--max-new-tokens", "16"]
+    outputs = []
+    for extra in ([], ["--prompt-lookup", "4"], ["--prompt-lookup", "4", "--stream"]):
+        assert main([*base, *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > len("the lord said unto moses")

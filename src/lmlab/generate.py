@@ -141,6 +141,26 @@ class _Decoder:
         self.next_pos = self.next_pos + 1
         return logits
 
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed (B, n) tokens after the cache in one forward: (B, n, V) logits, the cache n longer.
+        Decoder and prefix-LM (the prefix is in the cache already: the new tokens see it and each other
+        causally)."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], tokens.shape[1])], dim=1)
+        positions = self.next_pos + torch.arange(tokens.shape[1], device=tokens.device)
+        logits = self.model(tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache).logits
+        self.next_pos = positions[:, -1:] + 1
+        return logits
+
+    def crop(self, keep: int) -> None:
+        """Forget the last positions the cache holds beyond `keep` (a rejected draft)."""
+        drop = self.cache.seen - keep
+        if drop > 0:
+            self.cache.crop(keep)
+            self.next_pos = self.next_pos - drop
+            if self.mask is not None:
+                self.mask = self.mask[:, :keep]
+
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
         if self.mask is not None:
@@ -262,12 +282,16 @@ def generate(
     seed: int | None = None,
     return_dict_in_generate: bool = False,
     output_logprobs: bool = False,
+    prompt_lookup_num_tokens: int | None = None,
 ) -> torch.Tensor | GenerateResult:
     """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring. With
     `return_dict_in_generate`, a GenerateResult (finish reasons, and per-token log-probabilities
-    with `output_logprobs`)."""
+    with `output_logprobs`). `prompt_lookup_num_tokens` (transformers' name): greedy decoding of one
+    sequence with prompt-lookup drafts of up to that many tokens (see `_prompt_lookup_steps`)."""
     if output_logprobs and num_beams > 1:
         raise ConfigError("output_logprobs is offered for greedy decoding and sampling, not beam search")
+    if prompt_lookup_num_tokens is not None:
+        _check_prompt_lookup(model, input_ids, prompt_lookup_num_tokens, do_sample, num_beams, repetition_penalty)
     was_training = model.training
     model.eval()
     try:
@@ -308,8 +332,17 @@ def generate(
             seq, steps = run.seq, []
             if streamer is not None:
                 streamer.put(seq.cpu())
-            for nxt, lp in _sample_steps(
-                run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, output_logprobs
+            for nxt, lp in _steps(
+                run,
+                max_new_tokens,
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+                output_logprobs,
+                prompt_lookup_num_tokens,
             ):
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 steps.append(lp)
@@ -401,6 +434,99 @@ def _sample_steps(
         if finished == len(done) or i == max_new_tokens - 1:
             break
         logits = dec.step(nxt)
+
+
+def _steps(
+    run: _Run,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    seed: int | None,
+    want_logprobs: bool,
+    prompt_lookup: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The new ids of greedy / sampled decoding, step by step, as `generate` and `stream` take them."""
+    if prompt_lookup is not None:
+        return _prompt_lookup_steps(run, max_new_tokens, prompt_lookup, want_logprobs)
+    return _sample_steps(
+        run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, want_logprobs
+    )
+
+
+def _check_prompt_lookup(
+    model: Model, input_ids: torch.Tensor, n: int, do_sample: bool, num_beams: int, repetition_penalty: float
+) -> None:
+    if n < 1:
+        raise ConfigError(f"prompt_lookup_num_tokens must be >= 1, got {n}")
+    if do_sample or num_beams > 1 or repetition_penalty != 1.0:
+        raise ConfigError("prompt lookup decoding is greedy: no sampling, beams or repetition penalty")
+    if input_ids.shape[0] != 1:
+        raise ConfigError(f"prompt lookup decoding takes one sequence; got a batch of {input_ids.shape[0]}")
+    if model.config.spec.seq2seq:
+        raise ConfigError("prompt lookup decoding is written for decoders and prefix-LMs, not encoder-decoders")
+
+
+def find_draft(ids: list[int], n: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup (Saxena, 2023; transformers' prompt_lookup_num_tokens): the up to `n` tokens that
+    followed the most recent earlier occurrence of the sequence's last `max_ngram` tokens (then of
+    shorter n-grams), or [] when none recurs."""
+    for size in range(min(max_ngram, len(ids) - 1), 0, -1):
+        tail = ids[-size:]
+        for start in range(len(ids) - size - 1, -1, -1):
+            if ids[start : start + size] == tail:
+                return ids[start + size : start + size + n]
+    return []
+
+
+def _prompt_lookup_steps(
+    run: _Run, max_new_tokens: int, n: int, want_logprobs: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Greedy decoding of one sequence, verifying drafts copied from its own text: the draft goes
+    through the model in one forward behind the current token; the tokens up to the first one greedy
+    would not have chosen are kept, and the model's own choice after them comes for free. The
+    output is greedy decoding's (each kept token is the argmax of the model's logits at its position);
+    the cost per accepted token falls with the draft's hit rate. Yields like `_sample_steps`."""
+    dec, seq, stops = run.dec, run.seq, run.stops
+    ids = seq[0].tolist()
+    start = len(ids)
+    raw = run.logits.float()  # (1, V): the logits of the token about to be chosen
+    made = 0
+    while True:
+        nxt = raw.argmax(-1)
+        lp = F.log_softmax(raw, -1).gather(1, nxt[:, None]).squeeze(1) if want_logprobs else None
+        ids.append(int(nxt))
+        made += 1
+        yield nxt, lp
+        if int(nxt) in run.eos or made == max_new_tokens:
+            return
+        if stops and any(s in run.tokenizer.decode(ids[start:]) for s in stops):
+            return
+        draft = find_draft(ids, min(n, max_new_tokens - made))
+        if not draft:
+            raw = dec.step(nxt).float()
+            continue
+        seen = dec.cache.seen
+        logits = dec.extend(torch.tensor([[int(nxt), *draft]], device=nxt.device))[0].float()  # (1 + k, V)
+        chosen = logits.argmax(-1).tolist()
+        kept = 0
+        while kept < len(draft) and chosen[kept] == draft[kept]:
+            kept += 1
+        dec.crop(seen + 1 + kept)  # the current token and the accepted draft stay in the cache
+        for j in range(kept):  # accepted draft tokens: each is the argmax at its position
+            tok = torch.tensor([draft[j]], device=nxt.device)
+            row = logits[j : j + 1]
+            lp = F.log_softmax(row, -1).gather(1, tok[:, None]).squeeze(1) if want_logprobs else None
+            ids.append(draft[j])
+            made += 1
+            yield tok, lp
+            if draft[j] in run.eos or made == max_new_tokens:
+                return
+            if stops and any(s in run.tokenizer.decode(ids[start:]) for s in stops):
+                return
+        raw = logits[kept : kept + 1]  # the model's logits after the last kept token
 
 
 def _beam_search(
@@ -612,7 +738,10 @@ def _stream_ids(
     eos_token_id: Any = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
+    prompt_lookup_num_tokens: int | None = None,
 ) -> Iterator[tuple[int, float]]:
+    if prompt_lookup_num_tokens is not None:
+        _check_prompt_lookup(model, ids, prompt_lookup_num_tokens, do_sample, 1, repetition_penalty)
     was_training = model.training
     model.eval()
     try:
@@ -631,8 +760,17 @@ def _stream_ids(
             tokenizer,
             streaming=True,
         )
-        for nxt, lp in _sample_steps(
-            run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, want_logprobs=True
+        for nxt, lp in _steps(
+            run,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            True,
+            prompt_lookup_num_tokens,
         ):
             yield int(nxt[0]), float(lp[0])
     finally:

@@ -33,6 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sequence)")
     p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=None,
+        metavar="K",
+        help="greedy decoding with drafts of up to K tokens copied from the text so far, verified in one "
+        "forward (the output is greedy's; faster where the answer repeats its input)",
+    )
+    p.add_argument(
         "--chat",
         action="store_true",
         help="the prompt is a user message: render it with the folder's chat template and print the answer",
@@ -117,6 +125,8 @@ def run_generate(args: argparse.Namespace) -> None:
         stop_strings=args.stop or None,
         eos_token_id=stops,
     )
+    if args.prompt_lookup is not None:
+        kw["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.stream and args.beams == 1 and args.num_return == 1:
         pieces = stream(model, tok, prompt, **kw)
         sys.stdout.write(head)

@@ -43,6 +43,10 @@ class LayerKV:
         if self.k is not None:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops the rejected draft)."""
+        self.length = min(self.length, length)
+
 
 class KVCache:
     """The cache of a whole model: self-attention per decoder layer, cross-attention per layer."""
@@ -59,6 +63,12 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         for layer in self.layers + self.cross:
             layer.reorder(index)
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions of every self-attention layer (cross-attention keeps the
+        encoder's, which do not grow)."""
+        for layer in self.layers:
+            layer.crop(length)
 
 
 def build_mask(

@@ -327,8 +327,35 @@ def test_prompt_lookup_decoding_gives_greedys_tokens_in_fewer_forwards(tiny_pret
     assert lookup_calls < 0.8 * plain_calls, (lookup_calls, plain_calls)
     with pytest.raises(lmlab.ConfigError, match="one sequence"):
         model.generate(ids.repeat(2, 1), prompt_lookup_num_tokens=4)
-    with pytest.raises(lmlab.ConfigError, match="prompt lookup decoding is greedy"):
+    with pytest.raises(lmlab.ConfigError, match="speculative decoding here is greedy"):
         model.generate(ids, do_sample=True, prompt_lookup_num_tokens=4)
+
+
+def test_a_draft_models_speculation_gives_greedys_tokens(tiny_pretrained):
+    """transformers' assistant_model: with the model itself as its draft every draft is accepted (one
+    verifying forward per 1 + K tokens); with another model's drafts the output is still greedy's."""
+    from conftest import tiny_text
+
+    from lmlab.tokenizer import load_tokenizer
+
+    model, tok = lmlab.load(tiny_pretrained["gpt"]).eval(), load_tokenizer(tiny_pretrained["gpt"])
+    other = lmlab.load(tiny_pretrained["prefix"]).eval()  # another family, the same 400-token vocabulary
+    twin = lmlab.load(tiny_pretrained["gpt"]).eval()  # the model's own weights as its draft model
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    for i, line in enumerate(tiny_text()[:10]):
+        ids = torch.tensor([tok.encode(line)[-20:]])
+        want = model.generate(ids, max_new_tokens=24, eos_token_id=[])
+        calls.clear()
+        same = model.generate(ids, max_new_tokens=24, eos_token_id=[], assistant_model=twin, num_assistant_tokens=5)
+        assert torch.equal(same, want) and len(calls) == 1 + 4, len(calls)  # the prompt, then 1 forward per 6 tokens
+        got = model.generate(ids, max_new_tokens=24, eos_token_id=[], assistant_model=other, num_assistant_tokens=3)
+        assert torch.equal(got, want), i
+    small = lmlab.Model(lmlab.config.preset("gpt2-tiny", vocab_size=512))
+    with pytest.raises(lmlab.ConfigError, match="draft model's vocabulary .512. differs"):
+        model.generate(ids, assistant_model=small)
+    with pytest.raises(lmlab.ConfigError, match="not both"):
+        model.generate(ids, assistant_model=other, prompt_lookup_num_tokens=3)
 
 
 def test_generate_cli_prompt_lookup_prints_greedys_text(tiny_pretrained, capsys):
@@ -336,7 +363,8 @@ def test_generate_cli_prompt_lookup_prints_greedys_text(tiny_pretrained, capsys)
 
     base = ["generate", "--model", str(tiny_pretrained["gpt"]), "the lord said unto moses", "--max-new-tokens", "16"]
     outputs = []
-    for extra in ([], ["--prompt-lookup", "4"], ["--prompt-lookup", "4", "--stream"]):
+    draft = ["--draft-model", str(tiny_pretrained["prefix"]), "--draft-tokens", "3"]
+    for extra in ([], ["--prompt-lookup", "4"], ["--prompt-lookup", "4", "--stream"], draft):
         assert main([*base, *extra]) == 0
         outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > len("the lord said unto moses")
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3] and len(outputs[0]) > len("the lord said unto moses")

@@ -283,15 +283,28 @@ def generate(
     return_dict_in_generate: bool = False,
     output_logprobs: bool = False,
     prompt_lookup_num_tokens: int | None = None,
+    assistant_model: Model | None = None,
+    num_assistant_tokens: int = 5,
 ) -> torch.Tensor | GenerateResult:
     """Prompt + new token ids, (B * num_return_sequences, L); see the module docstring. With
     `return_dict_in_generate`, a GenerateResult (finish reasons, and per-token log-probabilities
-    with `output_logprobs`). `prompt_lookup_num_tokens` (transformers' name): greedy decoding of one
-    sequence with prompt-lookup drafts of up to that many tokens (see `_prompt_lookup_steps`)."""
+    with `output_logprobs`). Speculative greedy decoding of one sequence (transformers' names): drafts
+    of up to `prompt_lookup_num_tokens` tokens copied from the text so far, or `num_assistant_tokens`
+    from a smaller `assistant_model` with the same vocabulary; the output is greedy decoding's
+    (`_speculative_steps`)."""
     if output_logprobs and num_beams > 1:
         raise ConfigError("output_logprobs is offered for greedy decoding and sampling, not beam search")
-    if prompt_lookup_num_tokens is not None:
-        _check_prompt_lookup(model, input_ids, prompt_lookup_num_tokens, do_sample, num_beams, repetition_penalty)
+    drafter = drafter_for(
+        model,
+        input_ids,
+        max_new_tokens,
+        do_sample,
+        num_beams,
+        repetition_penalty,
+        prompt_lookup_num_tokens,
+        assistant_model,
+        num_assistant_tokens,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -342,7 +355,7 @@ def generate(
                 repetition_penalty,
                 seed,
                 output_logprobs,
-                prompt_lookup_num_tokens,
+                drafter,
             ):
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 steps.append(lp)
@@ -446,27 +459,15 @@ def _steps(
     repetition_penalty: float,
     seed: int | None,
     want_logprobs: bool,
-    prompt_lookup: int | None,
+    drafter: Any = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The new ids of greedy / sampled decoding, step by step, as `generate` and `stream` take them."""
-    if prompt_lookup is not None:
-        return _prompt_lookup_steps(run, max_new_tokens, prompt_lookup, want_logprobs)
+    """The new ids of greedy / sampled decoding, step by step, as `generate` and `stream` take them
+    (speculatively, with drafts verified by the model, when a drafter is given)."""
+    if drafter is not None:
+        return _speculative_steps(run, max_new_tokens, drafter, want_logprobs)
     return _sample_steps(
         run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, want_logprobs
     )
-
-
-def _check_prompt_lookup(
-    model: Model, input_ids: torch.Tensor, n: int, do_sample: bool, num_beams: int, repetition_penalty: float
-) -> None:
-    if n < 1:
-        raise ConfigError(f"prompt_lookup_num_tokens must be >= 1, got {n}")
-    if do_sample or num_beams > 1 or repetition_penalty != 1.0:
-        raise ConfigError("prompt lookup decoding is greedy: no sampling, beams or repetition penalty")
-    if input_ids.shape[0] != 1:
-        raise ConfigError(f"prompt lookup decoding takes one sequence; got a batch of {input_ids.shape[0]}")
-    if model.config.spec.seq2seq:
-        raise ConfigError("prompt lookup decoding is written for decoders and prefix-LMs, not encoder-decoders")
 
 
 def find_draft(ids: list[int], n: int, max_ngram: int = 3) -> list[int]:
@@ -481,14 +482,98 @@ def find_draft(ids: list[int], n: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _prompt_lookup_steps(
-    run: _Run, max_new_tokens: int, n: int, want_logprobs: bool
+class LookupDrafter:
+    """Drafts copied from the sequence itself (`find_draft`): no model, no state."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def propose(self, ids: list[int], most: int) -> list[int]:
+        return find_draft(ids, min(self.n, most))
+
+    def keep(self, length: int) -> None:
+        pass
+
+
+class ModelDrafter:
+    """Drafts from a smaller model with the same vocabulary (transformers' `assistant_model`): its own
+    KV cache follows the sequence; each proposal feeds what the cache lacks, then decodes `n` tokens
+    greedily; `keep` forgets what the verification rejected."""
+
+    def __init__(self, model: Model, n: int) -> None:
+        self.model, self.n, self.dec, self.cached = model, n, None, 0
+
+    def propose(self, ids: list[int], most: int) -> list[int]:
+        k = min(self.n, most)
+        device = next(self.model.parameters()).device
+        if self.dec is None:
+            prompt = torch.tensor([ids], device=device)
+            self.dec = _Decoder(self.model, prompt, None, 1)
+            logits = self.dec.start(prompt)
+        else:
+            logits = self.dec.extend(torch.tensor([ids[self.cached :]], device=device))[:, -1]
+        self.cached = len(ids)
+        draft = [int(logits.argmax(-1))]
+        for _ in range(k - 1):
+            logits = self.dec.step(torch.tensor([draft[-1]], device=device))
+            self.cached += 1
+            draft.append(int(logits.argmax(-1)))
+        return draft
+
+    def keep(self, length: int) -> None:
+        if self.dec is not None and length < self.cached:
+            self.dec.crop(length)
+            self.cached = length
+
+
+def drafter_for(
+    model: Model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    do_sample: bool,
+    num_beams: int,
+    repetition_penalty: float,
+    prompt_lookup_num_tokens: int | None,
+    assistant_model: Model | None,
+    num_assistant_tokens: int,
+) -> LookupDrafter | ModelDrafter | None:
+    """The drafter speculative decoding asked for (None for plain decoding), after checking the request."""
+    if prompt_lookup_num_tokens is None and assistant_model is None:
+        return None
+    if prompt_lookup_num_tokens is not None and assistant_model is not None:
+        raise ConfigError("choose prompt_lookup_num_tokens or assistant_model, not both")
+    n = prompt_lookup_num_tokens if assistant_model is None else num_assistant_tokens
+    if n < 1:
+        raise ConfigError(f"a draft needs at least 1 token, got {n}")
+    if do_sample or num_beams > 1 or repetition_penalty != 1.0:
+        raise ConfigError("speculative decoding here is greedy: no sampling, beams or repetition penalty")
+    if input_ids.shape[0] != 1:
+        raise ConfigError(f"speculative decoding takes one sequence; got a batch of {input_ids.shape[0]}")
+    if model.config.spec.seq2seq:
+        raise ConfigError("speculative decoding is written for decoders and prefix-LMs, not encoder-decoders")
+    if assistant_model is None:
+        return LookupDrafter(n)
+    a = assistant_model.config
+    if not a.has_decoder or a.spec.seq2seq or assistant_model.lm_head is None:
+        raise ConfigError(f"the draft model must be a decoder or prefix-LM with an lm head; it is a {a.family} model")
+    if a.vocab_size != model.config.vocab_size:
+        raise ConfigError(
+            f"the draft model's vocabulary ({a.vocab_size}) differs from the model's ({model.config.vocab_size}): "
+            "drafts must be the same tokenizer's ids"
+        )
+    a.check_length(input_ids.shape[1] + max_new_tokens, "the draft model: prompt + new tokens")
+    assistant_model.eval()
+    return ModelDrafter(assistant_model, n)
+
+
+def _speculative_steps(
+    run: _Run, max_new_tokens: int, drafter: LookupDrafter | ModelDrafter, want_logprobs: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Greedy decoding of one sequence, verifying drafts copied from its own text: the draft goes
-    through the model in one forward behind the current token; the tokens up to the first one greedy
-    would not have chosen are kept, and the model's own choice after them comes for free. The
-    output is greedy decoding's (each kept token is the argmax of the model's logits at its position);
-    the cost per accepted token falls with the draft's hit rate. Yields like `_sample_steps`."""
+    """Greedy decoding of one sequence with drafts (copied from its own text, or a draft model's): the
+    draft goes through the model in one forward behind the current token; the tokens up to the first
+    one greedy would not have chosen are kept, and the model's own choice after them comes for free.
+    The output is greedy decoding's (each kept token is the argmax of the model's logits at its
+    position); the cost per accepted token falls with the draft's hit rate. Yields like `_sample_steps`."""
     dec, seq, stops = run.dec, run.seq, run.stops
     ids = seq[0].tolist()
     start = len(ids)
@@ -504,7 +589,7 @@ def _prompt_lookup_steps(
             return
         if stops and any(s in run.tokenizer.decode(ids[start:]) for s in stops):
             return
-        draft = find_draft(ids, min(n, max_new_tokens - made))
+        draft = drafter.propose(ids, max_new_tokens - made)
         if not draft:
             raw = dec.step(nxt).float()
             continue
@@ -515,6 +600,7 @@ def _prompt_lookup_steps(
         while kept < len(draft) and chosen[kept] == draft[kept]:
             kept += 1
         dec.crop(seen + 1 + kept)  # the current token and the accepted draft stay in the cache
+        drafter.keep(len(ids) + kept)
         for j in range(kept):  # accepted draft tokens: each is the argmax at its position
             tok = torch.tensor([draft[j]], device=nxt.device)
             row = logits[j : j + 1]
@@ -739,9 +825,20 @@ def _stream_ids(
     pad_token_id: int | None = None,
     seed: int | None = None,
     prompt_lookup_num_tokens: int | None = None,
+    assistant_model: Model | None = None,
+    num_assistant_tokens: int = 5,
 ) -> Iterator[tuple[int, float]]:
-    if prompt_lookup_num_tokens is not None:
-        _check_prompt_lookup(model, ids, prompt_lookup_num_tokens, do_sample, 1, repetition_penalty)
+    drafter = drafter_for(
+        model,
+        ids,
+        max_new_tokens,
+        do_sample,
+        1,
+        repetition_penalty,
+        prompt_lookup_num_tokens,
+        assistant_model,
+        num_assistant_tokens,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -770,7 +867,7 @@ def _stream_ids(
             repetition_penalty,
             seed,
             True,
-            prompt_lookup_num_tokens,
+            drafter,
         ):
             yield int(nxt[0]), float(lp[0])
     finally:

@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "forward (the output is greedy's; faster where the answer repeats its input)",
     )
     p.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="DIR",
+        help="greedy decoding with drafts from this smaller model (the same tokenizer), verified in one forward",
+    )
+    p.add_argument("--draft-tokens", type=int, default=5, help="tokens per draft with --draft-model (default 5)")
+    p.add_argument(
         "--chat",
         action="store_true",
         help="the prompt is a user message: render it with the folder's chat template and print the answer",
@@ -127,6 +134,9 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     if args.prompt_lookup is not None:
         kw["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if args.draft_model is not None:
+        kw["assistant_model"], _ = model_and_tokenizer(args.draft_model, args.dtype, args.quantize)
+        kw["num_assistant_tokens"] = args.draft_tokens
     if args.stream and args.beams == 1 and args.num_return == 1:
         pieces = stream(model, tok, prompt, **kw)
         sys.stdout.write(head)

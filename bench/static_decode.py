@@ -10,6 +10,10 @@ the step's graph.
 
     python bench/static_decode.py                 # the 6-layer, 512-wide GPT, batch 1, 128 new tokens
     python bench/static_decode.py --batch 8 --repeats 5
+    python bench/static_decode.py --llama-cpp f32 f16 q8_0   # and llama.cpp in the same run
+
+fbgemm's packed weights (fp16, int8) reach the compiler as one opaque op each (`lmlab::packed_linear`,
+lmlab.quantize), so those steps compile whole too.
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-cpp", nargs="*", default=[], metavar="Q", help="also llama.cpp at these GGUF types")
     a = ap.parse_args()
+    a.vocab = 8192
     import torch._inductor.config as inductor
     import transformers
 
@@ -90,6 +96,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         transformers.GPT2LMHeadModel(hf_cfg).eval().save_pretrained(d)
         base = lmlab.load(d).eval()
+        llms = {}
+        if a.llama_cpp:
+            from generate import llama_cpp_batch_generate, llama_cpp_generate, llama_cpp_models
+
+            llms = llama_cpp_models(d, a)
     ids = torch.randint(1, 8192, (a.batch, a.prompt))
     runs, breaks = {}, {}
     for name, quantize in (("float32", None), ("fp16 weights", quantize_fp16), ("int8", quantize_int8)):
@@ -106,6 +117,11 @@ def main() -> None:
         step = torch.compile(fn, dynamic=False)
         runs[f"{name} eager"] = lambda m=model: m.generate(ids, max_new_tokens=a.new, eos_token_id=-1)
         runs[f"{name} static, compiled"] = lambda m=model, s=step, c=cache: decode_static(m, s, c, ids, a.new)
+    for q, llm in llms.items():
+        if a.batch == 1:
+            runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_generate(llm, ids, a.new)
+        else:
+            runs[f"llama.cpp {q}"] = lambda llm=llm: llama_cpp_batch_generate(llm, ids, a.new)
     t = time.perf_counter()
     outputs = {k: f() for k, f in runs.items()}
     warm = time.perf_counter() - t
@@ -136,6 +152,10 @@ def main() -> None:
             f"| {name} | {eager:.1f} | {static:.1f} | {static / eager:.2f}x | {ex.graph_break_count} | "
             f"{agree[name]:.0%} |"
         )
+    for q in llms:
+        rate = a.batch * a.new / statistics.median(times[f"llama.cpp {q}"])
+        same = (outputs[f"llama.cpp {q}"] == outputs["float32 eager"])[:, a.prompt :].float().mean().item()
+        print(f"llama.cpp {q}: {rate:.1f} new tokens/s, {same:.0%} of tokens equal to lmlab float32's")
 
 
 if __name__ == "__main__":

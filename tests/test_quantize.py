@@ -172,3 +172,25 @@ def test_load_takes_the_decoding_dtype_and_quantization_by_name(tiny_pretrained)
         with torch.no_grad():
             want, got = lmlab.load(folder)(ids).logits, h(ids).logits
         assert 0 < (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_packed_layers_compile_as_one_graph(tiny_pretrained, kind):
+    """torch.compile cannot trace fbgemm's packed weights; lmlab's packed layers reach it as one opaque
+    op (`lmlab::packed_linear`), so a quantized model compiles whole (fullgraph) with eager's logits,
+    and a deep copy is a layer of its own that outlives the original."""
+    from lmlab.quantize import quantize_linear
+
+    model = lmlab.load(tiny_pretrained["gpt"]).eval()
+    quantize_linear(model, kind)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # raises on any graph break
+        assert torch.allclose(compiled(ids).logits, want, atol=1e-6)
+        twin = copy.deepcopy(model)
+        keys = {m.key for m in model.modules() if hasattr(m, "key")}
+        assert keys.isdisjoint(m.key for m in twin.modules() if hasattr(m, "key"))
+        del model, compiled
+        assert torch.allclose(torch.compile(twin, backend="aot_eager", fullgraph=True)(ids).logits, want, atol=1e-6)

@@ -21,8 +21,11 @@ result is the rounding of each weight to float16.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import platform
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -68,12 +71,55 @@ def int8_engine() -> str | None:
 
 # The op's C++ entry point: the Python wrappers around it check every call for traced script objects,
 # which costs ~10 us a call, and a decode step makes 4 calls per layer (docs/benchmarks.md, "Decoding
-# with int8 linear layers"). Tracing (torch.compile) still sees the wrapped op.
+# with int8 linear layers"). Under torch.compile the layers go through `packed_linear` instead.
 _LINEAR_DYNAMIC_OP = torch.ops.quantized.linear_dynamic.default
 _LINEAR_DYNAMIC = getattr(_LINEAR_DYNAMIC_OP, "_op", _LINEAR_DYNAMIC_OP)
 
 
-class Int8Linear(nn.Module):
+_PACKED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("lmlab::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """The packed layer registered under `key`, applied to float32 `x`: one opaque op for torch.compile.
+    Dynamo cannot trace fbgemm's packed weights (a script object), so without it a compiled decode step
+    breaks into a graph per layer and runs slower than eager (docs/benchmarks.md, "A static decode graph")."""
+    return _PACKED[key].run(x)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class _PackedLinear(nn.Module):
+    """fbgemm-packed weights behind one forward: the packed op directly in eager mode (its C++ entry
+    point), `packed_linear` under torch.compile. Each layer has a key in a weak registry the op reads."""
+
+    out_features: int
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _PACKED[self.key] = self
+
+    def __deepcopy__(self, memo: dict) -> _PackedLinear:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new._register()  # a copy is a layer of its own
+        return new
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
+        y = packed_linear(x32, self.key, self.out_features) if torch.compiler.is_compiling() else self.run(x32)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class Int8Linear(_PackedLinear):
     """A linear layer with int8 weights (symmetric, one scale per output channel) and activations
     quantized per tensor on the fly; float in, float out. Built from a float weight (and bias)."""
 
@@ -94,12 +140,10 @@ class Int8Linear(nn.Module):
         # x86's fbgemm kernels accumulate in 16 bits on some paths: halving the activation range avoids
         # saturating them (as torch's own dynamic quantization does there)
         self.reduce_range = engine in ("x86", "fbgemm")
+        self._register()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = _LINEAR_DYNAMIC_OP if torch.compiler.is_compiling() else _LINEAR_DYNAMIC
-        if x.dtype == torch.float32:  # the op takes (..., in) and returns (..., out)
-            return op(x, self._packed, self.reduce_range)
-        return op(x.float(), self._packed, self.reduce_range).to(x.dtype)
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) float32 -> (..., out)
+        return _LINEAR_DYNAMIC(x, self._packed, self.reduce_range)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -109,7 +153,7 @@ _LINEAR_FP16_OP = torch.ops.quantized.linear_dynamic_fp16.default
 _LINEAR_FP16 = getattr(_LINEAR_FP16_OP, "_op", _LINEAR_FP16_OP)
 
 
-class Fp16Linear(nn.Module):
+class Fp16Linear(_PackedLinear):
     """A linear layer with float16 weights packed for fbgemm; float32 activations and accumulation."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -121,12 +165,10 @@ class Fp16Linear(nn.Module):
         w = weight.detach().float().cpu()
         self.out_features, self.in_features = w.shape
         self._packed = torch.ops.quantized.linear_prepack_fp16(w, None if bias is None else bias.detach().float().cpu())
+        self._register()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = _LINEAR_FP16_OP if torch.compiler.is_compiling() else _LINEAR_FP16
-        if x.dtype == torch.float32:
-            return op(x, self._packed)
-        return op(x.float(), self._packed).to(x.dtype)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return _LINEAR_FP16(x, self._packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"

@@ -368,3 +368,28 @@ def test_generate_cli_prompt_lookup_prints_greedys_text(tiny_pretrained, capsys)
         assert main([*base, *extra]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == outputs[2] == outputs[3] and len(outputs[0]) > len("the lord said unto moses")
+
+
+def test_a_long_answer_with_stop_strings_is_detokenized_in_linear_time(tiny_pretrained, monkeypatch):
+    """2,000 new tokens with stop strings that never match: each id is decoded once (DecodeStream), not
+    the whole answer again at every step (which would decode ~2 million ids)."""
+    from lmlab.config import preset
+    from lmlab.generate import complete
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_pretrained["gpt"])
+    cfg = preset("gpt2-tiny", vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=2048)
+    torch.manual_seed(0)
+    model = lmlab.Model(cfg.replace(**tok.model_ids())).eval()
+    decoded = []
+    plain = type(tok).decode
+    monkeypatch.setattr(
+        type(tok), "decode", lambda self, ids, **kw: decoded.append(len(list(ids))) or plain(self, ids, **kw)
+    )
+    for kw in ({}, {"prompt_lookup_num_tokens": 4}):
+        decoded.clear()
+        (c,) = complete(
+            model, tok, "the lord", max_new_tokens=2000, eos_token_id=[], stop_strings=["never to be seen"], **kw
+        )
+        assert len(c.tokens) == 2000 and c.finish_reason == "length"
+        assert sum(decoded) <= 2 * 2000, sum(decoded)  # the final text once; nothing per step

@@ -386,19 +386,52 @@ def finish(new: torch.Tensor, eos: list[int], stops: list[str], tokenizer: Any) 
                 cut, reason = i + 1, "eos"
                 break
         if stops:  # the first prefix whose text holds a stop string (generation stopped on that token)
-            for i in range(1, cut + 1):
-                if any(s in tokenizer.decode(row[:i]) for s in stops):
-                    cut, reason = i, "stop"
+            text = IncrementalText(tokenizer, stops)
+            for i in range(cut):
+                if text.add(row[i]):
+                    cut, reason = i + 1, "stop"
                     break
         tokens.append(row[:cut])
         reasons.append(reason)
     return tokens, reasons
 
 
+class IncrementalText:
+    """The text of a growing row of new ids, each id decoded once (tokenizers' DecodeStream, for lmlab's
+    tokenizers; another tokenizer's `decode` of the whole row otherwise), and whether it now holds a
+    stop string: only the text a token added (and the stop's length before it) is searched, so a long
+    answer costs linear, not quadratic, time."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        backend = getattr(tokenizer, "backend", None)
+        self.tokenizer, self.backend, self.stops = tokenizer, backend, stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)  # as lmlab's Tokenizer.decode
+
+    def add(self, token: int) -> bool:
+        """Append one id; True when the text now holds a stop string."""
+        if self.backend is None:
+            self.ids.append(token)
+            self.text = self.tokenizer.decode(self.ids)
+            return any(s in self.text for s in self.stops)
+        piece = self.stream.step(self.backend, token) or ""  # "" until a multi-byte character completes
+        if not piece:
+            return False
+        self.text += piece
+        tail = self.text[-(len(piece) + self.longest - 1) :] if self.longest > 1 else piece
+        return any(s in tail for s in self.stops)
+
+
 def _stopped_by_string(
     seq: torch.Tensor, start: int, stops: list[str], tokenizer: Any, rows: torch.Tensor
 ) -> torch.Tensor:
-    """Rows (among `rows`) whose generated text now contains a stop string."""
+    """Rows (among `rows`) whose generated text now contains a stop string (beam search: its rows are
+    reordered every step, so each is decoded whole; greedy and sampling use IncrementalText)."""
     hit = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     for r in rows.nonzero().flatten().tolist():
         text = tokenizer.decode(seq[r, start:].tolist())
@@ -424,7 +457,7 @@ def _sample_steps(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos_t = torch.tensor(run.eos, device=device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
-    start = seq.shape[1]
+    texts = [IncrementalText(run.tokenizer, stops) for _ in range(seq.shape[0])] if stops else []
     finished = 0  # rows done so far
     for i in range(max_new_tokens):
         raw = logits.float()
@@ -441,7 +474,9 @@ def _sample_steps(
         if len(run.eos):
             done |= torch.isin(nxt, eos_t)
         if stops:
-            done |= _stopped_by_string(seq, start, stops, run.tokenizer, ~done)
+            for r in (~done).nonzero().flatten().tolist():
+                if texts[r].add(int(nxt[r])):
+                    done[r] = True
         yield nxt, lp
         finished = int(done.sum())
         if finished == len(done) or i == max_new_tokens - 1:
@@ -576,7 +611,7 @@ def _speculative_steps(
     position); the cost per accepted token falls with the draft's hit rate. Yields like `_sample_steps`."""
     dec, seq, stops = run.dec, run.seq, run.stops
     ids = seq[0].tolist()
-    start = len(ids)
+    text = IncrementalText(run.tokenizer, stops) if stops else None
     raw = run.logits.float()  # (1, V): the logits of the token about to be chosen
     made = 0
     while True:
@@ -587,7 +622,7 @@ def _speculative_steps(
         yield nxt, lp
         if int(nxt) in run.eos or made == max_new_tokens:
             return
-        if stops and any(s in run.tokenizer.decode(ids[start:]) for s in stops):
+        if text is not None and text.add(int(nxt)):
             return
         draft = drafter.propose(ids, max_new_tokens - made)
         if not draft:
@@ -610,7 +645,7 @@ def _speculative_steps(
             yield tok, lp
             if draft[j] in run.eos or made == max_new_tokens:
                 return
-            if stops and any(s in run.tokenizer.decode(ids[start:]) for s in stops):
+            if text is not None and text.add(draft[j]):
                 return
         raw = logits[kept : kept + 1]  # the model's logits after the last kept token
 

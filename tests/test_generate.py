@@ -371,10 +371,10 @@ def test_generate_cli_prompt_lookup_prints_greedys_text(tiny_pretrained, capsys)
 
 
 def test_a_long_answer_with_stop_strings_is_detokenized_in_linear_time(tiny_pretrained, monkeypatch):
-    """2,000 new tokens with stop strings that never match: each id is decoded once (DecodeStream), not
-    the whole answer again at every step (which would decode ~2 million ids)."""
+    """2,000 new tokens with stop strings that never match, returned and streamed: each id is decoded
+    once (DecodeStream), not the whole answer again at every step (which would decode ~2 million ids)."""
     from lmlab.config import preset
-    from lmlab.generate import complete
+    from lmlab.generate import complete, stream
     from lmlab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_pretrained["gpt"])
@@ -393,3 +393,7 @@ def test_a_long_answer_with_stop_strings_is_detokenized_in_linear_time(tiny_pret
         )
         assert len(c.tokens) == 2000 and c.finish_reason == "length"
         assert sum(decoded) <= 2 * 2000, sum(decoded)  # the final text once; nothing per step
+    decoded.clear()
+    pieces = stream(model, tok, "the lord", max_new_tokens=2000, eos_token_id=[], stop_strings=["never to be seen"])
+    assert "".join(pieces) == c.text and pieces.finish_reason == "length"
+    assert sum(decoded) <= 2 * 2000, sum(decoded)

@@ -63,6 +63,7 @@ class TextStreamer:
     def __init__(self, tokenizer: Any, file: Any = None) -> None:
         self.tokenizer, self.file = tokenizer, file or sys.stdout
         self.ids: list[int] = []
+        self.text = IncrementalText(tokenizer, [])
         self.printed = 0
         self.prompt_seen = False
 
@@ -72,9 +73,11 @@ class TextStreamer:
         if not self.prompt_seen:  # transformers' protocol: the prompt comes first
             self.prompt_seen = True
             return
-        self.ids.extend(int(i) for i in ids.reshape(-1))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        for i in ids.reshape(-1).tolist():
+            self.ids.append(int(i))
+            self.text.add(int(i))  # each id decoded once; a half character waits for the next
+        text = self.text.text
+        if text.endswith("\ufffd"):  # (a tokenizer decoded whole each time) an incomplete character
             return
         print(text[self.printed :], end="", flush=True, file=self.file)
         self.printed = len(text)
@@ -821,24 +824,27 @@ class TextStream:
         ids, mask = encode_prompts(self.model, self.tokenizer, [self.prompt])
         eos = _eos_list(kw.get("eos_token_id", self.model.config.eos_token_id))
         printed = 0
+        incremental = IncrementalText(self.tokenizer, stops)  # each id decoded once, not the whole text
         for token, logprob in _stream_ids(self.model, ids, mask, stops, self.tokenizer, **kw):
             self.tokens.append(token)
             self.logprobs.append(logprob)
-            text = self.tokenizer.decode(self.tokens)
-            if stops and any(s in text for s in stops):
+            hit = incremental.add(token)
+            text = incremental.text
+            if hit:
                 self.text, self.finish_reason = _trim_at_stop(text, stops), "stop"
                 break
             if token in eos:
-                self.text, self.finish_reason = text, "eos"
+                self.text, self.finish_reason = self.tokenizer.decode(self.tokens), "eos"
                 break
             self.text = text
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            if text.endswith("\ufffd"):  # (a tokenizer decoded whole each time) an incomplete character
                 continue
             if len(text) > printed:
                 yield text[printed:]
                 printed = len(text)
         else:
             self.finish_reason = "length"
+            self.text = self.tokenizer.decode(self.tokens)  # a trailing half character, as decode shows it
         if len(self.text) > printed:
             yield self.text[printed:]
 

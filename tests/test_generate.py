@@ -397,3 +397,24 @@ def test_a_long_answer_with_stop_strings_is_detokenized_in_linear_time(tiny_pret
     pieces = stream(model, tok, "the lord", max_new_tokens=2000, eos_token_id=[], stop_strings=["never to be seen"])
     assert "".join(pieces) == c.text and pieces.finish_reason == "length"
     assert sum(decoded) <= 2 * 2000, sum(decoded)
+    # and the server's engine, which streams every token's text to its client
+    import threading
+
+    from lmlab.serve.engine import Engine, Request, Sampling
+
+    decoded.clear()
+    got, done = [], threading.Event()
+
+    def emit(delta):
+        got.append(delta.text)
+        if delta.finish_reason is not None:
+            done.set()
+
+    engine = Engine(model, tok, max_batch=1).start()
+    try:
+        sampling = Sampling(max_tokens=2000, temperature=0, stop=["never to be seen"])
+        engine.submit(Request(tok.encode("the lord", add_special_tokens=False), sampling, emit))
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert "".join(got) == c.text and sum(decoded) <= 2 * 2000, sum(decoded)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.generate import MIN_TEMPERATURE, filter_logits
+from lmlab.generate import MIN_TEMPERATURE, IncrementalText, filter_logits
 from lmlab.model import Model
 from lmlab.model.attention import KVCache, LayerKV
 
@@ -112,6 +112,7 @@ class _Row:
     def __init__(self, req: Request, device: torch.device) -> None:
         self.req = req
         self.tokens: list[int] = []
+        self.text: IncrementalText | None = None  # the text of `tokens`, each id decoded once
         self.sent = 0  # characters of the decoded text already emitted
         self.prompt_info: list[TokenInfo] | None = None  # sent with the first delta
         self.generator = None
@@ -565,17 +566,21 @@ class Engine:
             self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
             return "stop"
         row.tokens.append(info.id)
-        text = self.tok.decode(row.tokens)
-        if s.stop:
-            hits = [text.find(x) for x in s.stop if x in text]
+        if row.text is None:
+            row.text = IncrementalText(self.tok, [])
+        before = len(row.text.text)
+        row.text.add(info.id)
+        text = row.text.text
+        if s.stop:  # a stop string not found before ends in what this token added
+            hits = [i for x in s.stop if (i := text.find(x, max(0, before - len(x) + 1))) >= 0]
             if hits:
                 cut = min(hits)
                 self._emit(row, Delta(text[row.sent : cut] if cut > row.sent else "", [info], "stop"))
                 return "stop"
         # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
         used = 1 + len(row.tokens) if self.seq2seq else len(row.req.prompt_ids) + len(row.tokens)
-        if len(row.tokens) >= s.max_tokens or used >= self.context:
-            self._emit(row, Delta(self._flush(row, final=True, text=text), [info], "length"))
+        if len(row.tokens) >= s.max_tokens or used >= self.context:  # the whole text once, as decode gives it
+            self._emit(row, Delta(self._flush(row, final=True), [info], "length"))
             return "length"
         self._emit(row, Delta(self._flush(row, text=text), [info]))
         return None

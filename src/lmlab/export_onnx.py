@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -353,8 +354,6 @@ def write_onnx(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     written: list[dict[str, Any]] = []
-    import warnings
-
     for g in graphs(model):
         path = tmp / g["file"]
         with torch.no_grad(), warnings.catch_warnings():

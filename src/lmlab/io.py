@@ -38,8 +38,8 @@ def load(
     CPUs with AMX / AVX-512-bf16), float32 elsewhere, as `lmlab generate --dtype auto` picks
     (transformers' dtype="auto" takes the saved dtype instead; lmlab saves float32). quantize="int8"
     swaps the linear layers for int8 ones, "fp16" for float16-weight ones (lmlab.quantize; float32
-    activations, CPU only). What was
-    chosen, and why, is `model.decoding` when dtype or quantize is given by name."""
+    activations, CPU only). What was chosen, and why, is `model.decoding` when dtype or quantize is
+    given by name."""
     choice = None
     if isinstance(dtype, str) or quantize is not None:  # checked before any weight is read
         from lmlab.quantize import decoding_choice

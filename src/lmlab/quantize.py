@@ -14,9 +14,10 @@ float32 (tests/test_quantize.py).
 and accumulation in float32, through fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`), the
 precision class of llama.cpp's F16 files. Half the bytes of float32, and unlike MKL's float32 GEMV
 (about 9.6 GB/s on 2 threads of an AVX-512 EPYC, against 17-19 GB/s for ONNX Runtime and llama.cpp)
-fbgemm's kernel streams them near the machine's bandwidth: 4.1x float32's speed over a decode step's
-matrices at one row (docs/benchmarks.md, "Decoding with float16 weights"). The only change to the
-result is the rounding of each weight to float16.
+fbgemm's kernel streams them near the machine's bandwidth: 3.1x F.linear's speed over a decode step's
+matrices at one row (`bench/linear_orientation.py`; docs/benchmarks.md, "ONNX Runtime: export parity,
+encoders and decoders against lmlab"). The only change to the result is the rounding of each weight to
+float16.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import itertools
 import platform
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -110,8 +112,7 @@ class _PackedLinear(nn.Module):
         new._register()  # a copy is a layer of its own
         return new
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    run: Callable[[torch.Tensor], torch.Tensor]  # (..., in) float32 -> (..., out): each kind's packed op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x if x.dtype == torch.float32 else x.float()

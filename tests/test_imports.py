@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmlab.checkpoint",),  # formats only: imports nothing from train/, io or the model class
     # decoding runs on the model's forward interface (as transformers' GenerationMixin sits below its
     # models), so Model.generate delegates down to it
-    ("lmlab.generate",),
+    ("lmlab.generate", "lmlab.generation"),
     ("lmlab.model",),
     (
         "lmlab.io",

@@ -278,6 +278,32 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
             raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
         return stops
 
+    def constraints(fmt: Any, schema: dict | None = None, param: str = "response_format") -> Any:
+        """A function giving each answer its own Constraint for `fmt` (a ResponseFormat) or for a tool
+        schema; None when the answer is free text. A schema or grammar that does not compile is a 400."""
+        from lmlab.generation import structured
+
+        if schema is None and (fmt is None or fmt.type == "text"):
+            return None
+        if not state.stop_ids:
+            raise APIError(400, f"{param}: structured output needs a model with an end-of-sequence token", param)
+        try:
+            if schema is not None:
+                grammar = structured.json_schema_grammar(schema)
+            elif fmt.type == "json_object":
+                grammar = structured.json_schema_grammar({"type": "object"})
+            elif fmt.type == "json_schema":
+                grammar = structured.json_schema_grammar(fmt.json_schema.schema_)
+            elif fmt.type == "regex":
+                grammar = structured.regex_grammar(fmt.regex)
+            else:
+                grammar = structured.lark_grammar(fmt.grammar)
+            table = structured.token_table(state.tok, state.model.config.vocab_size, state.stop_ids)
+            structured.Constraint(table, grammar)  # compiled once here, so a bad one is this request's 400
+        except LmlabError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+        return lambda: structured.Constraint(table, grammar)
+
     def budget(ids: list[int], max_tokens: int, where: str, param: str) -> None:
         ctx = state.model.config.max_seq_len
         if len(ids) > ctx or (not state.model.config.spec.seq2seq and len(ids) >= ctx and max_tokens > 0):
@@ -333,6 +359,9 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         id_lists = [prompt_ids(p, f"prompt[{i}]" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
         for i, ids in enumerate(id_lists):
             budget(ids, max_tokens, f"prompt[{i}]" if len(prompts) > 1 else "prompt", "max_tokens")
+        constraint = constraints(body.response_format)
+        if constraint is not None and body.echo:
+            raise APIError(400, "echo: the prompt is not held to response_format; ask without echo", "echo")
         jobs = []
         for p, ids in enumerate(id_lists):
             for j in range(body.n):
@@ -345,6 +374,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                     seed=None if body.seed is None else body.seed + j,
                     logprobs=body.logprobs,
                     prompt_logprobs=body.echo and body.logprobs is not None,
+                    constraint=constraint and constraint(),
                 )
                 jobs.append((p * body.n + j, ids, sampling))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -450,6 +480,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                 "messages",
             )
         from lmlab.chat import render
+        from lmlab.generation import tools as tool_calls
 
         messages = []
         for i, m in enumerate(body.messages):
@@ -460,8 +491,38 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                         400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
                     )
                 content = "".join(str(part.get("text", "")) for part in content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        text = render(tok.chat_template, messages, add_generation_prompt=True, **tok.template_variables())
+            message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            if m.tool_calls:
+                if m.role != "assistant":
+                    raise APIError(400, f"messages[{i}]: only an assistant turn makes tool calls", f"messages.{i}")
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            for key in ("name", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice or ("auto" if tools else "none")
+        if not isinstance(choice, str):
+            choice = choice.model_dump()
+            if choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+                raise APIError(400, "tool_choice: names a function that is not among the tools", "tool_choice")
+        elif choice in ("auto", "required") and not tools:
+            raise APIError(400, f'tool_choice: "{choice}" needs tools', "tool_choice")
+        schema = tool_calls.answer_schema(tools, choice, body.parallel_tool_calls) if tools else None
+        if schema is not None and body.response_format is not None and body.response_format.type != "text":
+            raise APIError(
+                400,
+                "response_format: an answer held to a tool call cannot also follow response_format",
+                "response_format",
+            )
+        extra = {"tools": tools} if tools else {}
+        text = render(
+            tok.chat_template,
+            tool_calls.template_messages(messages),
+            add_generation_prompt=True,
+            **extra,
+            **tok.template_variables(),
+        )
         ids = prompt_ids(text, "messages")
         ctx = state.model.config.max_seq_len
         asked = body.max_completion_tokens or body.max_tokens
@@ -471,6 +532,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        constraint = constraints(body.response_format, schema, "tools" if schema is not None else "response_format")
         jobs = [
             (
                 j,
@@ -483,10 +545,24 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                     stop_ids=state.stop_ids,
                     seed=None if body.seed is None else body.seed + j,
                     logprobs=(top or 0) if body.logprobs else None,
+                    constraint=constraint and constraint(),
                 ),
             )
             for j in range(body.n)
         ]
+        calling = bool(tools) and choice != "none"  # the answer is read back for tool calls
+
+        def message_of(text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+            if not calling:
+                return {"role": "assistant", "content": text}, reason
+            content, calls = tool_calls.read_calls(text, tools, choice)
+            if not calls:
+                return {"role": "assistant", "content": text}, reason
+            return (
+                {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
+                "tool_calls" if reason == "stop" else reason,
+            )
+
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = _submit(engine, jobs, metrics)
 
@@ -519,9 +595,22 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                 for j in range(body.n):
                     first = {"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield {**head, "choices": [{**first, "logprobs": None}]}
+                held: dict[int, str] = {}  # with tools, an answer is read for calls once it is whole
                 async for index, delta in _merge(streams, request):
                     usage["completion_tokens"] += generated(delta.tokens)
                     lp = content_logprobs(delta.tokens)
+                    if calling:  # the text is held; the whole answer goes out as one delta at its end
+                        held[index] = held.get(index, "") + delta.text
+                        out, reason = {}, None
+                        if delta.finish_reason is not None:
+                            message, reason = message_of(held.pop(index), delta.finish_reason)
+                            out = {k: v for k, v in message.items() if k != "role" and v is not None}
+                            if "tool_calls" in out:
+                                out["tool_calls"] = [{"index": i, **c} for i, c in enumerate(out["tool_calls"])]
+                        if out or reason or (lp and lp["content"]):
+                            choice = {"index": index, "delta": out, "logprobs": lp, "finish_reason": reason}
+                            yield {**head, "choices": [choice]}
+                        continue
                     if delta.text or delta.finish_reason is not None or (lp and lp["content"]):
                         choice = {
                             "index": index,
@@ -537,13 +626,9 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         choices, completion_tokens = [], 0
         for index, (text, _, infos, reason) in sorted(results.items()):
             completion_tokens += generated(infos)
+            message, reason = message_of(text, reason)
             choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": content_logprobs(infos),
-                    "finish_reason": reason,
-                }
+                {"index": index, "message": message, "logprobs": content_logprobs(infos), "finish_reason": reason}
             )
         return {
             "id": rid,

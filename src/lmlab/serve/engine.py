@@ -64,6 +64,7 @@ class Sampling:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False  # the prompt's own log-probabilities (OpenAI's echo + logprobs)
+    constraint: Any = None  # lmlab.generation.structured.Constraint: the answer held to a grammar
 
 
 @dataclass
@@ -544,10 +545,11 @@ class Engine:
     def _sample(self, row: _Row, raw: torch.Tensor) -> TokenInfo:
         s = row.req.sampling
         raw = raw.float()
+        allowed = raw if s.constraint is None else s.constraint.mask_(raw.clone())
         if s.temperature < MIN_TEMPERATURE:  # greedy (a tiny temperature would make the scores inf)
-            nxt = int(raw.argmax())
+            nxt = int(allowed.argmax())
         else:
-            scores = filter_logits((raw / s.temperature)[None], s.top_k, s.top_p if s.top_p < 1.0 else None)
+            scores = filter_logits((allowed / s.temperature)[None], s.top_k, s.top_p if s.top_p < 1.0 else None)
             nxt = int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
         if s.logprobs is None:
             return TokenInfo(nxt, None)
@@ -562,6 +564,8 @@ class Engine:
         if row.req.first_token_at is None:
             row.req.first_token_at = time.perf_counter()
         self.counters["generated_tokens"] += 1
+        if s.constraint is not None:
+            s.constraint.accept(info.id)
         if info.id in s.stop_ids:  # the end-of-sequence token is not part of the text
             self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
             return "stop"
@@ -579,6 +583,9 @@ class Engine:
                 return "stop"
         # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
         used = 1 + len(row.tokens) if self.seq2seq else len(row.req.prompt_ids) + len(row.tokens)
+        if s.constraint is not None and s.constraint.finished:  # the grammar allows nothing more
+            self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
+            return "stop"
         if len(row.tokens) >= s.max_tokens or used >= self.context:  # the whole text once, as decode gives it
             self._emit(row, Delta(self._flush(row, final=True), [info], "length"))
             return "length"

@@ -33,8 +33,8 @@ def _lone_surrogate(value: Any, where: str = "") -> str | None:
 
 class _Request(BaseModel):
     """Every request body: its strings must be valid Unicode, and a field lmlab does not implement is
-    refused (400 naming it), never accepted and ignored: a client asking for response_format, tools
-    or logit_bias must not get free text with a 200."""
+    refused (400 naming it), never accepted and ignored: a client asking for logit_bias must not get
+    an answer that ignored it with a 200."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +45,73 @@ class _Request(BaseModel):
         if where:
             raise ValueError(f"{where}: not valid Unicode text (a lone surrogate such as \\ud800)")
         return data
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format; lmlab adds "regex" and "grammar" (a Lark grammar, llguidance's dialect)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JSONSchemaFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        need = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
+        if self.type in need and need[self.type] is None:
+            raise ValueError(f'type "{self.type}" needs the field "{self.type}"')
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
 
 
 class _Body(_Request):
@@ -59,6 +126,7 @@ class _Body(_Request):
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Body):
@@ -71,11 +139,13 @@ class CompletionRequest(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # tool_calls, audio, ...: refused, not dropped
+    model_config = ConfigDict(extra="forbid")  # audio, refusal, ...: refused, not dropped
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None  # a participant's name: templates that know it may use it
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatRequest(_Body):
@@ -84,6 +154,9 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class EmbeddingRequest(_Request):
@@ -212,16 +285,23 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(BaseModel):
@@ -269,16 +349,21 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallChunk(ToolCallOut):
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatChunk(BaseModel):

@@ -235,7 +235,9 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
-    print("| vocabulary | schema (tokens) | library | compile ms | us per token | of which the mask | true token allowed |")
+    print(
+        "| vocabulary | schema (tokens) | library | compile ms | us per token | of which the mask | true token allowed |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         c = "-" if r["compile_ms"] is None else f"{r['compile_ms']:.1f}"

@@ -47,6 +47,24 @@ class LayerKV:
         """Forget every position from `length` on (speculative decoding drops the rejected draft)."""
         self.length = min(self.length, length)
 
+    def pad(self, left: int = 0, right: int = 0) -> None:
+        """Zeros on the time axis before and after the positions held (rows of unequal length joining
+        one batch: the attention mask hides the padding)."""
+        k, v = self.k[:, :, : self.length], self.v[:, :, : self.length]
+        self.k, self.v = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
+        self.length += left + right
+
+    def join(self, other: LayerKV) -> None:
+        """Append `other`'s rows after this layer's (both hold the same number of positions)."""
+        self.k = torch.cat([self.k[:, :, : self.length], other.k[:, :, : other.length]], dim=0)
+        self.v = torch.cat([self.v[:, :, : self.length], other.v[:, :, : other.length]], dim=0)
+
+    def select(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Keep batch rows `rows` and the positions from `start` on (rows leaving a running batch)."""
+        self.k = self.k[rows, :, start : self.length]
+        self.v = self.v[rows, :, start : self.length]
+        self.length -= start
+
 
 class KVCache:
     """The cache of a whole model: self-attention per decoder layer, cross-attention per layer."""
@@ -69,6 +87,23 @@ class KVCache:
         encoder's, which do not grow)."""
         for layer in self.layers:
             layer.crop(length)
+
+    def pad(self, left: int = 0, right: int = 0, cross: bool = False) -> None:
+        """Pad every self-attention layer (or, with cross, every cross-attention layer) on the time axis."""
+        for layer in self.cross if cross else self.layers:
+            layer.pad(left, right)
+
+    def join(self, other: KVCache) -> None:
+        """Append `other`'s rows (the same positions, cross-attention too) after this cache's."""
+        for a, b in zip(self.layers + self.cross, other.layers + other.cross):
+            a.join(b)
+
+    def select(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Keep batch rows `rows`, and the self-attention positions from `start` on."""
+        for layer in self.layers:
+            layer.select(rows, start)
+        for layer in self.cross:
+            layer.select(rows)
 
 
 def build_mask(

@@ -43,6 +43,8 @@ from lmlab.serve.protocol import (
     Completion,
     CompletionChunk,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingList,
     EmbeddingRequest,
     FillMaskRequest,
@@ -50,6 +52,9 @@ from lmlab.serve.protocol import (
     ModelList,
     QARequest,
     TagRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     add_streamed_models,
     link,
     responses,
@@ -255,6 +260,42 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         ready(model_id)
         return _model_card(name, created, state.model.config)
 
+    # ---- the tokenizer, as vLLM serves it (lm-evaluation-harness's remote tokenizer) ----------------------
+    def special(role: str) -> str | None:
+        i = state.tok.id_of(role)
+        return None if i is None else state.tok.backend.id_to_token(i)
+
+    @app.get("/tokenizer_info", operation_id="tokenizerInfo", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        ready()
+        tok = state.tok
+        return TokenizerInfo(
+            tokenizer_class="PreTrainedTokenizerFast",
+            model_max_length=state.model.config.max_seq_len,
+            vocab_size=tok.vocab_size,
+            eos_token=special("eos") or special("sep"),
+            bos_token=special("bos") or special("cls"),
+            pad_token=special("pad"),
+            chat_template=tok.chat_template,
+        )
+
+    @app.post("/tokenize", operation_id="tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ready(body.model)
+        if body.messages is not None:
+            text = chat_text(body.messages, [], add_generation_prompt=body.add_generation_prompt)
+            ids = state.tok.encode(text, add_special_tokens=False)
+        else:
+            ids = state.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=state.model.config.max_seq_len, tokens=ids)
+
+    @app.post("/detokenize", operation_id="detokenize", response_model=DetokenizeResponse)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        ready(body.model)
+        if any(i < 0 or i >= state.tok.vocab_size for i in body.tokens):
+            raise APIError(400, f"tokens: ids must lie in [0, {state.tok.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=state.tok.decode(body.tokens, skip_special_tokens=False))
+
     # ---- completions ------------------------------------------------------------------------------------
     def prompt_ids(prompt: str | list[int], where: str) -> list[int]:
         tok, cfg_m = state.tok, state.model.config
@@ -451,6 +492,45 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         }
 
     # ---- chat completions -------------------------------------------------------------------------------
+    def chat_text(body_messages: list[Any], tools: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation through the model's chat template (the tools in its `tools` variable)."""
+        from lmlab.chat import render
+        from lmlab.generation.tools import template_messages
+
+        tok = state.tok
+        if not tok.chat_template:
+            raise APIError(
+                400,
+                "this model has no chat template (fine-tune it with `lmlab finetune --task chat`); use /v1/completions",
+                "messages",
+            )
+        messages = []
+        for i, m in enumerate(body_messages):
+            content = m.content
+            if isinstance(content, list):  # OpenAI's content parts: only text parts are understood
+                if any(part.get("type") != "text" for part in content):
+                    raise APIError(
+                        400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
+                    )
+                content = "".join(str(part.get("text", "")) for part in content)
+            message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            if m.tool_calls is not None:
+                if m.role != "assistant":
+                    raise APIError(400, f"messages[{i}]: only an assistant turn makes tool calls", f"messages.{i}")
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            for key in ("name", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        extra = {"tools": tools} if tools else {}
+        return render(
+            tok.chat_template,
+            template_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            **extra,
+            **tok.template_variables(),
+        )
+
     @app.post(
         "/v1/chat/completions",
         operation_id="createChatCompletion",
@@ -473,33 +553,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         engine = need_engine("/v1/chat/completions")
         stops = check_common(body)
         tok = state.tok
-        if not tok.chat_template:
-            raise APIError(
-                400,
-                "this model has no chat template (fine-tune it with `lmlab finetune --task chat`); use /v1/completions",
-                "messages",
-            )
-        from lmlab.chat import render
         from lmlab.generation import tools as tool_calls
 
-        messages = []
-        for i, m in enumerate(body.messages):
-            content = m.content
-            if isinstance(content, list):  # OpenAI's content parts: only text parts are understood
-                if any(part.get("type") != "text" for part in content):
-                    raise APIError(
-                        400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
-                    )
-                content = "".join(str(part.get("text", "")) for part in content)
-            message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-            if m.tool_calls:
-                if m.role != "assistant":
-                    raise APIError(400, f"messages[{i}]: only an assistant turn makes tool calls", f"messages.{i}")
-                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-            for key in ("name", "tool_call_id"):
-                if getattr(m, key) is not None:
-                    message[key] = getattr(m, key)
-            messages.append(message)
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         choice = body.tool_choice or ("auto" if tools else "none")
         if not isinstance(choice, str):
@@ -515,15 +570,7 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                 "response_format: an answer held to a tool call cannot also follow response_format",
                 "response_format",
             )
-        extra = {"tools": tools} if tools else {}
-        text = render(
-            tok.chat_template,
-            tool_calls.template_messages(messages),
-            add_generation_prompt=True,
-            **extra,
-            **tok.template_variables(),
-        )
-        ids = prompt_ids(text, "messages")
+        ids = prompt_ids(chat_text(body.messages, tools), "messages")
         ctx = state.model.config.max_seq_len
         asked = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

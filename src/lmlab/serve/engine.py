@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.generate import MIN_TEMPERATURE, IncrementalText, filter_logits
 from lmlab.model import Model
-from lmlab.model.attention import KVCache, LayerKV
+from lmlab.model.attention import KVCache
 
 
 class QueueFull(Exception):
@@ -131,25 +131,6 @@ class _Prefill:
     prompt_info: list[TokenInfo] | None = None
     logits: torch.Tensor | None = None  # (1, V) after the last chunk
     memory: torch.Tensor | None = None  # encoder-decoders: the encoder's output (1, S, C)
-
-
-def _pad_layer(layer: LayerKV, left: int = 0, right: int = 0) -> None:
-    """Pad a layer's keys and values with zeros on the time axis (in place)."""
-    k, v = layer.k[:, :, : layer.length], layer.v[:, :, : layer.length]
-    layer.k, layer.v = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))
-    layer.length += left + right
-
-
-def _cat_layers(a: LayerKV, b: LayerKV) -> None:
-    """Append b's rows to a's (same length), in place on a."""
-    a.k = torch.cat([a.k[:, :, : a.length], b.k[:, :, : b.length]], dim=0)
-    a.v = torch.cat([a.v[:, :, : a.length], b.v[:, :, : b.length]], dim=0)
-
-
-def _slice_layer(layer: LayerKV, rows: torch.Tensor, start: int = 0) -> None:
-    layer.k = layer.k[rows, :, start : layer.length]
-    layer.v = layer.v[rows, :, start : layer.length]
-    layer.length -= start
 
 
 class Engine:
@@ -510,31 +491,25 @@ class Engine:
             return
         L = self.mask.shape[1]
         if new_len < L:
-            for layer in cache.layers:
-                _pad_layer(layer, left=L - new_len)
+            cache.pad(left=L - new_len)
             new_mask = F.pad(new_mask, (L - new_len, 0), value=False)
         elif new_len > L:
-            for layer in self.cache.layers:
-                _pad_layer(layer, left=new_len - L)
+            self.cache.pad(left=new_len - L)
             self.mask = F.pad(self.mask, (new_len - L, 0), value=False)
-        for a, b in zip(self.cache.layers, cache.layers):
-            _cat_layers(a, b)
         if self.seq2seq:
             S, s = self.memory.shape[1], memory.shape[1]
             new_src = torch.ones(memory.shape[0], s, dtype=torch.bool, device=self.device)
             if s < S:
-                for layer in cache.cross:
-                    _pad_layer(layer, right=S - s)
+                cache.pad(right=S - s, cross=True)
                 memory, new_src = F.pad(memory, (0, 0, 0, S - s)), F.pad(new_src, (0, S - s), value=False)
             elif s > S:
-                for layer in self.cache.cross:
-                    _pad_layer(layer, right=s - S)
+                self.cache.pad(right=s - S, cross=True)
                 self.memory, self.src_mask = (
                     F.pad(self.memory, (0, 0, 0, s - S)),
                     F.pad(self.src_mask, (0, s - S), value=False),
                 )
-            for a, b in zip(self.cache.cross, cache.cross):
-                _cat_layers(a, b)
+        self.cache.join(cache)
+        if self.seq2seq:
             self.memory = torch.cat([self.memory, memory])
             self.src_mask = torch.cat([self.src_mask, new_src])
         self.mask = torch.cat([self.mask, new_mask])
@@ -665,11 +640,8 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         self.mask = self.mask[index]
         lead = int(self.mask.any(0).float().argmax())  # columns no remaining row needs
-        for layer in self.cache.layers:
-            _slice_layer(layer, index, lead)
+        self.cache.select(index, lead)
         self.mask = self.mask[:, lead:]
         self.next_pos, self.logits = self.next_pos[index], self.logits[index]
         if self.seq2seq:
-            for layer in self.cache.cross:
-                _slice_layer(layer, index)
             self.memory, self.src_mask = self.memory[index], self.src_mask[index]

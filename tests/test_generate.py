@@ -54,6 +54,40 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(hf_folder):
     assert (kept.sum(-1) == 3).all() and (kept == (logits >= logits.topk(3).values[:, -1:])).all()
 
 
+def test_the_batch_sampler_draws_each_row_as_it_would_alone():
+    """lmlab.generation.sampling.choose over a batch of rows with their own settings and generators
+    equals each row chosen alone; min_p and the penalties follow their definitions."""
+    from lmlab.generation.sampling import SamplingParams, adjust, choose
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_k=5, seed=1),
+        SamplingParams(temperature=1.3, top_p=0.6, seed=2),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=3),
+        SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.05, seed=4),
+    ]
+    for _ in range(5):
+        batch = choose(logits, params, [p.generator() for p in params])
+        alone = [int(choose(logits[i : i + 1], [p], p.generator())[0]) for i, p in enumerate(params)]
+        assert batch.tolist() == alone
+    kept = filter_logits(logits, min_p=0.2).isfinite()
+    probs = logits.softmax(-1)
+    assert torch.equal(kept, probs >= 0.2 * probs.max(-1, keepdim=True).values)
+    counts = torch.zeros(5, 300)
+    counts[:, 7] = 3
+    counts[:, 9] = 1
+    pen = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)] * 5
+    seen = torch.zeros(5, 300, dtype=torch.bool)
+    seen[:, 11] = True
+    out = adjust(logits, pen, seen, counts)
+    assert torch.allclose(out[:, 7], logits[:, 7] - 0.5 - 0.75) and torch.allclose(out[:, 9], logits[:, 9] - 0.75)
+    x = logits[:, 11]
+    assert torch.allclose(out[:, 11], torch.where(x < 0, x * 2, x / 2))
+    assert torch.equal(out[:, 20:], logits[:, 20:])
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]

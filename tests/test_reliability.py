@@ -382,16 +382,16 @@ def test_a_row_whose_sampling_fails_leaves_the_batch_and_the_others_go_on(engine
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12]]
     alone = {i: _run(Engine(model, tok, max_batch=1), [p], seeds=[i + 1])[0] for i, p in enumerate(prompts)}
     engine = Engine(model, tok, max_batch=8)
-    sample = engine._sample
+    advance = engine._advance  # the per-row part of a step: the batch is sampled at once before it
     calls = []
 
-    def failing(row, raw):
+    def failing(row, info):
         calls.append(row.req.sampling.seed)
         if row.req.sampling.seed == 2 and calls.count(2) == 3:  # the third token of the second request
             raise ValueError("probabilities do not sum to one")
-        return sample(row, raw)
+        return advance(row, info)
 
-    engine._sample = failing
+    engine._advance = failing
     try:
         out = _run(engine, prompts, seeds=[1, 2, 3])
         assert out[1][1] == "error" and "sampling the next token: ValueError: probabilities" in out[1][2]

@@ -164,6 +164,56 @@ def test_stop_strings_end_the_text_before_them(gpt):
         )
     )
     assert streamed == full[: full.index(stop)]
+    # include_stop_str_in_output (vLLM's name): the text keeps the stop string, as lmlab.generate's does
+    kept = _alone(model, tok, PROMPTS[1], max_new_tokens=16, stop_strings=[stop]).text
+    assert kept == full[: full.index(stop) + len(stop)]
+    for stream in (False, True):
+        r = server.client.completions.create(
+            model="tiny",
+            prompt=PROMPTS[1],
+            max_tokens=16,
+            temperature=0,
+            stop=[stop],
+            stream=stream,
+            extra_body={"include_stop_str_in_output": True},
+        )
+        text = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+        assert text == kept, stream
+
+
+def test_penalties_top_k_and_min_p_decode_as_lmlab_generate_does(gpt):
+    """The server's sampling settings are lmlab.generation's: repetition penalty greedy equals generate's;
+    seeded sampling with top_k / min_p / presence / frequency penalties equals the sampler run by hand."""
+    from lmlab.generation.sampling import SamplingParams, next_tokens
+
+    server, model, tok = gpt
+    ids = torch.tensor([tok.encode(PROMPTS[1], add_special_tokens=False)])
+    want = generate(model, ids, max_new_tokens=12, repetition_penalty=1.8, eos_token_id=-1)[0, ids.shape[1] :]
+    r = server.client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.8}
+    )
+    plain = server.client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0)
+    eos = model.config.eos_token_id
+    new = want.tolist()
+    new = new[: new.index(eos)] if eos in new else new
+    assert r.choices[0].text == tok.decode(new) != plain.choices[0].text
+    extra = {"top_k": 20, "min_p": 0.02, "presence_penalty": 0.7, "frequency_penalty": 0.4}
+    r = server.client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0.8, seed=5, extra_body=extra
+    )
+    params = SamplingParams(temperature=0.8, seed=5, top_k=20, min_p=0.02, presence_penalty=0.7, frequency_penalty=0.4)
+    gen, seq, counts = params.generator(), ids[0].tolist(), torch.zeros(1, model.config.vocab_size)
+    out = []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([seq])).logits[:, -1]
+            t = int(next_tokens(logits, [params], [gen], counts=counts)[0])
+            if t == eos:
+                break
+            out.append(t)
+            seq.append(t)
+            counts[0, t] += 1
+    assert r.choices[0].text == tok.decode(out)
 
 
 def test_logprobs_and_prompt_scoring_with_echo(gpt):

@@ -26,34 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
+from lmlab.generation.sampling import (  # noqa: F401  (filter_logits, repetition_penalty_: lmlab.generate's names too)
+    MIN_TEMPERATURE,
+    SamplingParams,
+    adjust,
+    choose,
+    filter_logits,
+    repetition_penalty_,
+)
 
 if TYPE_CHECKING:  # decoding runs on the model's forward interface; the class is only named here
     from lmlab.model import Model
-
-MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / temperature would overflow to inf (vLLM does the same)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches top_p."""
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty on every token id in `seen` (B, L): divide positive scores, multiply negative ones."""
-    if penalty == 1.0:
-        return scores
-    picked = scores.gather(1, seen)
-    return scores.scatter(1, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 class TextStreamer:
@@ -458,18 +441,22 @@ def _sample_steps(
     dec, logits, seq, stops = run.dec, run.logits, run.seq, run.stops
     device = seq.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k,
+            top_p=1.0 if top_p is None else top_p,
+            repetition_penalty=repetition_penalty,
+        )
+    ] * seq.shape[0]
     eos_t = torch.tensor(run.eos, device=device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     texts = [IncrementalText(run.tokenizer, stops) for _ in range(seq.shape[0])] if stops else []
     finished = 0  # rows done so far
     for i in range(max_new_tokens):
         raw = logits.float()
-        scores = repetition_penalty_(raw, seq, repetition_penalty)
-        if do_sample and temperature >= MIN_TEMPERATURE:
-            scores = filter_logits(scores / temperature, top_k, top_p)
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
-        else:
-            nxt = scores.argmax(-1)
+        nxt = choose(adjust(raw, params, seq), params, generator)
         if finished:  # rows already done get padding
             nxt = torch.where(done, torch.full_like(nxt, run.pad), nxt)
         lp = F.log_softmax(raw, -1).gather(1, nxt[:, None]).squeeze(1) if want_logprobs else None

@@ -312,12 +312,23 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         return ids
 
     def check_common(body: Any) -> list[str]:
-        if body.presence_penalty or body.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported (send 0)", "presence_penalty")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
         return stops
+
+    def sampling_of(body: Any) -> dict[str, Any]:
+        """The sampling settings every generation endpoint shares, as lmlab.generation.SamplingParams names them."""
+        return {
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k if body.top_k and body.top_k > 0 else None,
+            "min_p": body.min_p,
+            "repetition_penalty": body.repetition_penalty,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty,
+            "include_stop": body.include_stop_str_in_output,
+        }
 
     def constraints(fmt: Any, schema: dict | None = None, param: str = "response_format") -> Any:
         """A function giving each answer its own Constraint for `fmt` (a ResponseFormat) or for a tool
@@ -407,9 +418,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
         for p, ids in enumerate(id_lists):
             for j in range(body.n):
                 sampling = Sampling(
+                    **sampling_of(body),
                     max_tokens=max_tokens,
-                    temperature=body.temperature,
-                    top_p=body.top_p,
                     stop=stops,
                     stop_ids=state.stop_ids,
                     seed=None if body.seed is None else body.seed + j,
@@ -585,9 +595,8 @@ def create_app(cfg: ServeConfig, load_now: bool = False) -> FastAPI:
                 j,
                 ids,
                 Sampling(
+                    **sampling_of(body),
                     max_tokens=max_tokens,
-                    temperature=body.temperature,
-                    top_p=body.top_p,
                     stop=stops,
                     stop_ids=state.stop_ids,
                     seed=None if body.seed is None else body.seed + j,

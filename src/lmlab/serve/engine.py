@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.generate import MIN_TEMPERATURE, IncrementalText, filter_logits
+from lmlab.generate import IncrementalText
+from lmlab.generation.sampling import SamplingParams, adjust, choose, token_logprobs
 from lmlab.model import Model
 from lmlab.model.attention import KVCache
 
@@ -49,22 +50,7 @@ class EngineStopped(Exception):
     """The engine has stopped (or died): it takes no more requests (HTTP 503)."""
 
 
-@dataclass
-class Sampling:
-    """How one request decodes. temperature 0 (or under lmlab.generate.MIN_TEMPERATURE) is greedy;
-    `logprobs` (0-20) alternatives are returned per token when not None; `stop_ids` end generation
-    (the model's end-of-sequence ids)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None
-    prompt_logprobs: bool = False  # the prompt's own log-probabilities (OpenAI's echo + logprobs)
-    constraint: Any = None  # lmlab.generation.structured.Constraint: the answer held to a grammar
+Sampling = SamplingParams  # the engine's name for one request's settings (lmlab.generation.sampling)
 
 
 @dataclass
@@ -110,15 +96,21 @@ class Request:
 class _Row:
     """A running request: its generated ids, text emitted so far and its generator."""
 
-    def __init__(self, req: Request, device: torch.device) -> None:
+    def __init__(self, req: Request, device: torch.device, vocab: int) -> None:
         self.req = req
         self.tokens: list[int] = []
         self.text: IncrementalText | None = None  # the text of `tokens`, each id decoded once
         self.sent = 0  # characters of the decoded text already emitted
         self.prompt_info: list[TokenInfo] | None = None  # sent with the first delta
-        self.generator = None
-        if req.sampling.temperature > 0 and req.sampling.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
+        self.generator = req.sampling.generator(device)
+        s = req.sampling
+        # the penalties' state: tokens seen (prompt and output: the repetition penalty), tokens generated
+        self.seen = self.counts = None
+        if s.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(req.prompt_ids, device=device)] = True
+        if s.presence_penalty or s.frequency_penalty:
+            self.counts = torch.zeros(vocab, device=device)
 
 
 @dataclass
@@ -366,7 +358,7 @@ class Engine:
 
     def _prefill_together(self, group: list[Request]) -> int:
         """Prefill whole prompts in one left-padded pass and put them into the batch; the tokens fed."""
-        rows = self.joining = [_Row(req, self.device) for req in group]
+        rows = self.joining = [_Row(req, self.device, self.cfg.vocab_size) for req in group]
         T = max(len(req.prompt_ids) for req in group)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids = torch.full((len(group), T), pad, dtype=torch.long, device=self.device)
@@ -384,7 +376,7 @@ class Engine:
         return len(group) * T
 
     def _begin(self, req: Request) -> None:
-        row = _Row(req, self.device)
+        row = _Row(req, self.device, self.cfg.vocab_size)
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         cache = KVCache(self.cfg.decoder_layers if self.seq2seq else self.cfg.n_layers, cross=self.seq2seq)
         self.prefilling = _Prefill(row, cache)
@@ -517,21 +509,44 @@ class Engine:
         self.logits = torch.cat([self.logits, logits])
         self.rows.extend(rows)
 
-    def _sample(self, row: _Row, raw: torch.Tensor) -> TokenInfo:
-        s = row.req.sampling
-        raw = raw.float()
-        allowed = raw if s.constraint is None else s.constraint.mask_(raw.clone())
-        if s.temperature < MIN_TEMPERATURE:  # greedy (a tiny temperature would make the scores inf)
-            nxt = int(allowed.argmax())
-        else:
-            scores = filter_logits((allowed / s.temperature)[None], s.top_k, s.top_p if s.top_p < 1.0 else None)
-            nxt = int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
-        if s.logprobs is None:
-            return TokenInfo(nxt, None)
-        lp = F.log_softmax(raw, -1)
-        top = torch.topk(lp, s.logprobs) if s.logprobs else None
-        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-        return TokenInfo(nxt, float(lp[nxt]), alts)
+    def _sample_all(self, live: list[int]) -> list[TokenInfo | Exception]:
+        """The next token of every live row, the batch at once, each row under its own settings
+        (lmlab.generation.sampling); a row whose grammar fails gets its exception instead."""
+        rows = [self.rows[i] for i in live]
+        logits = self.logits if len(live) == len(self.rows) else self.logits[torch.tensor(live, device=self.device)]
+        raw = scores = logits.float()
+        failed: dict[int, Exception] = {}
+        if any(r.req.sampling.constraint is not None for r in rows):
+            scores = raw.clone()
+            for j, r in enumerate(rows):
+                if r.req.sampling.constraint is not None:
+                    try:
+                        r.req.sampling.constraint.mask_(scores[j])
+                    except Exception as e:  # noqa: BLE001  (this row alone leaves the batch)
+                        failed[j] = e
+                        scores[j] = raw[j]
+        params = [r.req.sampling for r in rows]
+        seen = counts = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            blank = torch.zeros(raw.shape[-1], dtype=torch.bool, device=self.device)
+            seen = torch.stack([blank if r.seen is None else r.seen for r in rows])
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            blank = torch.zeros(raw.shape[-1], device=self.device)
+            counts = torch.stack([blank if r.counts is None else r.counts for r in rows])
+        scores = adjust(scores, params, seen, counts, constrain=False)
+        tokens = choose(scores, params, [r.generator for r in rows])
+        want = [p.logprobs for p in params]
+        if any(w is not None for w in want):
+            chosen, tops = token_logprobs(raw, tokens, max(w or 0 for w in want))
+        out: list[TokenInfo | Exception] = []
+        for j, t in enumerate(tokens.tolist()):
+            if j in failed:
+                out.append(failed[j])
+            elif want[j] is None:
+                out.append(TokenInfo(t, None))
+            else:
+                out.append(TokenInfo(t, chosen[j], tops[j][: want[j]]))
+        return out
 
     def _advance(self, row: _Row, info: TokenInfo) -> str | None:
         """Record a sampled token; emit the text it completes; the finish reason if it ends the row."""
@@ -541,6 +556,10 @@ class Engine:
         self.counters["generated_tokens"] += 1
         if s.constraint is not None:
             s.constraint.accept(info.id)
+        if row.seen is not None:
+            row.seen[info.id] = True
+        if row.counts is not None:
+            row.counts[info.id] += 1
         if info.id in s.stop_ids:  # the end-of-sequence token is not part of the text
             self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
             return "stop"
@@ -551,9 +570,10 @@ class Engine:
         row.text.add(info.id)
         text = row.text.text
         if s.stop:  # a stop string not found before ends in what this token added
-            hits = [i for x in s.stop if (i := text.find(x, max(0, before - len(x) + 1))) >= 0]
+            hits = [(i, len(x)) for x in s.stop if (i := text.find(x, max(0, before - len(x) + 1))) >= 0]
             if hits:
-                cut = min(hits)
+                at, size = min(hits)
+                cut = at + size if s.include_stop else at
                 self._emit(row, Delta(text[row.sent : cut] if cut > row.sent else "", [info], "stop"))
                 return "stop"
         # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
@@ -586,13 +606,23 @@ class Engine:
 
     def _decode_step(self) -> None:
         """Sample one token per row from its logits, retire finished / cancelled rows, run the model once."""
-        keep, tokens = [], []
+        live = []
         for i, row in enumerate(self.rows):
             if row.req.cancelled:
                 self.counters["cancelled"] += 1
-                continue
+            else:
+                live.append(i)
+        try:
+            infos = self._sample_all(live) if live else []
+        except Exception as e:  # noqa: BLE001  (the rows sampled in this step fail; the engine goes on)
+            self._fail([self.rows[i].req for i in live], e, "sampling the next tokens")
+            live, infos = [], []
+        keep, tokens = [], []
+        for i, info in zip(live, infos):
+            row = self.rows[i]
             try:
-                info = self._sample(row, self.logits[i])
+                if isinstance(info, Exception):
+                    raise info
                 reason = self._advance(row, info)
             except Exception as e:  # noqa: BLE001  (this row alone: it leaves the batch)
                 self._fail([row.req], e, "sampling the next token")

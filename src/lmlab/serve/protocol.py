@@ -124,9 +124,14 @@ class _Body(_Request):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
+    # vLLM's sampling extensions (the openai client sends them in extra_body)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Body):

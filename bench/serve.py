@@ -14,6 +14,10 @@ same count for every server). Throughput = all generated tokens / wall time of t
     python bench/serve.py                                   # 1, 8 and 32 clients, 32 requests each, 64 new tokens
     python bench/serve.py --servers lmlab lmlab-1-at-a-time --concurrency 8 --requests 16
     python bench/serve.py --servers lmlab lmlab-int8 --concurrency 1 8 32      # int8 linear layers too
+
+After the servers, the raw decoding loop the server runs on (lmlab.generate, greedy, the same folder
+loaded as `lmlab serve` loads it, float32 / int8 as each lmlab server ran) decodes the same prompts in
+batches of each concurrency level, in this process, and every lmlab row gets its ratio to that loop.
 """
 
 from __future__ import annotations
@@ -163,6 +167,27 @@ def level(url: str, model: str, prompts: list[str], clients: int, new: int, tok)
     }
 
 
+def raw_loop(folder: Path, prompts: list[str], batch: int, new: int, quantize: str, threads: int | None) -> dict:
+    """Tokens/s of lmlab.generate on the prompts, `batch` at a time (left-padded), greedy, `new` tokens:
+    the decoding loop under the server, without the server."""
+    import torch
+
+    import lmlab
+    from lmlab.generate import complete
+    from lmlab.tokenizer import load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok = lmlab.load(str(folder), dtype="auto", quantize=quantize).eval(), load_tokenizer(folder)
+    complete(model, tok, prompts[:batch], max_new_tokens=8)  # warm-up
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), batch):
+        for c in complete(model, tok, prompts[i : i + batch], max_new_tokens=new):
+            tokens += len(tok.encode(c.text, add_special_tokens=False))
+    wall = time.perf_counter() - t0
+    return {"batch": batch, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "why": model.decoding}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", nargs="+", choices=SERVERS, default=[s for s in SERVERS if s != "lmlab-int8"])
@@ -202,19 +227,33 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+    raws = {}
+    for kind in {k for k in a.servers if k in ("lmlab", "lmlab-int8")}:
+        with tempfile.TemporaryDirectory() as d:
+            folder = Path(d) / "gpt"
+            build(folder, a.vocab)
+            for clients in a.concurrency:
+                q = "int8" if kind == "lmlab-int8" else "none"
+                raws[kind, clients] = raw_loop(folder, prompts, clients, a.new, q, a.threads)
+                print(json.dumps({"raw": kind, **raws[kind, clients]}), flush=True)
     print(f"\nstreamed /v1/completions, {a.requests} requests per level, max_tokens {a.new}, temperature 0")
     print(environment())
     first = rows[0]["texts"] if rows else {}
     print(f"same text as {rows[0]['server']} at {rows[0]['clients']} client(s), per prompt (greedy)" if rows else "")
     print(
-        "| server | clients | tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms | tokens per request | same text |"
+        "| server | clients | tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms | tokens per request | same text "
+        "| raw loop at that batch, tokens/s | server / raw loop |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = sum(first.get(p) == t for p, t in r["texts"].items()) / max(1, len(r["texts"]))
+        raw = raws.get((r["server"], r["clients"]))
+        r["raw_tokens_per_s"] = raw["tokens_per_s"] if raw else None
+        ratio = f"{raw['tokens_per_s']:,.1f} | {r['tokens_per_s'] / raw['tokens_per_s']:.2f}" if raw else " | "
         print(
             f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:,.1f} | {r['ttft_p50_ms']:.0f} / "
-            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['mean_tokens']:.1f} | {same:.0%} |"
+            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['mean_tokens']:.1f} | {same:.0%} "
+            f"| {ratio} |"
         )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))

@@ -403,6 +403,31 @@ def test_the_queue_is_bounded_and_first_come_first_served(tiny_pretrained):
     assert order == [0, 0, 1, 1]  # one slot: the first request finishes before the second starts
 
 
+def test_work_beside_generation_runs_on_the_engine_thread(tiny_pretrained):
+    """Engine.call runs the embedding / encoder endpoints' model work on the engine's own thread, between
+    steps, while requests decode (one thread runs the model); its errors go back to the caller; a stopped
+    engine refuses it."""
+    from lmlab.serve.engine import Engine, EngineStopped, Request, Sampling
+
+    model, tok = lmlab.load(tiny_pretrained["gpt"]), load_tokenizer(tiny_pretrained["gpt"])
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        done = []
+        engine.submit(Request([5, 6], Sampling(max_tokens=20, temperature=0), done.append))
+        where = engine.call(lambda: (threading.current_thread().name, torch.is_inference_mode_enabled()))
+        assert where.result(timeout=10) == ("lmlab-engine", True)
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(timeout=10)
+        deadline = time.time() + 10
+        while not (done and done[-1].finish_reason) and time.time() < deadline:
+            time.sleep(0.01)
+        assert done[-1].finish_reason == "length"  # the request it ran beside went on to the end
+    finally:
+        engine.stop()
+    with pytest.raises(EngineStopped):
+        engine.call(lambda: None)
+
+
 def test_api_key_queue_limit_and_health(long_gpt):
     server = Server(long_gpt, api_key="sekret", max_batch=1, max_queue=1)
     try:

@@ -21,16 +21,33 @@ def sentence_embeddings(
 ) -> torch.Tensor:
     """(N, d_model) embeddings, as sentence-transformers computes them for mean-pooling models."""
     out = []
-    device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
         ids, mask = encode_batch(
             tokenizer, texts[start : start + batch_size], model.config.max_seq_len, model.config.pad_token_id
         )
-        h = model(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        if pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            m = mask.to(device, h.dtype)[..., None]
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        out.append(F.normalize(pooled, dim=-1) if normalize else pooled)
+        out.append(pooled_states(model, ids, mask, pooling, normalize))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def pooled_states(
+    model: Model, ids: torch.Tensor, mask: torch.Tensor | None = None, pooling: str = "mean", normalize: bool = True
+) -> torch.Tensor:
+    """(B, d_model) pooled final hidden states of token ids (B, T) with their padding mask: the
+    encoder's for an encoder-decoder, the last layer's otherwise; mean over real tokens or [CLS]."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    cfg = model.config
+    if cfg.spec.seq2seq:
+        start = torch.full((ids.shape[0], 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        h = model(ids, attention_mask=mask, decoder_input_ids=start).encoder_last_hidden_state
+    else:
+        h = model(ids, attention_mask=mask).last_hidden_state
+    h = h.float()
+    if pooling == "cls":
+        pooled = h[:, 0]
+    else:
+        m = mask.to(h.dtype)[..., None]
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=-1) if normalize else pooled

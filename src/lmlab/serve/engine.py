@@ -16,14 +16,18 @@ Exception (KeyboardInterrupt, SystemExit) stops the engine; then every request i
 
 The batch is one KV cache whose rows are left-padded to a common length: a prompt that joins is padded
 (or the batch is, when the newcomer is longer), every row keeps its own positions, and the attention
-mask hides the padding; columns that no row needs any more are trimmed away. Each row samples with its
-own settings and its own seeded generator, so a request's tokens do not depend on its neighbours.
+mask hides the padding; columns that no row needs any more are trimmed away (KVCache.pad / join /
+select). The batch samples at once (lmlab.generation.sampling), each row under its own settings and
+its own seeded generator, so a request's tokens do not depend on its neighbours. Other work on the
+model (embeddings, the encoder endpoints) runs on the engine's thread between steps (`Engine.call`):
+one thread runs the model.
 Encoder-decoders keep, per row, the encoder's output and its cross-attention cache, padded on the right
 to the longest source in the batch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -140,8 +144,10 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         on_step: Callable[[int], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         cfg = model.config
+        self.threads = threads  # torch threads of the engine's own thread (None: torch's default)
         if not cfg.has_decoder or model.lm_head is None:
             raise ConfigError(f"the engine generates text: a {cfg.family} model has no language-model head")
         self.model, self.tok, self.cfg = model.eval(), tokenizer, cfg
@@ -151,6 +157,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.on_step = on_step
         self.waiting: deque[Request] = deque()
+        self.calls: list[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = []  # Engine.call
         self.lock = threading.Condition()
         self.rows: list[_Row] = []
         self.prefilling: _Prefill | None = None
@@ -227,14 +234,41 @@ class Engine:
         }
 
     # ---- the loop (engine thread) ---------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run fn(*args) on the engine's thread between two steps (the embedding and encoder endpoints):
+        one thread runs the model, so torch's OpenMP threads are one team. Measured: a second thread
+        that has run a parallel torch op makes this thread's steps 1.5-10x slower on 2 cores."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            if self.error is not None or (self.thread is not None and not self.running):
+                raise EngineStopped("the engine has stopped")
+            self.calls.append((future, fn, args))
+            self.lock.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for future, fn, args in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    with torch.inference_mode():
+                        future.set_result(fn(*args))
+                except Exception as e:  # noqa: BLE001  (the caller's error, handed back to it)
+                    future.set_exception(e)
+
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             while True:
                 with self.lock:
-                    while self.running and not (self.waiting or self.rows or self.prefilling):
+                    while self.running and not (self.waiting or self.rows or self.prefilling or self.calls):
                         self.lock.wait(timeout=1.0)
                     if not self.running:
                         break
+                if self.calls:
+                    self._run_calls()
                 try:
                     with torch.inference_mode():
                         self._prefill_within(self.prefill_chunk)
@@ -250,8 +284,17 @@ class Engine:
             with self.lock:
                 self.error = e
             self._fail(self._in_flight() + self._drain(), e, "the engine stopped")
+            self._drop_calls()
             raise
         self._fail(self._in_flight() + self._drain(), None, "the engine was stopped")
+        self._drop_calls()
+
+    def _drop_calls(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for future, _, _ in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped("the engine has stopped"))
 
     def _in_flight(self) -> list[Request]:
         rows = self.rows + self.joining + ([self.prefilling.row] if self.prefilling else [])

@@ -423,6 +423,13 @@ class ChatChunk(BaseModel):
     usage: Usage | None = None
 
 
+def checked(model: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
+    """`body`, after validating it against the response model OpenAPI documents for it (a mismatch is
+    lmlab's bug, raised here rather than sent): what is sent is what the schema says."""
+    model.model_validate(body)
+    return body
+
+
 STREAMED = (CompletionChunk, ChatChunk, ErrorResponse)  # models only the event streams name
 
 

@@ -15,9 +15,11 @@ same count for every server). Throughput = all generated tokens / wall time of t
     python bench/serve.py --servers lmlab lmlab-1-at-a-time --concurrency 8 --requests 16
     python bench/serve.py --servers lmlab lmlab-int8 --concurrency 1 8 32      # int8 linear layers too
 
-After the servers, the raw decoding loop the server runs on (lmlab.generate, greedy, the same folder
-loaded as `lmlab serve` loads it, float32 / int8 as each lmlab server ran) decodes the same prompts in
-batches of each concurrency level, in this process, and every lmlab row gets its ratio to that loop.
+Beside each lmlab server, the raw decoding loop it runs on (lmlab.generate, greedy, the same folder
+loaded as `lmlab serve` loads it, in the server's precision) decodes the same prompts in batches of
+each concurrency level, in this process, alternating with the server's runs (the server idle
+meanwhile); each level runs --repeats times and reports the median tokens/s and the median ratio of
+the server to the loop.
 """
 
 from __future__ import annotations
@@ -167,18 +169,18 @@ def level(url: str, model: str, prompts: list[str], clients: int, new: int, tok)
     }
 
 
-def raw_loop(folder: Path, prompts: list[str], batch: int, new: int, quantize: str, threads: int | None) -> dict:
-    """Tokens/s of lmlab.generate on the prompts, `batch` at a time (left-padded), greedy, `new` tokens:
-    the decoding loop under the server, without the server."""
-    import torch
-
+def raw_model(folder: Path, quantize: str) -> tuple:
     import lmlab
-    from lmlab.generate import complete
     from lmlab.tokenizer import load_tokenizer
 
-    if threads:
-        torch.set_num_threads(threads)
-    model, tok = lmlab.load(str(folder), dtype="auto", quantize=quantize).eval(), load_tokenizer(folder)
+    return lmlab.load(str(folder), dtype="auto", quantize=quantize).eval(), load_tokenizer(folder)
+
+
+def raw_loop(model, tok, prompts: list[str], batch: int, new: int) -> dict:
+    """Tokens/s of lmlab.generate on the prompts, `batch` at a time (left-padded), greedy, `new` tokens:
+    the decoding loop under the server, without the server."""
+    from lmlab.generate import complete
+
     complete(model, tok, prompts[:batch], max_new_tokens=8)  # warm-up
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch):
@@ -197,6 +199,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="lmlab serve --max-batch")
     ap.add_argument("--threads", type=int, default=None, help="lmlab serve --threads (default: its own)")
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each level (medians reported)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     from lmlab.data.corpus import demo_corpus
@@ -210,6 +213,13 @@ def main() -> None:
         build(folder, a.vocab)
         tok = load_tokenizer(folder)
         for kind in a.servers:
+            raw = None  # the loop under an lmlab server, timed in this process between its levels
+            if kind in ("lmlab", "lmlab-int8") and a.threads:
+                import torch
+
+                torch.set_num_threads(a.threads)
+            if kind in ("lmlab", "lmlab-int8"):
+                raw = raw_model(folder, "int8" if kind == "lmlab-int8" else "none")
             port = free_port()
             proc = start(kind, folder, port, a.max_batch, a.threads)
             url = f"http://127.0.0.1:{port}"
@@ -217,7 +227,16 @@ def main() -> None:
                 model = wait_ready(url, proc, folder)
                 level(url, model, prompts[:2], 1, 8, tok)  # warm-up
                 for clients in a.concurrency:
-                    r = {"server": kind, **level(url, model, prompts, clients, a.new, tok)}
+                    runs, loops = [], []
+                    for _ in range(a.repeats):  # the server's level, then the raw loop, alternating
+                        runs.append(level(url, model, prompts, clients, a.new, tok))
+                        if raw is not None:
+                            loops.append(raw_loop(*raw, prompts, clients, a.new)["tokens_per_s"])
+                    r = {"server": kind, **sorted(runs, key=lambda x: x["tokens_per_s"])[len(runs) // 2]}
+                    r["all_tokens_per_s"] = [x["tokens_per_s"] for x in runs]
+                    if loops:
+                        r["raw_tokens_per_s"] = statistics.median(loops)
+                        r["ratios"] = [x["tokens_per_s"] / y for x, y in zip(runs, loops)]
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k != "texts"}), flush=True)
             finally:
@@ -227,29 +246,19 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    raws = {}
-    for kind in {k for k in a.servers if k in ("lmlab", "lmlab-int8")}:
-        with tempfile.TemporaryDirectory() as d:
-            folder = Path(d) / "gpt"
-            build(folder, a.vocab)
-            for clients in a.concurrency:
-                q = "int8" if kind == "lmlab-int8" else "none"
-                raws[kind, clients] = raw_loop(folder, prompts, clients, a.new, q, a.threads)
-                print(json.dumps({"raw": kind, **raws[kind, clients]}), flush=True)
     print(f"\nstreamed /v1/completions, {a.requests} requests per level, max_tokens {a.new}, temperature 0")
     print(environment())
     first = rows[0]["texts"] if rows else {}
     print(f"same text as {rows[0]['server']} at {rows[0]['clients']} client(s), per prompt (greedy)" if rows else "")
     print(
         "| server | clients | tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms | tokens per request | same text "
-        "| raw loop at that batch, tokens/s | server / raw loop |"
+        "| raw loop at that batch, tokens/s | server / raw loop (median) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = sum(first.get(p) == t for p, t in r["texts"].items()) / max(1, len(r["texts"]))
-        raw = raws.get((r["server"], r["clients"]))
-        r["raw_tokens_per_s"] = raw["tokens_per_s"] if raw else None
-        ratio = f"{raw['tokens_per_s']:,.1f} | {r['tokens_per_s'] / raw['tokens_per_s']:.2f}" if raw else " | "
+        raw = r.get("raw_tokens_per_s")
+        ratio = f"{raw:,.1f} | {statistics.median(r['ratios']):.2f}" if raw else " | "
         print(
             f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:,.1f} | {r['ttft_p50_ms']:.0f} / "
             f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['mean_tokens']:.1f} | {same:.0%} "

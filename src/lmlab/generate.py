@@ -34,6 +34,7 @@ from lmlab.generation.sampling import (  # noqa: F401  (filter_logits, repetitio
     filter_logits,
     repetition_penalty_,
 )
+from lmlab.generation.text import IncrementalText
 
 if TYPE_CHECKING:  # decoding runs on the model's forward interface; the class is only named here
     from lmlab.model import Model
@@ -380,37 +381,6 @@ def finish(new: torch.Tensor, eos: list[int], stops: list[str], tokenizer: Any) 
         tokens.append(row[:cut])
         reasons.append(reason)
     return tokens, reasons
-
-
-class IncrementalText:
-    """The text of a growing row of new ids, each id decoded once (tokenizers' DecodeStream, for lmlab's
-    tokenizers; another tokenizer's `decode` of the whole row otherwise), and whether it now holds a
-    stop string: only the text a token added (and the stop's length before it) is searched, so a long
-    answer costs linear, not quadratic, time."""
-
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        backend = getattr(tokenizer, "backend", None)
-        self.tokenizer, self.backend, self.stops = tokenizer, backend, stops
-        self.longest = max((len(s) for s in stops), default=0)
-        self.ids: list[int] = []
-        self.text = ""
-        if backend is not None:
-            from tokenizers.decoders import DecodeStream
-
-            self.stream = DecodeStream(skip_special_tokens=True)  # as lmlab's Tokenizer.decode
-
-    def add(self, token: int) -> bool:
-        """Append one id; True when the text now holds a stop string."""
-        if self.backend is None:
-            self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids)
-            return any(s in self.text for s in self.stops)
-        piece = self.stream.step(self.backend, token) or ""  # "" until a multi-byte character completes
-        if not piece:
-            return False
-        self.text += piece
-        tail = self.text[-(len(piece) + self.longest - 1) :] if self.longest > 1 else piece
-        return any(s in tail for s in self.stops)
 
 
 def _stopped_by_string(

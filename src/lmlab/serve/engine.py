@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.generate import IncrementalText
 from lmlab.generation.sampling import SamplingParams, adjust, choose, token_logprobs
+from lmlab.generation.text import StreamText
 from lmlab.model import Model
 from lmlab.model.attention import KVCache
 
@@ -100,11 +100,10 @@ class Request:
 class _Row:
     """A running request: its generated ids, text emitted so far and its generator."""
 
-    def __init__(self, req: Request, device: torch.device, vocab: int) -> None:
+    def __init__(self, req: Request, device: torch.device, vocab: int, tokenizer: Any) -> None:
         self.req = req
         self.tokens: list[int] = []
-        self.text: IncrementalText | None = None  # the text of `tokens`, each id decoded once
-        self.sent = 0  # characters of the decoded text already emitted
+        self.text = StreamText(tokenizer, req.sampling.stop, req.sampling.include_stop)  # each id decoded once
         self.prompt_info: list[TokenInfo] | None = None  # sent with the first delta
         self.generator = req.sampling.generator(device)
         s = req.sampling
@@ -401,7 +400,7 @@ class Engine:
 
     def _prefill_together(self, group: list[Request]) -> int:
         """Prefill whole prompts in one left-padded pass and put them into the batch; the tokens fed."""
-        rows = self.joining = [_Row(req, self.device, self.cfg.vocab_size) for req in group]
+        rows = self.joining = [_Row(req, self.device, self.cfg.vocab_size, self.tok) for req in group]
         T = max(len(req.prompt_ids) for req in group)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids = torch.full((len(group), T), pad, dtype=torch.long, device=self.device)
@@ -419,7 +418,7 @@ class Engine:
         return len(group) * T
 
     def _begin(self, req: Request) -> None:
-        row = _Row(req, self.device, self.cfg.vocab_size)
+        row = _Row(req, self.device, self.cfg.vocab_size, self.tok)
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         cache = KVCache(self.cfg.decoder_layers if self.seq2seq else self.cfg.n_layers, cross=self.seq2seq)
         self.prefilling = _Prefill(row, cache)
@@ -604,48 +603,22 @@ class Engine:
         if row.counts is not None:
             row.counts[info.id] += 1
         if info.id in s.stop_ids:  # the end-of-sequence token is not part of the text
-            self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
+            self._emit(row, Delta(row.text.pending(final=True), [info], "stop"))
             return "stop"
         row.tokens.append(info.id)
-        if row.text is None:
-            row.text = IncrementalText(self.tok, [])
-        before = len(row.text.text)
-        row.text.add(info.id)
-        text = row.text.text
-        if s.stop:  # a stop string not found before ends in what this token added
-            hits = [(i, len(x)) for x in s.stop if (i := text.find(x, max(0, before - len(x) + 1))) >= 0]
-            if hits:
-                at, size = min(hits)
-                cut = at + size if s.include_stop else at
-                self._emit(row, Delta(text[row.sent : cut] if cut > row.sent else "", [info], "stop"))
-                return "stop"
+        if row.text.add(info.id):  # a stop string
+            self._emit(row, Delta(row.text.until_stop(), [info], "stop"))
+            return "stop"
         # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
         used = 1 + len(row.tokens) if self.seq2seq else len(row.req.prompt_ids) + len(row.tokens)
         if s.constraint is not None and s.constraint.finished:  # the grammar allows nothing more
-            self._emit(row, Delta(self._flush(row, final=True), [info], "stop"))
+            self._emit(row, Delta(row.text.pending(final=True), [info], "stop"))
             return "stop"
-        if len(row.tokens) >= s.max_tokens or used >= self.context:  # the whole text once, as decode gives it
-            self._emit(row, Delta(self._flush(row, final=True), [info], "length"))
+        if len(row.tokens) >= s.max_tokens or used >= self.context:
+            self._emit(row, Delta(row.text.pending(final=True), [info], "length"))
             return "length"
-        self._emit(row, Delta(self._flush(row, text=text), [info]))
+        self._emit(row, Delta(row.text.pending(), [info]))
         return None
-
-    def _flush(self, row: _Row, final: bool = False, text: str | None = None) -> str:
-        """The text not yet sent that is safe to send: complete characters, and nothing that could be
-        the start of a stop string (unless the row is finishing)."""
-        text = self.tok.decode(row.tokens) if text is None else text
-        end = len(text)
-        if not final:
-            if text.endswith("\ufffd"):
-                end = len(text.rstrip("\ufffd"))
-            for stop in row.req.sampling.stop:  # hold back a tail that may grow into a stop string
-                for k in range(min(len(stop) - 1, end - row.sent), 0, -1):
-                    if text[end - k : end] == stop[:k]:
-                        end -= k
-                        break
-        piece = text[row.sent : end] if end > row.sent else ""
-        row.sent = max(row.sent, end)
-        return piece
 
     def _decode_step(self) -> None:
         """Sample one token per row from its logits, retire finished / cancelled rows, run the model once."""

@@ -198,6 +198,28 @@ def tiny_config(base: str, tok):
     )
 
 
+def random_decoder(tok, folder, max_seq_len: int, seed: int = 0, **save_kw):
+    """A tiny random GPT (2 layers, width 64) for `tok` with a longer context, saved with its tokenizer
+    in `folder` (save_pretrained's keywords, e.g. format="hf")."""
+    import lmlab
+    from lmlab.config import preset
+
+    torch.manual_seed(seed)
+    cfg = preset(
+        "gpt2-tiny",
+        vocab_size=tok.vocab_size,
+        n_layers=2,
+        d_model=64,
+        n_heads=2,
+        d_ff=128,
+        max_seq_len=max_seq_len,
+        **tok.model_ids(),
+    )
+    lmlab.Model(cfg).save_pretrained(folder, **save_kw)
+    tok.save(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """40 documents of the built-in corpus, blank-line separated (the distributed and checkpoint tests'

@@ -12,16 +12,15 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
 pytest.importorskip("aiohttp")
 
+from conftest import random_decoder  # noqa: E402
 from test_serve import Server  # noqa: E402
 
 import lmlab  # noqa: E402
-from lmlab.config import preset  # noqa: E402
 from lmlab.generate import complete  # noqa: E402
 from lmlab.tokenizer import load_tokenizer  # noqa: E402
 
@@ -64,19 +63,7 @@ def setup(tiny_pretrained, tmp_path_factory):
     os.environ["HF_DATASETS_CACHE"] = str(root / "datasets-cache")
     folder = root / "gpt-hf"
     tok = load_tokenizer(tiny_pretrained["gpt"])
-    torch.manual_seed(0)
-    cfg = preset(
-        "gpt2-tiny",
-        vocab_size=tok.vocab_size,
-        n_layers=2,
-        d_model=64,
-        n_heads=2,
-        d_ff=128,
-        max_seq_len=256,
-        **tok.model_ids(),
-    )
-    lmlab.Model(cfg).save_pretrained(folder, format="hf")
-    tok.save(folder)
+    random_decoder(tok, folder, 256, seed=0, format="hf")
     from lmlab.data.corpus import demo_corpus
 
     lines = [ln.split() for ln in gzip.open(demo_corpus("kjv"), "rt").read().splitlines()[:400] if len(ln.split()) > 12]

@@ -16,11 +16,11 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from conftest import random_decoder  # noqa: E402
 from test_serve import Server, _post  # noqa: E402
 
 import lmlab  # noqa: E402
 from lmlab.chat import render  # noqa: E402
-from lmlab.config import preset  # noqa: E402
 from lmlab.generation.structured import Constraint, token_table  # noqa: E402
 from lmlab.generation.tools import read_calls  # noqa: E402
 from lmlab.tokenizer import load_tokenizer  # noqa: E402
@@ -64,19 +64,7 @@ def random_gpt(tiny_pretrained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("structured") / "gpt"
     tok = load_tokenizer(tiny_pretrained["gpt"])
     tok.chat_template = TOOLS_TEMPLATE
-    torch.manual_seed(1)
-    cfg = preset(
-        "gpt2-tiny",
-        vocab_size=tok.vocab_size,
-        n_layers=2,
-        d_model=64,
-        n_heads=2,
-        d_ff=128,
-        max_seq_len=1024,
-        **tok.model_ids(),
-    )
-    lmlab.Model(cfg).save_pretrained(folder)
-    tok.save(folder)
+    random_decoder(tok, folder, 1024, seed=1)
     server = Server(folder, max_batch=8)
     yield server, lmlab.load(folder).eval(), load_tokenizer(folder)
     server.close()

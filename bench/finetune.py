@@ -6,6 +6,10 @@ BERT classifies from the mean of its token states: the [CLS] state of a tiny BER
 CPU steps is the same for every input (std across inputs ~1e-5), so [CLS] pooling cannot learn.
 
     python bench/finetune.py --pretrain-steps 400 --epochs 1 --lr 1e-3 --out runs/finetune-bench
+    python bench/finetune.py --methods full lora dora --lora-lr 1e-3    # full fine-tuning against adapters
+
+Each fine-tuning runs in a process of its own, which reports its peak resident memory; with
+--methods, the table adds the method, the trainable parameters, seconds per step and that peak.
 """
 
 from __future__ import annotations
@@ -51,11 +55,14 @@ def main() -> None:
     )
     ap.add_argument("--models", nargs="+", default=["bert-tiny", "gpt2-tiny"], choices=["bert-tiny", "gpt2-tiny"])
     ap.add_argument("--out", default="runs/finetune-bench")
+    ap.add_argument("--methods", nargs="+", default=["full"], choices=["full", "lora", "dora"])
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="the learning rate of lora / dora runs")
+    ap.add_argument("--lora-r", type=int, default=8)
     a = ap.parse_args()
     import torch
 
     import lmlab
-    from lmlab.finetune import FinetuneConfig, finetune
+    from lmlab.finetune import FinetuneConfig
     from lmlab.pretrain import PretrainConfig, pretrain
     from lmlab.tokenizer import load_tokenizer
     from lmlab.train import TrainConfig
@@ -89,40 +96,80 @@ def main() -> None:
         lmlab.Model(lmlab.load(pre).config).save_pretrained(scratch)
         load_tokenizer(pre).save(scratch)
         for start, folder in (("pre-trained", pre), ("random init", scratch)):
-            t = time.perf_counter()
-            r = finetune(
-                FinetuneConfig(
+            for method in a.methods:
+                fc = FinetuneConfig(
                     task="classify",
                     model=str(folder),
                     train=str(task / "train.tsv"),
                     eval=str(task / "test.tsv"),
-                    out=str(out / f"ft-{preset}-{start[:3]}"),
+                    out=str(out / f"ft-{preset}-{start[:3]}-{method}"),
                     epochs=a.epochs,
-                    lr=a.lr,
+                    lr=a.lr if method == "full" else a.lora_lr,
                     batch_size=32,
                     max_len=a.max_len,
                     pooling="mean" if family == "encoder" else None,
+                    method=method,
+                    lora_r=a.lora_r,
                 )
-            )
-            rows.append(
-                {
-                    "model": f"lmlab {preset} ({start}, {a.pretrain_steps} pre-training steps)"
-                    if start == "pre-trained"
-                    else f"lmlab {preset} ({start})",
-                    "accuracy": r["eval"]["accuracy"],
-                    "macro_f1": r["eval"]["macro_f1"],
-                    "minutes": (time.perf_counter() - t) / 60,
-                }
-            )
+                r, peak, seconds = in_own_process(fc)
+                rows.append(
+                    {
+                        "model": f"lmlab {preset} ({start}, {a.pretrain_steps} pre-training steps)"
+                        if start == "pre-trained"
+                        else f"lmlab {preset} ({start})",
+                        "method": method,
+                        "accuracy": r["eval"]["accuracy"],
+                        "macro_f1": r["eval"]["macro_f1"],
+                        "minutes": seconds / 60,
+                        "trainable_params": r["trainable_params"],
+                        "total_params": r["total_params"],
+                        "s_per_step": 60 * r["minutes"] / max(1, r["steps"]),
+                        "peak_rss_mb": peak,
+                    }
+                )
     print(
         f"\nkjv-sections (6 classes; train {counts['train']}, test {counts['test']} passages; split by chapter), "
         f"fine-tuning {a.epochs} epochs, lr {a.lr}, batch 32, max_len {a.max_len}; chance = majority class "
         f"{max_share(task / 'test.tsv'):.3f}"
     )
-    print("| model | test accuracy | test macro-F1 | minutes |\n|---|---|---|---|")
+    print(
+        "| model | method | test accuracy | test macro-F1 | trainable / total parameters | s per step "
+        "| peak RSS MB | minutes |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['minutes']:.1f} |")
+        extra = (
+            f"{r['trainable_params']:,} / {r['total_params']:,} | {r['s_per_step']:.3f} | {r['peak_rss_mb']:,.0f}"
+            if "method" in r
+            else " | | "
+        )
+        print(
+            f"| {r['model']} | {r.get('method', '')} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {extra} "
+            f"| {r['minutes']:.1f} |"
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(a), "counts": counts, "rows": rows}, indent=2))
+
+
+def _child(fc, queue) -> None:
+    import resource
+
+    from lmlab.finetune import finetune
+
+    t = time.perf_counter()
+    r = finetune(fc)
+    queue.put((r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t))
+
+
+def in_own_process(fc) -> tuple[dict, float, float]:
+    """(finetune's result, the process's peak resident memory in MB, seconds), in a fresh process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fc, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def max_share(path: Path) -> float:

@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmlab.model",),
     (
         "lmlab.io",
+        "lmlab.adapters",
         "lmlab.export_gguf",
         "lmlab.quantize",
         "lmlab.info",

@@ -120,7 +120,19 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed
     model = task_model(base, fc.task, labels, fc.pooling)
     if tok.vocab_size > model.config.vocab_size:  # the task added tokens (chat templates)
+        if fc.method != "full":
+            raise ConfigError(
+                f"--method {fc.method}: the chat template's tokens are not in this tokenizer, so their embeddings "
+                "would have to be trained whole; fine-tune with --method full, or give a tokenizer that has them"
+            )
         model.resize_token_embeddings(tok.vocab_size)
+    lora = None
+    if fc.method != "full":
+        from lmlab.adapters import add_lora
+
+        lora = add_lora(model, fc.method, fc.lora_r, fc.lora_alpha, fc.lora_dropout, fc.lora_targets)
+    elif fc.merge:
+        raise ConfigError("--merge merges adapters: it goes with --method lora or dora")
     pad, segments = pad_id(tok), model.config.type_vocab_size > 0
     train = Batches(task.data(train_rows, pad, segments), fc.batch_size, fc.seed)
     val = (
@@ -149,12 +161,25 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     out = Path(fc.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(fc.seed)
+    from lmlab.adapters import parameter_counts
+
+    counts = parameter_counts(model)
+    if on_event is not None:
+        on_event(
+            "note",
+            {"text": f"{fc.method}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train"},
+        )
     trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn)
     record = {"finetune": dataclasses.asdict(fc), "precision": trainer.precision}  # what --resume continues with
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if fc.resume else False
     summary = trainer.fit()
-    model.save_pretrained(out)
+    if lora is None:
+        model.save_pretrained(out)
+    else:
+        from lmlab.adapters import save_adapter
+
+        save_adapter(model, lora, out, str(Path(fc.model).resolve()))
     tok.save(out)
     if setup.files is not None:
         setup.files(out)
@@ -168,10 +193,36 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         "eval": summary["val"],
         "labels": labels,
         "notes": setup.notes,
+        "method": fc.method,
+        **counts,
     }
-    (out / "finetune.json").write_text(json.dumps({**info, "config": dataclasses.asdict(fc)}, indent=2) + "\n")
+    record = {**info, "config": dataclasses.asdict(fc), "model_config": model.config.to_dict()}
+    (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if fc.merge:
+        merge(out, out / "merged")
     return result
+
+
+def merge(adapter: str | Path, out: str | Path) -> Path:
+    """Write an adapter folder's model, merged, as a plain fine-tuned folder (weights, tokenizer,
+    finetune.json): it exports to Hugging Face and serves like any other."""
+    import shutil
+
+    from lmlab.adapters import is_adapter
+    from lmlab.io import load
+    from lmlab.tokenizer import load_tokenizer
+
+    adapter, out = Path(adapter), Path(out)
+    if not is_adapter(adapter):
+        raise ConfigError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+    model = load(adapter)
+    model.save_pretrained(out)
+    load_tokenizer(adapter).save(out)
+    for name in ("finetune.json", "eval_results.json"):
+        if (adapter / name).is_file():
+            shutil.copyfile(adapter / name, out / name)
+    return out
 
 
 # ---- prediction ---------------------------------------------------------------------------------

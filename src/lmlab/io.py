@@ -30,8 +30,9 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | None = None,
 ) -> Model:
-    """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES), a training checkpoint
-    or a Hub id.
+    """Load an lmlab folder, a transformers folder (see lmlab.hf.ARCHITECTURES), a training checkpoint,
+    a LoRA / DoRA adapter folder of `lmlab finetune --method lora` (PEFT's format; merged into its base
+    model, lmlab.adapters) or a Hub id.
 
     dtype: None keeps the weights as saved (float32); a torch.dtype, "float32" or "bfloat16"; or "auto",
     what decodes fastest on this machine: bfloat16 where its matmuls are native (CUDA GPUs with bf16,
@@ -46,7 +47,10 @@ def load(
 
         choice = decoding_choice("float32" if dtype is None else dtype, quantize, device=device or "cpu")
         dtype = getattr(torch, choice["dtype"])
-    model = load_folder(path_or_id, Model)
+    from lmlab.adapters import is_adapter, load_adapter
+
+    local = Path(path_or_id)
+    model = load_adapter(local) if local.is_dir() and is_adapter(local) else load_folder(path_or_id, Model)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if choice is not None:

@@ -218,6 +218,19 @@ class FinetuneConfig:
     )
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming up")
     weight_decay: float = option(0.01, "AdamW weight decay")
+    method: str = option(
+        "full",
+        "full: train every weight; lora / dora: train adapters (PEFT, the peft extra) and the task head only, "
+        "saved in PEFT's format",
+        choices=("full", "lora", "dora"),
+    )
+    lora_r: int = option(8, "lora / dora: the adapters' rank")
+    lora_alpha: float = option(16.0, "lora / dora: the adapters' scale numerator (scale = alpha / r)")
+    lora_dropout: float = option(0.0, "lora / dora: dropout on the adapters' input")
+    lora_targets: list[str] | None = option(
+        None, "lora / dora: layer kinds to adapt: qkv, out, up, down, experts, head (default: qkv out up down)"
+    )
+    merge: bool = option(False, "lora / dora: also write the merged model (a plain folder) to OUT/merged")
     seed: int = option(0, "seed of the new head and the data order")
     resume: bool = option(False, "continue from the newest checkpoint in --out")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="JSONL file (default: standard output)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=run_predict)
+    p = sub.add_parser("merge", help="merge a LoRA / DoRA adapter folder into a plain model folder")
+    p.add_argument("adapter", help="an adapter folder of `lmlab finetune --method lora|dora`")
+    p.add_argument("out", help="the merged folder to write")
+    p.set_defaults(func=run_merge)
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
@@ -44,9 +48,11 @@ def run_finetune(args: argparse.Namespace) -> None:
     fc = finetune_config(args)
     with TrainingProgress() as progress:
         result = finetune(fc, progress.run(f"fine-tune {fc.task}"))
+    what = "model" if fc.method == "full" else f"{fc.method} adapter (PEFT's format)"
     console.print(
         f"done: {result['steps']} steps on {result['train_examples']:,} examples in "
-        f"{result['minutes']:.1f} min; model saved to [bold]{fc.out}[/]"
+        f"{result['minutes']:.1f} min; {what} saved to [bold]{fc.out}[/] "
+        f"({result['trainable_params']:,} of {result['total_params']:,} parameters trained)"
     )
     if result["eval"]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
@@ -70,3 +76,10 @@ def run_predict(args: argparse.Namespace) -> None:
         console.print(f"{len(rows):,} predictions written to {args.out}")
     else:
         sys.stdout.write(lines)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from lmlab.finetune import merge
+
+    out = merge(args.adapter, args.out)
+    console.print(f"merged {args.adapter} into [bold]{out}[/]")

@@ -140,6 +140,7 @@ def _effective(cfg: ModelConfig, name: str) -> Any:
         "n_decoder_layers": lambda: cfg.decoder_layers if cfg.spec.seq2seq else None,
         "n_kv_heads": lambda: cfg.kv_heads,
         "head_dim": lambda: cfg.dim_head,
+        "classifier_pooling": lambda: cfg.pooling,  # None means the family's own: cls / last
     }
     return resolved[name]() if name in resolved else getattr(cfg, name)
 

@@ -138,8 +138,8 @@ def load_adapter(folder: str | Path) -> nn.Module:
     """The model an adapter folder describes, merged: the task model rebuilt on the base folder's weights
     (its config is in finetune.json), PEFT's adapter read and merged into it."""
     peft = _peft()
+    from lmlab.checkpoint import load_folder
     from lmlab.config import ModelConfig
-    from lmlab.io import load
     from lmlab.model import Model
 
     folder = Path(folder)
@@ -153,7 +153,8 @@ def load_adapter(folder: str | Path) -> nn.Module:
     cfg = ModelConfig.from_dict(json.loads(info_path.read_text())["model_config"])
     model = Model(cfg)
     own = model.state_dict()
-    kept = {k: v for k, v in load(base_dir).state_dict().items() if k in own and own[k].shape == v.shape}
+    base = load_folder(base_dir, Model)
+    kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(kept, strict=False)
     with torch.no_grad():
         merged = peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()

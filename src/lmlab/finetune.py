@@ -164,11 +164,11 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     from lmlab.adapters import parameter_counts
 
     counts = parameter_counts(model)
-    if on_event is not None:
-        on_event(
-            "note",
-            {"text": f"{fc.method}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train"},
-        )
+    if fc.method != "full":  # what the adapters leave to train
+        trained = f"{fc.method}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train"
+        setup.notes.append(trained)
+        if on_event is not None:
+            on_event("note", {"text": trained})
     trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn)
     record = {"finetune": dataclasses.asdict(fc), "precision": trainer.precision}  # what --resume continues with
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")

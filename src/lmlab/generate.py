@@ -332,18 +332,8 @@ def generate(
             seq, steps = run.seq, []
             if streamer is not None:
                 streamer.put(seq.cpu())
-            for nxt, lp in _steps(
-                run,
-                max_new_tokens,
-                do_sample,
-                temperature,
-                top_k,
-                top_p,
-                repetition_penalty,
-                seed,
-                output_logprobs,
-                drafter,
-            ):
+            sampling = sampling_params(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+            for nxt, lp in _steps(run, sampling, output_logprobs, drafter):
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 steps.append(lp)
                 if streamer is not None:
@@ -395,8 +385,7 @@ def _stopped_by_string(
     return hit
 
 
-def _sample_steps(
-    run: _Run,
+def sampling_params(
     max_new_tokens: int,
     do_sample: bool,
     temperature: float,
@@ -404,22 +393,29 @@ def _sample_steps(
     top_p: float | None,
     repetition_penalty: float,
     seed: int | None,
-    want_logprobs: bool,
+) -> SamplingParams:
+    """generate's (transformers') decoding arguments as the core's SamplingParams (greedy: temperature 0)."""
+    return SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature if do_sample else 0.0,
+        top_k=top_k,
+        top_p=1.0 if top_p is None else top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+
+
+def _sample_steps(
+    run: _Run, sampling: SamplingParams, want_logprobs: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Greedy or sampled decoding, one step at a time: yields each step's new ids (rows,) (padding for
-    rows already finished) and, when wanted, their log-probabilities under the raw logits."""
+    rows already finished) and, when wanted, their log-probabilities under the raw logits. Every row
+    draws from one generator seeded with `sampling.seed`."""
     dec, logits, seq, stops = run.dec, run.logits, run.seq, run.stops
     device = seq.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    params = [
-        SamplingParams(
-            max_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0,
-            top_k=top_k,
-            top_p=1.0 if top_p is None else top_p,
-            repetition_penalty=repetition_penalty,
-        )
-    ] * seq.shape[0]
+    generator = sampling.generator(device)
+    max_new_tokens = sampling.max_tokens
+    params = [sampling] * seq.shape[0]
     eos_t = torch.tensor(run.eos, device=device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     texts = [IncrementalText(run.tokenizer, stops) for _ in range(seq.shape[0])] if stops else []
@@ -445,24 +441,13 @@ def _sample_steps(
 
 
 def _steps(
-    run: _Run,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    seed: int | None,
-    want_logprobs: bool,
-    drafter: Any = None,
+    run: _Run, sampling: SamplingParams, want_logprobs: bool, drafter: Any = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """The new ids of greedy / sampled decoding, step by step, as `generate` and `stream` take them
     (speculatively, with drafts verified by the model, when a drafter is given)."""
     if drafter is not None:
-        return _speculative_steps(run, max_new_tokens, drafter, want_logprobs)
-    return _sample_steps(
-        run, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, want_logprobs
-    )
+        return _speculative_steps(run, sampling.max_tokens, drafter, want_logprobs)
+    return _sample_steps(run, sampling, want_logprobs)
 
 
 def find_draft(ids: list[int], n: int, max_ngram: int = 3) -> list[int]:
@@ -855,18 +840,8 @@ def _stream_ids(
             tokenizer,
             streaming=True,
         )
-        for nxt, lp in _steps(
-            run,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            seed,
-            True,
-            drafter,
-        ):
+        sampling = sampling_params(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        for nxt, lp in _steps(run, sampling, True, drafter):
             yield int(nxt[0]), float(lp[0])
     finally:
         model.train(was_training)

@@ -102,7 +102,6 @@ class _Row:
 
     def __init__(self, req: Request, device: torch.device, vocab: int, tokenizer: Any) -> None:
         self.req = req
-        self.tokens: list[int] = []
         self.text = StreamText(tokenizer, req.sampling.stop, req.sampling.include_stop)  # each id decoded once
         self.prompt_info: list[TokenInfo] | None = None  # sent with the first delta
         self.generator = req.sampling.generator(device)
@@ -605,16 +604,16 @@ class Engine:
         if info.id in s.stop_ids:  # the end-of-sequence token is not part of the text
             self._emit(row, Delta(row.text.pending(final=True), [info], "stop"))
             return "stop"
-        row.tokens.append(info.id)
         if row.text.add(info.id):  # a stop string
             self._emit(row, Delta(row.text.until_stop(), [info], "stop"))
             return "stop"
         # the context: a decoder's prompt and output share it; an encoder-decoder's output starts at 1
-        used = 1 + len(row.tokens) if self.seq2seq else len(row.req.prompt_ids) + len(row.tokens)
+        n = len(row.text.ids)  # the output so far (StreamText keeps the ids)
+        used = 1 + n if self.seq2seq else len(row.req.prompt_ids) + n
         if s.constraint is not None and s.constraint.finished:  # the grammar allows nothing more
             self._emit(row, Delta(row.text.pending(final=True), [info], "stop"))
             return "stop"
-        if len(row.tokens) >= s.max_tokens or used >= self.context:
+        if n >= s.max_tokens or used >= self.context:
             self._emit(row, Delta(row.text.pending(final=True), [info], "length"))
             return "length"
         self._emit(row, Delta(row.text.pending(), [info]))

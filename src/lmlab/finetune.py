@@ -95,10 +95,36 @@ def fit_lengths(fc: FinetuneConfig, cfg: Any) -> list[str]:
 
 
 def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`."""
-    from lmlab.io import load
+    """Fine-tune `fc.model` on `fc.train`; evaluate on `fc.eval`; save model, tokenizer and metrics to `fc.out`.
+
+    Under torchrun with `fc.parallel` ddp or fsdp every process calls this: each reads the files and the
+    model alike, trains on its rows of every global batch, and rank 0 alone evaluates (all ranks, under
+    fsdp) and saves; the result is the one-process run's."""
+    from lmlab.train import distributed
+    from lmlab.train.trainer import resolve_device
+
+    world = distributed.setup(fc.parallel, resolve_device(fc.device), 600.0)
+    try:
+        return _finetune(fc, on_event if world.main else None, world)
+    finally:
+        distributed.teardown()
+
+
+def _steps(fc: FinetuneConfig, examples: int) -> tuple[int, int]:
+    """(optimizer steps of the run, steps in one pass over the training file)."""
+    per_epoch = max(1, math.ceil(examples / (fc.batch_size * fc.grad_accum)))
+    return fc.max_steps or max(1, math.ceil(fc.epochs * per_epoch)), per_epoch
+
+
+def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None, world: Any) -> dict[str, Any]:
+    from lmlab.io import load, save
     from lmlab.tokenizer import load_tokenizer
-    from lmlab.train.trainer import TrainConfig, Trainer
+    from lmlab.train import distributed
+    from lmlab.train.trainer import TrainConfig, Trainer, precision_choice, resolve_device
+
+    def say(text: str) -> None:
+        if on_event is not None:
+            on_event("note", {"text": text})
 
     task = get_task(fc.task)
     base = load(fc.model)
@@ -109,15 +135,19 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         raise ConfigError(
             f"{fc.model}: the {cfg.family} model cannot be fine-tuned for {fc.task} (families that can: {', '.join(able)})"
         )
+    distributed.check_batch(fc.batch_size, world)
+    if fc.report_to:
+        from lmlab.train.trackers import check
+
+        check(fc.report_to)
     notes = fit_lengths(fc, cfg)
     cfg.check_length(fc.max_len, f"--max-len {fc.max_len}")
     setup = task.setup(fc, tok, cfg)
     for note in notes + setup.notes:
-        if on_event is not None:
-            on_event("note", {"text": note})
+        say(note)
     info: dict[str, Any] = {"task": fc.task, **setup.info}
     labels, train_rows, eval_rows, evaluate_fn = setup.labels, setup.train_rows, setup.eval_rows, setup.evaluate
-    torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed
+    torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed (alike on every rank)
     model = task_model(base, fc.task, labels, fc.pooling)
     if tok.vocab_size > model.config.vocab_size:  # the task added tokens (chat templates)
         if fc.method != "full":
@@ -126,10 +156,14 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
                 "would have to be trained whole; fine-tune with --method full, or give a tokenizer that has them"
             )
         model.resize_token_embeddings(tok.vocab_size)
+    if fc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     lora = None
     if fc.method != "full":
         from lmlab.adapters import add_lora
 
+        if fc.parallel == "fsdp":
+            raise ConfigError(f"--method {fc.method} runs on one process or under --parallel ddp, not fsdp")
         lora = add_lora(model, fc.method, fc.lora_r, fc.lora_alpha, fc.lora_dropout, fc.lora_targets)
     elif fc.merge:
         raise ConfigError("--merge merges adapters: it goes with --method lora or dora")
@@ -142,22 +176,34 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         if eval_rows
         else None
     )
-    steps = math.ceil(fc.epochs * len(train_rows) / fc.batch_size)
+    steps, per_epoch = _steps(fc, len(train_rows))
+    keep_best = fc.keep_best or fc.early_stopping is not None
+    metric = fc.metric or setup.metric or task.metric
     tc = TrainConfig(
         max_steps=steps,
         batch_size=fc.batch_size,
+        grad_accum=fc.grad_accum,
         lr=fc.lr,
         warmup_steps=int(fc.warmup_ratio * steps),
-        schedule="linear",
+        schedule=fc.lr_schedule,
         min_lr_ratio=0.0,
         weight_decay=fc.weight_decay,
-        eval_every=max(steps, 1),
-        save_every=max(steps // 2, 1),
+        eval_every=fc.eval_every or (per_epoch if fc.early_stopping else max(steps, 1)),
+        save_every=fc.save_every or max(steps // 2, 1),
         log_every=max(1, min(50, steps // 20)),
         seed=fc.seed,
         device=fc.device,
         precision=fc.precision,
+        parallel=fc.parallel,
+        report_to=fc.report_to,
+        early_stopping=fc.early_stopping,
+        best_metric=metric if keep_best else None,
     )
+    tc.validate()
+    if fc.parallel == "fsdp":
+        device = distributed.device_for(resolve_device(fc.device), world)
+        bf16 = precision_choice(fc.precision, device)["precision"] == "bf16"
+        distributed.shard_model(model, device, torch.bfloat16 if bf16 else None)
     out = Path(fc.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(fc.seed)
@@ -167,15 +213,27 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
     if fc.method != "full":  # what the adapters leave to train
         trained = f"{fc.method}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train"
         setup.notes.append(trained)
-        if on_event is not None:
-            on_event("note", {"text": trained})
-    trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn)
-    record = {"finetune": dataclasses.asdict(fc), "precision": trainer.precision}  # what --resume continues with
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        say(trained)
+    settings = {"finetune": dataclasses.asdict(fc), "train": dataclasses.asdict(tc)}
+    trainer = Trainer(model, train, val, tc, out, on_event, evaluate_fn=evaluate_fn, world=world, settings=settings)
+    if world.main:
+        record = {
+            "finetune": dataclasses.asdict(fc),  # what --resume continues with
+            "precision": trainer.precision,
+            "distributed": distributed.describe(world, fc.parallel),
+        }
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if fc.resume else False
     summary = trainer.fit()
+    evaluation = summary["val"]
+    if keep_best and trainer.best is not None:
+        evaluation = trainer.restore_best() or evaluation
+    whole = trainer.whole_state()[0]
+    distributed.barrier(world)
+    if not world.main:
+        return {"steps": summary["steps"], "rank": world.rank}
     if lora is None:
-        model.save_pretrained(out)
+        save(model, out, state=whole)
     else:
         from lmlab.adapters import save_adapter
 
@@ -190,12 +248,15 @@ def finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None]
         "steps": summary["steps"],
         "minutes": summary["minutes"],
         "resumed": resumed,
-        "eval": summary["val"],
+        "eval": evaluation,
         "labels": labels,
         "notes": setup.notes,
         "method": fc.method,
+        "processes": world.size,
         **counts,
     }
+    if keep_best:
+        result.update(best=trainer.best, stopped_early=trainer.stopped_early)
     record = {**info, "config": dataclasses.asdict(fc), "model_config": model.config.to_dict()}
     (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")

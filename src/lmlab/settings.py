@@ -17,7 +17,8 @@ from lmlab.config import option
 from lmlab.errors import ConfigError, DataError
 from lmlab.families import FAMILY_NAMES, OBJECTIVES, TOKENIZER_KINDS
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "warmup-stable-decay")
+TRACKER_NAMES = ("tensorboard", "mlflow", "trackio", "wandb")  # lmlab.train.trackers
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = (
     "auto: bf16 autocast on a GPU with native bf16 or a CPU with AMX / AVX-512-bf16, fp32 elsewhere; "
@@ -40,6 +41,7 @@ class TrainConfig:
     min_lr_ratio: float = option(0.1, "the schedule's final rate as a fraction of the peak")
     warmup_steps: int = option(100, "linear warm-up steps")
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    decay_fraction: float = option(0.2, "warmup-stable-decay: the final fraction of the steps that decays")
     weight_decay: float = option(0.1, "AdamW weight decay (not on biases, norms, embeddings)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
@@ -60,7 +62,21 @@ class TrainConfig:
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the model")
     seed: int = option(0, "seed of the initialisation and the data order")
-    tensorboard: bool = option(False, "also write TensorBoard logs")
+    tensorboard: bool = option(False, "also write TensorBoard logs (the same as --report-to tensorboard)")
+    report_to: list[str] | None = option(
+        None,
+        "experiment trackers that receive the settings and every metrics record, offline: tensorboard, "
+        "mlflow (RUN/mlflow.db), trackio (its local store), wandb (offline run in RUN/wandb); each an extra",
+        choices=TRACKER_NAMES,
+    )
+    early_stopping: int | None = option(
+        None, "stop after this many evaluations in a row without a better best_metric (needs evaluation)"
+    )
+    best_metric: str | None = option(
+        None,
+        "keep the weights of the evaluation best by this metric (loss and ppl: lower is better; others: "
+        "higher) and end the run with them (transformers' load_best_model_at_end)",
+    )
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     parallel: str = option(
         "none",
@@ -116,6 +132,23 @@ class TrainConfig:
             )
         if self.collective_timeout <= 0:
             raise ConfigError(f"collective_timeout must be positive, got {self.collective_timeout}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        for name in self.report_to or ():
+            if name not in TRACKER_NAMES:
+                raise ConfigError(f"report_to {name!r} is unknown; trackers: {', '.join(TRACKER_NAMES)}")
+        if self.early_stopping is not None:
+            if self.early_stopping < 1:
+                raise ConfigError(
+                    f"early_stopping (the patience, in evaluations) must be at least 1, got {self.early_stopping}"
+                )
+            if not self.best_metric:
+                raise ConfigError("early_stopping watches an evaluation metric: give best_metric too")
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to (--tensorboard is --report-to tensorboard)."""
+        names = list(self.report_to or ())
+        return (["tensorboard"] if self.tensorboard and "tensorboard" not in names else []) + names
 
     def resolved_checkpoint_format(self) -> str:
         """full or sharded: what `auto` means for this run's parallel mode."""
@@ -216,8 +249,37 @@ class FinetuneConfig:
     chat_template: str | None = option(
         None, "chat: a Jinja chat template file (default: the tokenizer's own, else lmlab's ChatML template)"
     )
+    max_steps: int | None = option(None, "optimizer steps (default: --epochs passes over the training file)")
+    grad_accum: int = option(1, "micro-batches of --batch-size per optimizer step")
+    lr_schedule: str = option("linear", "learning-rate schedule after warm-up (to 0)", choices=SCHEDULES)
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming up")
     weight_decay: float = option(0.01, "AdamW weight decay")
+    gradient_checkpointing: bool = option(
+        False, "recompute each block's activations in the backward: less memory for long inputs, ~1 more forward"
+    )
+    eval_every: int | None = option(
+        None, "evaluate every N steps (default: at the end; with --early-stopping: once an epoch)"
+    )
+    save_every: int | None = option(None, "checkpoint every N steps (default: half the run)")
+    early_stopping: int | None = option(
+        None, "stop after this many evaluations in a row without a better --metric; the best model is the result"
+    )
+    metric: str | None = option(
+        None,
+        "the evaluation metric --early-stopping and --keep-best watch (default: the task's: accuracy, f1, bleu, "
+        "loss; pearson for regression)",
+    )
+    keep_best: bool = option(
+        False, "save the best evaluation's model rather than the last one (on with --early-stopping)"
+    )
+    report_to: list[str] | None = option(
+        None, "experiment trackers (offline): tensorboard, mlflow, trackio, wandb", choices=TRACKER_NAMES
+    )
+    parallel: str = option(
+        "none",
+        "several processes (torchrun, or --nproc): ddp or fsdp; --batch-size stays the global batch",
+        choices=PARALLEL,
+    )
     method: str = option(
         "full",
         "full: train every weight; lora / dora: train adapters (PEFT, the peft extra) and the task head only, "
@@ -247,6 +309,13 @@ class FinetuneConfig:
         missing = [f"--{n.replace('_', '-')}" for n in ("task", "model", "train", "out") if not getattr(fc, n)]
         if missing:
             raise ConfigError(f"{source}: fine-tuning needs {', '.join(missing)} (as flags or in the YAML file)")
+        for flag, value in (("--early-stopping", fc.early_stopping), ("--keep-best", fc.keep_best or None)):
+            if value is not None and not fc.eval:
+                raise ConfigError(f"{source}: {flag} compares evaluations: give an evaluation file (--eval FILE)")
+        for name in ("grad_accum", "max_steps", "eval_every", "save_every", "early_stopping"):
+            value = getattr(fc, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{source}: --{name.replace('_', '-')} must be at least 1, got {value}")
         return fc
 
 
@@ -266,6 +335,7 @@ RESUMABLE_TRAIN = frozenset(
         "async_save",
         "log_every",
         "tensorboard",
+        "report_to",
         "device",
         "parallel",
         "collective_timeout",
@@ -273,7 +343,9 @@ RESUMABLE_TRAIN = frozenset(
     }
 )
 RESUMABLE_PRETRAIN = frozenset({"out", "resume", "cache_dir"})
-RESUMABLE_FINETUNE = frozenset({"out", "resume", "epochs", "eval", "device"})
+RESUMABLE_FINETUNE = frozenset(
+    {"out", "resume", "epochs", "max_steps", "eval", "device", "eval_every", "save_every", "report_to", "parallel"}
+)
 RUN_RECORD = "run.json"
 
 

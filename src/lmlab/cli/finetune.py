@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     p.add_argument("--task", choices=TASK_NAMES, help="the task (lmlab.tasks)")
     add_fields(p, FinetuneConfig, skip=("task",))
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="fine-tune on N processes of this machine: relaunches itself under torchrun with --parallel ddp "
+        "(or the --parallel given); rank 0 alone evaluates and saves",
+    )
     p.set_defaults(func=run_finetune)
     p = sub.add_parser("predict", help="predictions of a fine-tuned folder, as JSONL")
     p.add_argument("--model", required=True)
@@ -43,9 +49,16 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
+    from lmlab.cli.pretrain import relaunch
     from lmlab.finetune import finetune
+    from lmlab.train.distributed import env_world
 
-    fc = finetune_config(args)
+    fc = finetune_config(args)  # checks the settings before any process is started
+    if relaunch(args, "finetune"):
+        return
+    if not env_world().main:  # under torchrun only rank 0 prints
+        finetune(fc)
+        return
     with TrainingProgress() as progress:
         result = finetune(fc, progress.run(f"fine-tune {fc.task}"))
     what = "model" if fc.method == "full" else f"{fc.method} adapter (PEFT's format)"
@@ -54,6 +67,10 @@ def run_finetune(args: argparse.Namespace) -> None:
         f"{result['minutes']:.1f} min; {what} saved to [bold]{fc.out}[/] "
         f"({result['trainable_params']:,} of {result['total_params']:,} parameters trained)"
     )
+    if result.get("best"):
+        best = result["best"]
+        how = "early stopping" if result.get("stopped_early") else "the best evaluation"
+        console.print(f"{how}: the saved model is step {best['step']}'s ({best['metric']} {best['value']:.4f})")
     if result["eval"]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
         console.print(

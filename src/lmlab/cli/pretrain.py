@@ -102,24 +102,35 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig.from_dict(settings, args.config or "command line")
 
 
+def relaunch(args: argparse.Namespace, command_name: str) -> bool:
+    """`--nproc N` (N > 1): run this very command again under torchrun on N processes of this machine and
+    wait for it; True when it did (the caller has nothing left to do)."""
+    if args.nproc is None:
+        return False
+    if args.nproc < 1:
+        raise LmlabError(f"--nproc must be at least 1, got {args.nproc}")
+    from lmlab.train.distributed import env_world
+
+    if env_world().size > 1:
+        raise LmlabError("--nproc starts torchrun itself: give it to lmlab, not to a process torchrun started")
+    if args.nproc == 1:
+        return False
+    command = torchrun_command(args.argv, args.nproc)
+    console.print(f"[bold]lmlab {command_name}[/] on {args.nproc} processes: {shlex.join(command)}", highlight=False)
+    code = subprocess.call(command)
+    if code:
+        raise LmlabError(f"torchrun exited with status {code}; the processes' errors are above")
+    return True
+
+
 def run(args: argparse.Namespace) -> None:
     from lmlab.pretrain import pretrain, resolved_names
     from lmlab.train.distributed import env_world
     from lmlab.train.trainer import precision_choice, resolve_device
 
     pc = pretrain_config(args)  # checks the settings before any process is started
-    if args.nproc is not None:
-        if args.nproc < 1:
-            raise LmlabError(f"--nproc must be at least 1, got {args.nproc}")
-        if env_world().size > 1:
-            raise LmlabError("--nproc starts torchrun itself: give it to lmlab, not to a process torchrun started")
-        if args.nproc > 1:
-            command = torchrun_command(args.argv, args.nproc)
-            console.print(f"[bold]lmlab pretrain[/] on {args.nproc} processes: {shlex.join(command)}", highlight=False)
-            code = subprocess.call(command)
-            if code:
-                raise LmlabError(f"torchrun exited with status {code}; the processes' errors are above")
-            return
+    if relaunch(args, "pretrain"):
+        return
     if not env_world().main:  # under torchrun only rank 0 prints
         pretrain(pc)
         return

@@ -43,7 +43,7 @@ class ModelOutput:
     encoder_last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' weighted auxiliary losses
-    vocab_loss: torch.Tensor | None = None  # the lm / mlm head's mean cross-entropy, part of `loss`
+    token_loss: torch.Tensor | None = None  # the token-averaged part of `loss` (lm / mlm / tagger heads)
     routing: tuple[RoutingRecord, ...] | None = None  # one per MoE layer, in order (lmlab.model.moe)
 
     @property
@@ -429,7 +429,7 @@ class Model(nn.Module):
                 out.loss = out.loss + out.aux_loss
         return out
 
-    def _vocab_loss(
+    def _token_loss(
         self, out: ModelOutput, head: nn.Module, h: torch.Tensor, targets: torch.Tensor | None, sparse: bool
     ) -> torch.Tensor | None:
         """Logits of an lm / mlm head and their loss; `sparse`: project only the labelled positions.
@@ -466,11 +466,11 @@ class Model(nn.Module):
             if labels is not None and self.config.spec.shifts_labels:  # position t predicts token t+1
                 # shift the labels, not the logits: slicing logits would copy them in the backward pass
                 targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            out.vocab_loss = self._vocab_loss(out, self.lm_head, h, targets, sparse)
-            losses.append(out.vocab_loss)
+            out.token_loss = self._token_loss(out, self.lm_head, h, targets, sparse)
+            losses.append(out.token_loss)
         if self.mlm_head is not None:
-            out.vocab_loss = self._vocab_loss(out, self.mlm_head, h, labels, sparse)
-            losses.append(out.vocab_loss)
+            out.token_loss = self._token_loss(out, self.mlm_head, h, labels, sparse)
+            losses.append(out.token_loss)
         if self.nsp_head is not None:
             out.nsp_logits = self.nsp_head(out.pooler_output)
             if next_sentence_label is not None:
@@ -484,7 +484,8 @@ class Model(nn.Module):
         if self.tagger is not None:
             out.logits = self.tagger(self.head_drop(h))
             if labels is not None:
-                losses.append(self.tagger.loss(out.logits, labels))
+                out.token_loss = self.tagger.loss(out.logits, labels)
+                losses.append(out.token_loss)
         if self.span_head is not None:
             out.logits = self.span_head(h)
             out.start_logits, out.end_logits = self.span_head.split(out.logits)

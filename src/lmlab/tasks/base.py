@@ -37,6 +37,7 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # said to the user before training (e.g. what --truncate cut)
     files: Callable[[Path], None] | None = None  # writes the task's own files into the output folder at the end
+    metric: str | None = None  # the run's own default metric where it differs from the task's (regression)
 
 
 class Task(ABC):
@@ -47,6 +48,7 @@ class Task(ABC):
     name: str = ""
     head: str = ""  # classify | tag | span | lm (generation tasks keep the pre-trained lm head)
     formats: str = ""  # what the files look like, for help texts
+    metric: str = "loss"  # the evaluation metric early stopping and the best checkpoint watch by default
 
     @abstractmethod
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:

@@ -125,6 +125,7 @@ def reply_prompts(
 
 class Chat(Task):
     name, head = "chat", "lm"
+    metric = "loss"
     formats = 'JSONL: {"messages": [...]} (OpenAI) or {"prompt", "completion"}'
 
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:

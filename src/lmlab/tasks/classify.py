@@ -141,6 +141,7 @@ def classification_eval(regression: bool) -> Callable[..., dict[str, Any]]:
 
 class Classify(Task):
     name, head = "classify", "classify"
+    metric = "accuracy"
     formats = "TSV/CSV with a header, or JSONL"
 
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:
@@ -156,6 +157,7 @@ class Classify(Task):
             labels,
             classification_eval(regression),
             {"text_columns": text_cols, "label_column": label_col, "regression": regression},
+            metric="pearson" if regression else None,
         )
 
     def predict(

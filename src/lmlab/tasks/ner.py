@@ -111,6 +111,7 @@ def tagging_eval(tags: list[str]) -> Callable[..., dict[str, Any]]:
 
 class NER(Task):
     name, head = "ner", "tag"
+    metric = "f1"
     formats = "CoNLL (token per line, tag last)"
 
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:

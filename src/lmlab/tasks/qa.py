@@ -190,6 +190,7 @@ def qa_eval(
 
 class QA(Task):
     name, head = "qa", "span"
+    metric = "f1"
     formats = "SQuAD v1.1 / v2.0 JSON"
 
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:

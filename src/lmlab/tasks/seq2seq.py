@@ -283,6 +283,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 class Seq2Seq(Task):
     name, head = "seq2seq", "lm"
+    metric = "bleu"
     formats = "JSONL (source / target) or TSV / CSV with those columns"
 
     def setup(self, fc: Any, tok: Tokenizer, cfg: ModelConfig) -> Setup:

@@ -171,6 +171,24 @@ def build_sharded(
     return model
 
 
+def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over a model every rank already holds whole and alike (a loaded pre-trained model with its
+    new head drawn from the same seed): `fully_shard` on every Block, then on the whole model; each rank
+    keeps its shard of the weights it has. With `param_dtype` (bf16) the policy computes in it and
+    reduces gradients in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kw = {"mp_policy": policy} if policy is not None else {}
+    for stack in (model.encoder, model.decoder):
+        for block in stack.layers if stack is not None else ():
+            fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return model
+
+
 def check_expert_parallel(degree: int, world: World, model_cfg: Any) -> None:
     """Expert parallelism over every process of the run, on a model with MoE layers."""
     if degree == 1:
@@ -272,9 +290,9 @@ def labelled(labels: torch.Tensor, shifts: bool) -> int:
 
 
 def loss_weight(full: dict[str, torch.Tensor], part: dict[str, torch.Tensor], world: World, shifts: bool) -> float:
-    """What this rank's mean vocabulary loss is multiplied by so that DDP's gradient average equals the
+    """What this rank's token-averaged loss (lm, mlm or tagger head) is multiplied by so that DDP's gradient average equals the
     one-process gradient: N x (its labelled tokens / the micro-batch's)."""
-    if world.size == 1 or "labels" not in full:
+    if world.size == 1 or "labels" not in full or full["labels"].ndim < 2:  # a label per row: rows split evenly
         return 1.0
     total = labelled(full["labels"], shifts)
     return world.size * labelled(part["labels"], shifts) / total if total else 1.0

@@ -1,4 +1,4 @@
-"""AdamW with decay / no-decay groups, and warm-up + cosine / linear / constant schedules."""
+"""AdamW with decay / no-decay groups, and warm-up + cosine / linear / constant / warmup-stable-decay schedules."""
 
 from __future__ import annotations
 
@@ -28,12 +28,23 @@ def make_optimizer(
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+def lr_factor(
+    step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, decay_fraction: float = 0.2
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based). warmup-stable-decay holds
+    the peak after warm-up and decays linearly to `min_ratio` over the last `decay_fraction` of the steps
+    (the schedule MiniCPM and Hägele et al., 2024 train with: any prefix of the run is a usable model
+    before its cool-down)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or not total:
         return 1.0
+    if schedule == "warmup-stable-decay":
+        decay = max(1, round(decay_fraction * total))
+        start = max(warmup, total - decay)
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - min_ratio) * min(1.0, (step - start + 1) / max(1, total - start))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
@@ -41,8 +52,13 @@ def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_rati
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int | None, schedule: str, min_ratio: float
+    optimizer: torch.optim.Optimizer,
+    warmup: int,
+    total: int | None,
+    schedule: str,
+    min_ratio: float,
+    decay_fraction: float = 0.2,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total, schedule, min_ratio)
+        optimizer, lambda step: lr_factor(step, warmup, total, schedule, min_ratio, decay_fraction)
     )

@@ -123,6 +123,11 @@ def evaluate(
     return result
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of an evaluation metric is better (losses, perplexities, error rates)."""
+    return metric in ("loss", "ppl", "perplexity") or metric.endswith(("_loss", "_ppl", "error", "_wer", "_cer"))
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -138,8 +143,10 @@ class Trainer:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         evaluate_fn: Callable[..., dict[str, Any]] | None = None,
         world: distributed.World | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         cfg.validate()
+        self.settings = settings if settings is not None else {"train": asdict(cfg)}  # what trackers record
         self.cfg, self.train, self.val, self.run_dir = cfg, train, val or [], Path(run_dir)
         # with several processes (lmlab.train.distributed) only rank 0 reports, logs and saves
         self.world = world or distributed.World()
@@ -160,7 +167,8 @@ class Trainer:
         self.step_fn = distributed.wrap(self.model, self.world, cfg.parallel)
         if cfg.compile:
             self.step_fn = torch.compile(self.step_fn)
-        self._shifts = self.model.config.spec.shifts_labels
+        # labels a causal lm head reads one position on (a tagger's never are): for the rank weights
+        self._shifts = self.model.config.spec.shifts_labels and "lm" in self.model.config.heads
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * train.objective.tokens_per_example
         self.total_steps = cfg.max_steps
         if cfg.max_tokens:
@@ -171,11 +179,16 @@ class Trainer:
         )
         # with only a time budget the length is unknown: the rate stays at its peak after warm-up
         self.scheduler = make_scheduler(
-            self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio
+            self.optimizer, cfg.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction
         )
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._tb = None
+        self._trackers = None  # lmlab.train.trackers, opened by fit
+        # the best evaluation so far (best_metric): {"step", "metric", "value"}; evaluations since it
+        self.best: dict[str, Any] | None = None
+        self.evals_since_best = 0
+        self.stopped_early = False
+        self._last_eval, self._last_eval_step = None, -1
         # MoE layers' routing statistics, summed over a logging window (tensors: no host sync per step)
         self._routers = self.model.config.ffn == "moe"  # the forward returns routing records to log
         self._moe_sums: dict[str, dict[str, torch.Tensor]] = {}
@@ -223,6 +236,9 @@ class Trainer:
             "batches": self.train.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "train_config": asdict(self.cfg),
+            "best": self.best,
+            "evals_since_best": self.evals_since_best,
+            "stopped_early": self.stopped_early,
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -244,6 +260,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
+        self.best, self.evals_since_best = state.get("best"), int(state.get("evals_since_best", 0))
+        self.stopped_early = bool(state.get("stopped_early", False))  # a finished run stays finished
         return True
 
     def _truncate_metrics(self) -> None:
@@ -268,14 +286,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
-            for layer in record.get("moe", []):
-                for k, v in layer.items():
-                    if isinstance(v, float):
-                        self._tb.add_scalar(f"moe/{layer['layer']}/{k}", v, record["step"])
+        if self._trackers is not None:
+            self._trackers.log(record)
 
     def _done(self, started: float) -> bool:
         cfg = self.cfg
@@ -348,6 +360,80 @@ class Trainer:
             )
         return None, None
 
+    # ---- the best evaluation ----------------------------------------------------------------------
+    def _judge(self, metrics: dict[str, Any]) -> bool:
+        """Compare an evaluation with the best so far by best_metric; keep the weights of a better one
+        (RUN/best/); True when early stopping's patience has run out."""
+        cfg, name = self.cfg, self.cfg.best_metric
+        if name not in metrics or not isinstance(metrics[name], (int, float)):
+            found = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            raise ConfigError(f"best_metric {name!r} is not among the evaluation's metrics: {found}")
+        value = float(metrics[name])
+        lower = lower_is_better(name)
+        better = self.best is None or (value < self.best["value"] if lower else value > self.best["value"])
+        if better:
+            self.best, self.evals_since_best = {"step": self.step, "metric": name, "value": value}, 0
+            self._save_best()
+        else:
+            self.evals_since_best += 1
+        return bool(cfg.early_stopping) and self.evals_since_best >= cfg.early_stopping
+
+    def _save_best(self) -> None:
+        """RUN/best/: the best evaluation's weights (every parameter and buffer, adapters included) and
+        best.json, replaced atomically."""
+        whole = self.whole_state()[0]
+        if not self.world.main:
+            return
+        state = whole if whole is not None else self.model.state_dict()
+        state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        root = self.run_dir / "best"
+        tmp = self.run_dir / ".tmp-best"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "weights.pt")
+        (tmp / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+        old = self.run_dir / ".old-best"
+        shutil.rmtree(old, ignore_errors=True)
+        if root.exists():
+            os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        """The best evaluation's weights, read back from RUN/best (safe loading), or None."""
+        path = self.run_dir / "best" / "weights.pt"
+        if self.best is None or not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def restore_best(self) -> dict[str, Any] | None:
+        """Put the best evaluation's weights back into the model (every rank, sharded or not) and evaluate
+        them again: returns that evaluation (its best_metric is the recorded best value), or None when
+        there is no best to restore. A best that is the last step's is not evaluated twice."""
+        if self.best is not None and self.best["step"] == self._last_eval_step:
+            return self._last_eval
+        together = self.sharded or self.expert_parallel
+        if not (self.world.main or together):  # under DDP rank 0 alone evaluates and saves
+            return None
+        state = self.best_state() if self.world.main else None
+        if self.world.size > 1 and together:  # every rank needs the whole state (and keeps its shard)
+            import torch.distributed as dist
+
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        if state is None:
+            return None
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state)
+        return self.evaluate_fn(self.model, self.val, self.device, self.autocast)
+
     # ---- the loop ---------------------------------------------------------------------------------
     def _accumulate(self) -> float:
         """Forward and backward of one step's micro-batches; the step's loss, the same in every process.
@@ -365,8 +451,8 @@ class Trainer:
                 with _autocast(self.device, self.autocast):
                     out = self.step_fn(**batch, labelled_logits_only=True)
                     loss = out.loss
-                    if weight != 1.0 and out.vocab_loss is not None:
-                        loss = loss + (weight - 1.0) * out.vocab_loss
+                    if weight != 1.0 and out.token_loss is not None:
+                        loss = loss + (weight - 1.0) * out.token_loss
                     loss = loss / cfg.grad_accum
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             step_loss += loss.item()
@@ -376,14 +462,10 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "tensorboard logging needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if cfg.trackers() and self.world.main:
+            from lmlab.train.trackers import Trackers
+
+            self._trackers = Trackers(cfg.trackers(), self.run_dir, self.settings)
         if self.step == 0:  # a resumed run restores the RNG state instead
             torch.manual_seed(cfg.seed)
         if self.world.main:
@@ -396,7 +478,7 @@ class Trainer:
         )
         started = time.perf_counter()
         window_loss, window_steps, window_time, last_eval = 0.0, 0, 0.0, None
-        done = self._done(started)
+        done = self._done(started) or self.stopped_early
         while not done:
             step_start = time.perf_counter()
             try:
@@ -452,10 +534,27 @@ class Trainer:
             together = self.sharded or self.expert_parallel
             if self.val and (self.world.main or together) and (self.step % cfg.eval_every == 0 or done):
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
+                self._last_eval, self._last_eval_step = last_eval, self.step
                 # per-example evidence (lmlab.metrics.evidence) stays in the summary, out of the plotted log
                 shown = {k: v for k, v in last_eval.items() if k != "evidence"}
                 self._log({"step": self.step, "split": "val", **shown})
                 self.on_event("eval", {"step": self.step, **shown})
+                patience_out = bool(cfg.best_metric) and self._judge(last_eval)
+                self.stopped_early = patience_out and not done  # ended before its budget
+            if cfg.early_stopping and self.val and (self.step % cfg.eval_every == 0 or done):
+                if self.world.size > 1 and not (self.sharded or self.expert_parallel):  # rank 0 alone judged
+                    self.stopped_early = (
+                        distributed.mean_over_ranks(float(self.stopped_early), self.world, self.device) > 0
+                    )
+                if self.stopped_early and not done and self.world.main:
+                    self.on_event(
+                        "note",
+                        {
+                            "text": f"early stopping at step {self.step}: {cfg.best_metric} has not improved on "
+                            f"{self.best['value']:.6g} (step {self.best['step']}) in {self.evals_since_best} evaluations"
+                        },
+                    )
+                done = done or self.stopped_early
             self.settle(wait=False)
             if self.step % cfg.save_every == 0 or done:
                 self.elapsed += time.perf_counter() - started
@@ -463,8 +562,10 @@ class Trainer:
                 self._save()
         self.settle(wait=True)
         self.elapsed += time.perf_counter() - started
-        if self._tb is not None:
-            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
         summary = {"steps": self.step, "tokens": self.tokens, "minutes": self.elapsed / 60, "val": last_eval}
+        if cfg.best_metric:
+            summary.update(best=self.best, stopped_early=self.stopped_early)
         self.on_event("end", summary)
         return summary

@@ -142,7 +142,7 @@ def test_flags_are_generated_from_the_settings_dataclasses():
     for f in dataclasses.fields(TrainConfig):
         action = pretrain[f"train.{f.name}"]
         assert action.option_strings == ["--" + f.name.replace("_", "-")] and f.metadata["help"] in action.help
-    assert pretrain["train.schedule"].choices == ("cosine", "linear", "constant")
+    assert pretrain["train.schedule"].choices == ("cosine", "linear", "constant", "warmup-stable-decay")
     assert pretrain["model.moe_router"].choices == ("topk", "noisy", "dense", "expert-choice", "soft")
     finetune = {a.dest: a for a in sub["finetune"]._actions}
     assert set(finetune["task"].choices) == {"classify", "ner", "qa", "seq2seq", "chat"}  # from the task registry

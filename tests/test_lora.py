@@ -120,3 +120,89 @@ def test_bad_settings_are_named(tiny_pretrained, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"lmlab\[peft\]"):
         finetune(_config(tiny_pretrained, tmp_path, "nopeft"))
+
+
+def _chat_files(tmp_path):
+    import random
+
+    from conftest import TINY_WORDS
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(160):
+        words = " ".join(rng.choices(TINY_WORDS, k=2))
+        rows.append({"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": words}]})
+    train, dev = tmp_path / "chat-train.jsonl", tmp_path / "chat-dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:150]))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[150:]))
+    return train, dev
+
+
+def test_lora_chat_trains_the_added_tokens_rows_and_peft_on_the_transformers_base_agrees(tiny_pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmlab.adapters import _task_base, export_hf
+
+    train, dev = _chat_files(tmp_path)
+    out = tmp_path / "chat"
+    notes = []
+    fc = FinetuneConfig(
+        task="chat", model=str(tiny_pretrained["gpt"]), train=str(train), eval=str(dev), out=str(out),
+        epochs=4, lr=1e-2, max_len=48, max_target_len=8, method="lora", merge=True,
+    )  # fmt: skip
+    result = finetune(fc, lambda kind, info: notes.append(info["text"]) if kind == "note" else None)
+    assert any("tok_embed) trains whole for the 2 added tokens" in n for n in notes), notes
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert losses[-1] < 0.7 * losses[0]  # 5.9 -> 1.6 here
+    assert result["trainable_params"] < result["total_params"] / 2
+    # tensor by tensor: only the adapted layers and the embedding table (with its 2 new rows) changed
+    base, merged = lmlab.load(tiny_pretrained["gpt"]).state_dict(), lmlab.load(out)
+    targets = ("attn.qkv.weight", "attn.out.weight", "ffn.up.weight", "ffn.down.weight")
+    for name, value in merged.state_dict().items():
+        if name == "tok_embed.weight":
+            assert value.shape[0] == base[name].shape[0] + 2 and not torch.equal(value[:-2], base[name])
+            continue
+        assert (not torch.equal(value, base[name])) == name.endswith(targets), name
+    ids = torch.randint(5, merged.config.vocab_size, (2, 10))
+    ids[:, -1] = merged.config.vocab_size - 1  # an added token
+    with torch.no_grad():  # PEFT's unmerged model computes what the merged folders do
+        unmerged = peft.PeftModel.from_pretrained(_task_base(out), str(out)).eval()
+        torch.testing.assert_close(_logits(unmerged, ids), _logits(merged, ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_logits(lmlab.load(out / "merged"), ids), _logits(merged, ids), atol=1e-5, rtol=0)
+    # transformers + PEFT on the exported base: the adapter under GPT-2's names (Conv1D: fan_in_fan_out)
+    exported = export_hf(out, tmp_path / "peft")
+    assert "transformer.h.0.attn.c_attn" in exported["target_modules"]
+    assert exported["modules_to_save"] == ["lm_head", "transformer.wte"]
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    theirs = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, _logits(merged, ids), atol=1e-4, rtol=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")  # merged in transformers
+    merged_hf = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).merge_and_unload().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged_hf(ids).logits, _logits(merged, ids), atol=1e-4, rtol=0)
+
+
+def test_a_lora_classifier_converts_for_transformers_and_peft(tiny_pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmlab.adapters import export_hf
+    from lmlab.cli import main
+
+    finetune(_config(tiny_pretrained, tmp_path, "cls", "bert", epochs=1))
+    assert main(["convert", str(tmp_path / "cls"), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # BERT's fused qkv: one adapter per projection, sharing A
+    assert {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"} <= set(
+        written["target_modules"]
+    )
+    assert written["modules_to_save"] == ["bert.pooler.dense", "classifier"] and written["fan_in_fan_out"] is False
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base")
+    theirs = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "peft")).eval()
+    ours = lmlab.load(tmp_path / "cls")
+    ids = torch.randint(5, ours.config.vocab_size, (3, 12))
+    ids[:, 0] = ours.config.cls_token_id
+    with torch.no_grad():
+        want = theirs(ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(want, _logits(ours, ids), atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="not an adapter folder"):
+        export_hf(tiny_pretrained["bert"], tmp_path / "x")

@@ -149,13 +149,17 @@ def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None
     labels, train_rows, eval_rows, evaluate_fn = setup.labels, setup.train_rows, setup.eval_rows, setup.evaluate
     torch.manual_seed(fc.seed)  # the new head's initialisation, reproducible from --seed (alike on every rank)
     model = task_model(base, fc.task, labels, fc.pooling)
+    whole: tuple[str, ...] = ()  # layers an adapter run trains whole
     if tok.vocab_size > model.config.vocab_size:  # the task added tokens (chat templates)
-        if fc.method != "full":
-            raise ConfigError(
-                f"--method {fc.method}: the chat template's tokens are not in this tokenizer, so their embeddings "
-                "would have to be trained whole; fine-tune with --method full, or give a tokenizer that has them"
-            )
+        added = tok.vocab_size - model.config.vocab_size
         model.resize_token_embeddings(tok.vocab_size)
+        if fc.method != "full":  # their rows have to learn: the table trains whole, as PEFT does for new tokens
+            names = {n for n, _ in model.named_parameters()}
+            whole = ("tok_embed",) + (("lm_head",) if "lm_head.weight" in names else ())
+            say(
+                f"{fc.method}: the embedding table ({', '.join(whole)}) trains whole for the {added} added tokens "
+                "and is saved with the adapter (PEFT's modules_to_save)"
+            )
     if fc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     lora = None
@@ -164,7 +168,7 @@ def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None
 
         if fc.parallel == "fsdp":
             raise ConfigError(f"--method {fc.method} runs on one process or under --parallel ddp, not fsdp")
-        lora = add_lora(model, fc.method, fc.lora_r, fc.lora_alpha, fc.lora_dropout, fc.lora_targets)
+        lora = add_lora(model, fc.method, fc.lora_r, fc.lora_alpha, fc.lora_dropout, fc.lora_targets, whole)
     elif fc.merge:
         raise ConfigError("--merge merges adapters: it goes with --method lora or dora")
     pad, segments = pad_id(tok), model.config.type_vocab_size > 0

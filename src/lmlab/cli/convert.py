@@ -20,12 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output folder (a .gguf file with --to gguf)")
     p.add_argument(
         "--to",
-        choices=("hf", "lmlab", "gguf", "onnx"),
+        choices=("hf", "lmlab", "gguf", "onnx", "peft"),
         default="hf",
         help="output layout (default: hf); gguf: one file for llama.cpp / ollama, GPT-2-, LLaMA-, Mixtral- and Qwen2-MoE-style "
         'decoders and BERT-style encoders (embeddings), tokenizer included (needs pip install "lmlab[gguf]"); onnx: a folder of ONNX graphs '
         "(encoders; decoders and prefix-LMs with a KV cache; encoder-decoders as encoder + decoder) with the "
-        'tokenizer (needs pip install "lmlab[onnx]")',
+        'tokenizer (needs pip install "lmlab[onnx]"); peft: a LoRA adapter folder (lmlab finetune --method lora) '
+        "as a PEFT adapter under transformers' module names, with DST/base its base model in transformers' layout "
+        "(hf writes the adapter merged)",
     )
     p.add_argument(
         "--quantize",
@@ -61,6 +63,15 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.optimize:
         raise ConfigError("--optimize applies to --to onnx only")
+    if args.to == "peft":
+        from lmlab.adapters import export_hf
+
+        r = export_hf(args.src, args.dst)
+        console.print(
+            f"wrote PEFT adapter [bold]{r['out']}[/] (targets: {', '.join(r['target_modules'])}; saved whole: "
+            f"{', '.join(r['modules_to_save'] or ['none'])}) on its base [bold]{r['base']}[/] (transformers' layout)"
+        )
+        return
     if args.to == "gguf":
         from lmlab.export_gguf import write_gguf
 

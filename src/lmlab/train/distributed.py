@@ -91,8 +91,8 @@ def setup(parallel: str, device: torch.device, timeout_s: float) -> World:
         return world
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError(
-            f"--parallel {parallel} runs under torchrun (torchrun --nproc-per-node N -m lmlab pretrain ...) "
-            "or with lmlab pretrain --nproc N"
+            f"--parallel {parallel} runs under torchrun (torchrun --nproc-per-node N -m lmlab pretrain|finetune ...) "
+            "or with lmlab pretrain|finetune --nproc N"
         )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

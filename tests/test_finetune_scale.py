@@ -111,6 +111,26 @@ def test_an_interrupted_fine_tuning_run_resumes_exactly(tiny_pretrained, tmp_pat
     assert _train_losses(tmp_path / "run") == _train_losses(tmp_path / "whole")  # bit for bit, linear schedule too
 
 
+def test_gradient_checkpointing_and_accumulation_keep_the_losses(tiny_pretrained, tmp_path):
+    train = _sst_like(tmp_path / "train.tsv", 64, 0)
+
+    def losses(out: str, **kw) -> list[float]:
+        base = dict(task="classify", model=str(tiny_pretrained["bert"]), train=str(train), out=str(tmp_path / out))
+        finetune(FinetuneConfig(**{**base, "max_steps": 4, "lr": 2e-3, "max_len": 24, "precision": "fp32", **kw}))
+        return _train_losses(tmp_path / out)
+
+    plain = losses("plain", batch_size=16)
+    assert losses("checkpointed", batch_size=16, gradient_checkpointing=True) == pytest.approx(plain, abs=1e-6)
+    # two micro-batches of 8 are one batch of 16: the same examples, the same mean loss and step
+    assert losses("accumulated", batch_size=8, grad_accum=2) == pytest.approx(plain, abs=1e-5)
+
+
+def test_compare_reports_to_trackers_without_changing_what_it_computes():
+    from lmlab.compare.settings import CompareConfig
+
+    assert CompareConfig(report_to=["tensorboard"]).fingerprint() == CompareConfig().fingerprint()
+
+
 def test_early_stopping_stops_where_the_metric_stopped_improving_and_saves_the_best_step(tiny_pretrained, tmp_path):
     train = _sst_like(tmp_path / "train.tsv", 200, 0)
     # the evaluation file says the opposite of the training file: the better the model learns the planted

@@ -14,7 +14,7 @@ from typing import Any
 from lmlab.config import option
 from lmlab.errors import ConfigError
 from lmlab.families import FAMILY_NAMES
-from lmlab.settings import PRECISION_HELP, PRECISIONS, _check_names
+from lmlab.settings import PRECISION_HELP, PRECISIONS, TRACKER_NAMES, _check_names
 
 BUDGETS = ("flops", "tokens", "minutes")
 
@@ -115,6 +115,12 @@ class CompareConfig:
         "losses one process gets); the measurements and fine-tuning run on one",
     )
     parallel: str = option("ddp", "how the --nproc processes share a pre-training", choices=("ddp", "fsdp"))
+    report_to: list[str] | None = option(
+        None,
+        "experiment trackers each contender's pre-training reports to, offline (one run per unit): "
+        "tensorboard, mlflow, trackio, wandb",
+        choices=TRACKER_NAMES,
+    )
     precision: str = option("auto", f"pre-training and fine-tuning: {PRECISION_HELP}", choices=PRECISIONS)
     compile: str = option(
         "off",
@@ -200,7 +206,7 @@ class CompareConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
-        """A hash of everything that changes what a run computes (not where it writes)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("out", "cache_dir")}
+        """A hash of everything that changes what a run computes (not where it writes or reports)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("out", "cache_dir", "report_to")}
         text = json.dumps({**d, **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

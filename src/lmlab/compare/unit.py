@@ -12,6 +12,7 @@ gets), then rank 0 alone measures and fine-tunes the model.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -114,6 +115,7 @@ class Unit:
             parallel=cc.parallel if world.size > 1 else "none",
             precision=cc.precision,
             compile=compiles(cc.compile, train_obj, resolve_device("auto").type),
+            report_to=cc.report_to,
         )
         train = Batches(train_obj, cc.batch_size, self.seed)
         val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
@@ -141,7 +143,18 @@ class Unit:
             if kind == "step" and info["step"] % 5 == 0:
                 self.stage("pretrain", step=info["step"], steps=steps, loss=info["loss"])
 
-        trainer = Trainer(model, train, val, tc, self.dir / "pretrain", on_event, evaluate_fn=evaluate_fn, world=world)
+        trainer = Trainer(
+            model,
+            train,
+            val,
+            tc,
+            self.dir / "pretrain",
+            on_event,
+            evaluate_fn=evaluate_fn,
+            world=world,
+            settings={"compare": cc.to_dict(), "contender": c.name, "seed": self.seed, "train": dataclasses.asdict(tc)},
+            run_name=self.dir.name,
+        )
         summary = trainer.fit()
         precision = trainer.precision["precision"]
         if world.size > 1:  # pre-trained on every rank; measured and fine-tuned on rank 0

@@ -177,11 +177,12 @@ def check(names: list[str] | tuple[str, ...]) -> None:
 class Trackers:
     """The trackers of one run, opened together; a record goes to each."""
 
-    def __init__(self, names: list[str] | tuple[str, ...], run_dir: str | Path, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, names: list[str] | tuple[str, ...], run_dir: str | Path, settings: dict[str, Any], run_name: str
+    ) -> None:
         check(names)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_name = run_dir.resolve().name
         self.open: list[Tracker] = []
         try:
             for name in dict.fromkeys(names):

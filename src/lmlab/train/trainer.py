@@ -144,9 +144,11 @@ class Trainer:
         evaluate_fn: Callable[..., dict[str, Any]] | None = None,
         world: distributed.World | None = None,
         settings: dict[str, Any] | None = None,
+        run_name: str | None = None,
     ) -> None:
         cfg.validate()
         self.settings = settings if settings is not None else {"train": asdict(cfg)}  # what trackers record
+        self.run_name = run_name or Path(run_dir).resolve().name
         self.cfg, self.train, self.val, self.run_dir = cfg, train, val or [], Path(run_dir)
         # with several processes (lmlab.train.distributed) only rank 0 reports, logs and saves
         self.world = world or distributed.World()
@@ -465,7 +467,7 @@ class Trainer:
         if cfg.trackers() and self.world.main:
             from lmlab.train.trackers import Trackers
 
-            self._trackers = Trackers(cfg.trackers(), self.run_dir, self.settings)
+            self._trackers = Trackers(cfg.trackers(), self.run_dir, self.settings, self.run_name)
         if self.step == 0:  # a resumed run restores the RNG state instead
             torch.manual_seed(cfg.seed)
         if self.world.main:

@@ -140,8 +140,10 @@ def _fingerprint(files: list[Path], tokenizer: Tokenizer, options: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"v": STORE_VERSION, **options}, sort_keys=True).encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for part in sorted(f.rglob("*")) if f.is_dir() else [f]:  # a datasets folder: every file in it
+            if part.is_file():
+                st = part.stat()
+                h.update(f"{part.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(tokenizer.backend.to_str().encode())
     return h.hexdigest()[:16]
 

@@ -175,9 +175,15 @@ class PretrainConfig:
     family: str | None = option(None, "model family (default: the preset's)", choices=FAMILY_NAMES)
     preset: str | None = option(None, "model preset (default: the family's tiny preset; see `lmlab presets`)")
     objective: str | None = option(None, "pre-training objective (default: the family's)", choices=OBJECTIVES)
-    data: list[str] = option(list, "text / jsonl files or folders (.gz too); default: the built-in demo corpus")
+    data: list[str] = option(
+        list,
+        "text / jsonl files or folders (.gz too), Parquet / Arrow files, datasets folders (save_to_disk), "
+        "BUILDER:PATTERN (csv, json, text, parquet, arrow); default: the built-in demo corpus",
+    )
     doc_sep: str = option("line", "one document per line, or blank-line separated", choices=("line", "blank"))
-    field: str = option("text", "JSONL field holding the text")
+    field: str = option(
+        "text", "the JSONL field or table column (Parquet, Arrow, CSV, datasets folder) holding the text"
+    )
     skip_bad_lines: bool = option(False, "skip (and count) lines that are not UTF-8 / JSON")
     tokenizer: str | None = option(None, "tokenizer.json or folder (default: train one on the data)")
     tokenizer_kind: str | None = option(

@@ -48,7 +48,9 @@ class CompareConfig:
         "or zh (Tang and Song poems, held-out fraction at least 0.2)",
     )
     doc_sep: str = option("line", "one document per line, or blank-line separated", choices=("line", "blank"))
-    field: str = option("text", "JSONL field holding the text")
+    field: str = option(
+        "text", "the JSONL field or table column (Parquet, Arrow, CSV, datasets folder) holding the text"
+    )
     families: list[str] = option(
         lambda: list(FAMILY_NAMES), f"families to compare (default: all four: {' '.join(FAMILY_NAMES)})"
     )

@@ -585,6 +585,7 @@ def test_questions_are_cut_at_words_or_at_characters_where_a_script_has_no_space
     assert units[:6] == ["兰", "叶", "春", "葳", "蕤", "，"] and units[-4:] == ["And", "God", "said,", "Let"]
 
 
+@pytest.mark.slow  # 40 s; the Chinese tokenizer and units are tested above, the measurements on kjv
 def test_compare_runs_on_the_builtin_chinese_corpus_with_every_measurement(tmp_path):
     """`lmlab compare --data zh`: questions cut at characters, the zh-poets task, every estimate."""
     summary = _run(

@@ -77,6 +77,7 @@ def test_two_processes_fine_tune_like_one_with_ddp_and_fsdp_and_accumulation(tin
             torch.testing.assert_close(saved[name], value, atol=1e-5, rtol=0, msg=f"{parallel}: {name}")
 
 
+@pytest.mark.slow  # 16 s; the pre-training trainer it runs on is resumed across world sizes in the default suite
 def test_a_two_process_fine_tuning_run_resumes_on_one_process_with_the_same_losses(tiny_pretrained, tmp_path):
     _lmlab(*_ner_flags(tiny_pretrained, tmp_path, "whole", 8, "--save-every", "4"), cwd=tmp_path)
     _lmlab(*_ner_flags(tiny_pretrained, tmp_path, "run", 4, "--save-every", "4", "--nproc", "2"), cwd=tmp_path)

@@ -115,18 +115,26 @@ def build_mask(
     prefix_lengths: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    documents: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prefix_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Mask for SDPA: (mask, is_causal). A bool mask is True where a query may attend.
 
     policy: "bidirectional" | "causal" | "prefix". key_padding: (B, k_len) True for real tokens.
     prefix_lengths: (B,) tokens of bidirectional prefix per example. bias: additive (1, H, q, k),
     T5's relative position bias; when given, the result is a float mask with the bias folded in.
+    documents: (query documents (B, q_len), key documents (B, k_len)) of packed sequences: a query
+    attends only within its own document (block-diagonal). prefix_mask: (B, k_len) True for the keys
+    in a bidirectional prefix (one per packed document), which every query of that document sees.
     Returns mask None with is_causal=True when plain causal attention needs no mask (fast path).
     """
     device = key_padding.device if key_padding is not None else (bias.device if bias is not None else None)
+    if documents is not None:
+        device = documents[0].device
     allowed: torch.Tensor | None = None
     if policy != "bidirectional":
-        if policy == "causal" and key_padding is None and bias is None and past == 0 and q_len == k_len:
+        plain = key_padding is None and bias is None and documents is None and past == 0 and q_len == k_len
+        if policy == "causal" and plain:
             return None, True
         if not (policy == "causal" and q_len == 1):  # one new token may see every cached one
             q_pos = torch.arange(past, past + q_len, device=device)[:, None]
@@ -134,7 +142,12 @@ def build_mask(
             allowed = (k_pos <= q_pos)[None]  # (1, q, k)
             if policy == "prefix" and prefix_lengths is not None:
                 allowed = allowed | (k_pos[None] < prefix_lengths.to(device)[:, None, None])
+            if policy == "prefix" and prefix_mask is not None:
+                allowed = allowed | prefix_mask.bool()[:, None, :]
             allowed = allowed[:, None]  # (B or 1, 1, q, k)
+    if documents is not None:
+        same = (documents[0][:, :, None] == documents[1][:, None, :])[:, None]  # (B, 1, q, k)
+        allowed = same if allowed is None else allowed & same
     if key_padding is not None:
         keys = key_padding.bool()[:, None, None, :]  # (B, 1, 1, k)
         allowed = keys if allowed is None else allowed & keys

@@ -55,6 +55,16 @@ class ModelOutput:
         return self.nsp_logits
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """0-based positions that restart with every document of a packed sequence: (B, T) -> (B, T)."""
+    B, T = document_ids.shape
+    t = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # where each token's document began
+    return t - first
+
+
 class Stack(nn.Module):
     """Embedded tokens -> hidden states: positions, segments, embedding norm, N Blocks, final norm."""
 
@@ -96,6 +106,9 @@ class Stack(nn.Module):
         memory_padding: torch.Tensor | None = None,  # (B, S)
         output_hidden_states: bool = False,
         routing: list[RoutingRecord] | None = None,  # MoE layers append their records here
+        documents: torch.Tensor | None = None,  # (B, T) packed documents: attention stays within each
+        memory_documents: torch.Tensor | None = None,  # (B, S) the encoder tokens' documents
+        prefix_mask: torch.Tensor | None = None,  # (B, T) tokens of each document's bidirectional prefix
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         B, T, _ = x.shape
         past = cache.seen if cache is not None else 0
@@ -115,10 +128,14 @@ class Stack(nn.Module):
 
         rope = self.rope(position_ids) if self.rope is not None else None
         bias = self.rel_bias(T, past + T, offset=past) if self.rel_bias is not None else None
-        mask, is_causal = build_mask(self.policy, T, past + T, past, key_padding, prefix_lengths, bias, x.dtype)
+        docs = (documents, documents) if documents is not None else None
+        mask, is_causal = build_mask(
+            self.policy, T, past + T, past, key_padding, prefix_lengths, bias, x.dtype, docs, prefix_mask
+        )
         memory_mask = None  # cross-attention has no position bias; only the encoder's padding is masked
-        if memory is not None and memory_padding is not None:
-            memory_mask, _ = build_mask("bidirectional", T, memory.shape[1], 0, memory_padding)
+        if memory is not None and (memory_padding is not None or memory_documents is not None):
+            cross_docs = (documents, memory_documents) if memory_documents is not None else None
+            memory_mask, _ = build_mask("bidirectional", T, memory.shape[1], 0, memory_padding, documents=cross_docs)
         token_mask = key_padding[:, past:].bool() if key_padding is not None else None
 
         hidden = [x] if output_hidden_states else None
@@ -325,6 +342,9 @@ class Model(nn.Module):
         decoder_position_ids: torch.Tensor | None = None,  # (B, T) 0-based; default: after the cache
         encoder_outputs: Any = None,  # (B, S, C) tensor or an output with .last_hidden_state
         prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-lm: bidirectional prefix sizes
+        document_ids: torch.Tensor | None = None,  # (B, T) packed documents (the encoder's, for seq2seq)
+        decoder_document_ids: torch.Tensor | None = None,  # (B, T_dec) the decoder tokens' documents
+        prefix_mask: torch.Tensor | None = None,  # (B, T) prefix-lm, packed: each document's prefix tokens
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
         start_positions: torch.Tensor | None = None,
@@ -336,8 +356,21 @@ class Model(nn.Module):
     ) -> ModelOutput:
         """transformers-style forward. With `labelled_logits_only`, `logits` is (N, V) for the N labelled
         positions (row-major order; for causal LMs the positions whose next token is labelled): an MLM
-        batch projects 15% of its tokens onto the vocabulary instead of all of them."""
+        batch projects 15% of its tokens onto the vocabulary instead of all of them.
+
+        With `document_ids` (a sequence packed from several documents), every token attends only to the
+        tokens of its own document, with the family's mask inside it (causal, bidirectional, or each
+        document's prefix in `prefix_mask` bidirectional), and positions restart at 0 with each document:
+        a packed sequence computes what each document computes alone. Encoder-decoders take the decoder
+        tokens' documents in `decoder_document_ids`; their cross-attention stays within the document too."""
         cfg = self.config
+        if document_ids is not None:
+            if past_key_values is not None or use_cache:
+                raise LmlabError("document_ids describe a packed training sequence; they do not go with a KV cache")
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
+            if decoder_document_ids is not None and decoder_position_ids is None:
+                decoder_position_ids = document_positions(decoder_document_ids)
         out = ModelOutput()
         mask_for_heads = attention_mask
         spec = cfg.spec
@@ -350,6 +383,7 @@ class Model(nn.Module):
                 attention_mask,
                 output_hidden_states=output_hidden_states,
                 routing=routing,
+                documents=document_ids,
             )
         elif spec.seq2seq:
             if encoder_outputs is None:
@@ -359,6 +393,7 @@ class Model(nn.Module):
                     None,
                     attention_mask,
                     routing=routing,
+                    documents=document_ids,
                 )
             else:
                 memory = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
@@ -393,6 +428,8 @@ class Model(nn.Module):
                     memory_padding=attention_mask,
                     output_hidden_states=output_hidden_states,
                     routing=routing,
+                    documents=decoder_document_ids,
+                    memory_documents=document_ids if decoder_document_ids is not None else None,
                 )
                 out.past_key_values = cache
                 mask_for_heads = decoder_attention_mask
@@ -414,6 +451,8 @@ class Model(nn.Module):
                 cache=cache,
                 output_hidden_states=output_hidden_states,
                 routing=routing,
+                documents=document_ids,
+                prefix_mask=prefix_mask,
             )
             out.past_key_values = cache
         out.last_hidden_state = h

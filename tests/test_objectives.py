@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -201,3 +202,54 @@ def test_objective_must_suit_the_family():
 
     with pytest.raises(ConfigError, match="objective 'mlm' trains encoder models, not 'decoder'"):
         check_objective("mlm", "decoder")
+
+
+def test_doc_mask_examples_mark_each_tokens_document_and_do_not_predict_across(bpe, wordpiece):
+    """--doc-mask: document ids from the separators (a separator ends its document); clm drops the label
+    that would predict a document's first token from the previous one; prefix-lm gives every document
+    its own prefix; RoBERTa's <s> and </s> join the first and last documents."""
+    tok, store = bpe
+    sep = tok.eos_id
+    _, examples = _examples("clm", tok, store, seq_len=256, n=40, doc_mask=True)
+    crossings = 0
+    for ex in examples:
+        ids, docs, labels = ex["input_ids"], ex["document_ids"], ex["labels"]
+        assert docs[0] == 0 and (np.diff(docs) >= 0).all()
+        starts = np.flatnonzero(np.diff(docs)) + 1
+        assert (ids[starts - 1] == sep).all() and (docs[1:][ids[:-1] == sep] == docs[:-1][ids[:-1] == sep] + 1).all()
+        assert (labels[starts] == IGNORE_INDEX).all()
+        rest = np.setdiff1d(np.arange(len(ids)), starts)
+        assert (labels[rest] == ids[rest]).all()
+        crossings += len(starts)
+    assert crossings > 10  # the windows do hold several documents
+    _, examples = _examples("prefix-lm", tok, store, seq_len=256, n=40, doc_mask=True)
+    for ex in examples:
+        docs, prefix, labels = ex["document_ids"], ex["prefix_mask"], ex["labels"]
+        for d in np.unique(docs):
+            inside = np.flatnonzero(docs == d)
+            k = int(prefix[inside].sum())
+            assert k >= 1 and prefix[inside[:k]].all()  # a prefix at the document's start
+            assert (labels[inside[:k]] == IGNORE_INDEX).all() and (labels[inside[k:]] != IGNORE_INDEX).all()
+    wtok, wstore = wordpiece
+    _, examples = _examples("mlm", wtok, wstore, seq_len=256, n=10, doc_mask=True)
+    assert all(len(e["document_ids"]) == 256 and e["document_ids"][-1] == e["document_ids"][-2] for e in examples)
+    with pytest.raises(Exception, match=r"--doc-mask: the span objective does not keep documents apart yet"):
+        _examples("span", wtok, wstore, seq_len=64, n=1, doc_mask=True)  # refused before it reads anything
+
+
+def test_pretraining_with_doc_mask_trains_and_records_it(tmp_path):
+    from lmlab.pretrain import PretrainConfig, pretrain
+    from lmlab.settings import TrainConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(DOCS[:60]) + "\n")
+    pc = PretrainConfig(
+        out=str(tmp_path / "run"), family="prefix-lm", data=[str(corpus)], seq_len=64, vocab_size=400,
+        doc_mask=True, cache_dir=str(tmp_path / "cache"),
+        model={"n_layers": 1, "d_model": 32, "n_heads": 2, "d_ff": 64},
+        train=TrainConfig(max_steps=12, batch_size=4, log_every=4, eval_every=12, warmup_steps=0, lr=3e-3),
+    )  # fmt: skip
+    summary = pretrain(pc)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert summary["steps"] == 12 and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["pretrain"]["doc_mask"] is True

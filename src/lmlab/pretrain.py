@@ -103,7 +103,9 @@ def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tok
         Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
     )
     store, _ = build_store(files, tok, cache, pc.doc_sep, pc.field, pc.skip_bad_lines)
-    ocfg = ObjectiveConfig(pc.objective, pc.seq_len, mask_prob=pc.mask_prob, whole_word=pc.whole_word)
+    ocfg = ObjectiveConfig(
+        pc.objective, pc.seq_len, mask_prob=pc.mask_prob, whole_word=pc.whole_word, doc_mask=pc.doc_mask
+    )
     return pc, tok, store, ocfg
 
 

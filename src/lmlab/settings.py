@@ -194,6 +194,11 @@ class PretrainConfig:
     val_fraction: float = option(0.02, "documents held out for validation")
     mask_prob: float = option(0.15, "masked-LM masking rate")
     whole_word: bool = option(False, "whole-word masking (MLM)")
+    doc_mask: bool = option(
+        False,
+        "packed documents attend only within themselves, positions restarting per document (objectives clm, "
+        "prefix-lm, mlm)",
+    )
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
     resume: bool = option(False, "continue from the newest checkpoint in --out")
     model: dict[str, Any] = option(dict, "ModelConfig overrides, e.g. {n_layers: 2}", flag=False)

@@ -41,6 +41,10 @@ class ObjectiveConfig:
     mean_span: float = 3.0
     infill_ratio: float = 0.3  # BART text infilling
     poisson_lambda: float = 3.0
+    doc_mask: bool = False  # packed documents attend only within themselves (clm, prefix-lm, mlm)
+
+
+DOC_MASK_OBJECTIVES = ("clm", "prefix-lm", "mlm")
 
 
 def check_objective(name: str, family: str) -> None:
@@ -172,15 +176,22 @@ class Objective(ABC):
 
 
 class _Stream(Objective):
-    """Objectives over fixed windows of a packed stream (documents joined with a separator)."""
+    """Objectives over fixed windows of a packed stream (documents joined with a separator). With
+    `separator` given (document masking), an example also carries `document_ids`: the document of every
+    token, a separator belonging to the document it ends."""
 
-    def __init__(self, stream: np.ndarray, window: int) -> None:
+    def __init__(self, stream: np.ndarray, window: int, separator: int | None = None) -> None:
         if len(stream) < window:
             raise ConfigError(
                 f"the split has {len(stream)} tokens, fewer than one example needs ({window}); "
                 "use more data or a shorter --seq-len"
             )
-        self.stream, self.window = stream, window
+        self.stream, self.window, self.separator = stream, window, separator
+
+    def documents(self, ids: np.ndarray) -> np.ndarray:
+        """0, 1, ...: each token's document within the window (a new one after every separator)."""
+        ends = ids == self.separator
+        return np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.stream) // self.window
@@ -190,10 +201,13 @@ class _Stream(Objective):
 
 
 class CausalLM(_Stream):
+    """Windows of the packed stream; with document masking, the first token of a document is not
+    predicted from the one before it (the previous document's separator): it has no context."""
+
     name, dynamic = "clm", False
 
-    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
-        super().__init__(stream, seq_len)
+    def __init__(self, stream: np.ndarray, seq_len: int, separator: int | None = None) -> None:
+        super().__init__(stream, seq_len, separator)
 
     @property
     def tokens_per_example(self) -> int:
@@ -201,7 +215,12 @@ class CausalLM(_Stream):
 
     def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.chunk(unit)
-        return {"input_ids": ids, "labels": ids}  # the model shifts: position t predicts token t + 1
+        if self.separator is None:
+            return {"input_ids": ids, "labels": ids}  # the model shifts: position t predicts token t + 1
+        docs = self.documents(ids)
+        labels = ids.copy()
+        labels[1:][docs[1:] != docs[:-1]] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels, "document_ids": docs}
 
 
 class PrefixLM(CausalLM):
@@ -211,10 +230,23 @@ class PrefixLM(CausalLM):
 
     def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.chunk(unit)
+        if self.separator is not None:
+            return self._packed(ids, rng)
         split = int(rng.integers(1, len(ids)))
         labels = ids.copy()
         labels[:split] = IGNORE_INDEX  # the prefix is context, not target
         return {"input_ids": ids, "labels": labels, "prefix_lengths": np.array(split, dtype=np.int64)}
+
+    def _packed(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Document masking: every document of the window has its own split point and prefix."""
+        docs = self.documents(ids)
+        labels, prefix = ids.copy(), np.zeros(len(ids), dtype=bool)
+        starts = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1]]))
+        for start, end in zip(starts, np.append(starts[1:], len(ids))):
+            split = start + (int(rng.integers(1, end - start)) if end - start > 1 else 1)
+            prefix[start:split] = True
+            labels[start:split] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels, "document_ids": docs, "prefix_mask": prefix}
 
 
 class PrefixSeq2Seq(_Stream):
@@ -262,7 +294,7 @@ class RobertaMLM(_Stream, _Masking):
     name, dense_labels = "mlm", False
 
     def __init__(self, stream: np.ndarray, tok: Tokenizer, cfg: ObjectiveConfig) -> None:
-        super().__init__(stream, cfg.seq_len - 2)
+        super().__init__(stream, cfg.seq_len - 2, _separator(tok) if cfg.doc_mask else None)
         self._setup_masking(tok, cfg)
         self.start = tok.id_of("cls") if tok.id_of("cls") is not None else _need(tok, "bos", cfg.name)
         self.end = tok.id_of("sep") if tok.id_of("sep") is not None else _need(tok, "eos", cfg.name)
@@ -272,9 +304,13 @@ class RobertaMLM(_Stream, _Masking):
         return self.window + 2
 
     def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = np.concatenate([[self.start], self.chunk(unit), [self.end]])
+        chunk = self.chunk(unit)
+        ids = np.concatenate([[self.start], chunk, [self.end]])
         inputs, labels = self._mask(ids, rng)
-        return {"input_ids": inputs, "labels": labels}
+        if self.separator is None:
+            return {"input_ids": inputs, "labels": labels}
+        docs = self.documents(chunk)  # <s> opens the first document, </s> closes the last
+        return {"input_ids": inputs, "labels": labels, "document_ids": np.concatenate([docs[:1], docs, docs[-1:]])}
 
 
 class BertMLMNSP(Objective, _Masking):
@@ -445,13 +481,22 @@ def make_objective(
     cfg: ObjectiveConfig, store: TokenStore, docs: np.ndarray, tok: Tokenizer, split_name: str
 ) -> Objective:
     """The objective `cfg.name` over the documents `docs` of `store`."""
+    if cfg.doc_mask and cfg.name not in DOC_MASK_OBJECTIVES:
+        raise ConfigError(
+            f"--doc-mask: the {cfg.name} objective does not keep documents apart yet (objectives that do: "
+            f"{', '.join(DOC_MASK_OBJECTIVES)}); the model itself takes document_ids for every family"
+        )
     if cfg.name == "mlm-nsp":
         return BertMLMNSP(store, docs, tok, cfg)
-    stream = store.stream(docs, _separator(tok), split_name)
+    separator = _separator(tok)
+    if cfg.doc_mask and separator is None:
+        raise ConfigError("--doc-mask finds documents by their separator: the tokenizer needs an eos or sep token")
+    stream = store.stream(docs, separator, split_name)
+    keep_apart = separator if cfg.doc_mask else None
     if cfg.name == "clm":
-        return CausalLM(stream, cfg.seq_len)
+        return CausalLM(stream, cfg.seq_len, keep_apart)
     if cfg.name == "prefix-lm":
-        return PrefixLM(stream, cfg.seq_len)
+        return PrefixLM(stream, cfg.seq_len, keep_apart)
     if cfg.name == "mlm":
         return RobertaMLM(stream, tok, cfg)
     if cfg.name == "span":

@@ -6,6 +6,7 @@ the run's record: run.json (the resolved settings), metrics.jsonl, loss.png and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from lmlab.settings import RUN_RECORD, PretrainConfig, TrainConfig, load_yaml  #
 from lmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.train import distributed
 from lmlab.train.trainer import Trainer, precision_choice, resolve_device
+
+STREAM_TOKENIZER_DOCS = 20_000  # what a --stream run trains its tokenizer on: the corpus's first documents
 
 
 def resolved_names(pc: PretrainConfig) -> tuple[str, str, str]:
@@ -96,13 +99,16 @@ def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tok
         tok = load_tokenizer(pc.tokenizer)
     else:
         kind = pc.tokenizer_kind = pc.tokenizer_kind or FAMILIES[pc.family].tokenizer_kind
-        tok = train_tokenizer(kind, read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines), pc.vocab_size)
+        docs = read_corpus(files, pc.doc_sep, pc.field, pc.skip_bad_lines)
+        if pc.stream:  # no pass over the corpus: the tokenizer learns from its start
+            docs = itertools.islice(docs, STREAM_TOKENIZER_DOCS)
+        tok = train_tokenizer(kind, docs, pc.vocab_size)
     if write:
         tok.save(out)
     cache = (
         Path(pc.cache_dir) if pc.cache_dir else Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
     )
-    store, _ = build_store(files, tok, cache, pc.doc_sep, pc.field, pc.skip_bad_lines)
+    store = None if pc.stream else build_store(files, tok, cache, pc.doc_sep, pc.field, pc.skip_bad_lines)[0]
     ocfg = ObjectiveConfig(
         pc.objective, pc.seq_len, mask_prob=pc.mask_prob, whole_word=pc.whole_word, doc_mask=pc.doc_mask
     )
@@ -137,34 +143,42 @@ def _pretrain(
         from lmlab.train.trainer import default_lr
 
         pc.train.lr = default_lr(cfg)
-    splits = store.split(pc.val_fraction, pc.train.seed)
-    train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
-    val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
+    if pc.stream:
+        train, val, data = _streamed(pc, tok, ocfg)
+    else:
+        splits = store.split(pc.val_fraction, pc.train.seed)
+        train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
+        val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
+        train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
+        val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
+        data = {
+            "documents": store.n_docs,
+            "tokens": store.n_tokens,
+            "train_documents": len(splits["train"]),
+            "val_documents": len(splits["val"]),
+        }
     out = Path(pc.out)
     model = _build_model(pc, cfg, world)
     if world.size > 1 and pc.train.moe_stats == "global":
         distributed.use_global_routing_stats(model, world)
     if world.size > 1:  # router noise as one process draws it for the global batch
         distributed.share_router_noise(model, world)
-    train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
-    val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
     trainer = Trainer(model, train, val, pc.train, out, on_event, world=world)
     if world.main:
         record = {
             "pretrain": pc.to_dict(),
             "model": cfg.to_dict(),
-            "data": {
-                "documents": store.n_docs,
-                "tokens": store.n_tokens,
-                "train_documents": len(splits["train"]),
-                "val_documents": len(splits["val"]),
-            },
+            "data": data,
             "precision": trainer.precision,
             "distributed": distributed.describe(world, pc.train.parallel),
         }
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     resumed = trainer.resume() if pc.resume else False
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        if pc.stream:
+            train.close()  # the streaming worker
     summary["precision"] = trainer.precision
     whole = trainer.whole_state()[0]
     distributed.barrier(world)
@@ -186,6 +200,28 @@ def _pretrain(
         "family": pc.family,
         "parameters": _parameters(cfg),  # `model` may hold this rank's experts only
     }
+
+
+def _streamed(pc: PretrainConfig, tok: Tokenizer, ocfg: ObjectiveConfig) -> tuple[Any, list, dict[str, Any]]:
+    """Training batches streamed from the corpus files, and validation batches from the held-out documents."""
+    from lmlab.data.objectives import separator_of, stream_objective
+    from lmlab.data.streaming import StreamBatches, StreamSpec
+
+    objective = stream_objective(ocfg, tok)
+    spec = StreamSpec(
+        files=[str(f) for f in corpus_files(pc.data)],
+        doc_sep=pc.doc_sep,
+        field=pc.field,
+        skip_bad_lines=pc.skip_bad_lines,
+        tokenizer=pc.out if (Path(pc.out) / "tokenizer.json").is_file() else pc.tokenizer,
+        separator=separator_of(tok, ocfg),
+        window=objective.window,
+        seed=pc.train.seed,
+        val_every=max(2, round(1 / pc.val_fraction)) if pc.val_fraction > 0 else 0,
+    )
+    train = StreamBatches(objective, spec, pc.train.batch_size, pc.train.seed)
+    val = train.fixed(pc.train.eval_batches)
+    return train, val, {"streamed": True, "held_out": f"every {spec.val_every}th document", "files": spec.files}
 
 
 def _parameters(cfg: ModelConfig) -> int:

@@ -200,6 +200,12 @@ class PretrainConfig:
         "prefix-lm, mlm)",
     )
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
+    stream: bool = option(
+        False,
+        "read, tokenize and pack the corpus on the fly in a worker process while training (no token store, no "
+        "pass first; every 1/val_fraction-th document held out); a tokenizer is trained on the first 20,000 "
+        "documents unless --tokenizer is given",
+    )
     resume: bool = option(False, "continue from the newest checkpoint in --out")
     model: dict[str, Any] = option(dict, "ModelConfig overrides, e.g. {n_layers: 2}", flag=False)
     train: TrainConfig = option(TrainConfig, "training settings", flag=False)

@@ -199,6 +199,13 @@ class _Stream(Objective):
     def chunk(self, unit: int) -> np.ndarray:
         return np.asarray(self.stream[unit * self.window : (unit + 1) * self.window], dtype=np.int64)
 
+    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.example_of(self.chunk(unit), rng)
+
+    @abstractmethod
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The example made of one window of `self.window` stream tokens (a streamed corpus calls this too)."""
+
 
 class CausalLM(_Stream):
     """Windows of the packed stream; with document masking, the first token of a document is not
@@ -213,8 +220,7 @@ class CausalLM(_Stream):
     def tokens_per_example(self) -> int:
         return self.window
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = self.chunk(unit)
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.separator is None:
             return {"input_ids": ids, "labels": ids}  # the model shifts: position t predicts token t + 1
         docs = self.documents(ids)
@@ -228,8 +234,7 @@ class PrefixLM(CausalLM):
 
     name, dynamic = "prefix-lm", True
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = self.chunk(unit)
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.separator is not None:
             return self._packed(ids, rng)
         split = int(rng.integers(1, len(ids)))
@@ -265,8 +270,7 @@ class PrefixSeq2Seq(_Stream):
     def tokens_per_example(self) -> int:
         return self.window + 1
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = self.chunk(unit)
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         split = int(rng.integers(1, len(ids)))
         inputs = np.concatenate([ids[:split], [self.eos]])
         return _seq2seq_example(inputs, ids[split:], self.window, self.window, self.pad)
@@ -303,8 +307,7 @@ class RobertaMLM(_Stream, _Masking):
     def tokens_per_example(self) -> int:
         return self.window + 2
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        chunk = self.chunk(unit)
+    def example_of(self, chunk: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = np.concatenate([[self.start], chunk, [self.end]])
         inputs, labels = self._mask(ids, rng)
         if self.separator is None:
@@ -412,8 +415,7 @@ class SpanCorruption(_Stream):
     def tokens_per_example(self) -> int:
         return self.seq_len + self.target_len
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = self.chunk(unit)
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         noise = span_noise_mask(len(ids), self.density, self.mean_span, rng)
         starts = noise & ~np.concatenate([[False], noise[:-1]])
         span_index = np.cumsum(starts) - 1  # which span each noise token belongs to
@@ -445,8 +447,7 @@ class TextInfilling(_Stream):
     def tokens_per_example(self) -> int:
         return 2 * self.seq_len
 
-    def example(self, unit: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = self.chunk(unit)
+    def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         n = len(ids)
         budget = int(round(n * self.ratio))
         lengths: list[int] = []
@@ -481,18 +482,43 @@ def make_objective(
     cfg: ObjectiveConfig, store: TokenStore, docs: np.ndarray, tok: Tokenizer, split_name: str
 ) -> Objective:
     """The objective `cfg.name` over the documents `docs` of `store`."""
+    _check_doc_mask(cfg)
+    if cfg.name == "mlm-nsp":
+        return BertMLMNSP(store, docs, tok, cfg)
+    return _over_stream(cfg, store.stream(docs, separator_of(tok, cfg), split_name), tok)
+
+
+def stream_objective(cfg: ObjectiveConfig, tok: Tokenizer) -> _Stream:
+    """The objective `cfg.name` for a streamed corpus (lmlab.data.streaming), which hands it windows of
+    `.window` tokens through `example_of`; its own stream is a placeholder."""
+    _check_doc_mask(cfg)
+    if cfg.name == "mlm-nsp":
+        raise ConfigError(
+            "--stream packs a token stream; mlm-nsp pairs segments of whole documents: use the token store "
+            "(without --stream), or the mlm objective"
+        )
+    separator_of(tok, cfg)
+    return _over_stream(cfg, np.zeros(8 * cfg.seq_len + 8, dtype=np.int64), tok)  # type: ignore[return-value]
+
+
+def separator_of(tok: Tokenizer, cfg: ObjectiveConfig) -> int | None:
+    """The token between packed documents (eos, else sep)."""
+    separator = _separator(tok)
+    if cfg.doc_mask and separator is None:
+        raise ConfigError("--doc-mask finds documents by their separator: the tokenizer needs an eos or sep token")
+    return separator
+
+
+def _check_doc_mask(cfg: ObjectiveConfig) -> None:
     if cfg.doc_mask and cfg.name not in DOC_MASK_OBJECTIVES:
         raise ConfigError(
             f"--doc-mask: the {cfg.name} objective does not keep documents apart yet (objectives that do: "
             f"{', '.join(DOC_MASK_OBJECTIVES)}); the model itself takes document_ids for every family"
         )
-    if cfg.name == "mlm-nsp":
-        return BertMLMNSP(store, docs, tok, cfg)
-    separator = _separator(tok)
-    if cfg.doc_mask and separator is None:
-        raise ConfigError("--doc-mask finds documents by their separator: the tokenizer needs an eos or sep token")
-    stream = store.stream(docs, separator, split_name)
-    keep_apart = separator if cfg.doc_mask else None
+
+
+def _over_stream(cfg: ObjectiveConfig, stream: np.ndarray, tok: Tokenizer) -> Objective:
+    keep_apart = _separator(tok) if cfg.doc_mask else None
     if cfg.name == "clm":
         return CausalLM(stream, cfg.seq_len, keep_apart)
     if cfg.name == "prefix-lm":

@@ -49,6 +49,13 @@ def test_runs_killed_in_steps_evaluations_and_checkpoint_writes_resume_to_the_sa
     assert aimed == ["step", "eval", "save"]
 
 
+@pytest.mark.slow  # 30 s; the streamed resume is checked in tests/test_streaming.py by default
+def test_streaming_runs_killed_anywhere_resume_to_the_same_weights(tmp_path):
+    r = crash.campaign(tmp_path, kills=3, processes=1, steps=12, per_trial=3, seed=1, stream=True)
+    assert r["failures"] == [] and r["stream"]
+    assert r["kills"] == 3 and r["weights_equal"] == r["trials"] == 1
+
+
 def test_a_corrupted_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, base):
     pretrain(_pc(base, tmp_path / "whole"))
     run = tmp_path / "run"

@@ -19,6 +19,7 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=24, help="training steps of every run")
     c.add_argument("--per-trial", type=int, default=5, help="kills before a run is left to finish")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--stream", action="store_true", help="the runs stream their corpus (pretrain --stream)")
     c.add_argument("--work", help="folder for the runs (default: a temporary one)")
     c.add_argument("--json", help="also write the figures here")
     h = sub.add_parser("hostile", help="load model folders broken on purpose; each must be refused by name")
@@ -70,10 +71,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         for n in a.processes:
-            r = crash.campaign(work, a.kills, n, a.steps, a.per_trial, a.seed)
+            r = crash.campaign(work, a.kills, n, a.steps, a.per_trial, a.seed, a.stream)
             results.append(r)
             print(
-                f"{n} process(es): {r['kills']} kills landed ({', '.join(f'{k} {v}' for k, v in r['landed'].items())}),"
+                f"{n} process(es){', streaming' if a.stream else ''}: {r['kills']} kills landed ({', '.join(f'{k} {v}' for k, v in r['landed'].items())}),"
                 f" {r['missed']} after the run ended; {r['trials']} runs, {r['lives']} lives;"
                 f" final weights equal to the uninterrupted run's in {r['weights_equal']} of {r['trials']};"
                 f" {len(r['failures'])} problems; {r['minutes']} min"

@@ -174,11 +174,15 @@ def check(out: Path, reference: Path, steps: int) -> dict[str, Any]:
     return {"weights_equal": not differ, "problems": problems}
 
 
-def campaign(work: Path, kills: int, processes: int, steps: int = 24, per_trial: int = 5, seed: int = 0) -> dict:
-    """`kills` aimed SIGKILLs over trials of `per_trial` kills each; the figures."""
+def campaign(
+    work: Path, kills: int, processes: int, steps: int = 24, per_trial: int = 5, seed: int = 0, stream: bool = False
+) -> dict:
+    """`kills` aimed SIGKILLs over trials of `per_trial` kills each; the figures. `stream`: the runs read
+    their corpus through pretrain --stream (a worker process, the data position in the checkpoint)."""
     rng = random.Random(seed)
-    work = Path(work) / f"np{processes}"
+    work = Path(work) / (f"np{processes}" + ("-stream" if stream else ""))
     base = prepare(work, steps)
+    base["stream"] = stream
     if processes > 1:
         base["train"]["parallel"] = "ddp"
     timeout = 300.0
@@ -224,6 +228,7 @@ def campaign(work: Path, kills: int, processes: int, steps: int = 24, per_trial:
         trials.append(record)
     return {
         "processes": processes,
+        "stream": stream,
         "steps": steps,
         "kills": sum(landed.values()),
         "landed": dict(sorted(landed.items())),

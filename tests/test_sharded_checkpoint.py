@@ -165,7 +165,7 @@ def test_a_sharded_checkpoint_that_pickles_objects_is_refused_without_running_th
     model = lmlab.load(tmp_path / "run")
     optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.98))
     make_scheduler(optimizer, 2, 6, "cosine", 0.1)  # as the trainer's: it adds initial_lr
-    view = sharded._dcp_view(model, optimizer)
+    view = sharded.dcp_view(model, optimizer, spread=False)
     _Payload.target = str(tmp_path / "pwned")
     view["optim"]["param_groups"][0]["lr"] = _Payload()  # a hyper-parameter that is code
     shutil.rmtree(ckpt / "dcp")

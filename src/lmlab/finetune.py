@@ -120,6 +120,7 @@ def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None
     from lmlab.io import load, save
     from lmlab.tokenizer import load_tokenizer
     from lmlab.train import distributed
+    from lmlab.train.parallel import ParallelDims, parallelize
     from lmlab.train.trainer import TrainConfig, Trainer, precision_choice, resolve_device
 
     def say(text: str) -> None:
@@ -166,7 +167,7 @@ def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None
     if fc.method != "full":
         from lmlab.adapters import add_lora
 
-        if fc.parallel == "fsdp":
+        if ParallelDims.of(fc.parallel, world.size).fsdp:
             raise ConfigError(f"--method {fc.method} runs on one process or under --parallel ddp, not fsdp")
         lora = add_lora(model, fc.method, fc.lora_r, fc.lora_alpha, fc.lora_dropout, fc.lora_targets, whole)
     elif fc.merge:
@@ -204,10 +205,10 @@ def _finetune(fc: FinetuneConfig, on_event: Callable[[str, dict[str, Any]], None
         best_metric=metric if keep_best else None,
     )
     tc.validate()
-    if fc.parallel == "fsdp":
-        device = distributed.device_for(resolve_device(fc.device), world)
-        bf16 = precision_choice(fc.precision, device)["precision"] == "bf16"
-        distributed.shard_model(model, device, torch.bfloat16 if bf16 else None)
+    device = distributed.device_for(resolve_device(fc.device), world)
+    bf16 = precision_choice(fc.precision, device)["precision"] == "bf16"
+    dims = ParallelDims.of(fc.parallel, world.size)
+    model = parallelize(model, dims, world, device, fc.seed, torch.bfloat16 if bf16 else None).model
     out = Path(fc.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(fc.seed)

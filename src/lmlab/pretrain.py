@@ -231,21 +231,12 @@ def _parameters(cfg: ModelConfig) -> int:
 
 
 def _build_model(pc: PretrainConfig, cfg: ModelConfig, world: distributed.World) -> Model:
-    """The model to train: FSDP2's sharded one, or the plain one (its experts sharded with expert
-    parallelism), from the same initial weights at every world size."""
-    distributed.check_expert_parallel(pc.train.expert_parallel, world, cfg)
-    if pc.train.parallel == "fsdp":
-        device = distributed.device_for(resolve_device(pc.train.device), world)
-        bf16 = precision_choice(pc.train.precision, device)["precision"] == "bf16"
-        return distributed.build_sharded(
-            cfg, pc.train.seed, world, device, torch.bfloat16 if bf16 else None, pc.train.expert_parallel
-        )
-    torch.manual_seed(pc.train.seed)
-    model = Model(cfg)
-    if pc.train.expert_parallel > 1:  # every rank keeps its experts; DDP averages the rest
-        from lmlab.train.expert_parallel import expert_mesh, parallelize_experts
+    """The model to train, placed on the run's processes (lmlab.train.parallel): FSDP2's sharded one or
+    the plain one (its experts split with expert parallelism), from the same initial weights at every
+    world size."""
+    from lmlab.train.parallel import ParallelDims, parallelize
 
-        device = distributed.device_for(resolve_device(pc.train.device), world)
-        mesh = expert_mesh(world.size, pc.train.expert_parallel, device.type)
-        parallelize_experts(model, grad_scale=1.0 / world.size, mesh=mesh)
-    return model
+    device = distributed.device_for(resolve_device(pc.train.device), world)
+    bf16 = precision_choice(pc.train.precision, device)["precision"] == "bf16"
+    dims = ParallelDims.of(pc.train.parallel, world.size, pc.train.expert_parallel)
+    return parallelize(cfg, dims, world, device, pc.train.seed, torch.bfloat16 if bf16 else None).model

@@ -37,6 +37,7 @@ from lmlab.model import Model
 from lmlab.runtime import can_compile
 from lmlab.tokenizer import load_tokenizer
 from lmlab.train import distributed
+from lmlab.train.parallel import ParallelDims, parallelize
 from lmlab.train.trainer import TrainConfig, Trainer, evaluate, resolve_device
 
 FILL_MASK = [
@@ -91,12 +92,11 @@ class Unit:
         train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
         val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
         world = self.world
-        if world.size > 1 and cc.parallel == "fsdp":  # sharded from the start, from the one-process init
-            device = distributed.device_for(resolve_device("auto"), world)
-            model = distributed.build_sharded(cfg, self.seed, world, device)
-        else:
-            torch.manual_seed(self.seed)
-            model = Model(cfg)
+        # placed on the processes as lmlab pretrain places it (lmlab.train.parallel): under fsdp sharded from
+        # the start, from the one-process init
+        dims = ParallelDims.of(cc.parallel if world.size > 1 else "none", world.size)
+        device = distributed.device_for(resolve_device("auto"), world)
+        model = parallelize(cfg, dims, world, device, self.seed).model
         if world.size > 1 and cfg.ffn == "moe":  # load balancing from every rank's tokens, as one process
             distributed.use_global_routing_stats(model, world)
         steps = self.spec.get("steps")

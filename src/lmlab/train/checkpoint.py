@@ -113,36 +113,23 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place (an FSDP2 model keeps its shards); return the rest of the state."""
-    from lmlab.train.distributed import is_sharded, load_full_state
-    from lmlab.train.expert_parallel import expert_parameters, shard_full_state
+    from lmlab.train.parallel import Parallel
 
     if sharded.is_sharded_checkpoint(path):
         return _load_sharded(path, model, optimizer)
-    fsdp = is_sharded(model)
+    placed = Parallel(model)
     try:
         osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         by_index = all(isinstance(k, int) for k in osd.get("state", {}))  # before 2026-12: optimizer.state_dict()
-        if expert_parameters(model):  # this rank's experts of the whole state
-            if by_index:
-                raise CheckpointError(
-                    "its optimizer state predates name-keyed checkpoints; resume it without experts sharded"
-                )
-            weights, osd = shard_full_state(model, read_lmlab_weights(path, model.config), osd)
-            if fsdp:  # every rank holds its experts' whole rows; FSDP2 keeps its part of them
-                load_full_state(model, optimizer, weights, osd)
-            else:
-                model.load_state_dict(weights)
-                load_full_state(model, optimizer, None, osd)
-        elif fsdp:
-            if by_index:
-                raise CheckpointError("its optimizer state predates name-keyed checkpoints; resume it without fsdp")
-            load_full_state(model, optimizer, read_lmlab_weights(path, model.config), osd)
-        else:
+        if by_index and placed.together:
+            raise CheckpointError(
+                "its optimizer state predates name-keyed checkpoints; resume it on one process or under ddp"
+            )
+        if by_index and osd.get("state"):  # an optimizer.state_dict() of one whole model
             load_weights_into(model, path)
-            if by_index and osd.get("state"):
-                optimizer.load_state_dict(osd)
-            else:
-                load_full_state(model, optimizer, None, osd)
+            optimizer.load_state_dict(osd)
+        else:
+            placed.load_full_state(read_lmlab_weights(path, model.config), osd, optimizer)
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None

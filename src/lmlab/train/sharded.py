@@ -47,7 +47,6 @@ from lmlab.checkpoint.dcp import (  # noqa: F401  (re-exported)
     why,
 )
 from lmlab.errors import CheckpointError
-from lmlab.train.dtensor import is_sharded
 
 
 def _alone() -> bool:
@@ -96,11 +95,13 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer, spread: bool) -> dict[str, Any]:
     """Model and optimizer state as DCP stores it: keyed by parameter name, with global shapes. The
-    tensors are the model's and the optimizer's own, so a load writes into them."""
+    tensors are the model's and the optimizer's own, so a load writes into them. With `spread` (the
+    experts are split over the ranks: lmlab.train.parallel says so) each rank's rows of an expert tensor
+    become a global DTensor."""
     view = _states(model, optimizer)
-    experts = _expert_names(model)
+    experts = _expert_names(model) if spread else []
     if experts:
         mesh = _expert_mesh(model)
         states = view["optim"].get("state", {})
@@ -116,7 +117,9 @@ def _dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, A
 def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, background: bool, group: Any = None) -> Any:
     """Every rank writes its shard of model and optimizer to `folder` (a collective). Returns None once
     written, or with `background` a future that completes when the write has."""
-    view = _dcp_view(model, optimizer)
+    from lmlab.train.parallel import Parallel
+
+    view = dcp_view(model, optimizer, Parallel(model).experts)
     writer = FileSystemWriter(str(folder))
     if background:
         response = dcp.async_save(view, storage_writer=writer, process_group=group, no_dist=_alone())
@@ -131,11 +134,14 @@ def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, back
 def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint's model and optimizer into this rank's (sharded, expert-parallel or
     plain) model and optimizer: each rank reads the slices it holds, at any world size."""
-    view = _dcp_view(model, optimizer)
+    from lmlab.train.parallel import Parallel
+
+    placed = Parallel(model)
+    view = dcp_view(model, optimizer, placed.experts)
     reader = FileSystemReader(str(folder / DCP_DIR))
     dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
-    experts = set(_expert_names(model))
-    if experts and is_sharded(model):  # loaded in place into FSDP2's own shards: hand those back
+    experts = set(_expert_names(model)) if placed.experts else set()
+    if experts and placed.sharded:  # loaded in place into FSDP2's own shards: hand those back
         fresh = _states(model, optimizer)
         states, fresh_states = view["optim"].get("state", {}), fresh["optim"].get("state", {})
         for name in experts:

@@ -27,7 +27,7 @@ from lmlab.families import IGNORE_INDEX
 from lmlab.model import Model
 from lmlab.runtime import cpu_flags, native_bf16
 from lmlab.settings import TrainConfig
-from lmlab.train import distributed, expert_parallel
+from lmlab.train import distributed
 from lmlab.train.checkpoint import (
     good_checkpoint,
     load_checkpoint,
@@ -36,6 +36,7 @@ from lmlab.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from lmlab.train.optim import make_optimizer, make_scheduler
+from lmlab.train.parallel import Parallel, ParallelDims
 
 DEFAULT_LR = 1e-3
 POST_LN_LR = 5e-4
@@ -161,12 +162,12 @@ class Trainer:
         # float16's narrow range: the loss is scaled up before the backward, the gradients down before
         # clipping, and a step whose gradients overflowed is skipped (torch.amp.GradScaler)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
-        self.sharded = distributed.is_sharded(model)  # FSDP2: every rank takes part in each forward
-        self.expert_parallel = bool(expert_parallel.expert_parameters(model))
-        if self.sharded:
+        # how the model is spread over the processes: the one object that knows (lmlab.train.parallel)
+        self.parallel = Parallel(model, ParallelDims.of(cfg.parallel, self.world.size, cfg.expert_parallel))
+        if self.parallel.casts:
             self.autocast = None  # the mixed-precision policy build_sharded set casts instead
         self.model = model.to(self.device)
-        self.step_fn = distributed.wrap(self.model, self.world, cfg.parallel)
+        self.step_fn = self.parallel.step_module(self.world)
         if cfg.compile:
             self.step_fn = torch.compile(self.step_fn)
         # labels a causal lm head reads one position on (a tagger's never are): for the rank weights
@@ -348,19 +349,7 @@ class Trainer:
     def whole_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(model, optimizer) state gathered whole from an FSDP2 or expert-parallel model, a collective
         every rank calls; (None, None) when every rank already holds everything."""
-        if self.sharded and self.expert_parallel:  # FSDP2's copies gathered, then every group's experts
-            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer, on_every_rank=True)
-            return expert_parallel.gather_full_state(self.model, model_state, optimizer_state)
-        if self.sharded:
-            return distributed.full_state(self.model, self.optimizer)
-        if self.expert_parallel:
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-            local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            return expert_parallel.gather_full_state(
-                self.model, local, get_optimizer_state_dict(self.model, self.optimizer)
-            )
-        return None, None
+        return self.parallel.full_state(self.optimizer)
 
     # ---- the best evaluation ----------------------------------------------------------------------
     def _judge(self, metrics: dict[str, Any]) -> bool:
@@ -416,7 +405,7 @@ class Trainer:
         there is no best to restore. A best that is the last step's is not evaluated twice."""
         if self.best is not None and self.best["step"] == self._last_eval_step:
             return self._last_eval
-        together = self.sharded or self.expert_parallel
+        together = self.parallel.together
         if not (self.world.main or together):  # under DDP rank 0 alone evaluates and saves
             return None
         state = self.best_state() if self.world.main else None
@@ -428,12 +417,7 @@ class Trainer:
             state = box[0]
         if state is None:
             return None
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
-        else:
-            self.model.load_state_dict(state)
+        self.parallel.load_weights(state)
         return self.evaluate_fn(self.model, self.val, self.device, self.autocast)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -494,12 +478,7 @@ class Trainer:
                 ) from e
             if self.scaler is not None:  # clip the true gradients
                 self.scaler.unscale_(self.optimizer)
-            if self.expert_parallel:
-                expert_parallel.sync_replicas(self.model)
-                grad_norm = expert_parallel.clip_grad_norm(self.model, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            grad_norm = self.parallel.clip_grad_norm(cfg.grad_clip)
             lr = self.optimizer.param_groups[0]["lr"]
             if self.scaler is None:
                 self.optimizer.step()
@@ -533,7 +512,7 @@ class Trainer:
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
             self.on_event("step", info)
             # a sharded or expert-parallel forward needs every rank: they all evaluate the same batches
-            together = self.sharded or self.expert_parallel
+            together = self.parallel.together
             if self.val and (self.world.main or together) and (self.step % cfg.eval_every == 0 or done):
                 last_eval = self.evaluate_fn(self.model, self.val, self.device, self.autocast)
                 self._last_eval, self._last_eval_step = last_eval, self.step
@@ -544,7 +523,7 @@ class Trainer:
                 patience_out = bool(cfg.best_metric) and self._judge(last_eval)
                 self.stopped_early = patience_out and not done  # ended before its budget
             if cfg.early_stopping and self.val and (self.step % cfg.eval_every == 0 or done):
-                if self.world.size > 1 and not (self.sharded or self.expert_parallel):  # rank 0 alone judged
+                if self.world.size > 1 and not self.parallel.together:  # rank 0 alone judged
                     self.stopped_early = (
                         distributed.mean_over_ranks(float(self.stopped_early), self.world, self.device) > 0
                     )

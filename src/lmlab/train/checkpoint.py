@@ -88,7 +88,9 @@ def save_sharded_checkpoint(
     root = Path(run_dir) / "checkpoints"
     name = step_name(step)
     tmp = root / f".tmp-{name}"
-    future = sharded.write(tmp / sharded.DCP_DIR, model, optimizer, background, group)
+    from lmlab.train.parallel import Parallel
+
+    future = Parallel(model).dcp_write(tmp / sharded.DCP_DIR, optimizer, background, group)
     config = lmlab_config(model.config)
 
     def when_written() -> Path | None:
@@ -141,7 +143,9 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     try:
         if read_config(path).get("model") != model.config.to_dict():
             raise CheckpointError("it describes a different model than the one being restored")
-        sharded.restore(path, model, optimizer)
+        from lmlab.train.parallel import Parallel
+
+        Parallel(model).dcp_restore(path, optimizer)
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None

@@ -12,6 +12,7 @@ placement implies:
     load_weights()       whole weights only (the best evaluation's, restored)
     clip_grad_norm()     the global gradient norm, clipped
     dcp_view()           model and optimizer state as torch.distributed.checkpoint stores it
+    dcp_write/restore()  a sharded checkpoint written and read back, each rank its part
 
 The trainer, the checkpoint code, `lmlab pretrain`, `lmlab finetune` and the comparison unit call these
 and never test the mode themselves (tests/test_parallel_seam.py greps for that).
@@ -150,9 +151,22 @@ class Parallel:
         return float((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())
 
     def dcp_view(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Model and optimizer state as torch.distributed.checkpoint stores it (global names and shapes)."""
         from lmlab.train import sharded
 
-        return sharded.dcp_view(self.model, optimizer, experts=self.experts)
+        return sharded.dcp_view(self.model, optimizer, self.experts)
+
+    def dcp_write(self, folder: Any, optimizer: torch.optim.Optimizer, background: bool, group: Any = None) -> Any:
+        """Every rank writes its part of a sharded checkpoint (lmlab.train.sharded.write)."""
+        from lmlab.train import sharded
+
+        return sharded.write(folder, self.model, optimizer, background, group, self.experts)
+
+    def dcp_restore(self, folder: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Every rank reads the slices of a sharded checkpoint it holds (lmlab.train.sharded.restore)."""
+        from lmlab.train import sharded
+
+        sharded.restore(folder, self.model, optimizer, self.experts, self.sharded)
 
 
 def parallelize(

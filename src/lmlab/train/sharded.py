@@ -114,12 +114,17 @@ def dcp_view(model: nn.Module, optimizer: torch.optim.Optimizer, spread: bool) -
     return view
 
 
-def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, background: bool, group: Any = None) -> Any:
+def write(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    background: bool,
+    group: Any = None,
+    spread: bool = False,
+) -> Any:
     """Every rank writes its shard of model and optimizer to `folder` (a collective). Returns None once
     written, or with `background` a future that completes when the write has."""
-    from lmlab.train.parallel import Parallel
-
-    view = dcp_view(model, optimizer, Parallel(model).experts)
+    view = dcp_view(model, optimizer, spread)
     writer = FileSystemWriter(str(folder))
     if background:
         response = dcp.async_save(view, storage_writer=writer, process_group=group, no_dist=_alone())
@@ -131,17 +136,17 @@ def write(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, back
     return None
 
 
-def restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restore(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, spread: bool = False, fsdp: bool = False
+) -> None:
     """Load a sharded checkpoint's model and optimizer into this rank's (sharded, expert-parallel or
-    plain) model and optimizer: each rank reads the slices it holds, at any world size."""
-    from lmlab.train.parallel import Parallel
-
-    placed = Parallel(model)
-    view = dcp_view(model, optimizer, placed.experts)
+    plain) model and optimizer: each rank reads the slices it holds, at any world size. `spread` and
+    `fsdp`: how the model is placed (lmlab.train.parallel says)."""
+    view = dcp_view(model, optimizer, spread)
     reader = FileSystemReader(str(folder / DCP_DIR))
     dcp.load(view, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=_alone())
-    experts = set(_expert_names(model)) if placed.experts else set()
-    if experts and placed.sharded:  # loaded in place into FSDP2's own shards: hand those back
+    experts = set(_expert_names(model)) if spread else set()
+    if experts and fsdp:  # loaded in place into FSDP2's own shards: hand those back
         fresh = _states(model, optimizer)
         states, fresh_states = view["optim"].get("state", {}), fresh["optim"].get("state", {})
         for name in experts:

@@ -233,8 +233,33 @@ def test_doc_mask_examples_mark_each_tokens_document_and_do_not_predict_across(b
     wtok, wstore = wordpiece
     _, examples = _examples("mlm", wtok, wstore, seq_len=256, n=10, doc_mask=True)
     assert all(len(e["document_ids"]) == 256 and e["document_ids"][-1] == e["document_ids"][-2] for e in examples)
-    with pytest.raises(Exception, match=r"--doc-mask: the span objective does not keep documents apart yet"):
-        _examples("span", wtok, wstore, seq_len=64, n=1, doc_mask=True)  # refused before it reads anything
+    with pytest.raises(Exception, match=r"--doc-mask: the mlm-nsp objective does not keep documents apart"):
+        _examples("mlm-nsp", wtok, wstore, seq_len=64, n=1, doc_mask=True)  # refused before it reads anything
+
+
+@pytest.mark.parametrize("name", ["span", "infilling", "prefix-seq2seq"])
+def test_doc_mask_encoder_decoder_examples_give_both_sides_their_documents(unigram, name):
+    """Every encoder token and every target token carries the document it comes from: the same documents
+    on both sides, in order; and a T5 model takes the batch."""
+    tok, store = unigram
+    obj, examples = _examples(name, tok, store, seq_len=128, n=200, doc_mask=True)
+    several = 0
+    for ex in examples:
+        source, target = ex["document_ids"], ex["decoder_document_ids"]
+        assert len(source) == len(ex["input_ids"]) and len(target) == len(ex["labels"])
+        assert (np.diff(source) >= 0).all() and (np.diff(target) >= 0).all()
+        real = ex["attention_mask"] == 1
+        labelled = ex["labels"] != IGNORE_INDEX
+        assert set(source[real]) <= set(target[labelled]) | set(source[real][:1])
+        several += len(set(source[real])) > 1
+    assert several > 5  # windows do hold several documents
+    from lmlab import Model
+    from lmlab.config import preset
+
+    cfg = preset("t5-tiny", vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, d_ff=64, **tok.model_ids())
+    batch = obj.collate(examples[:4])
+    out = Model(cfg)(**{k: v for k, v in batch.items()})
+    assert torch.isfinite(out.loss)
 
 
 def test_pretraining_with_doc_mask_trains_and_records_it(tmp_path):

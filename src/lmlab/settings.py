@@ -196,8 +196,8 @@ class PretrainConfig:
     whole_word: bool = option(False, "whole-word masking (MLM)")
     doc_mask: bool = option(
         False,
-        "packed documents attend only within themselves, positions restarting per document (objectives clm, "
-        "prefix-lm, mlm)",
+        "packed documents attend only within themselves, positions restarting per document (every objective "
+        "but mlm-nsp)",
     )
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
     stream: bool = option(

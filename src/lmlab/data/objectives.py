@@ -41,10 +41,10 @@ class ObjectiveConfig:
     mean_span: float = 3.0
     infill_ratio: float = 0.3  # BART text infilling
     poisson_lambda: float = 3.0
-    doc_mask: bool = False  # packed documents attend only within themselves (clm, prefix-lm, mlm)
+    doc_mask: bool = False  # packed documents attend only within themselves (every objective but mlm-nsp)
 
 
-DOC_MASK_OBJECTIVES = ("clm", "prefix-lm", "mlm")
+DOC_MASK_OBJECTIVES = ("clm", "prefix-lm", "mlm", "span", "infilling", "prefix-seq2seq")
 
 
 def check_objective(name: str, family: str) -> None:
@@ -263,7 +263,7 @@ class PrefixSeq2Seq(_Stream):
     name, dynamic = "prefix-seq2seq", True
 
     def __init__(self, stream: np.ndarray, tok: Tokenizer, cfg: ObjectiveConfig) -> None:
-        super().__init__(stream, cfg.seq_len)
+        super().__init__(stream, cfg.seq_len, _separator(tok) if cfg.doc_mask else None)
         self.eos, self.pad = _need(tok, "eos", cfg.name), _need(tok, "pad", cfg.name)
 
     @property
@@ -271,9 +271,25 @@ class PrefixSeq2Seq(_Stream):
         return self.window + 1
 
     def example_of(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.separator is not None:
+            return self._packed(ids, rng)
         split = int(rng.integers(1, len(ids)))
         inputs = np.concatenate([ids[:split], [self.eos]])
         return _seq2seq_example(inputs, ids[split:], self.window, self.window, self.pad)
+
+    def _packed(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Document masking: each document of the window split on its own; the encoder reads every
+        document's prefix (and one </s>), the decoder predicts every document's rest."""
+        d = self.documents(ids)
+        starts = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))
+        prefix = np.zeros(len(ids), dtype=bool)
+        for start, end in zip(starts, np.append(starts[1:], len(ids))):
+            prefix[start : start + (int(rng.integers(1, end - start)) if end - start > 1 else 1)] = True
+        if prefix.all():  # one-token documents only: the last becomes a target
+            prefix[-1] = False
+        inputs = np.append(ids[prefix], self.eos)
+        docs = (np.append(d[prefix], d[prefix][-1]), d[~prefix])
+        return _seq2seq_example(inputs, ids[~prefix], self.window, self.window, self.pad, docs)
 
 
 class _Masking:
@@ -381,16 +397,28 @@ class BertMLMNSP(Objective, _Masking):
 
 
 def _seq2seq_example(
-    inputs: np.ndarray, targets: np.ndarray, seq_len: int, target_len: int, pad: int
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    seq_len: int,
+    target_len: int,
+    pad: int,
+    docs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with IGNORE_INDEX."""
+    """Encoder inputs padded to seq_len (with their mask); decoder labels padded to target_len with
+    IGNORE_INDEX. With `docs` (document masking: each input token's and each target token's document),
+    also document_ids and decoder_document_ids, the padding in the last document."""
     labels = np.full(target_len, IGNORE_INDEX, dtype=np.int64)
     labels[: len(targets)] = targets[:target_len]
-    return {
+    out = {
         "input_ids": np.pad(inputs, (0, seq_len - len(inputs)), constant_values=pad),
         "attention_mask": np.pad(np.ones(len(inputs), dtype=np.int64), (0, seq_len - len(inputs))),
         "labels": labels,
     }
+    if docs is not None:
+        source, target = docs[0][:seq_len], docs[1][:target_len]
+        out["document_ids"] = np.pad(source, (0, seq_len - len(source)), mode="edge")
+        out["decoder_document_ids"] = np.pad(target, (0, target_len - len(target)), mode="edge")
+    return out
 
 
 class SpanCorruption(_Stream):
@@ -400,7 +428,7 @@ class SpanCorruption(_Stream):
 
     def __init__(self, stream: np.ndarray, tok: Tokenizer, cfg: ObjectiveConfig) -> None:
         raw, self.target_len = t5_lengths(cfg.seq_len, cfg.noise_density, cfg.mean_span)
-        super().__init__(stream, raw)
+        super().__init__(stream, raw, _separator(tok) if cfg.doc_mask else None)
         self.seq_len, self.density, self.mean_span = cfg.seq_len, cfg.noise_density, cfg.mean_span
         self.sentinels = tok.sentinel_ids
         self.eos, self.pad = _need(tok, "eos", cfg.name), _need(tok, "pad", cfg.name)
@@ -427,7 +455,12 @@ class SpanCorruption(_Stream):
         targets = targets[noise | nonnoise_starts]
         inputs = np.concatenate([inputs, [self.eos]])
         targets = np.concatenate([targets, [self.eos]])
-        return _seq2seq_example(inputs, targets, self.seq_len, self.target_len, self.pad)
+        docs = None
+        if self.separator is not None:  # a token keeps its document; a sentinel is its span's first token's
+            d = self.documents(ids)
+            source, target = d[~noise | starts], d[noise | nonnoise_starts]
+            docs = (np.append(source, d[-1]), np.append(target, d[-1]))
+        return _seq2seq_example(inputs, targets, self.seq_len, self.target_len, self.pad, docs)
 
 
 class TextInfilling(_Stream):
@@ -437,7 +470,7 @@ class TextInfilling(_Stream):
     name = "infilling"
 
     def __init__(self, stream: np.ndarray, tok: Tokenizer, cfg: ObjectiveConfig) -> None:
-        super().__init__(stream, cfg.seq_len - 2)
+        super().__init__(stream, cfg.seq_len - 2, _separator(tok) if cfg.doc_mask else None)
         self.seq_len, self.ratio, self.lam = cfg.seq_len, cfg.infill_ratio, cfg.poisson_lambda
         self.mask_id, self.pad = _need(tok, "mask", cfg.name), _need(tok, "pad", cfg.name)
         self.eos = _need(tok, "eos", cfg.name)
@@ -464,18 +497,27 @@ class TextInfilling(_Stream):
             else:
                 masked[s : s + ln] = True
         out: list[int] = []
+        where: list[int] = []  # the window position each input token stands for (its document's)
         for i in range(n):
             if insert[i]:
                 out.append(self.mask_id)
+                where.append(i)
             if masked[i]:
                 if i == 0 or not masked[i - 1]:
                     out.append(self.mask_id)
+                    where.append(i)
             else:
                 out.append(int(ids[i]))
+                where.append(i)
         head = [self.bos] if self.bos is not None else []
         inputs = np.array(head + out + [self.eos], dtype=np.int64)[: self.seq_len]
         target = np.array(head + ids.tolist() + [self.eos], dtype=np.int64)
-        return _seq2seq_example(inputs, target, self.seq_len, self.seq_len, self.pad)
+        docs = None
+        if self.separator is not None:
+            d = self.documents(ids)
+            edge = [d[0]] * len(head), [d[-1]]
+            docs = (np.array(edge[0] + d[where].tolist() + edge[1]), np.array(edge[0] + d.tolist() + edge[1]))
+        return _seq2seq_example(inputs, target, self.seq_len, self.seq_len, self.pad, docs)
 
 
 def make_objective(

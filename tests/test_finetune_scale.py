@@ -130,6 +130,7 @@ def test_compare_reports_to_trackers_without_changing_what_it_computes():
     from lmlab.compare.settings import CompareConfig
 
     assert CompareConfig(report_to=["tensorboard"]).fingerprint() == CompareConfig().fingerprint()
+    assert CompareConfig(doc_mask=True).fingerprint() != CompareConfig().fingerprint()  # it changes the runs
 
 
 def test_early_stopping_stops_where_the_metric_stopped_improving_and_saves_the_best_step(tiny_pretrained, tmp_path):

@@ -147,10 +147,7 @@ def _pretrain(
         train, val, data = _streamed(pc, tok, ocfg)
     else:
         splits = store.split(pc.val_fraction, pc.train.seed)
-        train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
-        val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
-        train = Batches(train_obj, pc.train.batch_size, pc.train.seed)
-        val = Batches(val_obj, pc.train.batch_size, pc.train.seed, shuffle=False).fixed(pc.train.eval_batches)
+        train, val = batches(ocfg, store, splits, tok, pc.train.batch_size, pc.train.seed, pc.train.eval_batches)
         data = {
             "documents": store.n_docs,
             "tokens": store.n_tokens,
@@ -200,6 +197,28 @@ def _pretrain(
         "family": pc.family,
         "parameters": _parameters(cfg),  # `model` may hold this rank's experts only
     }
+
+
+def batches(
+    ocfg: ObjectiveConfig,
+    store: Any,
+    splits: dict[str, Any],
+    tok: Tokenizer,
+    batch_size: int,
+    seed: int,
+    eval_batches: int,
+    val_seed: int | None = None,
+) -> tuple[Batches, list[dict[str, torch.Tensor]]]:
+    """The objective's training batches over the training documents (order and randomness from `seed`)
+    and its fixed validation batches over the held-out ones (from `val_seed`, default `seed`): what
+    `lmlab pretrain` and each `lmlab compare` unit train on."""
+    train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
+    val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
+    val_seed = seed if val_seed is None else val_seed
+    return (
+        Batches(train_obj, batch_size, seed),
+        Batches(val_obj, batch_size, val_seed, shuffle=False).fixed(eval_batches),
+    )
 
 
 def _streamed(pc: PretrainConfig, tok: Tokenizer, ocfg: ObjectiveConfig) -> tuple[Any, list, dict[str, Any]]:

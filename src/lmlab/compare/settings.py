@@ -117,6 +117,9 @@ class CompareConfig:
         "losses one process gets); the measurements and fine-tuning run on one",
     )
     parallel: str = option("ddp", "how the --nproc processes share a pre-training", choices=("ddp", "fsdp"))
+    doc_mask: bool = option(
+        False, "packed documents attend only within themselves in every contender's pre-training (pretrain --doc-mask)"
+    )
     report_to: list[str] | None = option(
         None,
         "experiment trackers each contender's pre-training reports to, offline (one run per unit): "
@@ -210,5 +213,7 @@ class CompareConfig:
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
         """A hash of everything that changes what a run computes (not where it writes or reports)."""
         d = {k: v for k, v in self.to_dict().items() if k not in ("out", "cache_dir", "report_to")}
+        if not d["doc_mask"]:  # off: the fingerprints of runs from before the setting existed still match
+            del d["doc_mask"]
         text = json.dumps({**d, **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

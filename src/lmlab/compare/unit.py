@@ -29,11 +29,12 @@ from lmlab.compare import measure
 from lmlab.compare.contenders import Contender, model_config
 from lmlab.compare.results import FewShot, Intrinsic, MoeStats, Pretrain, Samples, TaskResult, UnitResult
 from lmlab.compare.settings import CompareConfig
-from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
+from lmlab.data.objectives import ObjectiveConfig
 from lmlab.data.store import build_store
 from lmlab.errors import LmlabError
 from lmlab.metrics import evidence
 from lmlab.model import Model
+from lmlab.pretrain import batches
 from lmlab.runtime import can_compile
 from lmlab.tokenizer import load_tokenizer
 from lmlab.train import distributed
@@ -45,6 +46,8 @@ FILL_MASK = [
     ("In the beginning God created the heaven and the [MASK].", "earth"),
     ("The LORD is my [MASK]; I shall not want.", "shepherd"),
 ]
+
+UNIT_EVAL_BATCHES = 8  # validation batches each pre-training evaluates
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -88,9 +91,7 @@ class Unit:
         cc, c, tok = self.cc, self.c, self.tok
         store, splits = self.data()
         cfg = model_config(cc, c, tok)
-        ocfg = ObjectiveConfig(c.objective, cc.seq_len, mask_prob=cc.mask_prob)
-        train_obj = make_objective(ocfg, store, splits["train"], tok, "train")
-        val_obj = make_objective(ocfg, store, splits["val"], tok, "val")
+        ocfg = ObjectiveConfig(c.objective, cc.seq_len, mask_prob=cc.mask_prob, doc_mask=cc.doc_mask)
         world = self.world
         # placed on the processes as lmlab pretrain places it (lmlab.train.parallel): under fsdp sharded from
         # the start, from the one-process init
@@ -100,6 +101,8 @@ class Unit:
         if world.size > 1 and cfg.ffn == "moe":  # load balancing from every rank's tokens, as one process
             distributed.use_global_routing_stats(model, world)
         steps = self.spec.get("steps")
+        # lmlab pretrain's own data pipeline; the validation batches are the same for every seed
+        train, val = batches(ocfg, store, splits, tok, cc.batch_size, self.seed, UNIT_EVAL_BATCHES, val_seed=0)
         tc = TrainConfig(
             max_steps=steps,
             max_minutes=self.spec.get("minutes"),
@@ -107,18 +110,16 @@ class Unit:
             lr=cc.lr,
             warmup_steps=min(cc.warmup_steps, max((steps or 10**9) // 5, 1)),
             eval_every=max((steps or 100) // 5, 1),
-            eval_batches=8,
+            eval_batches=UNIT_EVAL_BATCHES,
             save_every=10**9,
             keep_checkpoints=1,
             log_every=10,
             seed=self.seed,
             parallel=cc.parallel if world.size > 1 else "none",
             precision=cc.precision,
-            compile=compiles(cc.compile, train_obj, resolve_device("auto").type),
+            compile=compiles(cc.compile, train.objective, resolve_device("auto").type),
             report_to=cc.report_to,
         )
-        train = Batches(train_obj, cc.batch_size, self.seed)
-        val = Batches(val_obj, cc.batch_size, 0, shuffle=False).fixed(tc.eval_batches)
         val_stream = store.stream(splits["val"], tok.eos_id, "val")
         wins = measure.windows(val_stream, cc.seq_len, cc.eval_windows)
         curve_wins, top = wins[:8], self.spec["unigram_top"]

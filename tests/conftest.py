@@ -282,3 +282,20 @@ def headless_chromium():
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+def chat_files(folder, n: int, n_dev: int, seed: int = 0):
+    """(train, dev) JSONL conversations in `folder`: the user says two tiny words, the assistant repeats
+    them; the last `n_dev` of `n` are the dev file."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = " ".join(rng.choices(TINY_WORDS, k=2))
+        rows.append({"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": words}]})
+    train, dev = folder / "chat-train.jsonl", folder / "chat-dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[: n - n_dev]))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[n - n_dev :]))
+    return train, dev

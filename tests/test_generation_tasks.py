@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_WORDS, tiny_text
+from conftest import TINY_WORDS, chat_files, tiny_text
 
 import lmlab
 from lmlab import chat, metrics
@@ -329,14 +329,7 @@ def test_resize_token_embeddings_keeps_old_logits():
 
 
 def test_chat_finetune_saves_template_and_stops_and_chats(tiny_pretrained, tmp_path, monkeypatch, capsys):
-    rng = random.Random(0)
-    rows = []
-    for _ in range(200):
-        words = " ".join(rng.choices(TINY_WORDS, k=2))
-        rows.append({"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": words}]})
-    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:196]))
-    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[196:]))
+    train, dev = chat_files(tmp_path, 200, 4)
     out = tmp_path / "chat"
     notes = []
     result = finetune(

@@ -122,27 +122,13 @@ def test_bad_settings_are_named(tiny_pretrained, tmp_path, monkeypatch):
         finetune(_config(tiny_pretrained, tmp_path, "nopeft"))
 
 
-def _chat_files(tmp_path):
-    import random
-
-    from conftest import TINY_WORDS
-
-    rng = random.Random(0)
-    rows = []
-    for _ in range(160):
-        words = " ".join(rng.choices(TINY_WORDS, k=2))
-        rows.append({"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": words}]})
-    train, dev = tmp_path / "chat-train.jsonl", tmp_path / "chat-dev.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:150]))
-    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[150:]))
-    return train, dev
-
-
 def test_lora_chat_trains_the_added_tokens_rows_and_peft_on_the_transformers_base_agrees(tiny_pretrained, tmp_path):
     transformers = pytest.importorskip("transformers")
+    from conftest import chat_files
+
     from lmlab.adapters import _task_base, export_hf
 
-    train, dev = _chat_files(tmp_path)
+    train, dev = chat_files(tmp_path, 160, 10)
     out = tmp_path / "chat"
     notes = []
     fc = FinetuneConfig(

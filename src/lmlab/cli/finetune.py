@@ -49,15 +49,11 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from lmlab.cli.pretrain import relaunch
+    from lmlab.cli.pretrain import launched
     from lmlab.finetune import finetune
-    from lmlab.train.distributed import env_world
 
     fc = finetune_config(args)  # checks the settings before any process is started
-    if relaunch(args, "finetune"):
-        return
-    if not env_world().main:  # under torchrun only rank 0 prints
-        finetune(fc)
+    if launched(args, "finetune", lambda: finetune(fc)):
         return
     with TrainingProgress() as progress:
         result = finetune(fc, progress.run(f"fine-tune {fc.task}"))

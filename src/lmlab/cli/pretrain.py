@@ -123,16 +123,25 @@ def relaunch(args: argparse.Namespace, command_name: str) -> bool:
     return True
 
 
+def launched(args: argparse.Namespace, command_name: str, quietly: Any) -> bool:
+    """True when this process has nothing more to do: the command ran under torchrun (`--nproc`), or this
+    is a rank other than 0 of a torchrun job, which runs `quietly()` and prints nothing."""
+    from lmlab.train.distributed import env_world
+
+    if relaunch(args, command_name):
+        return True
+    if not env_world().main:
+        quietly()
+        return True
+    return False
+
+
 def run(args: argparse.Namespace) -> None:
     from lmlab.pretrain import pretrain, resolved_names
-    from lmlab.train.distributed import env_world
     from lmlab.train.trainer import precision_choice, resolve_device
 
     pc = pretrain_config(args)  # checks the settings before any process is started
-    if relaunch(args, "pretrain"):
-        return
-    if not env_world().main:  # under torchrun only rank 0 prints
-        pretrain(pc)
+    if launched(args, "pretrain", lambda: pretrain(pc)):
         return
     family, preset, objective = resolved_names(pc)
     console.print(f"[bold]lmlab pretrain[/]: family={family} preset={preset} objective={objective} out={pc.out}")

@@ -35,13 +35,13 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _batches(corpus: Path, prefetch: int = 16) -> StreamBatches:
+def _batches(corpus: Path, prefetch: int = 16, workers: int = 1) -> StreamBatches:
     from lmlab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(corpus / "tok")
     objective = stream_objective(ObjectiveConfig("clm", 64), tok)
     spec = StreamSpec([str(corpus / "corpus.txt")], "line", "text", False, str(corpus / "tok"), tok.eos_id, 64, 0, 50)
-    return StreamBatches(objective, spec, 8, seed=0, prefetch=prefetch)
+    return StreamBatches(objective, spec, 8, seed=0, prefetch=prefetch, workers=workers)
 
 
 def test_the_first_batch_comes_before_the_corpus_is_read_through_and_reading_stays_bounded(corpus):
@@ -60,16 +60,16 @@ def test_the_first_batch_comes_before_the_corpus_is_read_through_and_reading_sta
 
 
 def test_a_restarted_stream_continues_with_the_very_next_batch(corpus):
-    whole, part = _batches(corpus), _batches(corpus)
+    whole, part = _batches(corpus), _batches(corpus, workers=3)  # the batches do not depend on the workers
     try:
-        expected = [whole.next_batch()["input_ids"] for _ in range(6)]
-        for b in expected[:3]:
+        expected = [whole.next_batch()["input_ids"] for _ in range(24)]  # ~12 groups of 64 documents
+        for b in expected[:12]:
             assert torch.equal(part.next_batch()["input_ids"], b)
         state = part.state_dict()
         part.close()
-        again = _batches(corpus)
+        again = _batches(corpus, workers=2)
         again.load_state_dict(state)
-        for b in expected[3:]:
+        for b in expected[12:]:
             assert torch.equal(again.next_batch()["input_ids"], b)
         again.close()
         seen = torch.cat(expected).flatten()
@@ -77,6 +77,26 @@ def test_a_restarted_stream_continues_with_the_very_next_batch(corpus):
     finally:
         whole.close()
         part.close()
+
+
+def test_epochs_follow_one_another_in_a_new_order_whatever_the_workers(corpus, tmp_path):
+    from lmlab.tokenizer import load_tokenizer
+
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"document {i} " + " ".join(WORDS[: 1 + i % 11]) for i in range(150)) + "\n")
+    tok = load_tokenizer(corpus / "tok")
+    objective = stream_objective(ObjectiveConfig("clm", 64), tok)
+    spec = StreamSpec([str(small)], "line", "text", False, str(corpus / "tok"), tok.eos_id, 64, 0, 50)
+    spec.buffer_docs, spec.group_docs = 16, 8
+    runs = []
+    for workers in (1, 3):
+        batches = StreamBatches(objective, spec, 8, seed=0, workers=workers)
+        try:
+            runs.append([batches.next_batch()["input_ids"] for _ in range(12)])  # into a third epoch
+            assert batches.position.epoch >= 2
+        finally:
+            batches.close()
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def _config(corpus: Path, out: Path, **train) -> PretrainConfig:

@@ -238,7 +238,7 @@ def _streamed(pc: PretrainConfig, tok: Tokenizer, ocfg: ObjectiveConfig) -> tupl
         seed=pc.train.seed,
         val_every=max(2, round(1 / pc.val_fraction)) if pc.val_fraction > 0 else 0,
     )
-    train = StreamBatches(objective, spec, pc.train.batch_size, pc.train.seed)
+    train = StreamBatches(objective, spec, pc.train.batch_size, pc.train.seed, workers=pc.stream_workers)
     val = train.fixed(pc.train.eval_batches)
     return train, val, {"streamed": True, "held_out": f"every {spec.val_every}th document", "files": spec.files}
 

@@ -206,6 +206,9 @@ class PretrainConfig:
         "pass first; every 1/val_fraction-th document held out); a tokenizer is trained on the first 20,000 "
         "documents unless --tokenizer is given",
     )
+    stream_workers: int = option(
+        1, "--stream: processes that tokenize (each reads the corpus; the batches do not depend on their number)"
+    )
     resume: bool = option(False, "continue from the newest checkpoint in --out")
     model: dict[str, Any] = option(dict, "ModelConfig overrides, e.g. {n_layers: 2}", flag=False)
     train: TrainConfig = option(TrainConfig, "training settings", flag=False)

@@ -6,8 +6,10 @@ it on disk.
           -> a seeded shuffle buffer (per epoch) -> tokenized in groups, a separator after each
           -> packed into windows of the objective's length -> a bounded queue -> the objective's example
 
-The worker is a spawned process; the queue holds at most `prefetch` windows, so reading stays a bounded
-distance ahead of training. Where the next window starts (epoch, document of the shuffled order, token
+The workers are spawned processes (`--stream-workers`, one by default): each reads and shuffles the
+corpus alike and tokenizes every N-th group of documents; this process packs the groups, in order,
+into windows, so the windows do not depend on the number of workers. Each worker's queue holds at most
+`prefetch` groups, so reading stays a bounded distance ahead of training. Where the next window starts (epoch, document of the shuffled order, token
 offset inside it, windows made so far) is the data position the checkpoint keeps: a resumed run
 re-reads, without tokenizing, the documents before it and goes on with the very next window, so its
 batches are the uninterrupted run's. Every process of a multi-process run streams the same global
@@ -90,51 +92,98 @@ def _tokens(tok: Any, texts: list[str], separator: int | None) -> list[np.ndarra
     return [np.asarray(ids + tail, dtype=np.int64) for ids in tok.encode_many(texts)]
 
 
-def windows(spec: StreamSpec, start: Position, progress: Any = None) -> Iterator[tuple[np.ndarray, Position]]:
-    """Windows of `spec.window` tokens from `start` on, each with the position after it; epochs follow
-    one another without end. `progress` (a shared integer) counts the documents read."""
+def tokenized_groups(
+    spec: StreamSpec, start: Position, worker: int = 0, workers: int = 1, progress: Any = None
+) -> Iterator[tuple]:
+    """What worker `worker` of `workers` hands on: ("group", epoch, g, [(k, tokens), ...]) for the groups
+    g of `spec.group_docs` documents (of each epoch's shuffled order) with g % workers == worker, in
+    order, then ("end", epoch) when the epoch's documents run out; epochs without end. Every worker
+    reads and shuffles the whole corpus alike and tokenizes only its groups; documents before `start`
+    are read again, not tokenized. `progress` (a shared integer) counts the documents worker 0 read."""
     from lmlab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec.tokenizer)
+    epoch = start.epoch
+    while True:
+        group: list[tuple[int, str]] = []
+        g, made_any = -1, False
+        for k, text in enumerate(training_documents(spec, epoch)):
+            made_any = True
+            if progress is not None and worker == 0:
+                with progress.get_lock():
+                    progress.value += 1
+            if k // spec.group_docs != g:
+                if group:
+                    yield (
+                        "group",
+                        epoch,
+                        g,
+                        list(zip([k for k, _ in group], _tokens(tok, [t for _, t in group], spec.separator))),
+                    )
+                group, g = [], k // spec.group_docs
+            if g % workers != worker or (epoch == start.epoch and k < start.doc):
+                continue  # another worker's, or before the start: read, not tokenized
+            group.append((k, text))
+        if group:
+            yield (
+                "group",
+                epoch,
+                g,
+                list(zip([k for k, _ in group], _tokens(tok, [t for _, t in group], spec.separator))),
+            )
+        if not made_any:
+            raise DataError(f"{', '.join(spec.files)}: no training documents to stream")
+        yield ("end", epoch)
+        epoch += 1
+
+
+def in_order(take: Any, workers: int, start: Position, group_docs: int) -> Iterator[tuple[int, list]]:
+    """(epoch, [(k, tokens), ...]) for every group in order, taken from the workers in turn (`take(w)`:
+    worker w's next item)."""
+    epoch, g = start.epoch, start.doc // group_docs
+    while True:
+        item = take(g % workers)
+        while item[0] == "end" and item[1] < epoch:  # a worker's end of an epoch already left
+            item = take(g % workers)
+        if item[0] == "end":  # no group g in this epoch: the next epoch starts with group 0
+            epoch, g = epoch + 1, 0
+            continue
+        _, item_epoch, item_g, docs = item
+        if (item_epoch, item_g) != (epoch, g):
+            raise DataError(
+                f"the streaming workers are out of step (group {item_epoch}/{item_g}, expected {epoch}/{g})"
+            )
+        if docs:
+            yield epoch, docs
+        g += 1
+
+
+def pack(groups: Iterator[tuple[int, list]], window: int, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
+    """Windows of `window` tokens from the groups' documents, each with the position after it; the
+    document `start` points into keeps only its tokens from `start.offset` on."""
     pos = dataclasses.replace(start)
     parts: list[np.ndarray] = []
     filled = 0
-    epoch, skip_docs, skip_tokens = start.epoch, start.doc, start.offset
-    while True:
-        group: list[tuple[int, str]] = []
-        made_any = False
+    for epoch, docs in groups:
+        for k, toks in docs:
+            o = start.offset if (epoch, k) == (start.epoch, start.doc) else 0
+            while o < len(toks):
+                take = toks[o : o + window - filled]
+                parts.append(take)
+                filled += len(take)
+                o += len(take)
+                if filled == window:
+                    pos.window += 1
+                    pos.epoch, pos.doc, pos.offset = (epoch, k + 1, 0) if o == len(toks) else (epoch, k, o)
+                    yield np.concatenate(parts), dataclasses.replace(pos)
+                    parts, filled = [], 0
 
-        def flush(group: list[tuple[int, str]], epoch: int) -> Iterator[tuple[np.ndarray, Position]]:
-            nonlocal parts, filled
-            for (k, _), toks in zip(group, _tokens(tok, [t for _, t in group], spec.separator)):
-                o = skip_tokens if (epoch, k) == (start.epoch, start.doc) else 0
-                while o < len(toks):
-                    take = toks[o : o + spec.window - filled]
-                    parts.append(take)
-                    filled += len(take)
-                    o += len(take)
-                    if filled == spec.window:
-                        pos.window += 1
-                        pos.epoch, pos.doc, pos.offset = (epoch, k + 1, 0) if o == len(toks) else (epoch, k, o)
-                        yield np.concatenate(parts), dataclasses.replace(pos)
-                        parts, filled = [], 0
 
-        for k, text in enumerate(training_documents(spec, epoch)):
-            if progress is not None:
-                with progress.get_lock():
-                    progress.value += 1
-            made_any = True
-            if epoch == start.epoch and k < skip_docs:
-                continue  # before the start: read again, not tokenized
-            group.append((k, text))
-            if len(group) == spec.group_docs:
-                yield from flush(group, epoch)
-                group = []
-        if group:
-            yield from flush(group, epoch)
-        if not made_any:
-            raise DataError(f"{', '.join(spec.files)}: no training documents to stream")
-        epoch += 1
+def windows(spec: StreamSpec, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
+    """Windows from `start` on, in this process (one worker's groups, all of them): what the workers and
+    the packer of `StreamBatches` compute together."""
+    groups = tokenized_groups(spec, start)
+    return pack(in_order(lambda w: next(groups), 1, start, spec.group_docs), spec.window, start)
 
 
 def validation_windows(spec: StreamSpec, n: int) -> list[np.ndarray]:
@@ -159,66 +208,73 @@ def validation_windows(spec: StreamSpec, n: int) -> list[np.ndarray]:
     return out
 
 
-def _produce(spec: StreamSpec, start: dict[str, int], out: Any, progress: Any) -> None:
-    """The worker: windows into the bounded queue until the consumer stops it."""
+def _produce(spec: StreamSpec, start: dict[str, int], out: Any, progress: Any, worker: int, workers: int) -> None:
+    """A worker: its tokenized groups into its bounded queue until the consumer stops it."""
     try:
-        for ids, pos in windows(spec, Position(**start), progress):
-            out.put((ids, dataclasses.asdict(pos)))
+        for item in tokenized_groups(spec, Position(**start), worker, workers, progress):
+            out.put(item)
     except Exception as e:  # noqa: BLE001  (said to the training process, which raises it)
         out.put(("error", f"{type(e).__name__}: {e}" if not isinstance(e, DataError) else str(e)))
 
 
 class StreamBatches:
     """Batches of a streamed corpus, with the `Batches` interface the trainer uses (next_batch,
-    state_dict, load_state_dict, objective)."""
+    state_dict, load_state_dict, fixed, objective). `workers` processes tokenize groups of documents
+    in turn; this process packs them, in order, into windows."""
 
-    def __init__(self, objective: Any, spec: StreamSpec, batch_size: int, seed: int, prefetch: int = 256) -> None:
-        self.objective, self.spec, self.batch_size, self.seed, self.prefetch = (
-            objective,
-            spec,
-            batch_size,
-            seed,
-            prefetch,
-        )
+    def __init__(
+        self, objective: Any, spec: StreamSpec, batch_size: int, seed: int, prefetch: int = 4, workers: int = 1
+    ) -> None:
+        if workers < 1:
+            raise DataError(f"--stream-workers must be at least 1, got {workers}")
+        self.objective, self.spec, self.batch_size, self.seed = objective, spec, batch_size, seed
+        self.prefetch, self.workers = prefetch, workers  # prefetch: groups queued per worker
         self.position = Position()
-        self._worker: Any = None
-        self._queue: Any = None
-        self.documents_read: Any = None  # a shared count, while a worker runs
+        self._procs: list[Any] = []
+        self._queues: list[Any] = []
+        self._windows: Iterator[tuple[np.ndarray, Position]] | None = None
+        self.documents_read: Any = None  # a shared count, while the workers run
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # a fork of a process with torch's thread pools can hang
-        self._queue = ctx.Queue(maxsize=self.prefetch)
         self.documents_read = ctx.Value("q", 0)
-        self._worker = ctx.Process(
-            target=_produce,
-            args=(self.spec, dataclasses.asdict(self.position), self._queue, self.documents_read),
-            daemon=True,
-            name="lmlab-stream",
-        )
-        self._worker.start()
+        start = dataclasses.asdict(self.position)
+        for w in range(self.workers):
+            q = ctx.Queue(maxsize=self.prefetch)
+            p = ctx.Process(
+                target=_produce,
+                args=(self.spec, start, q, self.documents_read, w, self.workers),
+                daemon=True,
+                name=f"lmlab-stream-{w}",
+            )
+            p.start()
+            self._queues.append(q)
+            self._procs.append(p)
+        groups = in_order(self._take, self.workers, self.position, self.spec.group_docs)
+        self._windows = pack(groups, self.spec.window, self.position)
 
-    def _next_window(self) -> tuple[np.ndarray, dict[str, int]]:
+    def _take(self, w: int) -> tuple:
         while True:
             try:
-                item = self._queue.get(timeout=5.0)
+                item = self._queues[w].get(timeout=5.0)
                 break
             except queue_module.Empty:
-                if not self._worker.is_alive():
-                    raise DataError(f"the streaming worker stopped (exit code {self._worker.exitcode})") from None
-        if isinstance(item[0], str):
+                if not self._procs[w].is_alive():
+                    raise DataError(f"streaming worker {w} stopped (exit code {self._procs[w].exitcode})") from None
+        if item[0] == "error":
             self.close()
             raise DataError(item[1])
         return item
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        if self._worker is None:
+        if self._windows is None:
             self._start()
         examples = []
         for _ in range(self.batch_size):
-            ids, after = self._next_window()
+            ids, after = next(self._windows)  # type: ignore[arg-type]
             rng = np.random.default_rng([self.seed, 0, self.position.window, 7919])
             examples.append(self.objective.example_of(ids, rng))
-            self.position = Position(**after)
+            self.position = after
         return self.objective.collate(examples)
 
     def state_dict(self) -> dict[str, int]:
@@ -236,19 +292,17 @@ class StreamBatches:
         out = []
         for s in range(0, len(wins), self.batch_size):
             part = wins[s : s + self.batch_size]
-            examples = [
-                self.objective.example_of(w, np.random.default_rng([self.seed, 0, s + i, 7919]))
-                for i, w in enumerate(part)
-            ]
-            out.append(self.objective.collate(examples))
+            rngs = [np.random.default_rng([self.seed, 0, s + i, 7919]) for i in range(len(part))]
+            out.append(self.objective.collate([self.objective.example_of(w, r) for w, r in zip(part, rngs)]))
         return out
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.terminate()
-            self._worker.join(timeout=5)
-            self._queue.close()
-            self._worker = self._queue = None
+        for p in self._procs:
+            p.terminate()
+        for p, q in zip(self._procs, self._queues):
+            p.join(timeout=5)
+            q.close()
+        self._procs, self._queues, self._windows = [], [], None
 
     def __del__(self) -> None:
         try:

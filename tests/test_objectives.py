@@ -278,3 +278,27 @@ def test_pretraining_with_doc_mask_trains_and_records_it(tmp_path):
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
     assert summary["steps"] == 12 and losses[-1] < losses[0]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["pretrain"]["doc_mask"] is True
+
+
+def test_document_masking_is_on_for_new_runs_where_documents_are_packed_and_off_for_old_ones(tmp_path):
+    from lmlab.pretrain import PretrainConfig, prepare
+    from lmlab.settings import resumed_pretrain_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(DOCS[:30]) + "\n")
+    for family, objective, expected in (
+        ("decoder", None, True),
+        ("encoder", "mlm-nsp", False),
+        ("encoder", "mlm", True),
+    ):
+        pc = PretrainConfig(
+            out=str(tmp_path / f"{family}-{objective}"), family=family, objective=objective, data=[str(corpus)],
+            vocab_size=400, cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+        assert prepare(pc)[0].doc_mask is expected, (family, objective)
+    old = tmp_path / "old"  # a run recorded before document masking existed
+    old.mkdir()
+    record = PretrainConfig(out=str(old), family="decoder").to_dict()
+    del record["doc_mask"]
+    (old / "run.json").write_text(json.dumps({"pretrain": record}))
+    assert resumed_pretrain_config(old).doc_mask is False

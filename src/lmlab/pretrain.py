@@ -103,6 +103,8 @@ def prepare(pc: PretrainConfig, write: bool = True) -> tuple[PretrainConfig, Tok
         if pc.stream:  # no pass over the corpus: the tokenizer learns from its start
             docs = itertools.islice(docs, STREAM_TOKENIZER_DOCS)
         tok = train_tokenizer(kind, docs, pc.vocab_size)
+    if pc.doc_mask is None:  # on wherever documents are packed and can be told apart (run.json records it)
+        pc.doc_mask = pc.objective != "mlm-nsp" and (tok.id_of("eos") is not None or tok.id_of("sep") is not None)
     if write:
         tok.save(out)
     cache = (

@@ -194,10 +194,10 @@ class PretrainConfig:
     val_fraction: float = option(0.02, "documents held out for validation")
     mask_prob: float = option(0.15, "masked-LM masking rate")
     whole_word: bool = option(False, "whole-word masking (MLM)")
-    doc_mask: bool = option(
-        False,
-        "packed documents attend only within themselves, positions restarting per document (every objective "
-        "but mlm-nsp)",
+    doc_mask: bool | None = option(
+        None,
+        "packed documents attend only within themselves, positions restarting per document (default: on for "
+        "every objective but mlm-nsp, whose sentence pairs see each other; recorded in run.json)",
     )
     cache_dir: str | None = option(None, "where token stores are cached (default: ~/.cache/lmlab)")
     stream: bool = option(
@@ -441,6 +441,7 @@ def resumed_pretrain_config(out: str | os.PathLike[str], given: dict[str, Any] |
     record = read_run_record(out, "pretrain")
     where = str(Path(out) / RUN_RECORD)
     settings = dict(record["pretrain"])
+    settings.setdefault("doc_mask", False)  # a run recorded before document masking had none
     train, model = dict(settings.get("train") or {}), dict(settings.get("model") or {})
     given = dict(given or {})
     given_train, given_model = dict(given.pop("train", None) or {}), given.pop("model", None) or {}

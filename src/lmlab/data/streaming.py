@@ -179,13 +179,6 @@ def pack(groups: Iterator[tuple[int, list]], window: int, start: Position) -> It
                     parts, filled = [], 0
 
 
-def windows(spec: StreamSpec, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
-    """Windows from `start` on, in this process (one worker's groups, all of them): what the workers and
-    the packer of `StreamBatches` compute together."""
-    groups = tokenized_groups(spec, start)
-    return pack(in_order(lambda w: next(groups), 1, start, spec.group_docs), spec.window, start)
-
-
 def validation_windows(spec: StreamSpec, n: int) -> list[np.ndarray]:
     """The first `n` windows packed from the held-out documents (file order): read only as far as needed."""
     from lmlab.tokenizer import load_tokenizer

@@ -5,7 +5,7 @@
 
 torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
 address. `setup` joins the process group (gloo on CPUs, NCCL on GPUs) with a timeout on every
-collective; `wrap` puts the model under DistributedDataParallel.
+collective; `ddp` puts the model under DistributedDataParallel.
 
 The data does not depend on the world size. `batch_size` is the global micro-batch: every rank
 draws the same global micro-batch from the same seeded stream and keeps its own rows (`shard`), so
@@ -242,11 +242,9 @@ def use_global_routing_stats(model: nn.Module, world: World) -> int:
     return len(layers)
 
 
-def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
-    """The module the training step calls: the model itself (also an FSDP2 model, which `build_sharded`
-    made), or the model under DDP."""
-    if parallel != "ddp":
-        return model
+def ddp(model: nn.Module, world: World) -> nn.Module:
+    """The model under DDP (lmlab.train.parallel decides when): experts each rank holds alone are left
+    out of the averaging, and routed experts a micro-batch did not choose are looked for."""
     from torch.nn.parallel import DistributedDataParallel
 
     from lmlab.train.expert_parallel import expert_parameters

@@ -86,7 +86,7 @@ class Parallel:
         """What the training step calls: the model itself (one process, or an FSDP2 model), or DDP."""
         if self.sharded or not self.dims.ddp or world.size == 1:
             return self.model
-        return distributed.wrap(self.model, world, "ddp")
+        return distributed.ddp(self.model, world)
 
     # ---- whole state -------------------------------------------------------------------------------
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,16 @@ def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-class Tracker:
+class Tracker(ABC):
+    """One experiment tracker: `log` a record's scalars at a step, `close` at the run's end."""
+
     name = ""
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def log(self, values: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None:
-        pass
+    @abstractmethod
+    def close(self) -> None: ...
 
 
 class TensorBoard(Tracker):

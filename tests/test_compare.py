@@ -527,7 +527,7 @@ def test_understanding_claims_cover_every_classification_tagging_and_qa_task():
 def test_compare_nproc_pretrains_each_contender_on_two_processes_as_on_one(tmp_path, kjv_lines, parallel):
     """`--nproc 2`: every unit pre-trains under torchrun with the same global batch, so the curves are
     one process's (a Switch MoE's load balancing counts both ranks' tokens); rank 0 then measures."""
-    from lmlab.compare.lab import unit_command
+    from lmlab.compare.launch import unit_command
 
     moe = ["switch"] if parallel == "fsdp" else ["none"]  # the two-process MoE runs of test_distributed cover ddp's
     kw = dict(data=[str(kjv_lines)], families=["decoder"], moe=moe, seeds=1, budget="tokens")

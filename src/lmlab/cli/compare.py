@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"what every contender gets the same amount of: {'|'.join(BUDGETS)}, optionally with the amount "
         "(e.g. --budget flops 4e13; default: equal training FLOPs at the demo's amount)",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the units side by side as Ray tasks (pip install 'lmlab[ray]'): on the cluster at ADDRESS "
+        "(HOST:PORT of `ray start --head`, auto, or ray://HOST:PORT), or, without one, on Ray started on this machine",
+    )
     add_fields(p, CompareConfig, skip=("budget", "budget_value"))
     p.set_defaults(func=run)
 
@@ -36,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def compare_config(args: argparse.Namespace) -> CompareConfig:
     settings = load_yaml(args.config) if args.config else {}
     settings.update(collect(args, CompareConfig))
+    if args.ray is not None:
+        settings["ray"] = args.ray
     if args.budget:
         if len(args.budget) > 2 or args.budget[0] not in BUDGETS:
             raise ConfigError(
@@ -61,17 +71,17 @@ class LiveTable:
 
     def render(self) -> Table:
         t = Table(title=f"lmlab compare {self.stage}".strip(), title_justify="left")
-        for col in ("contender", "steps", "seeds done", "now", "bits/byte", "few-shot k=3"):
+        placed = any(r.get("where") for r in self.rows.values())  # under --ray: the node of each seed
+        columns = (
+            ("contender", "steps", "seeds done", "now") + (("where",) if placed else ()) + ("bits/byte", "few-shot k=3")
+        )
+        for col in columns:
             t.add_column(col, no_wrap=col == "contender")
         for name, r in self.rows.items():
-            t.add_row(
-                name,
-                str(r.get("steps", "")),
-                f"{r.get('done', 0)}/{self.seeds}",
-                r.get("now", ""),
-                r.get("bpb", ""),
-                r.get("fs", ""),
-            )
+            now = "; ".join(r.get("now", {}).values())
+            where = "; ".join(f"seed {seed}: {w}" for seed, w in r.get("where", {}).items())
+            cells = [name, str(r.get("steps", "")), f"{r.get('done', 0)}/{self.seeds}", now]
+            t.add_row(*cells, *([where] if placed else []), r.get("bpb", ""), r.get("fs", ""))
         return t
 
     def on_event(self, kind: str, info: dict[str, Any]) -> None:
@@ -84,13 +94,17 @@ class LiveTable:
                 self.rows[r["contender"]] = {"steps": r["steps"] if r["steps"] is not None else "timed"}
         elif kind == "unit":
             row = self.rows.setdefault(info["contender"], {})
+            now, seed = row.setdefault("now", {}), info["seed"]
+            if info.get("where"):
+                w = info["where"]
+                row.setdefault("where", {})[seed] = w
             if info["status"] == "running":
                 st = info.get("stage") or {}
                 step = f" {st.get('step')}/{st.get('steps')}" if "step" in st else ""
-                row["now"] = f"seed {info['seed']}: {st.get('stage', 'starting')}{step} ({info['elapsed']:.0f}s)"
+                now[seed] = f"seed {seed}: {st.get('stage', 'starting')}{step} ({info['elapsed']:.0f}s)"
             else:
                 row["done"] = row.get("done", 0) + 1
-                row["now"] = "" if row["done"] >= self.seeds else row.get("now", "")
+                now.pop(seed, None)
                 r = info.get("result")  # a lmlab.compare.results.UnitResult
                 if r is not None:
                     i = r.intrinsic

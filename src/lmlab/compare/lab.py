@@ -3,7 +3,8 @@
 `compare(cc)` trains one shared tokenizer, plans every contender's budget, builds the held-out
 measurements that do not depend on a model (the Kneser-Ney baseline, the unigram baseline, the
 multiple-choice questions, the fine-tuning tasks), runs each (contender, seed) unit in its own process
-(lmlab.compare.unit), and writes results.json, report.md and report.html (lmlab.compare.report).
+(lmlab.compare.unit; here one after another, or side by side as Ray tasks with --ray: lmlab.compare.ray_units),
+and writes results.json, report.md and report.html (lmlab.compare.report).
 Rerunning the same command skips every unit whose result.json carries the same fingerprint.
 """
 
@@ -13,8 +14,6 @@ import json
 import os
 import platform
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,9 @@ import torch
 from lmlab.compare import measure
 from lmlab.compare.baselines import chance, task_baselines
 from lmlab.compare.contenders import Contender, batch_tokens, contenders, model_config, train_flops_per_step
+from lmlab.compare.launch import failure, read_json, start_unit, write_json
 from lmlab.compare.results import UnitResult
 from lmlab.compare.settings import CompareConfig
-from lmlab.compare.unit import write_json
 from lmlab.data.corpus import corpus_files, demo_corpus, read_corpus
 from lmlab.data.objectives import Batches, ObjectiveConfig, make_objective
 from lmlab.data.store import build_store
@@ -297,6 +296,10 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
 
     emit = on_event or (lambda kind, info: None)
     cc.validate()
+    if cc.ray:  # before any work: without the extra, say so now
+        from lmlab.compare.ray_units import import_ray
+
+        import_ray()
     if cc.quick:  # a third of the budget (Plan), one seed, fewer held-out measurements
         cc.seeds = 1
         cc.questions, cc.eval_windows = min(cc.questions, 200), min(cc.eval_windows, 64)
@@ -316,7 +319,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     emit("stage", {"text": "shared tokenizer"})
     tok_dir = out / "tokenizer"
     tok_key = cc.fingerprint({"only": "tokenizer", "files": [str(f) for f in files]})
-    if not (tok_dir / "tokenizer.json").is_file() or _read(tok_dir / "key.json").get("key") != tok_key:
+    if not (tok_dir / "tokenizer.json").is_file() or read_json(tok_dir / "key.json").get("key") != tok_key:
         tok = train_shared_tokenizer(read_corpus(files, cc.doc_sep, cc.field), cc.vocab_size)
         tok.save(tok_dir)
         write_json(tok_dir / "key.json", {"key": tok_key})
@@ -355,7 +358,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         )
     if cc.compile == "auto" and not can_compile():
         notes.append("torch.compile needs a C++ compiler (g++ or clang++) on a CPU; none was found: trained eager")
-    baselines = _read(out / "baselines.json")
+    baselines = read_json(out / "baselines.json")
     if baselines.get("key") != base_key:
         top = measure.unigram_top(tok, train_stream)
         kn = measure.kneser_ney_bpb(tok, train_stream, wins)
@@ -378,11 +381,11 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         }
         write_json(out / "baselines.json", baselines)
 
-    # the units, one process at a time
-    results: dict[str, list[UnitResult]] = {}
+    # the units: one process at a time here, or side by side as Ray tasks (lmlab.compare.ray_units)
+    finished: dict[tuple[str, int], UnitResult] = {}
+    pending: list[dict[str, Any]] = []
     for row in plan.rows:
         c: Contender = row["contender"]
-        results[c.name] = []
         for seed in range(cc.seeds):
             unit_dir = out / "runs" / c.name / f"seed{seed}"
             spec = {
@@ -398,6 +401,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
                 "questions": str(questions_path),
                 "unigram_top": baselines["unigram_top"],
                 "tasks": tasks,
+                "threads": cc.unit_cpus,  # None: every CPU this machine gives the unit
             }
             spec["fingerprint"] = cc.fingerprint(
                 {
@@ -409,13 +413,23 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
                     "format": RESULTS_FORMAT,
                 }
             )
-            done = _read(unit_dir / "result.json")
+            done = read_json(unit_dir / "result.json")
             if done.get("fingerprint") == spec["fingerprint"]:
                 done = UnitResult.from_dict(done, str(unit_dir / "result.json"))
                 emit("unit", {"contender": c.name, "seed": seed, "status": "done (kept)", "result": done})
-                results[c.name].append(done)
-                continue
-            results[c.name].append(_run_unit(spec, unit_dir, emit))
+                finished[(c.name, seed)] = done
+            else:
+                pending.append(spec)
+    if pending and cc.ray:
+        from lmlab.compare.ray_units import run_on_ray
+
+        finished.update(run_on_ray(cc, out, pending, emit))
+    for spec in pending if not cc.ray else []:
+        finished[(spec["contender"]["name"], spec["seed"])] = _run_unit(spec, Path(spec["dir"]), emit)
+    results = {
+        row["contender"].name: [finished[(row["contender"].name, seed)] for seed in range(cc.seeds)]
+        for row in plan.rows
+    }
     summary = aggregate(cc, plan, results, baselines, tasks, notes, machine())
     write_reports(out, summary)
     emit("end", {"out": str(out)})
@@ -427,35 +441,13 @@ def _plan_row(r: dict[str, Any]) -> dict[str, Any]:
     return {"contender": c.name, "family": c.family, "steps": r["steps"], "flops_per_step": r["flops_per_step"]}
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def unit_command(spec: dict[str, Any], spec_path: Path) -> list[str]:
-    """The unit's process: `python -m lmlab.compare.unit SPEC`, under torchrun on this machine with --nproc."""
-    nproc = int(spec["compare"].get("nproc") or 1)
-    if nproc == 1:
-        return [sys.executable, "-m", "lmlab.compare.unit", str(spec_path)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return launcher + ["-m", "lmlab.compare.unit", str(spec_path)]
-
-
 def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> UnitResult:
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    (unit_dir / "result.json").unlink(missing_ok=True)
-    spec_path = unit_dir / "spec.json"
-    write_json(spec_path, spec)
     name, seed = spec["contender"]["name"], spec["seed"]
-    log = open(unit_dir / "unit.log", "w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(unit_command(spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc, log = start_unit(spec, unit_dir)
     started = time.perf_counter()
     while proc.poll() is None:
         time.sleep(0.5)
-        stage = _read(unit_dir / "stage.json")
+        stage = read_json(unit_dir / "stage.json")
         emit(
             "unit",
             {
@@ -468,11 +460,7 @@ def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> UnitResult:
         )
     log.close()
     if proc.returncode != 0:
-        tail = (unit_dir / "unit.log").read_text(errors="replace").strip().splitlines()[-8:]
-        raise ConfigError(
-            f"the unit {name} seed {seed} failed (exit {proc.returncode}); its log is {unit_dir / 'unit.log'}:\n"
-            + "\n".join(tail)
-        )
-    result = UnitResult.from_dict(_read(unit_dir / "result.json"), str(unit_dir / "result.json"))
+        raise ConfigError(failure(spec, unit_dir, proc.returncode))
+    result = UnitResult.from_dict(read_json(unit_dir / "result.json"), str(unit_dir / "result.json"))
     emit("unit", {"contender": name, "seed": seed, "status": "done", "result": result})
     return result

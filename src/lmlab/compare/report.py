@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from lmlab.compare.launch import write_json
 from lmlab.compare.results import UnitResult
 from lmlab.compare.stats import Evidence, Side, interval, judge, learned
-from lmlab.compare.unit import write_json
 
 TIMING_KEYS = (
     "minutes",
@@ -34,6 +34,7 @@ TIMING_KEYS = (
     "unit_minutes",
     "elapsed",
     "stage_seconds",
+    "ran_on",  # where a unit ran (a Ray node): not what it computed
 )
 
 

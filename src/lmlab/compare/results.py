@@ -102,6 +102,7 @@ class UnitResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unit_minutes: float | None = None
     fingerprint: str | None = None
+    ran_on: dict[str, Any] | None = None  # under --ray: the node (id, host, ip) and the attempt that wrote it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

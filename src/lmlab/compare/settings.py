@@ -17,6 +17,9 @@ from lmlab.families import FAMILY_NAMES
 from lmlab.settings import PRECISION_HELP, PRECISIONS, TRACKER_NAMES, _check_names
 
 BUDGETS = ("flops", "tokens", "minutes")
+RAY_FILES = ("auto", "shared", "ship")
+# settings that change where and how fast units run, never what they compute: out of the fingerprint
+PLACEMENT = ("out", "cache_dir", "report_to", "ray", "unit_cpus", "unit_gpus", "ray_files", "profile")
 
 # MoE variants a contender can take, each beside its dense twin: ModelConfig changes on the shared shape.
 # Their FFN experts are as wide as the dense FFN unless noted, so active FLOPs match the twin's (Switch,
@@ -35,6 +38,65 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
     # DeepSeekMoE: 4x finer experts, 3 routed + 1 shared = the dense FFN's width, first layer dense
     "deepseekmoe": dict(
         moe_experts=16, moe_top_k=3, moe_shared_experts=1, moe_renormalize=False, moe_first_dense=1, moe_d_ff_div=4
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Named shapes and budget for `lmlab compare --profile NAME`: what it sets, where it is meant to run,
+    how long it takes there, and which verdicts it is meant to settle (docs/compare-profiles.md)."""
+
+    settings: dict[str, Any]
+    machine: str
+    wall_time: str
+    settles: str
+
+
+# GPT-2 small's body (12 layers, 768 wide, 12 heads, FFN 3072, 1,024 positions) with its recipe (lr 6e-4,
+# init std 0.02, BERT's 15% masking) for every family
+_GPT2_SMALL: dict[str, Any] = dict(
+    d_model=768,
+    n_layers=12,
+    n_heads=12,
+    d_ff=3072,
+    seq_len=1024,
+    vocab_size=32768,
+    batch_size=32,
+    init_std=0.02,
+    lr=6e-4,
+    warmup_steps=200,
+    mask_prob=0.15,
+    eval_windows=256,
+    questions=1000,
+    max_task_examples=4000,
+    finetune_lr=5e-5,
+    finetune_epochs=3.0,
+)
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        settings={},
+        machine="a laptop or one CPU node (the defaults: 64 wide, 2 layers, 6.4e12 training FLOPs per unit)",
+        wall_time="26 minutes measured for the 8 units on 2 cores of an AMD EPYC (make demo; docs/benchmarks.md)",
+        settles="the decoder against the Kneser-Ney trigram; the encoder's masked-token accuracy against the "
+        "unigram; which family fine-tunes best on the built-in tasks",
+    ),
+    "gpu": Profile(
+        settings={**_GPT2_SMALL, "budget": "flops", "budget_value": 6e16},
+        machine="one GPU with bf16 (A100, H100, H200), --unit-gpus 1; text of 100M tokens or more (--data): the "
+        "built-in corpus (about 1M tokens) would be repeated about 70 times",
+        wall_time="an estimate, not yet measured: 6e16 FLOPs per unit at 2e14 FLOP/s sustained is 5 minutes of "
+        "pre-training, about an hour for the 8 units with their measurements",
+        settles="the published orderings at a size where they were made: every language model below the "
+        "trigram, the decoder against the prefix-LM and encoder-decoder (T5's Table 2), MoE twins against "
+        "their dense ones (--moe switch)",
+    ),
+    "cluster": Profile(
+        settings={**_GPT2_SMALL, "budget": "flops", "budget_value": 6e17},
+        machine="a Ray cluster of GPU nodes (--ray ADDRESS --unit-gpus 1); text of 1B tokens or more",
+        wall_time="an estimate, not yet measured: 10 GPU-hours for 8 units, about 1.3 hours on 8 GPUs",
+        settles="the gpu profile's verdicts at 10x the budget: whether an ordering holds as the budget "
+        "grows (Switch's curves)",
     ),
 }
 
@@ -126,6 +188,33 @@ class CompareConfig:
         "tensorboard, mlflow, trackio, wandb",
         choices=TRACKER_NAMES,
     )
+    ray: str | None = option(
+        None,
+        "run the units side by side as Ray tasks (the ray extra): on the cluster at this address (HOST:PORT, "
+        "auto, ray://HOST:PORT), or, given as --ray alone, on a Ray instance started on this machine",
+        flag=False,
+    )
+    unit_cpus: int | None = option(
+        None,
+        "CPUs each unit reserves and computes with (its torch threads; all its processes together): under --ray "
+        "1 per process by default, so a node runs as many units at once as it has CPUs; here every CPU",
+    )
+    unit_gpus: float = option(
+        0.0, "GPUs each unit reserves under --ray (all its processes together; a fraction shares a GPU)"
+    )
+    ray_files: str = option(
+        "auto",
+        "how a unit on another node gets its inputs and gives back its files: shared (every node mounts the "
+        "output folder), ship (through Ray's object store, the files returned to this folder), auto (shared "
+        "when every node sees the folder)",
+        choices=RAY_FILES,
+    )
+    profile: str | None = option(
+        None,
+        "named shapes and budget (flags and --config override them): cpu (the defaults: this laptop's demo), gpu "
+        "(GPT-2-small-sized contenders, about an hour of one GPU), cluster (gpu at 10x the budget)",
+        choices=tuple(PROFILES),
+    )
     precision: str = option("auto", f"pre-training and fine-tuning: {PRECISION_HELP}", choices=PRECISIONS)
     compile: str = option(
         "off",
@@ -139,6 +228,12 @@ class CompareConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> CompareConfig:
         _check_names(cls, d, source)
         d = dict(d)
+        if d.get("profile") is not None:  # the profile's settings under those given
+            if d["profile"] not in PROFILES:
+                raise ConfigError(
+                    f"{source}: profile {d['profile']!r} is unknown; expected one of {', '.join(PROFILES)}"
+                )
+            d = {**PROFILES[d["profile"]].settings, **d}
         for key in ("data", "families", "moe", "moe_families", "tasks", "objectives"):
             if isinstance(d.get(key), str):
                 d[key] = [d[key]]
@@ -173,6 +268,18 @@ class CompareConfig:
                 f"--batch-size {self.batch_size} (the global batch) does not divide among --nproc {self.nproc} "
                 f"processes: use a multiple of {self.nproc}"
             )
+        if self.unit_cpus is not None and self.unit_cpus < 1:
+            raise ConfigError(f"--unit-cpus must be at least 1, got {self.unit_cpus}")
+        if self.unit_gpus < 0:
+            raise ConfigError(f"--unit-gpus must not be negative, got {self.unit_gpus}")
+        if self.unit_gpus and not self.ray:
+            raise ConfigError("--unit-gpus reserves GPUs on a Ray cluster: give --ray too")
+        if self.unit_gpus > 1 and self.unit_gpus != int(self.unit_gpus):
+            raise ConfigError(f"--unit-gpus {self.unit_gpus}: more than one GPU must be a whole number")
+        if self.ray_files not in RAY_FILES:
+            raise ConfigError(f"--ray-files {self.ray_files!r} is unknown; expected one of {', '.join(RAY_FILES)}")
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ConfigError(f"--profile {self.profile!r} is unknown; expected one of {', '.join(PROFILES)}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"--parallel {self.parallel!r} is unknown; expected ddp or fsdp")
         if self.compile not in ("auto", "on", "off"):
@@ -212,7 +319,7 @@ class CompareConfig:
 
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
         """A hash of everything that changes what a run computes (not where it writes or reports)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("out", "cache_dir", "report_to")}
+        d = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT}
         if not d["doc_mask"]:  # off: the fingerprints of runs from before the setting existed still match
             del d["doc_mask"]
         text = json.dumps({**d, **(extra or {})}, sort_keys=True, default=str)

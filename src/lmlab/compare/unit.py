@@ -27,6 +27,7 @@ import torch
 
 from lmlab.compare import measure
 from lmlab.compare.contenders import Contender, model_config
+from lmlab.compare.launch import exit_with_parent, write_json
 from lmlab.compare.results import FewShot, Intrinsic, MoeStats, Pretrain, Samples, TaskResult, UnitResult
 from lmlab.compare.settings import CompareConfig
 from lmlab.data.objectives import ObjectiveConfig
@@ -48,12 +49,6 @@ FILL_MASK = [
 ]
 
 UNIT_EVAL_BATCHES = 8  # validation batches each pre-training evaluates
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Unit:
@@ -328,6 +323,7 @@ def _moe_stats(path: Path) -> MoeStats | None:
 
 
 def main(argv: list[str]) -> int:
+    exit_with_parent()  # under torchrun: not left running when the launcher is killed
     spec = json.loads(Path(argv[0]).read_text())
     world = distributed.env_world()
     if world.size == 1:

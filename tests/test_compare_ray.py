@@ -1,0 +1,219 @@
+"""`lmlab compare --ray`: the units as Ray tasks give the sequential run's results, survive a killed worker,
+spread over the nodes of a cluster, and without Ray the flag names the extra."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lmlab
+from lmlab.compare import CompareConfig
+from lmlab.compare.report import _strip_timings
+
+# four units (two families x two seeds) of a few seconds each; --unit-cpus 1 here and on Ray: the same torch
+# threads, so the same floating-point sums (2 threads and 1 differ in the 5th digit of a loss)
+SETTINGS = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_ff=64,
+    seq_len=32,
+    vocab_size=600,
+    batch_size=8,
+    warmup_steps=4,
+    families=["decoder", "encoder"],
+    seeds=2,
+    budget="tokens",
+    budget_value=12_000,
+    tasks=[],
+    eval_windows=8,
+    questions=12,
+    samples=2,
+    val_fraction=0.1,
+    unit_cpus=1,
+)
+COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes", "tasks")
+
+
+@pytest.fixture(scope="module")
+def kjv(tmp_path_factory):
+    from lmlab.data.corpus import demo_corpus
+
+    lines = [v for v in gzip.open(demo_corpus("kjv"), "rt").read().splitlines() if v.strip()][:800]
+    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _compare(out: Path, kjv: Path, events: list | None = None, **kw) -> dict:
+    from lmlab.compare import compare
+
+    cc = CompareConfig(**SETTINGS, out=str(out), data=[str(kjv)], **kw)
+    compare(cc, (lambda kind, info: events.append((kind, info))) if events is not None else None)
+    return json.loads((out / "results.json").read_text())
+
+
+def _same(a: dict, b: dict) -> None:
+    for key in COMPARED:
+        assert _strip_timings(a[key]) == _strip_timings(b[key]), key
+
+
+def _ran_on(results: dict) -> dict[str, dict]:
+    return {f"{c['name']}/seed{r['seed']}": r["ran_on"] for c in results["contenders"] for r in c["runs"]}
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, kjv):
+    return _compare(tmp_path_factory.mktemp("sequential") / "run", kjv)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_units_run_two_at_a_time_on_ray_and_give_the_sequential_results(local_ray, sequential, kjv, tmp_path):
+    events: list = []
+    # ship: the inputs go through Ray's object store and every unit's folder comes back (here the node
+    # would also see the folder; auto, the default, is what the next test takes)
+    results = _compare(tmp_path / "run", kjv, events, ray="local", ray_files="ship")
+    _same(results, sequential)
+    ran_on = _ran_on(results)
+    assert len(ran_on) == 4 and {w["attempt"] for w in ran_on.values()} == {1}
+    # two at a time (2 CPUs, 1 per unit): at the start of each unit, at most one other was running, and
+    # some unit started while another ran
+    spans = sorted((w["started"], w["ended"]) for w in ran_on.values())
+    together = [sum(s <= start < e for s, e in spans) for start, _ in spans]
+    assert max(together) == 2, spans
+    for key in ran_on:  # the folder came back whole, its spec naming this folder's paths
+        unit = tmp_path / "run" / "runs" / key
+        assert (unit / "model" / "model.safetensors").is_file() and (unit / "pretrain" / "metrics.jsonl").is_file()
+        assert json.loads((unit / "spec.json").read_text())["dir"] == str(unit)
+    placed = [info["where"] for kind, info in events if kind == "unit" and info.get("where")]
+    assert placed and all(w.startswith(ran_on["decoder/seed0"]["host"]) for w in placed)
+    again: list = []  # resuming: every unit is kept by its fingerprint, none is sent to Ray again
+    _compare(tmp_path / "run", kjv, again, ray="local")
+    assert [i["status"] for k, i in again if k == "unit"] == ["done (kept)"] * 4
+
+
+def _unit_processes(spec: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lmlab.compare.unit" in cmd and str(spec).encode() in cmd:
+            found.append(int(pid))
+    return found
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local_ray, sequential, kjv, tmp_path):
+    out = tmp_path / "run"
+    unit = out / "runs" / "decoder" / "seed0"
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(results=_compare(out, kjv, ray="local")))
+    worker.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and worker.is_alive():
+        stage = unit / "stage.json"
+        procs = _unit_processes(unit / "spec.json")
+        if procs and stage.is_file() and "pretrain" in stage.read_text():  # mid-way through pre-training
+            killed = procs[0]
+            os.kill(_parent(killed), signal.SIGKILL)  # the Ray worker running the task
+        time.sleep(0.02)
+    worker.join(timeout=300)
+    assert killed is not None, "the unit finished before its worker could be killed"
+    assert "results" in done
+    _same(done["results"], sequential)
+    ran_on = _ran_on(done["results"])
+    assert ran_on["decoder/seed0"]["attempt"] == 2
+    assert all(w["attempt"] == 1 for k, w in ran_on.items() if k != "decoder/seed0")
+    assert not Path(f"/proc/{killed}").exists()  # the first attempt's unit died with its worker
+
+
+def test_without_ray_the_flag_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    with pytest.raises(lmlab.ConfigError, match=r"pip install 'lmlab\[ray\]'"):
+        _compare(tmp_path / "run", tmp_path / "none.txt", ray="local")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_ray_settings_are_checked_and_stay_out_of_the_fingerprint():
+    cc = CompareConfig(**SETTINGS)
+    same = CompareConfig(**{**SETTINGS, "unit_cpus": 4}, ray="127.0.0.1:6379", unit_gpus=1, ray_files="ship")
+    assert cc.fingerprint() == same.fingerprint()
+    for bad, match in (
+        (dict(unit_gpus=1), "give --ray too"),
+        (dict(unit_cpus=0), "--unit-cpus must be at least 1"),
+        (dict(ray="local", unit_gpus=1.5), "whole number"),
+        (dict(ray="local", ray_files="nfs"), "--ray-files 'nfs' is unknown"),
+    ):
+        with pytest.raises(lmlab.ConfigError, match=match):
+            CompareConfig(**{**SETTINGS, **bad}).validate()
+
+
+def test_a_unit_that_asks_for_more_than_any_node_has_is_refused(local_ray, kjv, tmp_path):
+    with pytest.raises(lmlab.ConfigError, match=r"asks for 1 CPUs and 1 GPUs .* which no node .* has"):
+        _compare(tmp_path / "run", kjv, ray="local", unit_gpus=1.0)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for(ready, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not ready():
+        assert time.time() < deadline, "the Ray cluster did not come up"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_units_spread_over_the_nodes_of_a_two_node_cluster(sequential, kjv, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.shutdown()  # this process joins the cluster below as its driver
+    # on the loopback without Ray 2.60's token authentication, which this process (its Ray already imported,
+    # with the default) would not speak; docs/compare-on-ray.md starts a real cluster with tokens
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = "6391"
+    ray_cli = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
+    # --block: each node lives as long as its `ray start`, stopped below without touching any other Ray here
+    nodes = [subprocess.Popen([*ray_cli, "--head", "--port", port, "--include-dashboard", "false"], env=env)]
+    try:
+        _wait_for(lambda: _listening(int(port)))
+        nodes.append(subprocess.Popen([*ray_cli, "--address", f"127.0.0.1:{port}"], env=env))
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)  # compare uses this connection
+        _wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2)
+        results = _compare(tmp_path / "run", kjv, ray=f"127.0.0.1:{port}")
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):
+            node.terminate()
+            node.wait(timeout=60)
+    _same(results, sequential)
+    ran_on = _ran_on(results)
+    assert len({w["node"] for w in ran_on.values()}) == 2  # both nodes ran units
+    for key in ran_on:
+        assert (tmp_path / "run" / "runs" / key / "result.json").is_file()
+        assert (tmp_path / "run" / "runs" / key / "model" / "model.safetensors").is_file()

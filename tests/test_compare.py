@@ -631,3 +631,52 @@ def test_an_encoder_decoder_is_scored_in_the_form_of_its_objective(shared_tok):
     got = loglikelihood(model, tok, context, continuation, seq2seq_form="prefix")
     assert got == pytest.approx(-float(loss) * len(cont), rel=1e-4)
     assert loglikelihood(model, tok, context, continuation, seq2seq_form="span") != pytest.approx(got, rel=1e-3)
+
+
+# ---- profiles and plans --------------------------------------------------------------------------------------
+def test_a_profile_sets_shapes_and_budget_under_what_is_given(tmp_path):
+    from lmlab.compare.settings import PROFILES
+
+    gpu = CompareConfig.from_dict({"profile": "gpu", "seeds": 1})
+    assert (gpu.d_model, gpu.n_layers, gpu.n_heads, gpu.d_ff, gpu.seq_len) == (768, 12, 12, 3072, 1024)
+    assert gpu.budget_value == 6e16 and gpu.seeds == 1  # the given setting stands over the profile's
+    cluster = CompareConfig.from_dict({"profile": "cluster"})
+    assert cluster.budget_value == 10 * gpu.budget_value and cluster.d_model == gpu.d_model
+    assert CompareConfig.from_dict({"profile": "cpu"}).to_dict() == {**CompareConfig().to_dict(), "profile": "cpu"}
+    assert gpu.fingerprint() != CompareConfig().fingerprint()
+    for p in PROFILES.values():
+        assert p.machine and p.wall_time and p.settles
+    with pytest.raises(lmlab.ConfigError, match="profile 'tpu' is unknown"):
+        CompareConfig.from_dict({"profile": "tpu"})
+    with pytest.raises(SystemExit):  # argparse's choices
+        main(["compare", "--profile", "tpu"])
+
+
+def test_plan_only_prints_each_contenders_steps_and_trains_nothing(tmp_path, kjv_lines, capsys):
+    out = tmp_path / "plan"
+    flags = [
+        "--out",
+        str(out),
+        "--data",
+        str(kjv_lines),
+        "--profile",
+        "gpu",
+        "--n-layers",
+        "2",
+        "--vocab-size",
+        "600",
+        "--val-fraction",
+        "0.5",
+    ]
+    assert (
+        main(["compare", *flags, "--families", "decoder", "encoder", "--budget", "flops", "1e14", "--plan-only"]) == 0
+    )
+    plan = json.loads((out / "plan.json").read_text())
+    assert [r["contender"] for r in plan["plan"]] == ["decoder", "encoder"]
+    for r in plan["plan"]:
+        assert r["steps"] == int(1e14 // r["flops_per_step"]) and r["train_flops"] <= 1e14
+        assert r["passes"] == pytest.approx(r["tokens"] / plan["train_tokens"])
+        assert r["tokens"] == r["steps"] * 32 * 1024  # the gpu profile's batch of 32 windows of 1,024
+    assert not (out / "runs").exists() and not (out / "results.json").exists()
+    printed = capsys.readouterr().out
+    assert str(out / "plan.json") in printed.replace("\n", "") and f"{plan['plan'][0]['steps']:,}" in printed

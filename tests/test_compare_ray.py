@@ -57,7 +57,7 @@ def kjv(tmp_path_factory):
 def _compare(out: Path, kjv: Path, events: list | None = None, **kw) -> dict:
     from lmlab.compare import compare
 
-    cc = CompareConfig(**SETTINGS, out=str(out), data=[str(kjv)], **kw)
+    cc = CompareConfig(**{**SETTINGS, **kw}, out=str(out), data=[str(kjv)])
     compare(cc, (lambda kind, info: events.append((kind, info))) if events is not None else None)
     return json.loads((out / "results.json").read_text())
 
@@ -106,6 +106,16 @@ def test_units_run_two_at_a_time_on_ray_and_give_the_sequential_results(local_ra
     again: list = []  # resuming: every unit is kept by its fingerprint, none is sent to Ray again
     _compare(tmp_path / "run", kjv, again, ray="local")
     assert [i["status"] for k, i in again if k == "unit"] == ["done (kept)"] * 4
+
+
+def test_a_unit_on_several_processes_runs_its_torchrun_in_a_placement_group(local_ray, kjv, tmp_path):
+    kw = dict(families=["decoder"], seeds=1, precision="fp32", unit_cpus=2)
+    one = _compare(tmp_path / "one", kjv, **kw)
+    two = _compare(tmp_path / "two", kjv, nproc=2, ray="local", **kw)
+    run_one, run_two = one["contenders"][0]["runs"][0], two["contenders"][0]["runs"][0]
+    assert run_two["pretrain"]["processes"] == 2 and run_two["ran_on"]["placement_group"]
+    losses = [[row[-1] for row in r["pretrain"]["curve"]] for r in (run_one, run_two)]
+    assert len(losses[0]) >= 2 and losses[1] == pytest.approx(losses[0], abs=1e-5, rel=0)  # one process's
 
 
 def _unit_processes(spec: Path) -> list[int]:

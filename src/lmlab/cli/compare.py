@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         const="local",
         metavar="ADDRESS",
         help="run the units side by side as Ray tasks (pip install 'lmlab[ray]'): on the cluster at ADDRESS "
-        "(HOST:PORT of `ray start --head`, auto, or ray://HOST:PORT), or, without one, on Ray started on this machine",
+        "(HOST:PORT of `ray start --head`, auto, or ray://HOST:PORT); without one, on the Ray running on this machine "
+        "or one started for the run (docs/compare-on-ray.md)",
     )
     add_fields(p, CompareConfig, skip=("budget", "budget_value"))
     p.set_defaults(func=run)
@@ -116,6 +117,28 @@ class LiveTable:
         self.live.update(self.render())
 
 
+def print_plan(plan: dict[str, Any], cc: CompareConfig) -> None:
+    t = Table(
+        title=f"plan: {cc.budget} budget {plan['budget']:.3g} per unit, {plan['seeds']} seed(s), "
+        f"{plan['train_tokens']:,} training tokens",
+        title_justify="left",
+    )
+    for col in ("contender", "parameters", "steps", "tokens", "training FLOPs", "passes over the text"):
+        t.add_column(col, no_wrap=col == "contender")
+    for r in plan["plan"]:
+        timed = r["steps"] is None
+        t.add_row(
+            r["contender"],
+            f"{r['params'] / 1e6:.2f}M",
+            "timed" if timed else f"{r['steps']:,}",
+            "" if timed else f"{r['tokens']:.3g}",
+            "" if timed else f"{r['train_flops']:.3g}",
+            "" if timed else f"{r['passes']:.1f}",
+        )
+    console.print(t)
+    console.print(f"plan: [bold]{cc.out}/plan.json[/]")
+
+
 def run(args: argparse.Namespace) -> None:
     from lmlab.compare import compare
     from lmlab.compare.report import claims_rows
@@ -124,6 +147,9 @@ def run(args: argparse.Namespace) -> None:
     table = LiveTable()
     with table.live:
         summary = compare(cc, table.on_event)
+    if cc.plan_only:
+        print_plan(summary, cc)
+        return
     claims = Table(
         title="claims (from the measurements: confirmed / contradicted when both sides beat their baselines and "
         "the 95% interval of the difference excludes 0)",

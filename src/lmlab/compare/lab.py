@@ -42,6 +42,7 @@ from lmlab.tokenizer import load_tokenizer, train_shared_tokenizer
 DEMO_FLOPS = 6.4e12
 RESULTS_FORMAT = 2  # 2: per-example evidence; results of another format are measured again
 MIN_STEPS = 20  # fewer optimizer steps than this train nothing worth comparing
+MANY_PASSES = 8  # a budget that goes over the training text more often than this is noted in the report
 EVENT = Callable[[str, dict[str, Any]], None]
 
 
@@ -336,7 +337,14 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
             "give more text, more documents, or a larger --val-fraction"
         )
     plan = Plan(cc, tok, store, splits)
-    emit("plan", {"rows": [_plan_row(r) for r in plan.rows], "seeds": cc.seeds})
+    passes = _passes(plan, len(train_stream))
+    emit("plan", {"rows": [_plan_row(r, passes) for r in plan.rows], "seeds": cc.seeds, "budget": plan.budget})
+    if cc.plan_only:
+        summary = {"plan": [_plan_row(r, passes) for r in plan.rows], "budget": plan.budget, "seeds": cc.seeds}
+        summary["train_tokens"] = len(train_stream)
+        write_json(out / "plan.json", summary)
+        emit("end", {"out": str(out)})
+        return summary
 
     # what does not depend on a model
     emit("stage", {"text": "baselines and questions"})
@@ -351,6 +359,13 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         )
     questions_path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
     tasks, notes = build_tasks(cc, out, builtin)
+    most = max(passes.values(), default=0.0)
+    if most > MANY_PASSES:
+        name = max(passes, key=passes.get)
+        notes.append(
+            f"the budget shows {name} its {len(train_stream):,} training tokens {most:.0f} times over: it may learn "
+            "the text by heart (give more text, or a smaller budget)"
+        )
     if len(questions) < cc.questions:
         notes.append(
             f"the held-out text yields {len(questions)} multiple-choice questions of the {cc.questions} asked for: "
@@ -436,9 +451,27 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     return summary
 
 
-def _plan_row(r: dict[str, Any]) -> dict[str, Any]:
+def _passes(plan: Plan, train_tokens: int) -> dict[str, float]:
+    """How many times each contender's budget goes over the training text (FLOPs and tokens budgets)."""
+    return {
+        r["contender"].name: r["steps"] * r["tokens_per_step"] / max(train_tokens, 1)
+        for r in plan.rows
+        if r["steps"] is not None
+    }
+
+
+def _plan_row(r: dict[str, Any], passes: dict[str, float]) -> dict[str, Any]:
     c = r["contender"]
-    return {"contender": c.name, "family": c.family, "steps": r["steps"], "flops_per_step": r["flops_per_step"]}
+    return {
+        "contender": c.name,
+        "family": c.family,
+        "params": r["params"],
+        "steps": r["steps"],
+        "flops_per_step": r["flops_per_step"],
+        "train_flops": r["steps"] * r["flops_per_step"] if r["steps"] is not None else None,
+        "tokens": r["steps"] * r["tokens_per_step"] if r["steps"] is not None else None,
+        "passes": passes.get(c.name),
+    }
 
 
 def _run_unit(spec: dict[str, Any], unit_dir: Path, emit: EVENT) -> UnitResult:

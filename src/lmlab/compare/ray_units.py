@@ -133,10 +133,12 @@ def _sees(out: str, token: str) -> bool:
 def _where() -> dict[str, Any]:
     import ray
 
+    context = ray.get_runtime_context()
     return {
-        "node": ray.get_runtime_context().get_node_id(),
+        "node": context.get_node_id(),
         "host": socket.gethostname(),
         "ip": ray.util.get_node_ip_address(),
+        "placement_group": context.get_placement_group_id(),  # --nproc N: the unit's torchrun shares its bundle
     }
 
 

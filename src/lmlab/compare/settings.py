@@ -19,7 +19,7 @@ from lmlab.settings import PRECISION_HELP, PRECISIONS, TRACKER_NAMES, _check_nam
 BUDGETS = ("flops", "tokens", "minutes")
 RAY_FILES = ("auto", "shared", "ship")
 # settings that change where and how fast units run, never what they compute: out of the fingerprint
-PLACEMENT = ("out", "cache_dir", "report_to", "ray", "unit_cpus", "unit_gpus", "ray_files", "profile")
+PLACEMENT = ("out", "cache_dir", "report_to", "ray", "unit_cpus", "unit_gpus", "ray_files", "profile", "plan_only")
 
 # MoE variants a contender can take, each beside its dense twin: ModelConfig changes on the shared shape.
 # Their FFN experts are as wide as the dense FFN unless noted, so active FLOPs match the twin's (Switch,
@@ -191,7 +191,8 @@ class CompareConfig:
     ray: str | None = option(
         None,
         "run the units side by side as Ray tasks (the ray extra): on the cluster at this address (HOST:PORT, "
-        "auto, ray://HOST:PORT), or, given as --ray alone, on a Ray instance started on this machine",
+        'auto, ray://HOST:PORT), or "local" (--ray alone): the Ray running on this machine, or one started '
+        "for the run",
         flag=False,
     )
     unit_cpus: int | None = option(
@@ -214,6 +215,10 @@ class CompareConfig:
         "named shapes and budget (flags and --config override them): cpu (the defaults: this laptop's demo), gpu "
         "(GPT-2-small-sized contenders, about an hour of one GPU), cluster (gpu at 10x the budget)",
         choices=tuple(PROFILES),
+    )
+    plan_only: bool = option(
+        False,
+        "print each contender's parameters, steps, tokens and training FLOPs (and write plan.json); train nothing",
     )
     precision: str = option("auto", f"pre-training and fine-tuning: {PRECISION_HELP}", choices=PRECISIONS)
     compile: str = option(

@@ -145,7 +145,7 @@ def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local
     while killed is None and time.time() < deadline and worker.is_alive():
         stage = unit / "stage.json"
         procs = _unit_processes(unit / "spec.json")
-        if procs and stage.is_file() and "pretrain" in stage.read_text():  # mid-way through pre-training
+        if procs and stage.is_file() and '"done"' not in stage.read_text():  # started, not finished (pre-training)
             killed = procs[0]
             os.kill(_parent(killed), signal.SIGKILL)  # the Ray worker running the task
         time.sleep(0.02)

@@ -150,8 +150,8 @@ def unit_task(spec: dict[str, Any], token: str, inputs: list[Any] | None, board:
     key, where = _key(spec), _where()
     attempt = ray.get(board.start.remote(key, where))
     out = spec["compare"]["out"]
-    shared = inputs is None or _sees(out, token) and spec["compare"]["ray_files"] != "ship"
-    if not _sees(out, token) and inputs is None:
+    shared = _sees(out, token) and spec["compare"]["ray_files"] != "ship"  # read and write OUT in place
+    if not shared and inputs is None:
         raise UnitFailed(
             f"the Ray node {where['host']} ({where['ip']}) does not see the output folder {out}: mount it on "
             "every node, or run with --ray-files ship"

@@ -1,7 +1,9 @@
 """One unit of a comparison: one contender, one seed, from pre-training to its last measurement.
 
-The lab runs each unit in a process of its own (`python -m lmlab.compare.unit SPEC.json`), one at a
-time, so that a unit's peak memory is its own and one unit's threads never compete with another's.
+The lab runs each unit in a process of its own (`python -m lmlab.compare.unit SPEC.json`, started by
+lmlab.compare.launch), one at a time, so that a unit's peak memory is its own and one unit's threads never
+compete with another's; with --ray, as Ray tasks side by side, each with the CPUs it reserved (its
+"threads" in the spec).
 A unit writes `stage.json` as it goes (for the lab's live table) and `result.json` last, atomically:
 a unit without result.json is run again, one with it is skipped while its fingerprint matches.
 

@@ -299,3 +299,16 @@ def chat_files(folder, n: int, n_dev: int, seed: int = 0):
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[: n - n_dev]))
     dev.write_text("".join(json.dumps(r) + "\n" for r in rows[n - n_dev :]))
     return train, dev
+
+
+@pytest.fixture(scope="session")
+def kjv_lines(tmp_path_factory):
+    """800 verses of the built-in corpus, one document per line (the comparison tests' small corpus)."""
+    import gzip
+
+    from lmlab.data.corpus import demo_corpus
+
+    lines = [v for v in gzip.open(demo_corpus("kjv"), "rt").read().splitlines() if v.strip()][:800]
+    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path

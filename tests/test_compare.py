@@ -202,19 +202,6 @@ def _run(out: Path, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def kjv_lines(tmp_path_factory):
-    """800 verses of the built-in corpus, one document per line."""
-    import gzip
-
-    from lmlab.data.corpus import demo_corpus
-
-    lines = [v for v in gzip.open(demo_corpus("kjv"), "rt").read().splitlines() if v.strip()][:800]
-    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory, kjv_lines):
     """Every family, a Switch MoE and its unbalanced twin, 2 seeds, a classification task of the user's."""
     out = tmp_path_factory.mktemp("compare")
@@ -362,6 +349,25 @@ def test_the_same_command_twice_gives_the_same_results(tmp_path, kjv_lines):
     second = json.loads((tmp_path / "a" / "results.json").read_text())
     assert _strip_timings(first) == _strip_timings(second)
     assert len(first["contenders"]) == 4 and first["contenders"][0]["runs"][0]["pretrain"]["curve"]  # losses too
+
+
+def test_a_comparison_moved_to_another_folder_resumes_there(tmp_path, kjv_lines):
+    """The fingerprint knows the task files by content: the built-in ones live in the output folder, which a
+    user may move (to shared storage for --ray) and resume from."""
+    rows = [f"{v}\t{'law' if i < 400 else 'later'}" for i, v in enumerate(kjv_lines.read_text().splitlines())][::8]
+    task = tmp_path / "sections.tsv"
+    task.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    kw = dict(data=[str(kjv_lines)], families=["decoder"], seeds=1, budget="tokens", budget_value=8_000)
+    kw.update(tasks=[str(task)], val_fraction=0.1, max_task_examples=30)
+    first = _run(tmp_path / "a", **kw)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    events = []
+    from lmlab.compare import compare
+
+    settings = dict(TINY, out=str(tmp_path / "b"), eval_windows=8, questions=12, samples=2, **kw)
+    moved = compare(CompareConfig(**settings), lambda kind, info: events.append((kind, info)))
+    assert [i["status"] for k, i in events if k == "unit"] == ["done (kept)"]
+    assert moved["contenders"][0]["runs"] == first["contenders"][0]["runs"]
 
 
 def test_contenders_that_learned_nothing_get_no_verdict(tmp_path, kjv_lines):

@@ -3,7 +3,6 @@ spread over the nodes of a cluster, and without Ray the flag names the extra."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from reliability.ray_units import parent, unit_processes
 
 import lmlab
 from lmlab.compare import CompareConfig
@@ -45,13 +45,8 @@ COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes", "
 
 
 @pytest.fixture(scope="module")
-def kjv(tmp_path_factory):
-    from lmlab.data.corpus import demo_corpus
-
-    lines = [v for v in gzip.open(demo_corpus("kjv"), "rt").read().splitlines() if v.strip()][:800]
-    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def kjv(kjv_lines):
+    return kjv_lines
 
 
 def _compare(out: Path, kjv: Path, events: list | None = None, **kw) -> dict:
@@ -118,22 +113,6 @@ def test_a_unit_on_several_processes_runs_its_torchrun_in_a_placement_group(loca
     assert len(losses[0]) >= 2 and losses[1] == pytest.approx(losses[0], abs=1e-5, rel=0)  # one process's
 
 
-def _unit_processes(spec: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"lmlab.compare.unit" in cmd and str(spec).encode() in cmd:
-            found.append(int(pid))
-    return found
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local_ray, sequential, kjv, tmp_path):
     out = tmp_path / "run"
     unit = out / "runs" / "decoder" / "seed0"
@@ -144,10 +123,10 @@ def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local
     deadline = time.time() + 120
     while killed is None and time.time() < deadline and worker.is_alive():
         stage = unit / "stage.json"
-        procs = _unit_processes(unit / "spec.json")
-        if procs and stage.is_file() and '"done"' not in stage.read_text():  # started, not finished (pre-training)
-            killed = procs[0]
-            os.kill(_parent(killed), signal.SIGKILL)  # the Ray worker running the task
+        procs = unit_processes(out)
+        if "decoder/seed0" in procs and stage.is_file() and '"done"' not in stage.read_text():  # mid-way
+            killed = procs["decoder/seed0"][0]
+            os.kill(parent(killed), signal.SIGKILL)  # the Ray worker running the task
         time.sleep(0.02)
     worker.join(timeout=300)
     assert killed is not None, "the unit finished before its worker could be killed"

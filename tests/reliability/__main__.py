@@ -10,6 +10,23 @@ import tempfile
 from pathlib import Path
 
 
+def ray_campaign(a: argparse.Namespace) -> int:
+    from . import ray_units
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = ray_units.campaign(Path(a.work or tmp), a.trials, a.seed)
+    print(
+        f"{r['trials']} comparisons on Ray: {r['kills']} workers killed ({', '.join(f'{k} {v}' for k, v in sorted(r['landed'].items()))}),"
+        f" {r['missed']} missed (the unit ended first); results equal to the sequential run's in {r['same']} of"
+        f" {r['trials']}; {len(r['failures'])} problems; {r['minutes']} min"
+    )
+    for f in r["failures"]:
+        print("  PROBLEM:", f)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
+    return 1 if r["failures"] or r["same"] < r["trials"] else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.reliability", description=__doc__)
     sub = ap.add_subparsers(dest="campaign", required=True)
@@ -40,7 +57,14 @@ def main() -> None:
     w.add_argument("--seconds", type=float, default=30.0, help="how long each attack lasts")
     w.add_argument("--header-timeout", type=float, default=10.0, help="the deadline of the second run")
     w.add_argument("--json", help="also write the figures here")
+    r = sub.add_parser("ray", help="SIGKILL the Ray workers under lmlab compare --ray units; same results required")
+    r.add_argument("--trials", type=int, default=20, help="comparisons, each with one or two workers killed")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--work", help="folder for the runs (default: a temporary one)")
+    r.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    if a.campaign == "ray":
+        sys.exit(ray_campaign(a))
     if a.campaign == "stateful":
         sys.exit(stateful_campaign(a.scenarios, a.json))
     if a.campaign == "slow":

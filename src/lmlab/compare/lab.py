@@ -10,6 +10,7 @@ Rerunning the same command skips every unit whose result.json carries the same f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -399,6 +400,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     # the units: one process at a time here, or side by side as Ray tasks (lmlab.compare.ray_units)
     finished: dict[tuple[str, int], UnitResult] = {}
     pending: list[dict[str, Any]] = []
+    task_keys = [_task_key(t) for t in tasks]
     for row in plan.rows:
         c: Contender = row["contender"]
         for seed in range(cc.seeds):
@@ -423,7 +425,7 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
                     "contender": c.__dict__,
                     "seed": seed,
                     "steps": row["steps"],
-                    "tasks": tasks,
+                    "tasks": task_keys,
                     "tok": tok_key,
                     "format": RESULTS_FORMAT,
                 }
@@ -449,6 +451,16 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
     write_reports(out, summary)
     emit("end", {"out": str(out)})
     return summary
+
+
+def _task_key(task: dict[str, Any]) -> dict[str, Any]:
+    """A task as the fingerprint sees it: its files by content, not by path (the built-in tasks are written
+    into the output folder, which a user may move, to shared storage for --ray say, and resume there)."""
+
+    def digest(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    return {"name": task["name"], "task": task["task"], "train": digest(task["train"]), "eval": digest(task["eval"])}
 
 
 def _passes(plan: Plan, train_tokens: int) -> dict[str, float]:

@@ -3,7 +3,8 @@ of the unit's life, and require the comparison to finish with the results of an 
 
 A trial is one comparison (two families x two seeds, a classification task, one CPU per unit) on a local
 Ray instance of 2 CPUs, so two units run at once. One or two of its units are victims: each is given a
-random delay, counted from the moment its unit process appears; when it has passed, the harness reads the
+delay aimed at one of its stages chosen at random (from the stage lengths of the sequential run), counted
+from the moment its unit process appears; when it has passed, the harness reads the
 unit's stage.json (where the kill lands: pre-training, intrinsic, few-shot, generation, fine-tuning) and
 kills the process's parent, the Ray worker running the task. A victim whose unit ends before its delay is
 a miss. Trials alternate --ray-files auto (the folder read and written in place) and ship (inputs through
@@ -104,11 +105,23 @@ def _compare(settings: dict[str, Any], out: Path, **kw: Any) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())
 
 
+START_UP = 2.5  # seconds from a unit process's start to its first stage (imports), roughly, on these machines
+
+
+def aim(stage_seconds: dict[str, float], rng: random.Random) -> float:
+    """A delay that lands in a stage chosen at random (the stages the unit went through in the reference run,
+    each in proportion to nothing but its turn), at a random point of it."""
+    stages = [("imports", START_UP), *stage_seconds.items()]
+    i = rng.randrange(len(stages))
+    return sum(sec for _, sec in stages[:i]) + rng.uniform(0, 1) * stages[i][1]
+
+
 def trial(
     settings: dict[str, Any], out: Path, rng: random.Random, files: str, reference: dict[str, Any]
 ) -> dict[str, Any]:
-    keys = [f"{c['name']}/seed{r['seed']}" for c in reference["contenders"] for r in c["runs"]]
-    victims = {k: rng.uniform(0.0, 6.0) for k in rng.sample(keys, rng.choice([1, 2]))}
+    runs = {f"{c['name']}/seed{r['seed']}": r for c in reference["contenders"] for r in c["runs"]}
+    keys = list(runs)
+    victims = {k: aim(runs[k]["stage_seconds"], rng) for k in rng.sample(keys, rng.choice([1, 2]))}
     seen: dict[str, float] = {}
     kills: dict[str, dict[str, Any]] = {}
     done: dict[str, Any] = {}

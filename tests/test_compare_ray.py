@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability.ray_units import parent, unit_processes
+from reliability.ray_units import alive, parent, unit_processes
 
 import lmlab
 from lmlab.compare import CompareConfig
@@ -113,29 +113,54 @@ def test_a_unit_on_several_processes_runs_its_torchrun_in_a_placement_group(loca
     assert len(losses[0]) >= 2 and losses[1] == pytest.approx(losses[0], abs=1e-5, rel=0)  # one process's
 
 
-def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local_ray, sequential, kjv, tmp_path):
-    out = tmp_path / "run"
-    unit = out / "runs" / "decoder" / "seed0"
+def _kill_workers(out: Path, kjv: Path, key: str, times: int) -> tuple[dict, list[int]]:
+    """Run the comparison on Ray, SIGKILLing the Ray worker under the unit `key` once it is under way, in
+    `times` attempts; returns what the comparison gave (results or error) and the unit processes killed."""
     done: dict = {}
-    worker = threading.Thread(target=lambda: done.update(results=_compare(out, kjv, ray="local")))
-    worker.start()
-    killed = None
+
+    def run() -> None:
+        try:
+            done["results"] = _compare(out, kjv, ray="local")
+        except lmlab.LmlabError as e:
+            done["error"] = str(e)
+
+    driver = threading.Thread(target=run)
+    driver.start()
+    killed: list[int] = []
+    stage = out / "runs" / key / "stage.json"
     deadline = time.time() + 120
-    while killed is None and time.time() < deadline and worker.is_alive():
-        stage = unit / "stage.json"
-        procs = unit_processes(out)
-        if "decoder/seed0" in procs and stage.is_file() and '"done"' not in stage.read_text():  # mid-way
-            killed = procs["decoder/seed0"][0]
-            os.kill(parent(killed), signal.SIGKILL)  # the Ray worker running the task
+    while len(killed) < times and time.time() < deadline and driver.is_alive():
+        pid = unit_processes(out).get(key, (None,))[0]
+        if pid not in (None, *killed) and stage.is_file() and '"done"' not in stage.read_text():  # mid-way
+            os.kill(parent(pid), signal.SIGKILL)  # the Ray worker running the task
+            killed.append(pid)
         time.sleep(0.02)
-    worker.join(timeout=300)
-    assert killed is not None, "the unit finished before its worker could be killed"
-    assert "results" in done
+    driver.join(timeout=300)
+    assert len(killed) == times, "the unit finished before its worker could be killed"
+    assert not any(alive(pid) for pid in killed)  # each attempt's unit died with its worker
+    return done, killed
+
+
+def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local_ray, sequential, kjv, tmp_path):
+    done, _ = _kill_workers(tmp_path / "run", kjv, "decoder/seed0", times=1)
     _same(done["results"], sequential)
     ran_on = _ran_on(done["results"])
     assert ran_on["decoder/seed0"]["attempt"] == 2
     assert all(w["attempt"] == 1 for k, w in ran_on.items() if k != "decoder/seed0")
-    assert not Path(f"/proc/{killed}").exists()  # the first attempt's unit died with its worker
+
+
+def test_a_unit_lost_twice_stops_the_comparison_by_name_and_a_rerun_resumes(local_ray, sequential, kjv, tmp_path):
+    done, _ = _kill_workers(tmp_path / "run", kjv, "decoder/seed0", times=2)
+    assert "results" not in done
+    assert "the unit decoder seed 0 was lost twice on Ray" in done["error"]
+    events: list = []
+    again = _compare(tmp_path / "run", kjv, events, ray="local")
+    _same(again, sequential)
+    statuses = {
+        f"{i['contender']}/seed{i['seed']}": i["status"] for k, i in events if k == "unit" and "done" in i["status"]
+    }
+    assert statuses["decoder/seed0"] == "done"  # run again; a unit finished before the stop is kept
+    assert "done (kept)" in statuses.values()
 
 
 def test_without_ray_the_flag_names_the_extra(monkeypatch, tmp_path):

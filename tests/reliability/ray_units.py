@@ -68,6 +68,19 @@ def unit_processes(out: Path) -> dict[str, tuple[int, Path]]:
     return found
 
 
+def alive(pid: int, wait: float = 5.0) -> bool:
+    """Whether `pid` still runs after up to `wait` seconds (a zombie, killed but not yet reaped, does not)."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("Z", "X") or time.time() > deadline:
+            return state not in ("Z", "X")
+        time.sleep(0.1)
+
+
 def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -165,7 +178,7 @@ def trial(
         if n != (2 if key in landed else 1):
             problems.append(f"{key}: attempt {n}")
     for key in landed:
-        if Path(f"/proc/{kills[key]['pid']}").exists():
+        if alive(kills[key]["pid"]):
             problems.append(f"{key}: the killed attempt's unit process {kills[key]['pid']} outlived its worker")
     left = unit_processes(out)
     if left:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def sequential(tmp_path_factory, kjv):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a new one, of 2 CPUs
     yield ray
     ray.shutdown()
 
@@ -103,6 +104,7 @@ def test_units_run_two_at_a_time_on_ray_and_give_the_sequential_results(local_ra
     assert [i["status"] for k, i in again if k == "unit"] == ["done (kept)"] * 4
 
 
+@pytest.mark.slow  # about 30 s; the campaign: pytest -m slow tests/test_compare_ray.py
 def test_a_unit_on_several_processes_runs_its_torchrun_in_a_placement_group(local_ray, kjv, tmp_path):
     kw = dict(families=["decoder"], seeds=1, precision="fp32", unit_cpus=2)
     one = _compare(tmp_path / "one", kjv, **kw)
@@ -149,6 +151,7 @@ def test_a_unit_whose_ray_worker_is_killed_runs_again_and_the_results_hold(local
     assert all(w["attempt"] == 1 for k, w in ran_on.items() if k != "decoder/seed0")
 
 
+@pytest.mark.slow  # about 30 s; the campaign: pytest -m slow tests/test_compare_ray.py
 def test_a_unit_lost_twice_stops_the_comparison_by_name_and_a_rerun_resumes(local_ray, sequential, kjv, tmp_path):
     done, _ = _kill_workers(tmp_path / "run", kjv, "decoder/seed0", times=2)
     assert "results" not in done
@@ -203,28 +206,45 @@ def _wait_for(ready, seconds: float = 60) -> None:
         time.sleep(0.5)
 
 
+TWO_NODE_DRIVER = """
+import json, sys, time
+import ray
+from lmlab.compare import CompareConfig, compare
+settings = json.loads(sys.argv[1])
+ray.init(address=settings["ray"], log_to_driver=False)
+deadline = time.time() + 60
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    assert time.time() < deadline, "the second Ray node did not join"
+    time.sleep(0.5)
+compare(CompareConfig(**settings))
+"""
+
+
 @pytest.mark.slow
 def test_units_spread_over_the_nodes_of_a_two_node_cluster(sequential, kjv, tmp_path):
-    ray = pytest.importorskip("ray")
-    ray.shutdown()  # this process joins the cluster below as its driver
-    # on the loopback without Ray 2.60's token authentication, which this process (its Ray already imported,
-    # with the default) would not speak; docs/compare-on-ray.md starts a real cluster with tokens
+    pytest.importorskip("ray")
+    # on the loopback without Ray 2.60's token authentication; docs/compare-on-ray.md starts a real cluster
+    # with tokens
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = "6391"
     ray_cli = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
     # --block: each node lives as long as its `ray start`, stopped below without touching any other Ray here
     nodes = [subprocess.Popen([*ray_cli, "--head", "--port", port, "--include-dashboard", "false"], env=env)]
+    settings = {**SETTINGS, "out": str(tmp_path / "run"), "data": [str(kjv)], "ray": f"127.0.0.1:{port}"}
     try:
         _wait_for(lambda: _listening(int(port)))
         nodes.append(subprocess.Popen([*ray_cli, "--address", f"127.0.0.1:{port}"], env=env))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)  # compare uses this connection
-        _wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2)
-        results = _compare(tmp_path / "run", kjv, ray=f"127.0.0.1:{port}")
+        # the driver, a process of its own as `lmlab compare` is: it waits for both nodes, then compares
+        subprocess.run([sys.executable, "-c", TWO_NODE_DRIVER, json.dumps(settings)], env=env, check=True, timeout=600)
     finally:
-        ray.shutdown()
         for node in reversed(nodes):
             node.terminate()
             node.wait(timeout=60)
+        # `ray start` records its address for later drivers on this machine; the cluster is gone
+        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if recorded.is_file() and recorded.read_text().strip().endswith(f":{port}"):
+            recorded.unlink()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     _same(results, sequential)
     ran_on = _ran_on(results)
     assert len({w["node"] for w in ran_on.values()}) == 2  # both nodes ran units

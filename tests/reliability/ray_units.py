@@ -193,7 +193,7 @@ def campaign(work: Path, trials: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     settings = prepare(work)
     reference = _compare(settings, work / "sequential")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     landed: dict[str, int] = {}
     out: dict[str, Any] = {"trials": trials, "missed": 0, "same": 0, "failures": []}
     try:

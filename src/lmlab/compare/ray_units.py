@@ -226,7 +226,13 @@ def run_on_ray(cc: CompareConfig, out: Path, pending: list[dict[str, Any]], emit
                 logging_level=logging.WARNING,
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--ray {cc.ray}: could not connect to a Ray cluster ({e})") from None
+            hint = (
+                "; a cluster once started here with `ray start` and no longer running is still recorded: "
+                "`ray stop` forgets it"
+                if cc.ray == "local"
+                else ""
+            )
+            raise ConfigError(f"--ray {cc.ray}: could not connect to a Ray cluster ({e}){hint}") from None
     try:
         return _run(ray, cc, out, pending, emit)
     finally:

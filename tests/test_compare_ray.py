@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from reliability import ray_units
 from reliability.ray_units import alive, parent, unit_processes
 
 import lmlab
@@ -22,26 +23,7 @@ from lmlab.compare.report import _strip_timings
 
 # four units (two families x two seeds) of a few seconds each; --unit-cpus 1 here and on Ray: the same torch
 # threads, so the same floating-point sums (2 threads and 1 differ in the 5th digit of a loss)
-SETTINGS = dict(
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    d_ff=64,
-    seq_len=32,
-    vocab_size=600,
-    batch_size=8,
-    warmup_steps=4,
-    families=["decoder", "encoder"],
-    seeds=2,
-    budget="tokens",
-    budget_value=12_000,
-    tasks=[],
-    eval_windows=8,
-    questions=12,
-    samples=2,
-    val_fraction=0.1,
-    unit_cpus=1,
-)
+SETTINGS = {**ray_units.SETTINGS, "tasks": []}
 COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes", "tasks")
 
 

@@ -142,13 +142,17 @@ def _where() -> dict[str, Any]:
     }
 
 
-def unit_task(spec: dict[str, Any], token: str, inputs: list[Any] | None, board: Any) -> dict[str, Any]:
+def unit_task(spec: dict[str, Any], token: str, inputs: bytes | None, board: Any) -> dict[str, Any]:
     """One unit on a Ray worker: its process, its progress to the board; returns its result (and its folder,
-    packed, when the node does not see OUT). `inputs` is [ObjectRef of the packed inputs] or None."""
+    packed, when the node does not see OUT). `inputs`: the packed inputs (Ray resolves the object before the
+    task starts), or None when every node sees OUT.
+
+    The task never waits on Ray (ray.get) before its unit has finished: Ray lends a task's CPUs to other
+    tasks while it waits, and a third unit would start on a node of two CPUs."""
     import ray
 
     key, where = _key(spec), _where()
-    attempt = ray.get(board.start.remote(key, where))
+    attempt_ref = board.start.remote(key, where)
     out = spec["compare"]["out"]
     shared = _sees(out, token) and spec["compare"]["ray_files"] != "ship"  # read and write OUT in place
     if not shared and inputs is None:
@@ -158,7 +162,7 @@ def unit_task(spec: dict[str, Any], token: str, inputs: list[Any] | None, board:
         )
     with tempfile.TemporaryDirectory(prefix="lmlab-unit-") as tmp:
         if not shared:
-            _unpack(ray.get(inputs[0]), Path(tmp) / "inputs")
+            _unpack(inputs, Path(tmp) / "inputs")
             spec = _staged(spec, Path(tmp))
         unit_dir = Path(spec["dir"])
         started = time.time()
@@ -167,6 +171,7 @@ def unit_task(spec: dict[str, Any], token: str, inputs: list[Any] | None, board:
             time.sleep(POLL)
             board.stage.remote(key, read_json(unit_dir / "stage.json"))
         log.close()
+        attempt = ray.get(attempt_ref)
         if proc.returncode != 0:
             raise UnitFailed(failure(spec, unit_dir, proc.returncode, f" on {where['host']}, attempt {attempt}"))
         result = read_json(unit_dir / "result.json")
@@ -269,7 +274,7 @@ def _run(
     board = ray.remote(num_cpus=0)(Board).remote()
     task = ray.remote(max_retries=1, retry_exceptions=False)(unit_task)
     specs = [{**_absolute(s), "threads": max(1, int(cpus))} for s in pending]
-    inputs = [ray.put(_pack(_inputs(specs[0])))] if ship else None  # every unit reads the same inputs
+    inputs = ray.put(_pack(_inputs(specs[0]))) if ship else None  # every unit reads the same inputs
     refs: dict[Any, dict[str, Any]] = {}
     groups: dict[str, Any] = {}
     for spec in specs:

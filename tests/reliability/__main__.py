@@ -17,7 +17,7 @@ def ray_campaign(a: argparse.Namespace) -> int:
         r = ray_units.campaign(Path(a.work or tmp), a.trials, a.seed)
     print(
         f"{r['trials']} comparisons on Ray: {r['kills']} workers killed ({', '.join(f'{k} {v}' for k, v in sorted(r['landed'].items()))}),"
-        f" {r['missed']} missed (the unit ended first); results equal to the sequential run's in {r['same']} of"
+        f" {r['missed']} missed (the unit ended first), {r.get('uncounted', 0)} retries uncounted; results equal to the sequential run's in {r['same']} of"
         f" {r['trials']}; {len(r['failures'])} problems; {r['minutes']} min"
     )
     for f in r["failures"]:

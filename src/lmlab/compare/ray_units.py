@@ -152,6 +152,8 @@ def unit_task(spec: dict[str, Any], token: str, inputs: bytes | None, board: Any
     import ray
 
     key, where = _key(spec), _where()
+    # sent, not waited for: a worker killed in its first moments may die before the call goes out, and the
+    # retry then reads as attempt 1 (tests/reliability/ray_units.py counts those)
     attempt_ref = board.start.remote(key, where)
     out = spec["compare"]["out"]
     shared = _sees(out, token) and spec["compare"]["ray_files"] != "ship"  # read and write OUT in place

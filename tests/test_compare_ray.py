@@ -19,12 +19,10 @@ from reliability.ray_units import alive, parent, unit_processes
 
 import lmlab
 from lmlab.compare import CompareConfig
-from lmlab.compare.report import _strip_timings
 
 # four units (two families x two seeds) of a few seconds each; --unit-cpus 1 here and on Ray: the same torch
 # threads, so the same floating-point sums (2 threads and 1 differ in the 5th digit of a loss)
 SETTINGS = {**ray_units.SETTINGS, "tasks": []}
-COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes", "tasks")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,7 @@ def _compare(out: Path, kjv: Path, events: list | None = None, **kw) -> dict:
 
 
 def _same(a: dict, b: dict) -> None:
-    for key in COMPARED:
-        assert _strip_timings(a[key]) == _strip_timings(b[key]), key
+    assert ray_units.same_results(a, b)
 
 
 def _ran_on(results: dict) -> dict[str, dict]:

@@ -49,7 +49,7 @@ SETTINGS: dict[str, Any] = dict(
     val_fraction=0.1,
     unit_cpus=1,
 )
-COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes")
+COMPARED = ("contenders", "claims", "baselines", "baseline_evidence", "notes", "tasks")
 
 
 def unit_processes(out: Path) -> dict[str, tuple[int, Path]]:

@@ -441,8 +441,9 @@ def compare(cc: CompareConfig, on_event: EVENT | None = None) -> dict[str, Any]:
         from lmlab.compare.ray_units import run_on_ray
 
         finished.update(run_on_ray(cc, out, pending, emit))
-    for spec in pending if not cc.ray else []:
-        finished[(spec["contender"]["name"], spec["seed"])] = _run_unit(spec, Path(spec["dir"]), emit)
+    else:
+        for spec in pending:
+            finished[(spec["contender"]["name"], spec["seed"])] = _run_unit(spec, Path(spec["dir"]), emit)
     results = {
         row["contender"].name: [finished[(row["contender"].name, seed)] for seed in range(cc.seeds)]
         for row in plan.rows

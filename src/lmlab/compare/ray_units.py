@@ -183,10 +183,6 @@ def unit_task(spec: dict[str, Any], token: str, inputs: bytes | None, board: Any
     return {"result": result, "files": files}
 
 
-def _probe(out: str, token: str) -> bool:
-    return _sees(out, token)
-
-
 def _absolute(spec: dict[str, Any]) -> dict[str, Any]:
     """The spec with every path absolute: a Ray worker's working folder is not the driver's."""
 
@@ -262,7 +258,7 @@ def _run(
     out_abs = str(out.resolve())
     ship = cc.ray_files == "ship"
     if cc.ray_files == "auto":  # does every node read the token this run just wrote?
-        probe = ray.remote(num_cpus=0)(_probe)
+        probe = ray.remote(num_cpus=0)(_sees)
         seen = ray.get(
             [
                 probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
